@@ -1,0 +1,119 @@
+"""The Python API the CLI mirrors: `train(data, out, ...)` returns a `Run` with `.predict()` and `.evaluate()`."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferkit.config import TrainConfig, resolve_config, write_config
+from transferkit.data.sources import DatasetIndex, scan_dataset
+from transferkit.data.transforms import Preprocess
+from transferkit.errors import UserError
+from transferkit.models.classifier import new_classifier
+from transferkit.models.registry import create_imagenet_model, get_backbone
+from transferkit.progress import Reporter
+from transferkit.run import HistoryWriter, Run, build_meta, save_weights, write_json
+from transferkit.train.loop import BestKeeper
+from transferkit.train.two_stage import fine_tune
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Never clobber a finished run by accident; a folder without meta.json is a crashed run and is reused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if (out / "meta.json").exists():
+        if not overwrite:
+            raise UserError(f"{out} already holds a run: choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {out}: {exc.strerror or exc}") from None
+
+
+def train(
+    data: str | Path | DatasetIndex,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    recipe: str | None = None,
+    config: str | None = None,
+    **options: Any,
+) -> Run:
+    """Scan the data, build the pretrained classifier, run both stages, save the run, evaluate it.
+
+    `options` are TrainConfig fields (e.g. backbone="resnet50", epochs_frozen=5); None means "not given".
+    Returns the loaded Run; `run.metrics` holds the evaluation (test split if there is one, else val).
+    """
+    cfg: TrainConfig = resolve_config(recipe, config, **options)
+    reporter = Reporter(quiet)
+    index = data if isinstance(data, DatasetIndex) else scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed)
+    for skipped in index.skipped:
+        reporter.warn(f"skipped {skipped.path}: {skipped.reason}")
+    spec = get_backbone(cfg.backbone)
+    out = Path(out)
+    prepare_out(out, overwrite)
+    seed_everything(cfg.seed)
+    imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
+    pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
+    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), cfg.binary_logit)
+    binary = model.head[-1].out_features == 1
+
+    write_config(cfg, out / "config.yaml")
+    write_json(out / "split.json", index.split_json())
+    counts = {split: sum(c.values()) for split, c in index.counts().items()}
+    reporter.log(
+        f"{len(index.classes)} classes, {counts} images; backbone {spec.name} ({weights_source}); {pre.image_size}px"
+    )
+
+    def as_targets(split: str) -> tuple[list[str], list[int]]:
+        samples = index.split(split)
+        return [s.path for s in samples], [index.classes.index(s.label) for s in samples]
+
+    keeper = BestKeeper(cfg.monitor, cfg.patience)
+    history = HistoryWriter(out / "history.csv")
+    interrupted = False
+    try:
+        fine_tune(model, as_targets("train"), as_targets("val"), pre, cfg, keeper, reporter, history)
+    except KeyboardInterrupt:
+        interrupted = True
+        keeper.restore(model)
+        reporter.warn("interrupted: saving the best model so far")
+    if keeper.best_epoch:
+        reporter.log(f"best {cfg.monitor} {keeper.best:.4f} at {keeper.best_epoch[0]} epoch {keeper.best_epoch[1]}")
+    save_weights(model, out / "model.safetensors")
+    meta = build_meta(
+        spec.name,
+        spec.timm_name,
+        weights_source,
+        index.classes,
+        binary,
+        pre,
+        cfg.head_spec(),
+        cfg.augmentation().samplewise_center,
+        interrupted,
+    )
+    write_json(out / "meta.json", {**meta, "seed": cfg.seed, "skipped_files": len(index.skipped)})
+    run = Run(out)
+    if interrupted:
+        raise KeyboardInterrupt
+    run.evaluate(index)
+    return run
+
+
+def load(path: str | Path) -> Run:
+    return Run(path)

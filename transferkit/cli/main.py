@@ -1,0 +1,52 @@
+"""The `transferkit` command: thin typer commands over the library; bad input is one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from transferkit.errors import UserError
+
+app = typer.Typer(
+    name="transferkit",
+    help="Transfer learning for image classification: a folder of images in, a fine-tuned classifier out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+
+
+def _register_commands() -> None:
+    # Imported here so `transferkit --help` stays fast and each command module only registers itself.
+    from transferkit.cli import backbones, demo, training  # noqa: F401
+
+
+def fail(message: str) -> int:
+    print(f"transferkit: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code (tests call this; the console script wraps it)."""
+    _register_commands()
+    try:
+        app(args=argv, prog_name="transferkit", standalone_mode=False)
+    except UserError as exc:
+        return fail(str(exc).replace("\n", " "))
+    except click.exceptions.NoArgsIsHelpError:
+        return 0
+    except click.UsageError as exc:
+        return fail(exc.format_message().replace("\n", " "))
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("transferkit: interrupted", file=sys.stderr)
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_cli())

@@ -1,0 +1,24 @@
+"""Printing shared by the commands: JSON on stdout for scripts, tables for people, skips on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from transferkit.data.sources import Skipped
+from transferkit.progress import console
+
+
+def print_json(value: object) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def report_skipped(skipped: list[Skipped]) -> None:
+    for item in skipped:
+        console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}")
+
+
+def print_predictions(results: list[dict]) -> None:
+    for result in results:
+        others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top"][1:])
+        print(f"{result['path']}: {result['label']} {result['probability']:.3f}" + (f"  ({others})" if others else ""))

@@ -1,0 +1,139 @@
+"""`transferkit train`, `evaluate` and `predict`: thin commands over transferkit.api and transferkit.run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from transferkit.cli.main import app
+from transferkit.cli.output import print_json, print_predictions, report_skipped
+from transferkit.errors import UserError
+from transferkit.progress import console
+
+JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def parse_hidden(value: str | None) -> list[int] | None:
+    """--head-hidden 1024,512 -> [1024, 512]; "" -> [] (a linear head)."""
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--head-hidden expects comma-separated layer widths, got '{value}'") from None
+
+
+def print_metrics_summary(metrics: dict) -> None:
+    parts = [f"{metrics['split']} accuracy {metrics['accuracy']:.4f}"]
+    if metrics.get("top5_accuracy") is not None:
+        parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
+    if metrics.get("auc") is not None:
+        parts.append(f"AUC {metrics['auc']:.4f}")
+    parts.append(f"loss {metrics['loss']:.4f} (n={metrics['n']})")
+    console.print(", ".join(parts))
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="Image folder (train/val[/test] or class subfolders) or CSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
+    backbone: Annotated[str | None, typer.Option(help="Backbone (see `transferkit backbones`).")] = None,
+    weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML file of configuration keys.")] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")] = None,
+    epochs_finetune: Annotated[int | None, typer.Option(help="Epochs fine-tuning after unfreezing.")] = None,
+    unfreeze: Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Head learning rate in the frozen stage.")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(help="Head learning rate when fine-tuning.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamw, rmsprop or sgd.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, cosine, onecycle or inverse_time.")] = None,
+    augment: Annotated[str | None, typer.Option(help="none, light or strong.")] = None,
+    head_hidden: Annotated[str | None, typer.Option(help="Hidden dense layers, e.g. 1024,512.")] = None,
+    head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
+    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")] = None,
+    test_split: Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same run.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image decoding worker processes.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_out: JSON = False,
+) -> None:
+    """Train a classifier: frozen pretrained base + new head, then fine-tune; writes a run folder."""
+    from transferkit import api
+
+    run = api.train(
+        data,
+        out,
+        overwrite=overwrite,
+        quiet=quiet,
+        recipe=recipe,
+        config=config,
+        backbone=backbone,
+        weights=weights,
+        epochs_frozen=epochs_frozen,
+        epochs_finetune=epochs_finetune,
+        unfreeze=unfreeze,
+        batch_size=batch_size,
+        lr=lr,
+        finetune_lr=finetune_lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        augment=augment,
+        head_hidden=parse_hidden(head_hidden),
+        head_dropout=head_dropout,
+        label_smoothing=label_smoothing,
+        patience=patience,
+        val_split=val_split,
+        test_split=test_split,
+        seed=seed,
+        workers=workers,
+    )
+    if json_out:
+        print_json(run.metrics)
+    elif not quiet:
+        print_metrics_summary(run.metrics)
+        console.print(f"run folder: {out}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    data: Annotated[str, typer.Argument(help="Image folder or CSV to evaluate on.")],
+    split: Annotated[str | None, typer.Option(help="train, val or test (default: test if present, else val).")] = None,
+    json_out: JSON = False,
+) -> None:
+    """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json and figures."""
+    from transferkit.run import Run
+
+    if split not in (None, "train", "val", "test"):
+        raise UserError(f"--split must be train, val or test, not '{split}'")
+    metrics = Run(run).evaluate(data, split)
+    report_skipped_dicts(metrics["skipped_files"])
+    print_json(metrics) if json_out else print_metrics_summary(metrics)
+
+
+def report_skipped_dicts(skipped: list[dict]) -> None:
+    from transferkit.data.sources import Skipped
+
+    report_skipped([Skipped(s["path"], s["reason"]) for s in skipped])
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    images: Annotated[list[str], typer.Argument(help="Images or folders of images.")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to list per image.")] = 3,
+    json_out: JSON = False,
+) -> None:
+    """Labels and probabilities for images, from the run folder alone."""
+    from transferkit.run import Run
+
+    results, skipped = Run(run).predict(images, top_k)
+    report_skipped(skipped)
+    print_json(results) if json_out else print_predictions(results)

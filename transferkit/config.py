@@ -1,0 +1,217 @@
+"""One typed training configuration: defaults <- --recipe <- --config file.yaml <- CLI flags.
+
+Recipes reproduce the classic Keras transfer-learning tutorials; `default` is the best we know for small data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transferkit.data.transforms import AUGMENT_PRESETS, Augment
+from transferkit.errors import UserError
+from transferkit.models.classifier import HeadSpec
+from transferkit.models.registry import DEFAULT_BACKBONE
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
+MONITORS = ("val_loss", "val_acc")
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # a local weights file, for backbones without offline weights
+    recipe: str = "default"
+    # head
+    head_hidden: list[int] = field(default_factory=list)
+    head_dropout: float = 0.2
+    head_batchnorm: bool = False
+    binary_logit: bool = True  # two classes -> one logit + BCE; False -> 2-way softmax
+    label_smoothing: float = 0.0
+    # data
+    augment: str = "light"
+    augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
+    feature_views: int = 3  # augmented views per training image in the frozen stage (features computed once)
+    val_split: float = 0.2
+    test_split: float = 0.0
+    batch_size: int = 32
+    workers: int = 2
+    # stage 1: frozen backbone, head only
+    epochs_frozen: int = 30
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    # stage 2: fine-tune
+    epochs_finetune: int = 3
+    unfreeze: str = "all"  # "all" or the number of top blocks
+    finetune_lr: float = 1e-4  # head learning rate in stage 2
+    backbone_lr_mult: float = 0.1  # backbone lr = finetune_lr * this
+    finetune_optimizer: str | None = None  # None: same as stage 1
+    finetune_bn: bool = False  # re-estimate backbone batch-norm statistics while fine-tuning
+    # both stages
+    weight_decay: float = 1e-4
+    adam_eps: float = 1e-8
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    lr_decay: float = 0.0  # Keras' `decay` (inverse-time, per step) for schedule=inverse_time
+    monitor: str = "val_loss"
+    patience: int = 5  # early stopping; 0 disables
+    seed: int = 0
+
+    def head_spec(self) -> HeadSpec:
+        return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)
+
+    def augmentation(self) -> Augment:
+        return dataclasses.replace(AUGMENT_PRESETS[self.augment], **self.augment_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (
+                self.finetune_optimizer in (None, *OPTIMIZERS),
+                f"finetune_optimizer must be one of {', '.join(OPTIMIZERS)}",
+            ),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}"),
+            (self.augment in AUGMENT_PRESETS, f"augment must be one of {', '.join(AUGMENT_PRESETS)}"),
+            (self.unfreeze == "all" or str(self.unfreeze).isdigit(), "unfreeze must be 'all' or a number of blocks"),
+            (0 < self.val_split < 1, "val_split must be between 0 and 1"),
+            (0 <= self.test_split < 1 and self.val_split + self.test_split < 1, "val_split + test_split must be < 1"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.epochs_frozen >= 0 and self.epochs_finetune >= 0, "epochs must be 0 or more"),
+            (self.epochs_frozen + self.epochs_finetune > 0, "nothing to train: both epoch counts are 0"),
+            (self.lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),
+            (0 <= self.head_dropout < 1, "head_dropout must be in [0, 1)"),
+            (self.feature_views >= 1, "feature_views must be at least 1"),
+            (self.workers >= 0, "workers must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"bad configuration: {message}")
+        unknown = set(self.augment_options) - {f.name for f in fields(Augment)}
+        if unknown:
+            raise UserError(f"bad configuration: unknown augment_options {', '.join(sorted(unknown))}")
+        self.unfreeze = str(self.unfreeze)
+        return self
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Keras guide (urban vs rural photos): ResNet50, GAP + Dense(1) logits, BCE, light augmentation, batch 8,
+    # 20 frozen epochs, then every layer with RMSprop 1e-5 for 10.
+    "urban-rural": dict(
+        backbone="resnet50",
+        head_hidden=[],
+        head_dropout=0.0,
+        augment="light",
+        batch_size=8,
+        epochs_frozen=20,
+        optimizer="adam",
+        lr=1e-3,
+        epochs_finetune=10,
+        unfreeze="all",
+        finetune_optimizer="rmsprop",
+        finetune_lr=1e-5,
+        backbone_lr_mult=1.0,
+        schedule="constant",
+        weight_decay=0.0,
+        patience=0,
+    ),
+    # Cats vs dogs: ResNet50, GAP + Dense 1024 x3 + 512 relu + softmax, Adam, 5 epochs, base frozen throughout.
+    "cats-dogs": dict(
+        backbone="resnet50",
+        head_hidden=[1024, 1024, 1024, 512],
+        head_dropout=0.0,
+        binary_logit=False,
+        optimizer="adam",
+        lr=1e-3,
+        epochs_frozen=5,
+        epochs_finetune=0,
+        augment="none",
+        schedule="constant",
+        weight_decay=0.0,
+        patience=0,
+    ),
+    # Chess pieces: ResNet50, dropout 0.3 + GAP + Dense 1024 relu + BN + softmax, Adam lr 1e-3 eps 0.01
+    # with Keras decay 1e-4, 10 epochs.
+    "chess": dict(
+        backbone="resnet50",
+        head_hidden=[1024],
+        head_dropout=0.3,
+        head_batchnorm=True,
+        binary_logit=False,
+        optimizer="adam",
+        lr=1e-3,
+        adam_eps=0.01,
+        schedule="inverse_time",
+        lr_decay=1e-4,
+        epochs_frozen=10,
+        epochs_finetune=0,
+        weight_decay=0.0,
+        patience=0,
+    ),
+    # Stanford cars: Xception at 299 px, GAP + Dense 1024 relu + softmax, Adam 1e-3 frozen then 1e-4 unfrozen.
+    "xception-cars": dict(
+        backbone="xception",
+        head_hidden=[1024],
+        head_dropout=0.0,
+        binary_logit=False,
+        optimizer="adam",
+        lr=1e-3,
+        epochs_frozen=5,
+        epochs_finetune=5,
+        unfreeze="all",
+        finetune_lr=1e-4,
+        backbone_lr_mult=1.0,
+        schedule="constant",
+        weight_decay=0.0,
+    ),
+}
+
+
+def _checked(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown configuration key(s) in {origin}: {', '.join(unknown)}")
+    return values
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return _checked(values, str(path))
+
+
+def resolve_config(recipe: str | None = None, config_file: str | None = None, **overrides: Any) -> TrainConfig:
+    """Layer the sources; None overrides mean "not given" so a flag never silently resets a recipe value."""
+    file_values = read_config_file(config_file) if config_file else {}
+    recipe = recipe or file_values.get("recipe") or "default"
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{recipe}': choose one of {', '.join(RECIPES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**RECIPES[recipe], **file_values, **_checked(given, "arguments"), "recipe": recipe}
+    try:
+        config = TrainConfig(**values)
+    except TypeError as exc:
+        raise UserError(f"bad configuration: {exc}") from None
+    return config.validate()
+
+
+def write_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

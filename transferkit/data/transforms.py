@@ -1,0 +1,134 @@
+"""Preprocessing (from the backbone's pretrained config) and augmentation (ImageDataGenerator-style knobs)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torchvision.transforms import v2 as T
+
+from transferkit.errors import UserError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What the pretrained network expects; stored in meta.json so predict never retypes it."""
+
+    image_size: int
+    interpolation: str
+    crop_pct: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_timm_config(cls, cfg: dict) -> Preprocess:
+        return cls(
+            image_size=int(cfg["input_size"][-1]),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @property
+    def resize_size(self) -> int:
+        return int(self.image_size / self.crop_pct)
+
+    @property
+    def interpolation_mode(self) -> T.InterpolationMode:
+        return T.InterpolationMode(self.interpolation)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The Keras ImageDataGenerator knobs the tutorials use, plus the `strong` policy switch."""
+
+    rotation: float = 0.0  # degrees, sampled in [-rotation, rotation]
+    zoom: float = 0.0  # scale sampled in [1 - zoom, 1 + zoom]
+    width_shift: float = 0.0  # fraction of width
+    height_shift: float = 0.0  # fraction of height
+    shear: float = 0.0  # degrees
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    samplewise_center: bool = False  # subtract each image's own mean after normalisation
+    policy: str = "none"  # "none" | "trivial" (TrivialAugmentWide + random resized crop)
+
+    @property
+    def is_identity(self) -> bool:
+        return self == Augment(samplewise_center=self.samplewise_center)
+
+
+AUGMENT_PRESETS: dict[str, Augment] = {
+    "none": Augment(),
+    "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
+    "strong": Augment(horizontal_flip=True, policy="trivial"),
+}
+
+
+def augment_preset(name: str) -> Augment:
+    if name not in AUGMENT_PRESETS:
+        raise UserError(f"unknown augmentation '{name}': choose one of {', '.join(AUGMENT_PRESETS)}")
+    return AUGMENT_PRESETS[name]
+
+
+class SamplewiseCenter(torch.nn.Module):
+    """Keras' samplewise_center: each image minus its own mean, removing global brightness."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image - image.mean()
+
+
+def _normalize(pre: Preprocess) -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+
+
+def eval_transform(pre: Preprocess, samplewise_center: bool = False) -> T.Compose:
+    """Resize the short side to size/crop_pct, centre-crop: exactly what the pretrained model was evaluated with."""
+    steps = [
+        T.Resize(pre.resize_size, interpolation=pre.interpolation_mode, antialias=True),
+        T.CenterCrop(pre.image_size),
+    ]
+    steps += _normalize(pre)
+    if samplewise_center:
+        steps.append(SamplewiseCenter())
+    return T.Compose(steps)
+
+
+def train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
+    """The eval pipeline with random geometry first, so an un-augmented view equals the eval view."""
+    if aug.is_identity:
+        return eval_transform(pre, aug.samplewise_center)
+    interp = pre.interpolation_mode
+    if aug.policy == "trivial":
+        steps: list = [
+            T.RandomResizedCrop(pre.image_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
+            T.TrivialAugmentWide(interpolation=interp),
+        ]
+    else:
+        steps = [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.image_size)]
+        if aug.rotation or aug.zoom or aug.width_shift or aug.height_shift or aug.shear:
+            steps.append(
+                T.RandomAffine(
+                    degrees=aug.rotation,
+                    translate=(aug.width_shift, aug.height_shift) if (aug.width_shift or aug.height_shift) else None,
+                    scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else None,
+                    shear=aug.shear or None,
+                    interpolation=interp,
+                    fill=(127, 127, 127),
+                )
+            )
+    if aug.horizontal_flip:
+        steps.append(T.RandomHorizontalFlip())
+    if aug.vertical_flip:
+        steps.append(T.RandomVerticalFlip())
+    steps += _normalize(pre)
+    if aug.samplewise_center:
+        steps.append(SamplewiseCenter())
+    return T.Compose(steps)

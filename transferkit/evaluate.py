@@ -1,0 +1,108 @@
+"""Metrics (scikit-learn) and figures (matplotlib, Agg) for a set of predictions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score  # noqa: E402
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """accuracy, top-5 (5+ classes), ROC AUC (binary; macro one-vs-rest otherwise), loss, per-class, confusion."""
+    labels = list(range(len(classes)))
+    y_pred = probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    metrics = {
+        "accuracy": float((y_pred == y_true).mean()),
+        "top5_accuracy": _top_k(y_true, probs, 5) if len(classes) >= 5 else None,
+        "auc": _auc(y_true, probs, labels),
+        "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "classes": list(classes),
+        "n": int(len(y_true)),
+    }
+    return metrics
+
+
+def _top_k(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float((top == y_true[:, None]).any(axis=1).mean())
+
+
+def _auc(y_true: np.ndarray, probs: np.ndarray, labels: list[int]) -> float | None:
+    """None when undefined (a class missing from the evaluated split), rather than a misleading number."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return None
+    if len(labels) == 2:
+        return float(roc_auc_score(y_true, probs[:, 1]))
+    if len(present) < len(labels):
+        return None
+    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train and val, with a line where fine-tuning starts."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(1, len(history) + 1)
+    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
+        ax.plot(x, [h[f"train_{metric}"] for h in history], marker="o", label=f"train {metric}")
+        ax.plot(x, [h[f"val_{metric}"] for h in history], marker="o", label=f"val {metric}")
+        stages = [h["stage"] for h in history]
+        if "finetune" in stages and "frozen" in stages:
+            ax.axvline(stages.index("finetune") + 0.5, color="grey", linestyle="--", label="start fine-tuning")
+        ax.set_xlabel("epoch")
+        ax.set_title("loss" if metric == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> None:
+    """Counts, coloured by row-normalised rate so a small class's mistakes are as visible as a large one's."""
+    counts = np.asarray(matrix)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, classes, rotation=45, ha="right")
+    ax.set_yticks(ticks, classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(classes) <= 30:
+        for i, j in np.ndindex(counts.shape):
+            ax.text(
+                j,
+                i,
+                f"{counts[i, j]}\n{rates[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
+    ax.set_title("confusion matrix (count, row %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

