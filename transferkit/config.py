@@ -34,6 +34,7 @@ class TrainConfig:
     binary_logit: bool = True  # two classes -> one logit + BCE; False -> 2-way softmax
     label_smoothing: float = 0.0
     # data
+    image_size: int | None = None  # None: the backbone's pretrained input size
     augment: str = "light"
     augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
     feature_views: int = 3  # augmented views per training image in the frozen stage (features computed once)
@@ -92,6 +93,7 @@ class TrainConfig:
             (0 <= self.head_dropout < 1, "head_dropout must be in [0, 1)"),
             (self.feature_views >= 1, "feature_views must be at least 1"),
             (self.workers >= 0, "workers must be 0 or more"),
+            (self.image_size is None or self.image_size >= 16, "image_size must be at least 16 pixels"),
         ]
         for ok, message in checks:
             if not ok:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -33,9 +34,16 @@ class Reporter:
         console.print(f"[yellow]warning:[/yellow] {message}")
 
     @contextmanager
-    def bar(self, description: str, total: int) -> Iterator[callable]:
-        if self.quiet or total == 0 or not console.is_terminal:
-            yield lambda n: None
+    def bar(self, description: str, total: int) -> Iterator[Callable[..., None]]:
+        """A live bar on a terminal; in a log (not a terminal) one summary line with the rate instead."""
+        if self.quiet or total == 0:
+            yield lambda n, status="": None
+            return
+        if not console.is_terminal:
+            start = time.perf_counter()
+            yield lambda n, status="": None
+            seconds = time.perf_counter() - start
+            self.log(f"{description}: {total} images in {seconds:.1f}s ({total / max(seconds, 1e-9):.1f} img/s)")
             return
         columns = [
             TextColumn("{task.description}"),

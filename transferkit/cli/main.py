@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # recent typer vendors click and raises its own copies of click's exceptions
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 from transferkit.errors import UserError
 
@@ -36,14 +40,15 @@ def run_cli(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="transferkit", standalone_mode=False)
     except UserError as exc:
         return fail(str(exc).replace("\n", " "))
-    except click.exceptions.NoArgsIsHelpError:
+    except click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else "")
         return 0
-    except click.UsageError as exc:
+    except click_errors.UsageError as exc:
         return fail(exc.format_message().replace("\n", " "))
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click_errors.Abort, KeyboardInterrupt):
         print("transferkit: interrupted", file=sys.stderr)
         return 130
-    except click.exceptions.Exit as exc:
+    except click_errors.Exit as exc:
         return exc.exit_code
     return 0
 

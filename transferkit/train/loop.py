@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -135,6 +136,9 @@ def fit(
             f"{stage} epoch {epoch}/{epochs}: loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
             f"val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.1f}s"
         )
+        if not math.isfinite(log.train_loss):
+            reporter.warn(f"{stage}: the training loss is not finite (learning rate too high?); stopping this stage")
+            break
         if keeper.update(log, best_of):
             reporter.log(f"early stop: no better {keeper.monitor} for {keeper.patience} epochs")
             break

@@ -1,0 +1,217 @@
+"""The command line: every bad input is one clear line on stderr and exit code 2; JSON outputs have their shape."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from tests.conftest import make_class_folders
+from transferkit.cli.main import run_cli
+
+
+def fails_with(capsys, argv: list[str], *fragments: str) -> str:
+    code = run_cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"exit {code}, stderr: {err}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("transferkit: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"'{fragment}' not in: {lines[0]}"
+    return lines[0]
+
+
+def fast_args(tiny_weights: str) -> list[str]:
+    return [
+        "--backbone",
+        "test_efficientnet",
+        "--weights",
+        tiny_weights,
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--epochs-frozen",
+        "2",
+        "--epochs-finetune",
+        "1",
+        "--augment",
+        "none",
+        "--batch-size",
+        "8",
+    ]
+
+
+def test_missing_data_path(capsys, tmp_path):
+    fails_with(capsys, ["train", str(tmp_path / "nope"), "--out", str(tmp_path / "run")], "nope")
+
+
+def test_empty_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails_with(capsys, ["train", str(tmp_path / "empty"), "--out", str(tmp_path / "run")], "no images")
+
+
+def test_one_class_only(capsys, tmp_path):
+    data = make_class_folders(tmp_path / "d", classes=1, per_class=4)
+    fails_with(capsys, ["train", str(data), "--out", str(tmp_path / "run")], "class_0")
+
+
+def test_class_with_fewer_than_two_images(capsys, tmp_path):
+    data = make_class_folders(tmp_path / "d", classes=2, per_class=4)
+    for extra in list((data / "class_1").iterdir())[1:]:
+        extra.unlink()
+    fails_with(capsys, ["train", str(data), "--out", str(tmp_path / "run")], "class_1")
+
+
+def test_val_class_missing_from_train(capsys, tmp_path):
+    make_class_folders(tmp_path / "d" / "train", classes=2, per_class=3)
+    make_class_folders(tmp_path / "d" / "val", classes=3, per_class=2)
+    fails_with(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "run")], "class_2")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--backbone", "no_such_net"], "unknown backbone"),
+        (["--recipe", "nope"], "unknown recipe"),
+        (["--augment", "wild"], "augment"),
+        (["--val-split", "1.5"], "val"),
+        (["--unfreeze", "many"], "unfreeze"),
+        (["--optimizer", "adagrad"], "optimizer"),
+        (["--bogus-flag"], "bogus"),
+        (["--batch-size", "eight"], "batch-size"),
+        (["--head-hidden", "10,x"], "head-hidden"),
+        (["--weights", "/no/such/file.pth", "--backbone", "resnet50"], "weights file not found"),
+    ],
+)
+def test_bad_flags(capsys, dataset, tmp_path, flags, fragment):
+    fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "run"), *flags], fragment)
+    assert not (tmp_path / "run" / "meta.json").exists()
+
+
+def test_backbone_without_offline_weights_fails_fast_when_offline(capsys, dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails_with(
+        capsys,
+        ["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", "resnet50"],
+        "resnet50",
+        "--weights",
+    )
+
+
+def test_config_file_with_unknown_key(capsys, dataset, tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs_frozen: 2\nlearning_rate: 0.1\n")
+    fails_with(
+        capsys,
+        ["train", str(dataset), "--out", str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml")],
+        "learning_rate",
+    )
+
+
+def test_existing_run_is_not_overwritten(capsys, dataset, tmp_path, tiny_weights):
+    out = tmp_path / "run"
+    assert run_cli(["train", str(dataset), "--out", str(out), "--quiet", *fast_args(tiny_weights)]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    fails_with(capsys, ["train", str(dataset), "--out", str(out), *fast_args(tiny_weights)], "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_train_json_then_predict_and_evaluate(capsys, dataset, tmp_path, tiny_weights):
+    out = tmp_path / "run"
+    assert run_cli(["train", str(dataset), "--out", str(out), "--json", *fast_args(tiny_weights)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["split"] == "val" and metrics["classes"] == ["class_0", "class_1", "class_2"]
+    for name in (
+        "model.safetensors",
+        "meta.json",
+        "config.yaml",
+        "split.json",
+        "history.csv",
+        "metrics.json",
+        "curves.png",
+        "confusion.png",
+    ):
+        assert (out / name).is_file(), name
+
+    image = next((dataset / "class_1").iterdir())
+    assert run_cli(["predict", str(out), str(image), "--json", "--top-k", "2"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["path"] == str(image.resolve()) and result["label"] in metrics["classes"]
+    assert len(result["top"]) == 2 and result["top"][0]["label"] == result["label"]
+    assert result["top"][0]["probability"] >= result["top"][1]["probability"]
+
+    assert run_cli(["evaluate", str(out), str(dataset), "--json", "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == metrics["accuracy"]
+
+
+def test_predict_skips_bad_files_and_fails_on_nothing_readable(capsys, dataset, tmp_path, tiny_weights):
+    out = tmp_path / "run"
+    assert run_cli(["train", str(dataset), "--out", str(out), "--quiet", *fast_args(tiny_weights)]) == 0
+    folder = tmp_path / "mixed"
+    shutil.copytree(dataset / "class_0", folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "notes.txt").write_text("hello")
+    capsys.readouterr()
+    assert run_cli(["predict", str(out), str(folder), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 12
+    assert "broken.jpg" in captured.err and "notes.txt" in captured.err
+    fails_with(capsys, ["predict", str(out), str(folder / "broken.jpg")], "no readable images")
+    fails_with(capsys, ["predict", str(tmp_path / "not_a_run"), str(folder)], "run folder")
+
+
+def test_evaluate_bad_split(capsys, tmp_path, dataset):
+    fails_with(capsys, ["evaluate", str(tmp_path), str(dataset), "--split", "holdout"], "split")
+
+
+def test_backbones_json_lists_offline_availability(capsys):
+    assert run_cli(["backbones", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["tf_efficientnet_lite0"]["offline_weights"] is True
+    assert rows["tf_efficientnet_lite0"]["input_size"] == 224 and rows["xception"]["input_size"] == 299
+    assert rows["mobilenetv2_100"]["offline_weights"] is True
+    assert rows["resnet50"]["offline_weights"] is False
+    assert 3.2e6 < rows["tf_efficientnet_lite0"]["parameters"] < 3.5e6  # without the ImageNet head
+    assert {"resnet50", "xception", "inception_resnet_v2", "tf_efficientnet_lite2"} <= set(rows)
+
+
+def test_imagenet_names_a_cat_in_chelsea(capsys, tmp_path):
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(skimage.data.chelsea()).save(path)
+    assert run_cli(["imagenet", str(path), "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    labels = [t["label"] for t in result["top"]]
+    assert len(labels) == 5 and any("cat" in label for label in labels), labels
+    assert sum(t["probability"] for t in result["top"]) <= 1.0 + 1e-6
+
+
+def test_imagenet_on_grayscale_and_rgba_inputs(capsys, tmp_path):
+    rgb = skimage.data.chelsea()
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(tmp_path / "rgba.png")
+    assert run_cli(["imagenet", str(tmp_path), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_no_arguments_prints_help(capsys):
+    assert run_cli([]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_console_script_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferkit", "train", str(tmp_path / "nope"), "--out", str(Path(tmp_path) / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -1,0 +1,189 @@
+"""Two-stage training behaviour: what stage 1 must not touch, what stage 2 changes, best restore, repeatability."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transferkit import api
+from transferkit.models.registry import load_weights_file
+from transferkit.run import Run
+
+
+def backbone_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {
+        k.removeprefix("backbone."): v
+        for k, v in load_file(str(run_dir / "model.safetensors")).items()
+        if k.startswith("backbone.")
+    }
+
+
+def test_stage1_leaves_backbone_weights_and_bn_statistics_untouched(dataset, tmp_path, fast, tiny_weights):
+    run = api.train(dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0, "epochs_frozen": 4})
+    original = load_weights_file(tiny_weights)
+    trained = backbone_state(run.path)
+    assert trained, "the run saved no backbone weights"
+    for key, value in trained.items():
+        assert torch.equal(value, original[key]), f"stage 1 changed {key}"
+    assert any("running_mean" in k for k in trained), "BN statistics must be part of what is compared"
+    head = load_file(str(run.path / "model.safetensors"))
+    assert not torch.allclose(
+        head["head.0.weight"] if "head.0.weight" in head else head["head.1.weight"], torch.zeros(1)
+    ), "the head was not trained"
+
+
+def test_stage2_unfreeze_top_blocks_changes_only_those(dataset, tmp_path, fast, tiny_weights):
+    run = api.train(
+        dataset,
+        tmp_path / "run",
+        **{
+            **fast,
+            "epochs_finetune": 1,
+            "epochs_frozen": 0,
+            "unfreeze": "1",
+            "finetune_lr": 0.05,
+            "backbone_lr_mult": 1.0,
+        },
+    )
+    original = load_weights_file(tiny_weights)
+    changed = {k for k, v in backbone_state(run.path).items() if not torch.equal(v, original[k])}
+    assert changed, "fine-tuning the top block changed nothing"
+    assert not any(k.startswith(("conv_stem", "bn1", "blocks.0")) for k in changed), f"lower layers moved: {changed}"
+    # BN statistics stay in inference mode while fine-tuning (the default): no running stat moved.
+    assert not any("running" in k for k in changed)
+
+
+def test_stage2_unfreeze_all_changes_the_stem(dataset, tmp_path, fast, tiny_weights):
+    run = api.train(
+        dataset,
+        tmp_path / "run",
+        **{**fast, "epochs_frozen": 0, "unfreeze": "all", "finetune_lr": 0.05, "backbone_lr_mult": 1.0},
+    )
+    original = load_weights_file(tiny_weights)
+    assert not torch.equal(backbone_state(run.path)["conv_stem.weight"], original["conv_stem.weight"])
+
+
+def test_best_epoch_is_restored_when_fine_tuning_makes_it_worse(dataset, tmp_path, fast):
+    # A huge fine-tuning learning rate wrecks the model; the saved model must be the best epoch's.
+    run = api.train(
+        dataset,
+        tmp_path / "run",
+        **{
+            **fast,
+            "epochs_frozen": 6,
+            "epochs_finetune": 2,
+            "finetune_lr": 50.0,
+            "backbone_lr_mult": 1.0,
+            "optimizer": "sgd",
+            "patience": 0,
+        },
+    )
+    with (run.path / "history.csv").open() as handle:
+        history = list(csv.DictReader(handle))
+    best = min(float(row["val_loss"]) for row in history)
+    assert not float(history[-1]["val_loss"]) <= best, "the test needs a last epoch worse than the best (or NaN)"
+    assert run.evaluate(dataset, split="val", write=False)["loss"] == pytest.approx(best, rel=1e-3, abs=1e-4)
+
+
+def test_early_stopping_stops_a_stage(dataset, tmp_path, fast):
+    run = api.train(
+        dataset,
+        tmp_path / "run",
+        **{
+            **fast,
+            "epochs_frozen": 30,
+            "epochs_finetune": 0,
+            "patience": 2,
+            "lr": 0.0001,
+            "schedule": "constant",
+            "monitor": "val_acc",
+        },
+    )
+    with (run.path / "history.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) < 30
+
+
+def test_same_seed_same_run(dataset, tmp_path, fast):
+    options = {**fast, "augment": "light", "feature_views": 2, "seed": 7}
+    first = api.train(dataset, tmp_path / "a", **options)
+    second = api.train(dataset, tmp_path / "b", **options)
+    assert first.metrics["loss"] == second.metrics["loss"]
+    assert (tmp_path / "a" / "split.json").read_text() == (tmp_path / "b" / "split.json").read_text()
+    a, b = load_file(str(first.path / "model.safetensors")), load_file(str(second.path / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_different_seed_different_split(dataset, tmp_path, fast):
+    first = api.train(dataset, tmp_path / "a", **{**fast, "seed": 1})
+    second = api.train(dataset, tmp_path / "b", **{**fast, "seed": 2})
+    assert (
+        json.loads((first.path / "split.json").read_text())["val"]
+        != json.loads((second.path / "split.json").read_text())["val"]
+    )
+
+
+def test_binary_logit_sign_decides_the_class(binary_dataset, tmp_path, fast):
+    run = api.train(binary_dataset, tmp_path / "run", **fast)
+    assert run.model.head[-1].out_features == 1 and run.meta["task"] == "binary"
+    paths = json.loads((run.path / "split.json").read_text())["val"]
+    from transferkit.run import infer_logits
+
+    logits = infer_logits(run.model, paths, run.transform)[:, 0]
+    results, _ = run.predict(paths)
+    for logit, result in zip(logits.tolist(), results, strict=True):
+        assert result["label"] == (run.classes[1] if logit > 0 else run.classes[0])
+
+
+def test_binary_as_softmax_when_asked(binary_dataset, tmp_path, fast):
+    run = api.train(binary_dataset, tmp_path / "run", **{**fast, "binary_logit": False})
+    assert run.model.head[-1].out_features == 2
+
+
+def test_predict_from_saved_run_reproduces_evaluate(dataset, tmp_path, fast):
+    trained = api.train(dataset, tmp_path / "run", **{**fast, "epochs_frozen": 8})
+    reloaded = Run(tmp_path / "run")  # nothing but the folder
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    results, skipped = reloaded.predict(split["val"])
+    assert not skipped
+    truth = [Path(p).parent.name for p in split["val"]]
+    accuracy = sum(r["label"] == t for r, t in zip(results, truth, strict=True)) / len(truth)
+    assert accuracy == pytest.approx(trained.metrics["accuracy"])
+    counts = torch.tensor(trained.metrics["confusion_matrix"]).sum(dim=0).tolist()
+    predicted = [sum(r["label"] == c for r in results) for c in trained.classes]
+    assert predicted == counts
+
+
+def test_head_spec_is_built_and_saved(dataset, tmp_path, fast):
+    run = api.train(
+        dataset, tmp_path / "run", **{**fast, "head_hidden": [16, 8], "head_batchnorm": True, "head_dropout": 0.3}
+    )
+    layers = [type(m).__name__ for m in run.model.head]
+    assert layers == ["Dropout", "Linear", "ReLU", "BatchNorm1d", "Linear", "ReLU", "BatchNorm1d", "Linear"]
+    assert run.meta["head"] == {"hidden": [16, 8], "dropout": 0.3, "batchnorm": True}
+
+
+def test_interrupt_keeps_the_best_model_so_far(dataset, tmp_path, fast, monkeypatch):
+    from transferkit import run as run_module
+
+    calls = []
+
+    def interrupting_append(self, log):
+        calls.append(log)
+        original_call(self, log)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    original_call = run_module.HistoryWriter.__call__
+    monkeypatch.setattr(run_module.HistoryWriter, "__call__", interrupting_append)
+    with pytest.raises(KeyboardInterrupt):
+        api.train(dataset, tmp_path / "run", **{**fast, "epochs_frozen": 10})
+    saved = Run(tmp_path / "run")
+    assert saved.meta["interrupted"] is True
+    assert len(calls) == 2
+    results, _ = saved.predict([str(dataset)])
+    assert len(results) == 36
