@@ -71,8 +71,7 @@ def train(
     seed_everything(cfg.seed)
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
     pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
-    if cfg.image_size:
-        pre = dataclasses.replace(pre, image_size=cfg.image_size)
+    pre = dataclasses.replace(pre, image_size=cfg.image_size or pre.image_size, crop_pct=cfg.crop_pct or pre.crop_pct)
     model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), cfg.binary_logit)
     binary = model.head[-1].out_features == 1
 

@@ -14,6 +14,7 @@ import yaml
 
 from transferkit.data.transforms import AUGMENT_PRESETS, Augment
 from transferkit.errors import UserError
+from transferkit.features import ENGINES
 from transferkit.models.classifier import HeadSpec
 from transferkit.models.registry import DEFAULT_BACKBONE
 
@@ -35,9 +36,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # data
     image_size: int | None = None  # None: the backbone's pretrained input size
+    crop_pct: float | None = None  # None: the backbone's; 1.0 keeps the whole image (no centre crop)
     augment: str = "light"
     augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
-    feature_views: int = 3  # augmented views per training image in the frozen stage (features computed once)
+    feature_views: int = 3  # views per training image in the frozen stage (features computed once): 1 clean + augmented
+    feature_engine: str = "auto"  # auto | onnx | torch: what runs the frozen backbone for features
     val_split: float = 0.2
     test_split: float = 0.0
     batch_size: int = 32
@@ -48,7 +51,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     # stage 2: fine-tune
     epochs_finetune: int = 3
-    unfreeze: str = "all"  # "all" or the number of top blocks
+    unfreeze: str = "3"  # "all" or the number of top blocks (timm coarse groups: stem, stages..., head conv)
     finetune_lr: float = 1e-4  # head learning rate in stage 2
     backbone_lr_mult: float = 0.1  # backbone lr = finetune_lr * this
     finetune_optimizer: str | None = None  # None: same as stage 1
@@ -92,8 +95,10 @@ class TrainConfig:
             (self.lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),
             (0 <= self.head_dropout < 1, "head_dropout must be in [0, 1)"),
             (self.feature_views >= 1, "feature_views must be at least 1"),
+            (self.feature_engine in ENGINES, f"feature_engine must be one of {', '.join(ENGINES)}"),
             (self.workers >= 0, "workers must be 0 or more"),
             (self.image_size is None or self.image_size >= 16, "image_size must be at least 16 pixels"),
+            (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -43,7 +43,8 @@ class Reporter:
             start = time.perf_counter()
             yield lambda n, status="": None
             seconds = time.perf_counter() - start
-            self.log(f"{description}: {total} images in {seconds:.1f}s ({total / max(seconds, 1e-9):.1f} img/s)")
+            if seconds >= 1:  # a log line for every sub-second head epoch would be noise
+                self.log(f"{description}: {total} images in {seconds:.1f}s ({total / max(seconds, 1e-9):.1f} img/s)")
             return
         columns = [
             TextColumn("{task.description}"),

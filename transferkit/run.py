@@ -127,7 +127,7 @@ class Run:
             HeadSpec(tuple(head["hidden"]), head["dropout"], head["batchnorm"]),
         )
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
-        self.model.eval()
+        self.model.eval().to(memory_format=torch.channels_last)
         self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
         self.metrics: dict | None = None
 

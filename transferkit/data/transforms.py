@@ -32,7 +32,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        values = {f.name: data[f.name] for f in fields(cls)}
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -81,67 +81,69 @@ class BestKeeper:
             model.load_state_dict(self.best_state)
 
 
-def fit(
-    stage: str,
-    module: nn.Module,
-    set_train_mode: Callable[[], None],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_batches: Batches,
-    n_train: int,
-    validate: Callable[[], tuple[float, float]],
-    epochs: int,
-    criterion: Callable,
-    binary: bool,
-    keeper: BestKeeper,
-    best_of: nn.Module,
-    reporter: Reporter,
-    on_epoch: Callable[[EpochLog], None],
-) -> None:
-    """Train `module` for up to `epochs`; `best_of` is the whole model whose best state the keeper holds."""
-    keeper.start_stage()
-    for epoch in range(1, epochs + 1):
+@dataclass
+class Stage:
+    """One stage of training: what learns, on which batches, for how long."""
+
+    name: str
+    module: nn.Module  # what the batches go through (the head alone in stage 1)
+    set_train_mode: Callable[[], None]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Batches
+    n_train: int
+    validate: Callable[[], tuple[float, float]]
+    epochs: int
+
+
+@dataclass
+class FitContext:
+    """What stays the same across stages: the loss, the task, early stopping and where epochs are reported."""
+
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    binary: bool
+    keeper: BestKeeper
+    model: nn.Module  # the whole classifier, whose best state the keeper holds
+    reporter: Reporter
+    on_epoch: Callable[[EpochLog], None]
+
+
+def fit(stage: Stage, ctx: FitContext) -> None:
+    """Train for up to `stage.epochs`, validating each epoch; stops early on patience or a non-finite loss."""
+    ctx.keeper.start_stage()
+    for epoch in range(1, stage.epochs + 1):
         start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        set_train_mode()
-        with reporter.bar(f"{stage} {epoch}/{epochs}", n_train) as advance:
-            for inputs, targets in train_batches():
+        stage.set_train_mode()
+        with ctx.reporter.bar(f"{stage.name} {epoch}/{stage.epochs}", stage.n_train) as advance:
+            for inputs, targets in stage.batches():
                 # 1. forward and loss
-                logits = module(inputs)
-                loss = criterion(logits, targets)
+                logits = stage.module(inputs)
+                loss = ctx.criterion(logits, targets)
                 # 2. backward and step (the schedule advances per step, warmup included)
-                optimizer.zero_grad(set_to_none=True)
+                stage.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                scheduler.step()
+                stage.optimizer.step()
+                stage.scheduler.step()
                 # 3. running statistics for the epoch line
                 n = targets.shape[0]
                 loss_sum += loss.item() * n
-                correct += int((predicted_class(logits.detach(), binary) == targets).sum())
+                correct += int((predicted_class(logits.detach(), ctx.binary) == targets).sum())
                 seen += n
                 advance(n, f"loss {loss_sum / seen:.4f}")
         # 4. validate, log, keep the best, maybe stop early
-        val_loss, val_acc = validate()
-        log = EpochLog(
-            epoch,
-            stage,
-            loss_sum / max(seen, 1),
-            correct / max(seen, 1),
-            val_loss,
-            val_acc,
-            optimizer.param_groups[0]["lr"],
-            time.perf_counter() - start,
-        )
-        on_epoch(log)
-        reporter.log(
-            f"{stage} epoch {epoch}/{epochs}: loss {log.train_loss:.4f} acc {log.train_acc:.3f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.1f}s"
-        )
+        val_loss, val_acc = stage.validate()
+        log = EpochLog(epoch, stage.name, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc,
+                       stage.optimizer.param_groups[0]["lr"], time.perf_counter() - start)
+        ctx.on_epoch(log)
+        ctx.reporter.log(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {log.train_loss:.4f} "
+                         f"acc {log.train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.1f}s")
         if not math.isfinite(log.train_loss):
-            reporter.warn(f"{stage}: the training loss is not finite (learning rate too high?); stopping this stage")
+            ctx.reporter.warn(f"{stage.name}: the training loss is not finite (learning rate too high?); stopping")
             break
-        if keeper.update(log, best_of):
-            reporter.log(f"early stop: no better {keeper.monitor} for {keeper.patience} epochs")
+        if ctx.keeper.update(log, ctx.model):
+            ctx.reporter.log(f"early stop: no better {ctx.keeper.monitor} for {ctx.keeper.patience} epochs")
             break
+    ctx.keeper.restore(ctx.model)
 
 
 def predicted_class(logits: torch.Tensor, binary: bool) -> torch.Tensor:
@@ -156,6 +158,8 @@ def evaluate_logits(
     module.eval()
     logits, targets = [], []
     for inputs, target in batches:
+        if inputs.dim() == 4:  # images: channels_last is ~2x faster for these convolutions on CPU
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits.append(module(inputs).float())
         targets.append(target)
     return torch.cat(logits), torch.cat(targets)
