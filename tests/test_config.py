@@ -10,7 +10,7 @@ from PIL import Image
 from transferkit.config import RECIPES, resolve_config
 from transferkit.data.transforms import AUGMENT_PRESETS, Preprocess, eval_transform, train_transform
 from transferkit.errors import UserError
-from transferkit.train.optim import build_optimizer, build_scheduler, lr_factor
+from transferkit.training.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def test_recipes_reproduce_the_tutorials():

@@ -19,8 +19,8 @@ from transferkit.models.classifier import new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.run import HistoryWriter, Run, build_meta, save_weights, write_json
-from transferkit.train.loop import BestKeeper
-from transferkit.train.two_stage import fine_tune
+from transferkit.training.loop import BestKeeper
+from transferkit.training.two_stage import fine_tune
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +109,9 @@ def train(
         cfg.augmentation().samplewise_center,
         interrupted,
     )
-    write_json(out / "meta.json", {**meta, "seed": cfg.seed, "skipped_files": len(index.skipped)})
+    # How the data was split, so `evaluate RUN DATA` on the same data re-creates the same split.
+    data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
+    write_json(out / "meta.json", {**meta, "data_split": data_split, "skipped_files": len(index.skipped)})
     run = Run(out)
     if interrupted:
         raise KeyboardInterrupt

@@ -20,7 +20,7 @@ from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
-from transferkit.train.loop import EpochLog, evaluate_logits, probabilities
+from transferkit.training.loop import EpochLog, evaluate_logits, probabilities
 
 FORMAT_VERSION = 1
 HISTORY_FIELDS = list(EpochLog.__dataclass_fields__)
@@ -140,10 +140,11 @@ class Run:
         return top_predictions(paths, self.probabilities(paths), self.classes, top_k), skipped
 
     def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True) -> dict:
-        """Metrics on one split of a dataset (default: test if it has one, else val); writes metrics + figures."""
-        index = data if isinstance(data, DatasetIndex) else scan_dataset(data, seed=self.meta.get("seed", 0))
+        """Metrics on one split of a dataset (default: test if it has one, else val; "all" for every image);
+        writes metrics.json and the figures into the run folder."""
+        index = data if isinstance(data, DatasetIndex) else scan_dataset(data, **self.meta["data_split"])
         split = split or ("test" if index.split("test") else "val")
-        samples = index.split(split)
+        samples = index.samples if split == "all" else index.split(split)
         unknown = sorted({s.label for s in samples} - set(self.classes))
         if unknown:
             raise UserError(f"classes not known to this model: {', '.join(unknown)}")

@@ -107,14 +107,14 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     data: Annotated[str, typer.Argument(help="Image folder or CSV to evaluate on.")],
-    split: Annotated[str | None, typer.Option(help="train, val or test (default: test if present, else val).")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val, test or all (default: test if any, else val).")] = None,
     json_out: JSON = False,
 ) -> None:
     """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json and figures."""
     from transferkit.run import Run
 
-    if split not in (None, "train", "val", "test"):
-        raise UserError(f"--split must be train, val or test, not '{split}'")
+    if split not in (None, "train", "val", "test", "all"):
+        raise UserError(f"--split must be train, val, test or all, not '{split}'")
     metrics = Run(run).evaluate(data, split)
     report_skipped_dicts(metrics["skipped_files"])
     print_json(metrics) if json_out else print_metrics_summary(metrics)

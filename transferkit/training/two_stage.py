@@ -13,7 +13,7 @@ from transferkit.data.transforms import Preprocess, eval_transform, train_transf
 from transferkit.features import FeatureExtractor
 from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
 from transferkit.progress import Reporter
-from transferkit.train.loop import (
+from transferkit.training.loop import (
     BestKeeper,
     EpochLog,
     FitContext,
@@ -23,7 +23,7 @@ from transferkit.train.loop import (
     loss_and_accuracy,
     loss_fn,
 )
-from transferkit.train.optim import build_optimizer, build_scheduler
+from transferkit.training.optim import build_optimizer, build_scheduler
 
 Labelled = tuple[list[str], list[int]]
 
