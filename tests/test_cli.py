@@ -215,3 +215,13 @@ def test_console_script_exit_code(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_unreachable_hub_fails_fast_with_the_way_out(capsys, dataset, tmp_path, monkeypatch):
+    from transferkit.models import registry
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(registry, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(registry.timm, "create_model", lambda *a, **k: pytest.fail("must not try the hub"))
+    fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", "xception"],
+               "unreachable", "--weights")
