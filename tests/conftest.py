@@ -32,6 +32,14 @@ def make_class_folders(root: Path, classes: int = 3, per_class: int = 12, seed: 
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def isolated_feature_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never read or fill the user's feature cache."""
+    import os
+
+    os.environ["TRANSFERKIT_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+
+
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_class_folders(tmp_path / "data")

@@ -10,11 +10,14 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from transferkit.cache import FeatureStore, file_digest, module_digest
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.progress import Reporter
 
@@ -85,39 +88,71 @@ def feature_engine(model: nn.Module, example: torch.Tensor, engine: str, reporte
     return fast, "onnx"
 
 
-class FeatureExtractor:
-    """Extracts pooled features view by view; the engine is chosen on the first batch and then reused."""
+@dataclass(frozen=True)
+class View:
+    """One way of showing every image to the frozen backbone: the clean image, or augmented copy k.
 
-    def __init__(self, model: nn.Module, engine: str, batch_size: int, workers: int, reporter: Reporter) -> None:
-        self.model, self.engine, self.batch_size, self.workers, self.reporter = (
-            model,
-            engine,
-            batch_size,
-            workers,
-            reporter,
-        )
+    `spec` is everything that decides the view's pixels (preprocessing, augmentation, k) and so its cache key;
+    augmented copies are seeded from the image content and k, so a cached view equals a recomputed one."""
+
+    index: int
+    transform: Callable
+    spec: dict
+
+
+def view_seed(content_digest: str, view_index: int) -> int:
+    return int(content_digest[:8], 16) ^ (view_index * 0x9E3779B1 & 0x7FFFFFFF)
+
+
+class FeatureExtractor:
+    """Features of images under views, from the cache where present; only missing ones reach the engine,
+    which is chosen on the first batch that needs it and then reused."""
+
+    def __init__(self, model: nn.Module, engine: str, batch_size: int, workers: int, reporter: Reporter,
+                 cache_root: Path | None) -> None:
+        self.model, self.engine, self.batch_size, self.workers = model, engine, batch_size, workers
+        self.reporter, self.cache_root = reporter, cache_root
+        self.backbone_digest = module_digest(model.backbone) if cache_root else ""
+        self.computed = 0  # images that went through the backbone (the rest came from the cache)
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __call__(
-        self,
-        paths: Sequence[str],
-        transforms: Sequence[Callable],
-        description: str,
-        generator: torch.Generator | None = None,
-    ) -> list[torch.Tensor]:
-        """Features of every image under each transform (one "view" each): a list of (N, D) tensors."""
-        views = []
-        for index, transform in enumerate(transforms):
-            loader = make_loader(
-                ImageDataset(paths, None, transform), self.batch_size, self.workers, generator=generator
-            )
-            chunks = []
-            label = f"{description} {index + 1}/{len(transforms)}" if len(transforms) > 1 else description
-            with self.reporter.bar(label, len(paths)) as advance:
-                for images, _ in loader:
-                    if self._run is None:
-                        self._run, _ = feature_engine(self.model, images, self.engine, self.reporter)
-                    chunks.append(self._run(images))
-                    advance(images.shape[0])
-            views.append(torch.cat(chunks))
-        return views
+    def __call__(self, paths: Sequence[str], views: Sequence[View], description: str) -> list[torch.Tensor]:
+        """A (N, D) tensor per view, rows in the order of `paths`."""
+        digests = [file_digest(p) for p in paths]
+        results = []
+        for view in views:
+            label = f"{description} {view.index + 1}/{len(views)}" if len(views) > 1 else description
+            results.append(self._view(paths, digests, view, label))
+        return results
+
+    def _view(self, paths: Sequence[str], digests: list[str], view: View, label: str) -> torch.Tensor:
+        store = None
+        found: dict[str, np.ndarray] = {}
+        if self.cache_root:
+            space = {"backbone": self.backbone_digest, "timm": self.model.backbone.default_cfg.get("architecture"),
+                     **view.spec}
+            store = FeatureStore(self.cache_root, space, self.reporter)
+            found = store.get(digests)
+        missing = [i for i, d in enumerate(digests) if d not in found]
+        computed = self._compute([paths[i] for i in missing], [view_seed(digests[i], view.index) for i in missing],
+                                 view.transform, label)
+        if store is not None and missing:
+            store.put([digests[i] for i in missing], computed.numpy())
+        if not found:
+            return computed
+        rows = dict(zip((digests[i] for i in missing), computed, strict=True))
+        return torch.stack([rows[d] if d in rows else torch.from_numpy(found[d]) for d in digests])
+
+    def _compute(self, paths: list[str], seeds: list[int], transform: Callable, label: str) -> torch.Tensor:
+        if not paths:
+            return torch.empty(0)
+        loader = make_loader(ImageDataset(paths, None, transform, seeds), self.batch_size, self.workers)
+        chunks = []
+        with self.reporter.bar(label, len(paths)) as advance:
+            for images, _ in loader:
+                if self._run is None:
+                    self._run, _ = feature_engine(self.model, images, self.engine, self.reporter)
+                chunks.append(self._run(images))
+                advance(images.shape[0])
+        self.computed += len(paths)
+        return torch.cat(chunks)

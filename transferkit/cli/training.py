@@ -61,6 +61,8 @@ def train(
     test_split: Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same run.")] = None,
     workers: Annotated[int | None, typer.Option(help="Image decoding worker processes.")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute frozen features afresh.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_out: JSON = False,
@@ -95,6 +97,8 @@ def train(
         test_split=test_split,
         seed=seed,
         workers=workers,
+        cache_dir=cache_dir,
+        cache=False if no_cache else None,
     )
     if json_out:
         print_json(run.metrics)

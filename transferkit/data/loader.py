@@ -11,18 +11,28 @@ from transferkit.data.images import load_rgb
 
 
 class ImageDataset(Dataset):
-    """(image tensor, class index) for each path; index -1 where the label is unknown (prediction)."""
+    """(image tensor, class index) for each path; index -1 where the label is unknown (prediction).
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int] | None, transform: Callable) -> None:
+    With `seeds`, each image's random transform draws from its own seed: the same augmented view every time,
+    whichever worker or batch it lands in (what lets augmented features be cached)."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int] | None, transform: Callable,
+                 seeds: Sequence[int] | None = None) -> None:
         self.paths = list(paths)
         self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
         self.transform = transform
+        self.seeds = list(seeds) if seeds is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.paths[index])), self.targets[index]
+        image = load_rgb(self.paths[index])
+        if self.seeds is None:
+            return self.transform(image), self.targets[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[index])
+            return self.transform(image), self.targets[index]
 
 
 def make_loader(

@@ -3,14 +3,17 @@ everything (or the top blocks) with a much smaller learning rate, smaller still 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from transferkit.cache import default_cache_dir
 from transferkit.config import TrainConfig
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
-from transferkit.features import FeatureExtractor
+from transferkit.features import FeatureExtractor, View
 from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
 from transferkit.progress import Reporter
 from transferkit.training.loop import (
@@ -28,21 +31,31 @@ from transferkit.training.optim import build_optimizer, build_scheduler
 Labelled = tuple[list[str], list[int]]
 
 
-def frozen_stage(model: Classifier, train: Labelled, val: Labelled, transforms: tuple[Callable, Callable],
-                 config: TrainConfig, ctx: FitContext, generator: torch.Generator) -> Stage:
+def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess,
+                 transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext,
+                 generator: torch.Generator) -> Stage:
     """Stage 1: the backbone's features never change, so compute them once per view and train the head on them."""
     (train_paths, train_y), (val_paths, val_y) = train, val
     clean, augmented = transforms
-    views = 1 if config.augmentation().is_identity else config.feature_views
-    extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter)
-    # view 0 is the clean image, the others augmented copies: (views, N, D)
-    features = torch.stack(extract(train_paths, [clean] + [augmented] * (views - 1), "features train", generator))
-    [val_features] = extract(val_paths, [clean], "features val")
+    augment = config.augmentation()
+    n_views = 1 if augment.is_identity else config.feature_views
+    base = {"preprocess": pre.to_dict(), "samplewise_center": augment.samplewise_center}
+    # view 0 is the clean image (shared by every recipe), the others augmented copies
+    views = [View(0, clean, {**base, "view": 0})]
+    augmented_spec = {**base, "augment": dataclasses.asdict(augment)}
+    views += [View(k, augmented, {**augmented_spec, "view": k}) for k in range(1, n_views)]
+    cache_root = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter,
+                               cache_root)
+    features = torch.stack(extract(train_paths, views, "features train"))  # (views, N, D)
+    [val_features] = extract(val_paths, views[:1], "features val")
+    ctx.reporter.log(f"features: {extract.computed} images through the backbone, the rest from the cache"
+                     if cache_root else f"features: {extract.computed} images through the backbone (no cache)")
     targets, val_targets = torch.tensor(train_y), torch.tensor(val_y)
 
     def batches():
         order = torch.randperm(len(train_paths), generator=generator)
-        view = torch.randint(views, (len(train_paths),), generator=generator)
+        view = torch.randint(n_views, (len(train_paths),), generator=generator)
         for chunk in order.split(config.batch_size):
             yield features[view[chunk], chunk], targets[chunk]
 
@@ -92,7 +105,11 @@ def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess
     model.to(memory_format=torch.channels_last)
     freeze_backbone(model)
     if config.epochs_frozen:
-        fit(frozen_stage(model, train, val, transforms, config, ctx, generator), ctx)
+        stage = frozen_stage(model, train, val, pre, transforms, config, ctx, generator)
+        # Re-seed after feature extraction: the global RNG (dropout) must not depend on how many images the
+        # cache supplied, so cached and uncached runs train the same head.
+        torch.manual_seed(config.seed)
+        fit(stage, ctx)
     if config.epochs_finetune:
         fit(finetune_stage(model, train, val, transforms, config, ctx, generator), ctx)
     model.requires_grad_(False)

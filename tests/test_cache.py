@@ -1,0 +1,87 @@
+"""The feature cache: same head with and without it, content-keyed invalidation, corrupt shards rebuilt."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from transferkit import api
+from transferkit.data.transforms import AUGMENT_PRESETS, Preprocess, eval_transform, train_transform
+from transferkit.features import FeatureExtractor, View
+from transferkit.models.classifier import HeadSpec, new_classifier
+from transferkit.progress import Reporter
+
+
+def extractor(cache_root: Path | None) -> FeatureExtractor:
+    torch.manual_seed(0)
+    model = new_classifier(timm.create_model("test_efficientnet"), 3, HeadSpec(), True).eval()
+    return FeatureExtractor(model, "torch", 8, 0, Reporter(quiet=True), cache_root)
+
+
+def views() -> list[View]:
+    pre = Preprocess(32, "bilinear", 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    augment = AUGMENT_PRESETS["strong"]
+    return [View(0, eval_transform(pre), {"view": 0}),
+            View(1, train_transform(pre, augment), {"view": 1, "augment": dataclasses.asdict(augment)})]
+
+
+def image_paths(dataset: Path) -> list[str]:
+    return sorted(str(p) for p in dataset.rglob("*.png"))
+
+
+def test_second_pass_comes_from_the_cache_and_equals_the_first(dataset, tmp_path):
+    paths = image_paths(dataset)
+    first = extractor(tmp_path / "cache")
+    a = first(paths, views(), "x")
+    assert first.computed == 2 * len(paths)
+    second = extractor(tmp_path / "cache")
+    b = second(paths, views(), "x")
+    assert second.computed == 0
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    uncached = extractor(None)
+    c = uncached(paths, views(), "x")  # augmented views are seeded by content: recomputing gives the same
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, c, strict=True))
+
+
+def test_editing_one_image_recomputes_only_that_image(dataset, tmp_path):
+    paths = image_paths(dataset)
+    extractor(tmp_path / "cache")(paths, views(), "x")
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(paths[3])  # edit one file in place
+    (dataset / "class_0" / "new.png").write_bytes(Path(paths[0]).read_bytes())  # a copy: same content, cached
+    (dataset / "class_1" / "added.png").write_bytes(b"")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(dataset / "class_1" / "added.png")  # a new image
+    again = extractor(tmp_path / "cache")
+    again(image_paths(dataset), views(), "x")
+    assert again.computed == 2 * 2  # the edited and the added image, in both views
+
+
+def test_corrupt_shard_is_detected_and_rebuilt(dataset, tmp_path):
+    paths = image_paths(dataset)
+    [clean] = extractor(tmp_path / "cache")(paths, views()[:1], "x")
+    [shard] = list((tmp_path / "cache").rglob("*.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-8:] = b"\x7f" * 8  # flip the last feature values
+    shard.write_bytes(bytes(data))
+    rebuilt = extractor(tmp_path / "cache")
+    [again] = rebuilt(paths, views()[:1], "x")
+    assert rebuilt.computed == len(paths)
+    assert torch.equal(clean, again)
+
+
+def test_cached_and_uncached_stage1_train_the_same_head(dataset, tmp_path, fast):
+    options = {**fast, "epochs_finetune": 0, "epochs_frozen": 4, "augment": "light", "feature_views": 2}
+    cold = api.train(dataset, tmp_path / "cold", cache_dir=str(tmp_path / "c"), **options)
+    warm = api.train(dataset, tmp_path / "warm", cache_dir=str(tmp_path / "c"), **options)
+    uncached = api.train(dataset, tmp_path / "none", cache=False, **options)
+    heads = [{k: v for k, v in load_file(str(run.path / "model.safetensors")).items() if k.startswith("head")}
+             for run in (cold, warm, uncached)]
+    for other in heads[1:]:
+        assert max(float((heads[0][k] - other[k]).abs().max()) for k in other) < 1e-4
+    assert cold.metrics["confusion_matrix"] == warm.metrics["confusion_matrix"] == uncached.metrics["confusion_matrix"]
