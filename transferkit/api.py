@@ -98,20 +98,10 @@ def train(
     if keeper.best_epoch:
         reporter.log(f"best {cfg.monitor} {keeper.best:.4f} at {keeper.best_epoch[0]} epoch {keeper.best_epoch[1]}")
     save_weights(model, out / "model.safetensors")
-    meta = build_meta(
-        spec.name,
-        spec.timm_name,
-        weights_source,
-        index.classes,
-        binary,
-        pre,
-        cfg.head_spec(),
-        cfg.augmentation().samplewise_center,
-        interrupted,
-    )
-    # How the data was split, so `evaluate RUN DATA` on the same data re-creates the same split.
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
-    write_json(out / "meta.json", {**meta, "data_split": data_split, "skipped_files": len(index.skipped)})
+    meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
+                      cfg.augmentation().samplewise_center, data_split, interrupted)
+    write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     run = Run(out)
     if interrupted:
         raise KeyboardInterrupt

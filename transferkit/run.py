@@ -66,6 +66,7 @@ def build_meta(
     pre: Preprocess,
     head: HeadSpec,
     samplewise_center: bool,
+    data_split: dict,
     interrupted: bool,
 ) -> dict:
     return {
@@ -79,6 +80,7 @@ def build_meta(
         **pre.to_dict(),
         "samplewise_center": samplewise_center,
         "head": head.to_dict(),
+        "data_split": data_split,  # so `evaluate RUN DATA` on the same data re-creates the same split
         "interrupted": interrupted,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "transferkit_version": transferkit.__version__,
@@ -89,11 +91,10 @@ class HistoryWriter:
     """history.csv grows by one row per epoch, so a crash still leaves the curve so far."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.rows = path, []
+        self.path = path
         atomic_write(path, ",".join(HISTORY_FIELDS) + "\n")
 
     def __call__(self, log: EpochLog) -> None:
-        self.rows.append(log.to_dict())
         with self.path.open("a", newline="") as handle:
             csv.DictWriter(handle, HISTORY_FIELDS).writerow(log.to_dict())
 
