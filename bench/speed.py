@@ -1,0 +1,393 @@
+"""Speed benchmark: transferkit's defaults against the loops the tutorials write, side by side in one run.
+
+CPU only, EfficientNet-Lite0 at 224 px, on generated images (two learnable classes: ellipses vs rectangles), so it
+needs neither a data set nor the network. Variants that do the same work are timed interleaved (a, b, a, b, ...),
+so a noisy shared machine slows them alike: read the ratios, not the absolute numbers.
+
+    .venv/bin/python bench/speed.py            # 512 images, scaling at 1000 and 10000 images
+    .venv/bin/python bench/speed.py --quick    # smoke test with tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import onnxruntime
+import timm
+import torch
+from PIL import Image, ImageDraw
+
+from transferkit.data.loader import ImageDataset, make_loader
+from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.features import FeatureExtractor, View, feature_engine
+from transferkit.models.classifier import HeadSpec, freeze_backbone, new_classifier, set_train_mode, unfreeze
+from transferkit.models.registry import create_imagenet_model, get_backbone
+from transferkit.progress import Reporter
+from transferkit.training.loop import loss_fn, predicted_class
+
+BACKBONE = "tf_efficientnet_lite0"
+BATCH = 32
+HEAD_EPOCHS = 20
+QUIET = Reporter(quiet=True)
+CRITERION = loss_fn(binary=True)
+FINETUNE_VARIANTS = {
+    "plain": "eager fp32 NCHW, all layers trainable, BN train mode",
+    "channels_last": "channels_last, all layers trainable, BN train mode",
+    "transferkit": "channels_last, unfreeze 3 blocks, BN inference mode",
+}
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory so far (Linux reports KiB): this process, and the largest reaped child (loader
+    workers, which decode the images in their own processes)."""
+    return {who: resource.getrusage(kind).ru_maxrss / 1024
+            for who, kind in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
+
+
+def random_colour(rng: np.random.Generator) -> tuple[int, ...]:
+    return tuple(rng.integers(0, 256, 3).tolist())
+
+
+def make_image(rng: np.random.Generator, label: int, size: int) -> Image.Image:
+    """A noisy gradient with clutter lines and one shape of random colour, size and place: an ellipse for class 0,
+    a rectangle for class 1. Only the shape separates the classes, so validation accuracy means something."""
+    low, high = rng.integers(0, 256, (2, 1, 1, 3))
+    pixels = low + (high - low) * np.linspace(0, 1, size)[None, :, None] + rng.normal(0, 12, (size, size, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        draw.line(tuple(rng.integers(0, size, 4).tolist()), fill=random_colour(rng), width=max(1, size // 64))
+    extent = rng.uniform(0.3, 0.6) * size
+    x, y = rng.uniform(0, size - extent, 2)
+    shape = draw.ellipse if label == 0 else draw.rectangle
+    shape((x, y, x + extent * rng.uniform(0.7, 1.0), y + extent), fill=random_colour(rng))
+    return image
+
+
+def write_images(folder: Path, count: int, size: int, suffix: str) -> tuple[list[str], list[int]]:
+    """`count` images, classes alternating, named so that sorting the folder gives back this order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for i in range(count):
+        path = folder / f"{i:06d}_{i % 2}{suffix}"
+        make_image(rng, i % 2, size).save(path)
+        paths.append(str(path))
+        labels.append(i % 2)
+    return paths, labels
+
+
+def build_model() -> tuple[torch.nn.Module, Callable]:
+    """A fresh Lite0 classifier (offline ImageNet weights, one binary logit) and its eval preprocessing."""
+    imagenet, _ = create_imagenet_model(get_backbone(BACKBONE))
+    transform = eval_transform(Preprocess.from_timm_config(imagenet.pretrained_cfg))
+    torch.manual_seed(0)  # every copy gets the same head
+    return new_classifier(imagenet, 2, HeadSpec(), binary_logit=True), transform
+
+
+def interleaved(jobs: dict[str, Callable[[], object]], repeats: int, warmup: int = 0):
+    """Run the jobs round-robin so that background load hits every variant alike; returns the seconds of each run
+    after the warm-up rounds, and each job's last result."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    last: dict[str, object] = {}
+    for round_ in range(warmup + repeats):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            last[name] = job()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times, last
+
+
+def row(section: str, variant: str, seconds: float, images: int | None, baseline: float, note: str = "") -> dict:
+    return {"section": section, "variant": variant, "seconds": seconds,
+            "img_per_s": images / seconds if images else None, "speedup": baseline / seconds, "note": note}
+
+
+def plain_loader(paths: list[str], labels: list[int] | None, transform: Callable, shuffle: bool = False):
+    return make_loader(ImageDataset(paths, labels, transform), BATCH, 0, shuffle, torch.Generator().manual_seed(0))
+
+
+def plain_features(model: torch.nn.Module, loader, step: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop a tutorial writes: eager fp32 NCHW under no_grad, images decoded in the main process; `step`
+    (a head update) runs on each batch's features, as in recompute-every-epoch training."""
+    model.eval()
+    features, targets = [], []
+    for images, labels in loader:
+        with torch.no_grad():
+            batch = model.embed(images)
+        if step is not None:
+            step(batch, labels)
+        features.append(batch)
+        targets.append(labels)
+    return torch.cat(features), torch.cat(targets)
+
+
+def tk_features(model: torch.nn.Module, paths: list[str], transform: Callable) -> torch.Tensor:
+    """transferkit's extractor as stage 1 uses it, cache off; a new one each call, so the ONNX export and parity
+    check are paid every time (as once per training run)."""
+    extractor = FeatureExtractor(model, "onnx", BATCH, 2, QUIET, cache_root=None)
+    return extractor(paths, [View(0, transform, {})], "bench")[0]
+
+
+def bench_extraction(model, paths: list[str], transform: Callable, repeats: int) -> list[dict]:
+    loader = plain_loader(paths, None, transform)
+    jobs = {"plain": lambda: plain_features(model, loader)[0], "tk": lambda: tk_features(model, paths, transform)}
+    times, out = interleaved(jobs, repeats)
+    base, diff = median(times["plain"]), float((out["plain"] - out["tk"]).abs().max())
+    section = f"1. extraction, {len(paths)} files (median of {repeats})"
+    return [row(section, "plain: eager fp32 NCHW, 0 workers, batch 32, no_grad", base, len(paths), base,
+                f"features max abs {float(out['plain'].abs().max()):.1f}"),
+            row(section, "transferkit: FeatureExtractor, ONNX Runtime, 2 workers, batch 32, no cache",
+                median(times["tk"]), len(paths), base, f"max abs feature diff vs plain {diff:.1e}; incl. ONNX export")]
+
+
+def new_head(model) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A copy of the classifier's untrained head (one linear layer) with transferkit's default AdamW: both stage-1
+    variants start from the same weights."""
+    head = copy.deepcopy(model.head)
+    return head, torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
+
+
+def train_step(module: torch.nn.Module, optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    loss = CRITERION(module(inputs), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def train_head(head, optimizer, features: torch.Tensor, targets: torch.Tensor, epochs: int) -> None:
+    order = torch.Generator().manual_seed(2)
+    for _ in range(epochs):
+        for chunk in torch.randperm(len(targets), generator=order).split(BATCH):
+            train_step(head, optimizer, features[chunk], targets[chunk])
+
+
+def accuracy(head, features: torch.Tensor, targets: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((predicted_class(head(features), binary=True) == targets).float().mean())
+
+
+def split(paths: list[str], labels: list[int]):
+    """((paths, labels) to train, (paths, labels) held out): every 4th image, so with alternating classes both
+    parts are balanced."""
+    parts: tuple = (([], []), ([], []))
+    for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
+        parts[i % 4 == 3][0].append(path)
+        parts[i % 4 == 3][1].append(label)
+    return parts
+
+
+def tutorial_stage1(model, train, val, transform: Callable) -> tuple[float, float]:
+    """Recompute every epoch: each epoch pushes every train and val image through the frozen base. One epoch is
+    timed; the other 19 would push the same pixels through the same frozen net (no augmentation here) and get the
+    same features, so they run on epoch 1's features for the accuracy and are costed at epoch 1's time."""
+    head, optimizer = new_head(model)
+    start = time.perf_counter()
+    loader = plain_loader(*train, transform, shuffle=True)
+    features, targets = plain_features(model, loader, partial(train_step, head, optimizer))
+    val_features, val_targets = plain_features(model, plain_loader(*val, transform))
+    epoch = time.perf_counter() - start
+    train_head(head, optimizer, features, targets, HEAD_EPOCHS - 1)
+    return epoch * HEAD_EPOCHS, accuracy(head, val_features, val_targets)
+
+
+def transferkit_stage1(model, train, val, transform: Callable) -> tuple[float, float]:
+    """Features of train and val once, then every head epoch on the feature tensor."""
+    head, optimizer = new_head(model)
+    start = time.perf_counter()
+    features = tk_features(model, train[0] + val[0], transform)
+    n = len(train[0])
+    train_head(head, optimizer, features[:n], torch.tensor(train[1]), HEAD_EPOCHS)
+    seconds = time.perf_counter() - start
+    return seconds, accuracy(head, features[n:], torch.tensor(val[1]))
+
+
+def bench_stage1(model, paths: list[str], labels: list[int], transform: Callable) -> list[dict]:
+    train, val = split(paths, labels)
+    (plain_s, plain_acc), (tk_s, tk_acc) = (run(model, train, val, transform)
+                                            for run in (tutorial_stage1, transferkit_stage1))
+    section = f"2. stage 1 total, {HEAD_EPOCHS} head epochs, {len(train[0])} train + {len(val[0])} val"
+    return [row(section, "plain: recompute the frozen forward every epoch (extrapolated: 20 x 1 measured epoch, "
+                "cost per epoch is constant)", plain_s, None, plain_s, f"val acc {plain_acc:.3f}"),
+            row(section, "transferkit: extract once + 20 epochs on the feature tensor (AdamW, linear head)",
+                tk_s, None, plain_s, f"val acc {tk_acc:.3f}")]
+
+
+def finetune_job(variant: str, images: torch.Tensor, targets: torch.Tensor) -> tuple[Callable, int]:
+    """One training step of a fresh classifier set up as `variant`; also the number of trainable parameters."""
+    model, _ = build_model()
+    if variant == "transferkit":
+        freeze_backbone(model)
+        unfreeze(model, "3")
+        set_train_mode(model, train_backbone_bn=False)
+    else:
+        unfreeze(model, "all")
+        model.train()
+    if variant != "plain":
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return partial(train_step, model, optimizer, images, targets), sum(p.numel() for p in params)
+
+
+def bench_finetune(images: torch.Tensor, targets: torch.Tensor, steps: int) -> list[dict]:
+    jobs, trainable = {}, {}
+    for variant in FINETUNE_VARIANTS:
+        jobs[variant], trainable[variant] = finetune_job(variant, images, targets)
+    times, _ = interleaved(jobs, steps, warmup=1)
+    base = median(times["plain"])
+    section = f"3. fine-tune step, batch {len(images)} (median of {steps} after 1 warm-up)"
+    return [row(section, f"{variant}: {text}", median(times[variant]), len(images), base,
+                f"{trainable[variant] / 1e6:.2f}M trainable params") for variant, text in FINETUNE_VARIANTS.items()]
+
+
+def no_grad_call(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(inputs)
+
+
+def bench_inference(model, images: torch.Tensor, repeats: int) -> list[dict]:
+    """Whole-classifier logits for one batch; the ONNX engine runs the backbone and the tiny linear head stays eager."""
+    model.eval()
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    engine, name = feature_engine(model, images, "onnx", QUIET)
+    jobs = {"plain": partial(no_grad_call, model, images),
+            "channels_last": partial(no_grad_call, fast, images.contiguous(memory_format=torch.channels_last)),
+            "onnx": lambda: no_grad_call(model.head, engine(images))}
+    times, out = interleaved(jobs, repeats, warmup=1)
+    base, diff = median(times["plain"]), float((out["plain"] - out["onnx"]).abs().max())
+    section = f"4. inference, batch {len(images)} tensors (median of {repeats})"
+    return [row(section, "plain: eager fp32 NCHW, no_grad", base, len(images), base),
+            row(section, "eager channels_last, no_grad", median(times["channels_last"]), len(images), base),
+            row(section, f"transferkit feature engine ({name})", median(times["onnx"]), len(images), base,
+                f"max abs logit diff vs plain {diff:.1e}")]
+
+
+def scale_worker(folder: str, count: int) -> None:
+    """Child process of the scaling row: extract `count` images, print one JSON line."""
+    paths = sorted(str(p) for p in Path(folder).glob("*.png"))[:count]
+    model, transform = build_model()
+    start = time.perf_counter()
+    tk_features(model, paths, transform)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"images": len(paths), "seconds": seconds, "img_per_s": len(paths) / seconds,
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
+def bench_scaling(scales: list[int], folder: Path) -> dict:
+    start = time.perf_counter()
+    write_images(folder, max(scales), 64, ".png")
+    results = {"generate_seconds": time.perf_counter() - start, "runs": []}
+    for count in scales:
+        # One process per count: ru_maxrss only grows, so a shared process would report the largest peak for all.
+        command = [sys.executable, str(Path(__file__).resolve()), "--scale-worker", str(count), "--folder", str(folder)]
+        out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+        results["runs"].append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def machine_info() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "onnxruntime": onnxruntime.__version__, "timm": timm.__version__, "load_average_before": os.getloadavg()}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    load = " -> ".join("/".join(f"{x:.1f}" for x in m[k]) for k in ("load_average_before", "load_average_after"))
+    lines = [f"Machine: nproc {m['nproc']}, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"onnxruntime {m['onnxruntime']}, timm {m['timm']}; {BACKBONE} at 224 px; load average before -> after "
+             f"{load} (1/5/15 min; another process may share the CPU). Wall time {results['wall_seconds']:.0f}s.", "",
+             "| Measurement | Variant | Seconds | img/s | Speed-up vs plain | Notes |", "|---|---|---:|---:|---:|---|"]
+    for r in results["rows"]:
+        rate = f"{r['img_per_s']:.1f}" if r["img_per_s"] else "-"
+        lines.append(f"| {r['section']} | {r['variant']} | {r['seconds']:.2f} | {rate} | {r['speedup']:.2f}x "
+                     f"| {r['note']} |")
+    lines += ["", "| Peak RSS after phase (MB, never decreases) | This process | Largest child (loader worker) |",
+              "|---|---:|---:|"]
+    lines += [f"| {phase} | {v['self']:.0f} | {v['children']:.0f} |" for phase, v in results["peak_rss_mb"].items()]
+    scaling = results.get("scaling")
+    if scaling:
+        lines += ["", f"Scaling of transferkit extraction (ONNX Runtime, 2 workers, no cache) on 64x64 PNG files, "
+                  f"resized to 256 and centre-cropped to 224 by the pipeline; one process per count, the time includes "
+                  f"the ONNX export (generating the files took {scaling['generate_seconds']:.0f}s):", "",
+                  "| Images | Seconds | img/s | Peak RSS, process (MB) | Peak RSS, largest worker (MB) |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['images']} | {r['seconds']:.1f} | {r['img_per_s']:.1f} | {r['peak_rss_mb']['self']:.0f} "
+                  f"| {r['peak_rss_mb']['children']:.0f} |" for r in scaling["runs"]]
+    return "\n".join(lines)
+
+
+def run_all(args: argparse.Namespace, folder: Path) -> dict:
+    results: dict = {"machine": machine_info(), "rows": [], "peak_rss_mb": {}}
+    paths, labels = write_images(folder / "main", args.images, 256, ".jpg")
+    model, transform = build_model()
+    freeze_backbone(model)
+    images, targets = next(iter(plain_loader(paths[:BATCH], labels[:BATCH], transform)))
+    phases = {
+        "1. extraction": lambda: bench_extraction(model, paths, transform, args.repeats),
+        "2. stage 1": lambda: bench_stage1(model, paths, labels, transform),
+        "3. fine-tune step": lambda: bench_finetune(images, targets, args.steps),
+        "4. inference": lambda: bench_inference(model, images, args.steps * 2),
+    }
+    for phase, bench in phases.items():
+        results["rows"] += bench()
+        results["peak_rss_mb"][phase] = peak_rss_mb()
+    if args.scales:
+        results["scaling"] = bench_scaling(args.scales, folder / "scaling")
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512, help="generated 256x256 JPEGs for rows 1-2")
+    parser.add_argument("--scales", default="1000,10000", help="image counts for the scaling table ('' to skip)")
+    parser.add_argument("--repeats", type=int, default=3, help="extraction repeats (median)")
+    parser.add_argument("--steps", type=int, default=5, help="timed fine-tune steps (inference: twice as many)")
+    parser.add_argument("--out", type=Path, help="JSON results (default bench/results/speed.json, speed-quick.json)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script")
+    parser.add_argument("--scale-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.scales, args.repeats, args.steps = 64, "64,128", 1, 2
+    args.scales = [int(s) for s in args.scales.split(",") if s.strip()]
+    args.out = args.out or Path("bench/results/speed-quick.json" if args.quick else "bench/results/speed.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.scale_worker:
+        return scale_worker(args.folder, args.scale_worker)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="transferkit-bench-") as folder:
+        results = run_all(args, Path(folder))
+    results["wall_seconds"] = time.perf_counter() - start
+    results["machine"]["load_average_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results["args"] = {**vars(args), "out": str(args.out)}
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
