@@ -54,8 +54,8 @@ class TrainConfig:
     # stage 2: fine-tune
     epochs_finetune: int = 3
     unfreeze: str = "3"  # "all" or the number of top blocks (timm coarse groups: stem, stages..., head conv)
-    finetune_lr: float = 1e-4  # head learning rate in stage 2
-    backbone_lr_mult: float = 0.1  # backbone lr = finetune_lr * this
+    finetune_lr: float = 3e-4  # head learning rate in stage 2 (stage 1: lr)
+    backbone_lr_mult: float = 0.3  # backbone lr = finetune_lr * this
     finetune_optimizer: str | None = None  # None: same as stage 1
     finetune_bn: bool = False  # re-estimate backbone batch-norm statistics while fine-tuning
     # both stages

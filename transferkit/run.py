@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import transferkit
@@ -133,7 +134,13 @@ class Run:
         self.metrics: dict | None = None
 
     def probabilities(self, paths: list[str]) -> np.ndarray:
+        """(N, classes) probabilities for image files (decoded in workers when there are many)."""
         return probabilities(infer_logits(self.model, paths, self.transform), self.binary).numpy()
+
+    def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
+        """(N, classes) probabilities for decoded RGB images already in memory (a server's uploads)."""
+        logits, _ = evaluate_logits(self.model, [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))])
+        return probabilities(logits, self.binary).numpy()
 
     def predict(self, inputs: list[str], top_k: int = 5) -> tuple[list[dict], list[Skipped]]:
         """Labels and probabilities for images or folders of images; unreadable files are skipped with a reason."""
