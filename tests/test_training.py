@@ -187,3 +187,30 @@ def test_interrupt_keeps_the_best_model_so_far(dataset, tmp_path, fast, monkeypa
     assert len(calls) == 2
     results, _ = saved.predict([str(dataset)])
     assert len(results) == 36
+
+
+def test_gradient_accumulation_equals_the_larger_batch(dataset, tmp_path, fast):
+    # 24 training images: 3 batches of 8, or 6 of 4 accumulated in pairs -> the same optimizer steps.
+    options = {**fast, "epochs_finetune": 0, "epochs_frozen": 3, "head_dropout": 0.0, "val_split": 1 / 3}
+    big = api.train(dataset, tmp_path / "big", batch_size=8, **{k: v for k, v in options.items() if k != "batch_size"})
+    small = api.train(dataset, tmp_path / "small", batch_size=4, accumulate=2,
+                      **{k: v for k, v in options.items() if k != "batch_size"})
+    a, b = load_file(str(big.path / "model.safetensors")), load_file(str(small.path / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("head")) < 1e-5
+
+
+def test_bf16_on_cpu_trains_and_fp16_on_cpu_is_refused(dataset, tmp_path, fast):
+    from transferkit.errors import UserError
+
+    run = api.train(dataset, tmp_path / "bf16", precision="bf16", **fast)
+    assert run.metrics["n"] > 0
+    with pytest.raises(UserError, match="fp16"):
+        api.train(dataset, tmp_path / "fp16", precision="fp16", **fast)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cuda_requested_without_a_gpu_is_a_user_error(dataset, tmp_path, fast):
+    from transferkit.errors import UserError
+
+    with pytest.raises(UserError, match="CUDA"):
+        api.train(dataset, tmp_path / "cuda", device="cuda", **fast)

@@ -19,6 +19,7 @@ from transferkit.models.classifier import new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.run import HistoryWriter, Run, build_meta, save_weights, write_json
+from transferkit.training.compute import Compute, resolve_device
 from transferkit.training.loop import BestKeeper
 from transferkit.training.two_stage import fine_tune
 
@@ -66,21 +67,22 @@ def train(
     for skipped in index.skipped:
         reporter.warn(f"skipped {skipped.path}: {skipped.reason}")
     spec = get_backbone(cfg.backbone)
-    out = Path(out)
-    prepare_out(out, overwrite)
+    compute = Compute(resolve_device(cfg.device), cfg.precision, cfg.accumulate)
     seed_everything(cfg.seed)
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
+    out = Path(out)
+    prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
     pre = dataclasses.replace(pre, image_size=cfg.image_size or pre.image_size, crop_pct=cfg.crop_pct or pre.crop_pct)
     model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), cfg.binary_logit)
     binary = model.head[-1].out_features == 1
+    model.to(compute.device)
 
     write_config(cfg, out / "config.yaml")
     write_json(out / "split.json", index.split_json())
     counts = {split: sum(c.values()) for split, c in index.counts().items()}
-    reporter.log(
-        f"{len(index.classes)} classes, {counts} images; backbone {spec.name} ({weights_source}); {pre.image_size}px"
-    )
+    reporter.log(f"{len(index.classes)} classes, {counts} images; backbone {spec.name} ({weights_source}); "
+                 f"{pre.image_size}px; {compute.device.type}, {compute.precision}")
 
     def as_targets(split: str) -> tuple[list[str], list[int]]:
         samples = index.split(split)
@@ -90,14 +92,14 @@ def train(
     history = HistoryWriter(out / "history.csv")
     interrupted = False
     try:
-        fine_tune(model, as_targets("train"), as_targets("val"), pre, cfg, keeper, reporter, history)
+        fine_tune(model, as_targets("train"), as_targets("val"), pre, cfg, keeper, reporter, history, compute)
     except KeyboardInterrupt:
         interrupted = True
         keeper.restore(model)
         reporter.warn("interrupted: saving the best model so far")
     if keeper.best_epoch:
         reporter.log(f"best {cfg.monitor} {keeper.best:.4f} at {keeper.best_epoch[0]} epoch {keeper.best_epoch[1]}")
-    save_weights(model, out / "model.safetensors")
+    save_weights(model.cpu(), out / "model.safetensors")
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)

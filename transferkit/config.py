@@ -17,6 +17,7 @@ from transferkit.errors import UserError
 from transferkit.features import ENGINES
 from transferkit.models.classifier import HeadSpec
 from transferkit.models.registry import DEFAULT_BACKBONE
+from transferkit.training.compute import DEVICES, PRECISIONS
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
@@ -65,6 +66,9 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     lr_decay: float = 0.0  # Keras' `decay` (inverse-time, per step) for schedule=inverse_time
+    device: str = "auto"  # auto: CUDA when available, else CPU
+    precision: str = "auto"  # auto: fp16 AMP on CUDA, fp32 on CPU; or fp32 / bf16 / fp16
+    accumulate: int = 1  # gradient accumulation: optimizer step every N batches
     monitor: str = "val_loss"
     patience: int = 5  # early stopping; 0 disables
     seed: int = 0
@@ -97,6 +101,9 @@ class TrainConfig:
             (self.lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),
             (0 <= self.head_dropout < 1, "head_dropout must be in [0, 1)"),
             (self.feature_views >= 1, "feature_views must be at least 1"),
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.accumulate >= 1, "accumulate must be at least 1"),
             (self.feature_engine in ENGINES, f"feature_engine must be one of {', '.join(ENGINES)}"),
             (self.workers >= 0, "workers must be 0 or more"),
             (self.image_size is None or self.image_size >= 16, "image_size must be at least 16 pixels"),

@@ -37,9 +37,11 @@ class _Embed(nn.Module):
 
 
 def _eager(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    device = next(model.parameters()).device
+
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
-        return model.embed(images.contiguous(memory_format=torch.channels_last)).float()
+        return model.embed(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
 
     return run
 

@@ -21,6 +21,7 @@ from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
+from transferkit.training.compute import resolve_device
 from transferkit.training.loop import EpochLog, evaluate_logits, probabilities
 
 FORMAT_VERSION = 1
@@ -108,7 +109,7 @@ def read_history(path: Path) -> list[dict]:
 class Run:
     """A trained classifier loaded from its run folder alone (no pretrained weights, no training data needed)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file() or not (self.path / "model.safetensors").is_file():
@@ -129,7 +130,7 @@ class Run:
             HeadSpec(tuple(head["hidden"]), head["dropout"], head["batchnorm"]),
         )
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
-        self.model.eval().to(memory_format=torch.channels_last)
+        self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
         self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
         self.metrics: dict | None = None
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from transferkit.progress import Reporter
+from transferkit.training.compute import Compute
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -94,6 +95,7 @@ class Stage:
     n_train: int
     validate: Callable[[], tuple[float, float]]
     epochs: int
+    steps: int  # batches per epoch, so an epoch's last partial accumulation still steps
 
 
 @dataclass
@@ -106,6 +108,7 @@ class FitContext:
     model: nn.Module  # the whole classifier, whose best state the keeper holds
     reporter: Reporter
     on_epoch: Callable[[EpochLog], None]
+    compute: Compute
 
 
 def fit(stage: Stage, ctx: FitContext) -> None:
@@ -115,15 +118,19 @@ def fit(stage: Stage, ctx: FitContext) -> None:
         start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
         stage.set_train_mode()
         with ctx.reporter.bar(f"{stage.name} {epoch}/{stage.epochs}", stage.n_train) as advance:
-            for inputs, targets in stage.batches():
-                # 1. forward and loss
-                logits = stage.module(inputs)
-                loss = ctx.criterion(logits, targets)
-                # 2. backward and step (the schedule advances per step, warmup included)
-                stage.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                stage.optimizer.step()
-                stage.scheduler.step()
+            for step, (inputs, targets) in enumerate(stage.batches(), start=1):
+                inputs, targets = ctx.compute.to_device(inputs), ctx.compute.to_device(targets)
+                # 1. forward and loss (autocast under mixed precision)
+                with ctx.compute.autocast():
+                    logits = stage.module(inputs)
+                    loss = ctx.criterion(logits.float(), targets)
+                # 2. backward; step every `accumulate` batches (the schedule advances per optimizer step)
+                ctx.compute.scaler.scale(loss / ctx.compute.accumulate).backward()
+                if step % ctx.compute.accumulate == 0 or step == stage.steps:
+                    ctx.compute.scaler.step(stage.optimizer)
+                    ctx.compute.scaler.update()
+                    stage.optimizer.zero_grad(set_to_none=True)
+                    stage.scheduler.step()
                 # 3. running statistics for the epoch line
                 n = targets.shape[0]
                 loss_sum += loss.item() * n
@@ -151,16 +158,16 @@ def predicted_class(logits: torch.Tensor, binary: bool) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate_logits(
-    module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and targets of an evaluation pass, with the module in inference mode."""
+def evaluate_logits(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (fp32, on the CPU) and targets of an evaluation pass, with the module in inference mode."""
     module.eval()
+    device = device or next(module.parameters()).device
     logits, targets = [], []
     for inputs, target in batches:
         if inputs.dim() == 4:  # images: channels_last is ~2x faster for these convolutions on CPU
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        logits.append(module(inputs).float())
+        logits.append(module(inputs.to(device, non_blocking=True)).float().cpu())
         targets.append(target)
     return torch.cat(logits), torch.cat(targets)
 

@@ -16,6 +16,7 @@ from transferkit.data.transforms import Preprocess, eval_transform, train_transf
 from transferkit.features import FeatureExtractor, View
 from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
 from transferkit.progress import Reporter
+from transferkit.training.compute import Compute
 from transferkit.training.loop import (
     BestKeeper,
     EpochLog,
@@ -65,9 +66,9 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
 
     optimizer = build_optimizer(config.optimizer, [{"params": model.head.parameters(), "lr": config.lr}], config)
     steps = -(-len(train_paths) // config.batch_size)
-    scheduler = build_scheduler(optimizer, config, steps, config.epochs_frozen)
+    scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
     return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, len(train_paths), validate,
-                 config.epochs_frozen)
+                 config.epochs_frozen, steps)
 
 
 def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms: tuple[Callable, Callable],
@@ -89,16 +90,16 @@ def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms
     def validate() -> tuple[float, float]:
         return loss_and_accuracy(*evaluate_logits(model, val_loader), ctx.criterion, ctx.binary)
 
-    scheduler = build_scheduler(optimizer, config, len(train_loader), config.epochs_finetune)
+    scheduler = build_scheduler(optimizer, config, -(-len(train_loader) // config.accumulate), config.epochs_finetune)
     return Stage("finetune", model, lambda: set_train_mode(model, config.finetune_bn), optimizer, scheduler,
-                 batches, len(train[0]), validate, config.epochs_finetune)
+                 batches, len(train[0]), validate, config.epochs_finetune, len(train_loader))
 
 
 def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
-              keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None]) -> None:
+              keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute) -> None:
     """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen."""
     binary = model.head[-1].out_features == 1
-    ctx = FitContext(loss_fn(binary, config.label_smoothing), binary, keeper, model, reporter, on_epoch)
+    ctx = FitContext(loss_fn(binary, config.label_smoothing), binary, keeper, model, reporter, on_epoch, compute)
     augment = config.augmentation()
     transforms = (eval_transform(pre, augment.samplewise_center), train_transform(pre, augment))
     generator = torch.Generator().manual_seed(config.seed)
