@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -52,14 +53,19 @@ FINETUNE_VARIANTS = {
 
 
 def peak_rss_mb() -> dict[str, float]:
-    """Peak resident memory so far (Linux reports KiB): this process, and the largest reaped child (loader
-    workers, which decode the images in their own processes)."""
-    return {who: resource.getrusage(kind).ru_maxrss / 1024
-            for who, kind in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
+    """Peak resident MB so far: this process (VmHWM, as ru_maxrss in a process started from here reports our peak:
+    Linux carries it across exec) and the largest reaped child (loader workers; counts pages shared with us)."""
+    hwm_kib = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)
+    return {"self": int(hwm_kib) / 1024, "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def random_colour(rng: np.random.Generator) -> tuple[int, ...]:
-    return tuple(rng.integers(0, 256, 3).tolist())
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU-seconds the whole machine was busy, CPU-seconds of this process and its reaped children): the
+    difference over the run is what other processes took."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    own = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return busy, own.user + own.system + own.children_user + own.children_system
 
 
 def make_image(rng: np.random.Generator, label: int, size: int) -> Image.Image:
@@ -69,12 +75,13 @@ def make_image(rng: np.random.Generator, label: int, size: int) -> Image.Image:
     pixels = low + (high - low) * np.linspace(0, 1, size)[None, :, None] + rng.normal(0, 12, (size, size, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        draw.line(tuple(rng.integers(0, size, 4).tolist()), fill=random_colour(rng), width=max(1, size // 64))
+    colours = [tuple(c) for c in rng.integers(0, 256, (4, 3)).tolist()]  # three clutter lines, then the shape
+    for colour in colours[:3]:
+        draw.line(tuple(rng.integers(0, size, 4).tolist()), fill=colour, width=max(1, size // 64))
     extent = rng.uniform(0.3, 0.6) * size
     x, y = rng.uniform(0, size - extent, 2)
     shape = draw.ellipse if label == 0 else draw.rectangle
-    shape((x, y, x + extent * rng.uniform(0.7, 1.0), y + extent), fill=random_colour(rng))
+    shape((x, y, x + extent * rng.uniform(0.7, 1.0), y + extent), fill=colours[3])
     return image
 
 
@@ -82,12 +89,10 @@ def write_images(folder: Path, count: int, size: int, suffix: str) -> tuple[list
     """`count` images, classes alternating, named so that sorting the folder gives back this order."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    paths, labels = [], []
-    for i in range(count):
-        path = folder / f"{i:06d}_{i % 2}{suffix}"
-        make_image(rng, i % 2, size).save(path)
-        paths.append(str(path))
-        labels.append(i % 2)
+    labels = [i % 2 for i in range(count)]
+    paths = [str(folder / f"{i:06d}_{label}{suffix}") for i, label in enumerate(labels)]
+    for path, label in zip(paths, labels, strict=True):
+        make_image(rng, label, size).save(path)
     return paths, labels
 
 
@@ -100,22 +105,25 @@ def build_model() -> tuple[torch.nn.Module, Callable]:
 
 
 def interleaved(jobs: dict[str, Callable[[], object]], repeats: int, warmup: int = 0):
-    """Run the jobs round-robin so that background load hits every variant alike; returns the seconds of each run
-    after the warm-up rounds, and each job's last result."""
+    """Run the jobs round-robin so that background load hits every variant alike; returns the seconds and the
+    result of each run after the warm-up rounds."""
     times: dict[str, list[float]] = {name: [] for name in jobs}
-    last: dict[str, object] = {}
+    results: dict[str, list] = {name: [] for name in jobs}
     for round_ in range(warmup + repeats):
         for name, job in jobs.items():
             start = time.perf_counter()
-            last[name] = job()
+            result = job()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return times, last
+                results[name].append(result)
+    return times, results
 
 
-def row(section: str, variant: str, seconds: float, images: int | None, baseline: float, note: str = "") -> dict:
-    return {"section": section, "variant": variant, "seconds": seconds,
-            "img_per_s": images / seconds if images else None, "speedup": baseline / seconds, "note": note}
+def row(section: str, variant: str, runs: list[float], images: int | None, baseline: list[float], note: str = ""):
+    """A table row from the seconds of each run; the spread goes into the JSON and the table with the median."""
+    seconds = median(runs)
+    return {"section": section, "variant": variant, "seconds": seconds, "runs": runs, "note": note,
+            "img_per_s": images / seconds if images else None, "speedup": median(baseline) / seconds}
 
 
 def plain_loader(paths: list[str], labels: list[int] | None, transform: Callable, shuffle: bool = False):
@@ -148,12 +156,13 @@ def bench_extraction(model, paths: list[str], transform: Callable, repeats: int)
     loader = plain_loader(paths, None, transform)
     jobs = {"plain": lambda: plain_features(model, loader)[0], "tk": lambda: tk_features(model, paths, transform)}
     times, out = interleaved(jobs, repeats)
-    base, diff = median(times["plain"]), float((out["plain"] - out["tk"]).abs().max())
+    plain, tk = out["plain"][-1], out["tk"][-1]
+    base, diff = times["plain"], float((plain - tk).abs().max())
     section = f"1. extraction, {len(paths)} files (median of {repeats})"
     return [row(section, "plain: eager fp32 NCHW, 0 workers, batch 32, no_grad", base, len(paths), base,
-                f"features max abs {float(out['plain'].abs().max()):.1f}"),
+                f"features max abs {float(plain.abs().max()):.1f}"),
             row(section, "transferkit: FeatureExtractor, ONNX Runtime, 2 workers, batch 32, no cache",
-                median(times["tk"]), len(paths), base, f"max abs feature diff vs plain {diff:.1e}; incl. ONNX export")]
+                times["tk"], len(paths), base, f"max abs feature diff vs plain {diff:.1e}; incl. ONNX export")]
 
 
 def new_head(model) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -182,16 +191,6 @@ def accuracy(head, features: torch.Tensor, targets: torch.Tensor) -> float:
         return float((predicted_class(head(features), binary=True) == targets).float().mean())
 
 
-def split(paths: list[str], labels: list[int]):
-    """((paths, labels) to train, (paths, labels) held out): every 4th image, so with alternating classes both
-    parts are balanced."""
-    parts: tuple = (([], []), ([], []))
-    for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
-        parts[i % 4 == 3][0].append(path)
-        parts[i % 4 == 3][1].append(label)
-    return parts
-
-
 def tutorial_stage1(model, train, val, transform: Callable) -> tuple[float, float]:
     """Recompute every epoch: each epoch pushes every train and val image through the frozen base. One epoch is
     timed; the other 19 would push the same pixels through the same frozen net (no augmentation here) and get the
@@ -217,11 +216,14 @@ def transferkit_stage1(model, train, val, transform: Callable) -> tuple[float, f
     return seconds, accuracy(head, features[n:], torch.tensor(val[1]))
 
 
-def bench_stage1(model, paths: list[str], labels: list[int], transform: Callable) -> list[dict]:
-    train, val = split(paths, labels)
-    (plain_s, plain_acc), (tk_s, tk_acc) = (run(model, train, val, transform)
-                                            for run in (tutorial_stage1, transferkit_stage1))
-    section = f"2. stage 1 total, {HEAD_EPOCHS} head epochs, {len(train[0])} train + {len(val[0])} val"
+def bench_stage1(model, paths: list[str], labels: list[int], transform: Callable, repeats: int) -> list[dict]:
+    cut = len(paths) * 3 // 4  # the last quarter is held out, balanced because the classes alternate
+    train, val = (paths[:cut], labels[:cut]), (paths[cut:], labels[cut:])
+    jobs = {name: partial(job, model, train, val, transform)
+            for name, job in (("plain", tutorial_stage1), ("tk", transferkit_stage1))}
+    _, out = interleaved(jobs, repeats)  # each job times itself: the plain one leaves out its 19 cheap epochs
+    (plain_s, plain_acc), (tk_s, tk_acc) = (([s for s, _ in out[n]], out[n][-1][1]) for n in ("plain", "tk"))
+    section = f"2. stage 1, {HEAD_EPOCHS} head epochs, {len(train[0])} train + {len(val[0])} val (median of {repeats})"
     return [row(section, "plain: recompute the frozen forward every epoch (extrapolated: 20 x 1 measured epoch, "
                 "cost per epoch is constant)", plain_s, None, plain_s, f"val acc {plain_acc:.3f}"),
             row(section, "transferkit: extract once + 20 epochs on the feature tensor (AdamW, linear head)",
@@ -247,36 +249,31 @@ def finetune_job(variant: str, images: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def bench_finetune(images: torch.Tensor, targets: torch.Tensor, steps: int) -> list[dict]:
-    jobs, trainable = {}, {}
-    for variant in FINETUNE_VARIANTS:
-        jobs[variant], trainable[variant] = finetune_job(variant, images, targets)
-    times, _ = interleaved(jobs, steps, warmup=1)
-    base = median(times["plain"])
+    built = {variant: finetune_job(variant, images, targets) for variant in FINETUNE_VARIANTS}
+    times, _ = interleaved({variant: step for variant, (step, _) in built.items()}, steps, warmup=1)
     section = f"3. fine-tune step, batch {len(images)} (median of {steps} after 1 warm-up)"
-    return [row(section, f"{variant}: {text}", median(times[variant]), len(images), base,
-                f"{trainable[variant] / 1e6:.2f}M trainable params") for variant, text in FINETUNE_VARIANTS.items()]
-
-
-def no_grad_call(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return module(inputs)
+    return [row(section, f"{variant}: {text}", times[variant], len(images), times["plain"],
+                f"{built[variant][1] / 1e6:.2f}M trainable params") for variant, text in FINETUNE_VARIANTS.items()]
 
 
 def bench_inference(model, images: torch.Tensor, repeats: int) -> list[dict]:
     """Whole-classifier logits for one batch; the ONNX engine runs the backbone and the tiny linear head stays eager."""
     model.eval()
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    start = time.perf_counter()
     engine, name = feature_engine(model, images, "onnx", QUIET)
-    jobs = {"plain": partial(no_grad_call, model, images),
-            "channels_last": partial(no_grad_call, fast, images.contiguous(memory_format=torch.channels_last)),
-            "onnx": lambda: no_grad_call(model.head, engine(images))}
-    times, out = interleaved(jobs, repeats, warmup=1)
-    base, diff = median(times["plain"]), float((out["plain"] - out["onnx"]).abs().max())
+    setup = time.perf_counter() - start
+    jobs = {"plain": partial(model, images),
+            "channels_last": partial(fast, images.contiguous(memory_format=torch.channels_last)),
+            "onnx": lambda: model.head(engine(images))}
+    with torch.no_grad():
+        times, out = interleaved(jobs, repeats, warmup=1)
+    base, diff = times["plain"], float((out["plain"][-1] - out["onnx"][-1]).abs().max())
     section = f"4. inference, batch {len(images)} tensors (median of {repeats})"
     return [row(section, "plain: eager fp32 NCHW, no_grad", base, len(images), base),
-            row(section, "eager channels_last, no_grad", median(times["channels_last"]), len(images), base),
-            row(section, f"transferkit feature engine ({name})", median(times["onnx"]), len(images), base,
-                f"max abs logit diff vs plain {diff:.1e}")]
+            row(section, "eager channels_last, no_grad", times["channels_last"], len(images), base),
+            row(section, f"transferkit feature engine ({name})", times["onnx"], len(images), base,
+                f"max abs logit diff vs plain {diff:.1e}; engine setup (export, parity check) {setup:.1f}s")]
 
 
 def scale_worker(folder: str, count: int) -> None:
@@ -310,29 +307,31 @@ def machine_info() -> dict:
             "onnxruntime": onnxruntime.__version__, "timm": timm.__version__, "load_average_before": os.getloadavg()}
 
 
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(cell) for cell in cells) + " |" for cells in rows]
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     load = " -> ".join("/".join(f"{x:.1f}" for x in m[k]) for k in ("load_average_before", "load_average_after"))
     lines = [f"Machine: nproc {m['nproc']}, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"onnxruntime {m['onnxruntime']}, timm {m['timm']}; {BACKBONE} at 224 px; load average before -> after "
-             f"{load} (1/5/15 min; another process may share the CPU). Wall time {results['wall_seconds']:.0f}s.", "",
-             "| Measurement | Variant | Seconds | img/s | Speed-up vs plain | Notes |", "|---|---|---:|---:|---:|---|"]
-    for r in results["rows"]:
-        rate = f"{r['img_per_s']:.1f}" if r["img_per_s"] else "-"
-        lines.append(f"| {r['section']} | {r['variant']} | {r['seconds']:.2f} | {rate} | {r['speedup']:.2f}x "
-                     f"| {r['note']} |")
-    lines += ["", "| Peak RSS after phase (MB, never decreases) | This process | Largest child (loader worker) |",
-              "|---|---:|---:|"]
-    lines += [f"| {phase} | {v['self']:.0f} | {v['children']:.0f} |" for phase, v in results["peak_rss_mb"].items()]
-    scaling = results.get("scaling")
-    if scaling:
-        lines += ["", f"Scaling of transferkit extraction (ONNX Runtime, 2 workers, no cache) on 64x64 PNG files, "
-                  f"resized to 256 and centre-cropped to 224 by the pipeline; one process per count, the time includes "
-                  f"the ONNX export (generating the files took {scaling['generate_seconds']:.0f}s):", "",
-                  "| Images | Seconds | img/s | Peak RSS, process (MB) | Peak RSS, largest worker (MB) |",
-                  "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['images']} | {r['seconds']:.1f} | {r['img_per_s']:.1f} | {r['peak_rss_mb']['self']:.0f} "
-                  f"| {r['peak_rss_mb']['children']:.0f} |" for r in scaling["runs"]]
+             f"onnxruntime {m['onnxruntime']}, timm {m['timm']}; {BACKBONE} at 224 px. Shared machine: other processes "
+             f"kept {m['other_processes_cores']:.1f} of {m['nproc']} cores busy on average during the run (load "
+             f"average before -> after {load}). Wall time {results['wall_seconds']:.0f}s."]
+    lines += table(["Measurement", "Variant", "Seconds: median (min-max)", "img/s", "Speed-up vs plain", "Notes"], [
+        [r["section"], r["variant"], f"{r['seconds']:.2f} ({min(r['runs']):.1f}-{max(r['runs']):.1f})",
+         f"{r['img_per_s']:.1f}" if r["img_per_s"] else "-", f"{r['speedup']:.2f}x", r["note"]] for r in results["rows"]
+    ])
+    lines += table(["Peak RSS after phase (MB, never decreases)", "This process", "Largest child (loader worker)"],
+                   [[phase, f"{v['self']:.0f}", f"{v['children']:.0f}"] for phase, v in results["peak_rss_mb"].items()])
+    if scaling := results.get("scaling"):
+        lines += ["", "Scaling of transferkit extraction (ONNX Runtime, 2 workers, no cache) on 64x64 PNG files, "
+                  "resized to 256 and centre-cropped to 224 by the pipeline; one process per count, time includes the "
+                  f"ONNX export (generating the files took {scaling['generate_seconds']:.0f}s):"]
+        lines += table(["Images", "Seconds", "img/s", "Peak RSS, process (MB)", "Peak RSS, largest worker (MB)"], [
+            [r["images"], f"{r['seconds']:.1f}", f"{r['img_per_s']:.1f}", f"{r['peak_rss_mb']['self']:.0f}",
+             f"{r['peak_rss_mb']['children']:.0f}"] for r in scaling["runs"]])
     return "\n".join(lines)
 
 
@@ -342,9 +341,12 @@ def run_all(args: argparse.Namespace, folder: Path) -> dict:
     model, transform = build_model()
     freeze_backbone(model)
     images, targets = next(iter(plain_loader(paths[:BATCH], labels[:BATCH], transform)))
+    # First calls pay one-off costs (lazy imports such as torch.onnx, oneDNN kernel set-up) that later runs do not.
+    plain_features(model, plain_loader(paths[:BATCH], None, transform))
+    tk_features(model, paths[:BATCH], transform)
     phases = {
         "1. extraction": lambda: bench_extraction(model, paths, transform, args.repeats),
-        "2. stage 1": lambda: bench_stage1(model, paths, labels, transform),
+        "2. stage 1": lambda: bench_stage1(model, paths, labels, transform, args.repeats),
         "3. fine-tune step": lambda: bench_finetune(images, targets, args.steps),
         "4. inference": lambda: bench_inference(model, images, args.steps * 2),
     }
@@ -360,7 +362,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512, help="generated 256x256 JPEGs for rows 1-2")
     parser.add_argument("--scales", default="1000,10000", help="image counts for the scaling table ('' to skip)")
-    parser.add_argument("--repeats", type=int, default=3, help="extraction repeats (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of rows 1-2 (median)")
     parser.add_argument("--steps", type=int, default=5, help="timed fine-tune steps (inference: twice as many)")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/speed.json, speed-quick.json)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script")
@@ -368,7 +370,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.scales, args.repeats, args.steps = 64, "64,128", 1, 2
+        args.images, args.scales, args.repeats, args.steps = 32, "32,64", 1, 1
     args.scales = [int(s) for s in args.scales.split(",") if s.strip()]
     args.out = args.out or Path("bench/results/speed-quick.json" if args.quick else "bench/results/speed.json")
     return args
@@ -378,11 +380,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.scale_worker:
         return scale_worker(args.folder, args.scale_worker)
-    start = time.perf_counter()
+    start, (busy, own) = time.perf_counter(), cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="transferkit-bench-") as folder:
         results = run_all(args, Path(folder))
-    results["wall_seconds"] = time.perf_counter() - start
-    results["machine"]["load_average_after"] = os.getloadavg()
+    wall, (busy_end, own_end) = time.perf_counter() - start, cpu_seconds()
+    others = max(0.0, (busy_end - busy) - (own_end - own)) / wall
+    results["machine"].update(load_average_after=os.getloadavg(), other_processes_cores=others)
+    results["wall_seconds"] = wall
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results["args"] = {**vars(args), "out": str(args.out)}
     args.out.write_text(json.dumps(results, indent=2) + "\n")

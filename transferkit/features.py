@@ -52,9 +52,10 @@ def _onnx(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], t
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(folder) / "embed.onnx"
+        # One image is enough to trace (the batch axis is dynamic); a full batch costs ~2.5 GB more to export.
         torch.onnx.export(
             _Embed(model).eval(),
-            (example,),
+            (example[:1].to(next(model.parameters()).device),),
             str(path),
             input_names=["images"],
             output_names=["features"],

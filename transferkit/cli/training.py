@@ -135,11 +135,15 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     images: Annotated[list[str], typer.Argument(help="Images or folders of images.")],
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to list per image.")] = 3,
+    engine: Annotated[str, typer.Option(help="auto (RUN/model.onnx when exported, else torch), onnx, torch.")] = "auto",
     json_out: JSON = False,
 ) -> None:
     """Labels and probabilities for images, from the run folder alone."""
-    from transferkit.run import Run
+    from transferkit.export import load_predictor
+    from transferkit.run import collect_images, top_predictions
 
-    results, skipped = Run(run).predict(images, top_k)
+    predictor = load_predictor(run, engine)
+    paths, skipped = collect_images(images)
+    results = top_predictions(paths, predictor.probabilities(paths), predictor.classes, top_k)
     report_skipped(skipped)
     print_json(results) if json_out else print_predictions(results)

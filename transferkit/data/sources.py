@@ -65,6 +65,7 @@ class DatasetIndex:
     def split_json(self) -> dict:
         """The split as plain JSON data, saved next to a run so it can be audited or reproduced."""
         out: dict = {sp: [s.path for s in self.split(sp)] for sp in SPLITS}
+        out["labels"] = {sp: [s.label for s in self.split(sp)] for sp in SPLITS}
         out.update(seed=self.seed, layout=self.layout)
         return out
 

@@ -1,0 +1,301 @@
+"""Load test for `transferkit serve`: throughput and latency on loopback, bounded, stops by itself.
+
+Starts the real CLI server in a subprocess on a free 127.0.0.1 port, then measures (1) single-image latency with one
+client sending one request at a time, and (2) throughput with N concurrent clients sending one image per request,
+for a fixed number of requests or a time cap, whichever comes first; once per engine (PyTorch, and ONNX Runtime on
+the run's `transferkit export`), so the engines are compared in one run. Errors are counted, never retried. Without
+--run it trains a small Lite0 run first (offline weights, generated images: circles vs squares).
+
+    .venv/bin/python bench/load.py     # Lite0 run in runs/bench-load; torch, then ONNX; 32 clients, 2000 requests
+    .venv/bin/python bench/load.py --run runs/demo --engines onnx --clients 64 --requests 5000
+
+The load generator shares the machine with the server (on 2 cores it takes a noticeable share): read the figures
+as what one small box does end to end, not as the server's ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def make_images(folder: Path, per_class: int = 20, size: int = 256, seed: int = 0) -> list[Path]:
+    """Two learnable classes of JPEGs (a bright circle or a bright square on noise), like photos on the wire."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for shape in ("circle", "square"):
+        (folder / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.fromarray((rng.random((size, size, 3)) * 120).astype(np.uint8))
+            x, y = (int(v) for v in rng.integers(size // 4, 3 * size // 4, 2))
+            r = int(rng.integers(30, 60))
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((x - r, y - r, x + r, y + r), fill=(240, 230, 90))
+            path = folder / shape / f"{i:03d}.jpg"
+            image.save(path, quality=90)
+            paths.append(path)
+    return paths
+
+
+def ensure_run(run: Path | None) -> tuple[Path, list[Path]]:
+    """The run to serve and images to send: a given run with the generated images, or a fresh small Lite0 run."""
+    out = run or Path("runs/bench-load")
+    images = make_images(out.parent / f"{out.name}-images")
+    if not (out / "meta.json").is_file():
+        from transferkit import api
+
+        print(f"training a Lite0 run in {out} (3 head epochs on {len(images)} images)...", flush=True)
+        api.train(out.parent / f"{out.name}-images", out, epochs_frozen=3, epochs_finetune=0, quiet=True)
+    return out, images
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return json.load(response)
+
+
+def start_server(run: Path, engine: str, port: int, extra: list[str]) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "transferkit", "serve", str(run), "--port", str(port), "--engine", engine,
+            "--no-access-log", *extra]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with {server.returncode}:\n{server.stdout.read()}")
+        try:
+            get_json(port, "/health")
+            return server
+        except OSError:
+            time.sleep(0.3)
+    server.kill()
+    raise SystemExit("the server did not start within 180 s")
+
+
+def request_bytes(port: int, name: str, data: bytes) -> bytes:
+    """One complete HTTP/1.1 multipart upload, encoded once: the client's per-request work is then a socket write
+    and a read (a full HTTP client library costs more CPU per request than the server does, on the same 2 cores)."""
+    boundary = "transferkit-load-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+class Connection:
+    """A keep-alive connection that sends prepared requests and checks each answer (200, one prediction)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def send(self, request: bytes) -> tuple[float, bool]:
+        """(seconds, ok); a refused, broken or wrong answer is an error and the connection is reopened."""
+        start = time.perf_counter()
+        try:
+            if self.streams is None:
+                self.streams = await asyncio.open_connection("127.0.0.1", self.port)
+            reader, writer = self.streams
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            body = await reader.readexactly(length)
+            ok = head.startswith(b"HTTP/1.1 200") and len(json.loads(body)["predictions"]) == 1
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, AttributeError, ValueError, KeyError):
+            self.close()
+            ok = False
+        return time.perf_counter() - start, ok
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+async def single(port: int, requests: list[bytes], count: int) -> list[float]:
+    """One client, one request at a time: the latency a lone user sees (failed requests left out)."""
+    connection = Connection(port)
+    results = [await connection.send(requests[i % len(requests)]) for i in range(count)]
+    connection.close()
+    return [seconds for seconds, ok in results if ok]
+
+
+async def load(port: int, requests: list[bytes], clients: int, count: int, max_s: float) -> dict:
+    """`clients` concurrent connections, each sending one image per request, until `count` are sent or time is up."""
+    latencies: list[float] = []
+    errors = sent = 0
+    stop_at = time.perf_counter() + max_s
+
+    async def client_loop() -> None:
+        nonlocal errors, sent
+        connection = Connection(port)
+        while sent < count and time.perf_counter() < stop_at:
+            sent += 1
+            seconds, ok = await connection.send(requests[sent % len(requests)])
+            if ok:
+                latencies.append(seconds)
+            else:
+                errors += 1
+        connection.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    return {"requests": sent, "ok": len(latencies), "errors": errors, "seconds": wall, "latencies": latencies}
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1000
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} if len(ms) else {}
+
+
+def ensure_export(run: Path) -> None:
+    """The ONNX engine serves RUN/model.onnx; make it (checked against PyTorch by `transferkit export`) if missing."""
+    if not (run / "model.onnx").is_file():
+        from transferkit.export import export_run
+
+        print(f"exporting {run} to ONNX...", flush=True)
+        export_run(run)
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of a process so far: unlike wall time, barely moved by other load."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def model_speed(run: Path, engine: str, images: list[Path], repeats: int = 5) -> dict:
+    """The engine alone, in this process, on decoded images: the ceiling the server's figures are to be read against.
+    Medians of `repeats`; it runs after the server has stopped, so the two never overlap."""
+    from transferkit.data.images import load_rgb
+    from transferkit.serve import load_serving_predictor
+
+    predictor = load_serving_predictor(run, engine)
+    decoded = [load_rgb(path) for path in images[:32]]
+
+    def timed(batch: list) -> tuple[float, float]:
+        predictor.probabilities_of_images(batch)  # warm-up
+        wall, cpu = [], []
+        for _ in range(repeats):
+            start, start_cpu = time.perf_counter(), cpu_seconds()
+            predictor.probabilities_of_images(batch)
+            wall.append(time.perf_counter() - start)
+            cpu.append(cpu_seconds() - start_cpu)
+        return float(np.median(wall)), float(np.median(cpu))
+
+    one_wall, _ = timed(decoded[:1])
+    many_wall, many_cpu = timed(decoded)
+    return {"batch_1_ms": 1000 * one_wall, "batch_32_images_per_s": len(decoded) / many_wall,
+            "batch_32_cpu_ms_per_image": 1000 * many_cpu / len(decoded)}
+
+
+def measure(run: Path, engine: str, payloads: list[tuple[str, bytes]], args: argparse.Namespace) -> dict:
+    """Both phases against one fresh server process running `engine`, with the server's CPU time for each."""
+    port = free_port()
+    requests = [request_bytes(port, name, data) for name, data in payloads]
+    server = start_server(run, engine, port, args.server_args.split())
+    try:
+        served_by = get_json(port, "/model")["engine"]
+        asyncio.run(single(port, requests, 20))  # warm-up: first calls allocate and pick kernels
+        started, cpu_0 = time.perf_counter(), cpu_seconds(server.pid)
+        lone = asyncio.run(single(port, requests, args.single))
+        lone_s, cpu_1 = time.perf_counter() - started, cpu_seconds(server.pid)
+        before = get_json(port, "/health")["batching"]
+        busy = asyncio.run(load(port, requests, args.clients, args.requests, args.max_seconds))
+        after, cpu_2 = get_json(port, "/health")["batching"], cpu_seconds(server.pid)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    batches = after["batches"] - before["batches"]
+    return {
+        "engine": engine,
+        "served_by": served_by,
+        "model_only": model_speed(run, engine, args.images),
+        "single": {"requests": args.single, "ok": len(lone), "images_per_s": len(lone) / lone_s,
+                   "server_cpu_ms_per_image": 1000 * (cpu_1 - cpu_0) / max(1, len(lone)), **percentiles(lone)},
+        "load": {
+            "clients": args.clients,
+            **{k: v for k, v in busy.items() if k != "latencies"},
+            "images_per_s": busy["ok"] / busy["seconds"],
+            "server_cpu_ms_per_image": 1000 * (cpu_2 - cpu_1) / max(1, busy["ok"]),
+            "mean_batch": (after["images"] - before["images"]) / max(1, batches),
+            "largest_batch": after["largest"],
+            **percentiles(busy["latencies"]),
+        },
+    }
+
+
+def print_table(results: list[dict], load_before: float, load_after: float) -> None:
+    cores = os.cpu_count() or 1
+    print(f"\n{cores} CPUs; 1-minute load average {load_before:.1f} before (other processes' share of the cores), "
+          f"{load_after:.1f} after (ours included)\n")
+    print("| engine | phase | requests | errors | img/s | p50 ms | p90 ms | p99 ms | mean batch | server CPU ms/img |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        name = f"{r['engine']} ({r['served_by']})"
+        for phase, row in (("1 client, sequential", r["single"]), (f"{r['load']['clients']} clients", r["load"])):
+            errors = row.get("errors", row["requests"] - row["ok"])
+            print(f"| {name} | {phase} | {row['requests']} | {errors} | {row['images_per_s']:.1f} | "
+                  f"{row['p50']:.1f} | {row['p90']:.1f} | {row['p99']:.1f} | {row.get('mean_batch', 1):.1f} | "
+                  f"{row['server_cpu_ms_per_image']:.1f} |")
+        alone = r["model_only"]
+        print(f"| {name} | model alone, in-process | | | {alone['batch_32_images_per_s']:.1f} (batch 32) | "
+              f"{alone['batch_1_ms']:.1f} (batch 1) | | | 32 | {alone['batch_32_cpu_ms_per_image']:.1f} |")
+    print(f"\nserver CPU ms/img under load -> what {cores} cores to itself would serve (CPU-bound ceiling):")
+    for r in results:
+        ms = r["load"]["server_cpu_ms_per_image"]
+        print(f"  {r['engine']}: {1000 * cores / ms:.0f} img/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="Run folder to serve (default: train a small Lite0 run).")
+    parser.add_argument("--engines", default="torch,onnx", help="Comma-separated `serve --engine` values to compare.")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=2000, help="Requests in the load phase.")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="Time cap of each load phase.")
+    parser.add_argument("--single", type=int, default=100, help="Sequential requests for single-image latency.")
+    parser.add_argument("--server-args", default="", help="Extra `serve` options, e.g. '--batch-wait-ms 5'.")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
+    args = parser.parse_args()
+
+    run, images = ensure_run(args.run)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if "onnx" in engines:
+        ensure_export(run)
+    payloads = [(p.name, p.read_bytes()) for p in images]
+    args.images = images
+    load_before = os.getloadavg()[0]
+    results = [measure(run, engine, payloads, args) for engine in engines]
+    load_after = os.getloadavg()[0]
+    print_table(results, load_before, load_after)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"run": str(run), "cpus": os.cpu_count(), "load_average_before": load_before,
+               "load_average_after": load_after, "results": results}
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+// The transferkit page: pick or drop images, each is sent to /predict on its own (so one bad file only fails its
+// own card, and the server batches the concurrent requests), then shown with its label, top classes and Grad-CAM.
+"use strict";
+
+const input = document.getElementById("files");
+const drop = document.getElementById("drop");
+const gradcam = document.getElementById("gradcam");
+const results = document.getElementById("results");
+const statusLine = document.getElementById("status");
+const modelInfo = document.getElementById("model-info");
+
+const MAX_IN_FLIGHT = 4; // enough to fill the server's batches without flooding it
+const queue = [];
+let inFlight = 0;
+let done = 0;
+let total = 0;
+let maxFileBytes = Infinity;
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text; // textContent, never innerHTML: file names are user data
+  return node;
+}
+
+function percent(p) {
+  return `${(100 * p).toFixed(1)}%`;
+}
+
+async function loadModel() {
+  try {
+    const response = await fetch("/model");
+    const info = await response.json();
+    maxFileBytes = info.limits ? info.limits.max_file_bytes : Infinity;
+    const parts = [`${info.backbone || "model"}`, `${info.classes.length} classes: ${info.classes.join(", ")}`];
+    if (info.metrics && typeof info.metrics.accuracy === "number") {
+      parts.push(`${info.metrics.split || "eval"} accuracy ${percent(info.metrics.accuracy)}`);
+    }
+    modelInfo.textContent = parts.join(" · ");
+  } catch (error) {
+    modelInfo.textContent = "Could not load the model description.";
+  }
+}
+
+function updateStatus() {
+  statusLine.textContent = total ? `Classified ${done} of ${total} image${total === 1 ? "" : "s"}.` : "";
+}
+
+function addFiles(fileList) {
+  for (const file of fileList) {
+    const card = el("li", "card pending");
+    const figure = el("figure");
+    const image = el("img", "photo");
+    image.src = URL.createObjectURL(file);
+    image.alt = file.name;
+    figure.append(image);
+    const body = el("div", "card-body");
+    body.append(el("p", "filename", file.name), el("p", "state", "Classifying…"));
+    card.append(figure, body);
+    results.prepend(card);
+    total += 1;
+    queue.push({ file, card });
+  }
+  updateStatus();
+  pump();
+}
+
+function pump() {
+  while (inFlight < MAX_IN_FLIGHT && queue.length) {
+    const job = queue.shift();
+    inFlight += 1;
+    classify(job.file, job.card).finally(() => {
+      inFlight -= 1;
+      done += 1;
+      updateStatus();
+      pump();
+    });
+  }
+}
+
+async function classify(file, card) {
+  if (file.size > maxFileBytes) {
+    showError(card, `${file.name}: larger than the server's limit of ${(maxFileBytes / 2 ** 20).toFixed(0)} MB`);
+    return;
+  }
+  const form = new FormData();
+  form.append("files", file, file.name);
+  try {
+    const response = await fetch(`/predict?top_k=3&gradcam=${gradcam.checked}`, { method: "POST", body: form });
+    const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+    if (!response.ok) {
+      showError(card, data.error || `HTTP ${response.status}`);
+      return;
+    }
+    showPrediction(card, data.predictions[0]);
+  } catch (error) {
+    showError(card, `network error: ${error.message}`);
+  }
+}
+
+function showError(card, message) {
+  card.classList.remove("pending");
+  card.classList.add("failed");
+  card.querySelector(".state").replaceWith(el("p", "error", message));
+}
+
+function showPrediction(card, prediction) {
+  card.classList.remove("pending");
+  const headline = el("p", "prediction");
+  headline.append(el("span", "label", prediction.label), " ", el("span", "probability", percent(prediction.probability)));
+  const bars = el("ul", "bars");
+  bars.setAttribute("aria-label", "Top classes");
+  for (const entry of prediction.top) {
+    const row = el("li", "bar-row");
+    const track = el("span", "bar");
+    track.setAttribute("role", "meter");
+    track.setAttribute("aria-valuemin", "0");
+    track.setAttribute("aria-valuemax", "100");
+    track.setAttribute("aria-valuenow", (100 * entry.probability).toFixed(1));
+    track.setAttribute("aria-label", entry.label);
+    const fill = el("span", "fill");
+    fill.style.width = percent(entry.probability);
+    track.append(fill);
+    row.append(el("span", "bar-label", entry.label), track, el("span", "bar-value", percent(entry.probability)));
+    bars.append(row);
+  }
+  card.querySelector(".state").replaceWith(headline, bars);
+  if (prediction.gradcam_png) {
+    const heat = el("img", "gradcam");
+    heat.src = `data:image/png;base64,${prediction.gradcam_png}`;
+    heat.alt = `Grad-CAM: the regions that made the model say ${prediction.label}`;
+    card.querySelector("figure").append(heat);
+  }
+}
+
+input.addEventListener("change", () => {
+  addFiles(input.files);
+  input.value = ""; // picking the same file again must fire `change` again
+});
+for (const name of ["dragenter", "dragover"]) {
+  drop.addEventListener(name, (event) => {
+    event.preventDefault();
+    drop.classList.add("dragging");
+  });
+}
+drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("dragging");
+  addFiles(event.dataTransfer.files);
+});
+// A file dropped next to the zone must not make the browser navigate away from the page.
+for (const name of ["dragover", "drop"]) {
+  window.addEventListener(name, (event) => event.preventDefault());
+}
+
+loadModel();
