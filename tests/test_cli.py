@@ -86,6 +86,8 @@ def test_val_class_missing_from_train(capsys, tmp_path):
         (["--bogus-flag"], "bogus"),
         (["--batch-size", "eight"], "batch-size"),
         (["--head-hidden", "10,x"], "head-hidden"),
+        (["--precision", "fp64"], "precision"),
+        (["--accumulate", "0"], "accumulate"),
         (["--weights", "/no/such/file.pth", "--backbone", "resnet50"], "weights file not found"),
     ],
 )
