@@ -27,12 +27,11 @@ from torchvision.transforms import v2 as T
 import transferkit
 from transferkit.cache import file_digest
 from transferkit.data.images import load_rgb
-from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.features import ENGINES
 from transferkit.progress import console
-from transferkit.run import Run
+from transferkit.run import Run, image_loader
 from transferkit.training.loop import evaluate_logits, probabilities
 
 FORMATS = ("onnx", "torchscript")
@@ -91,12 +90,6 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 def _batches(pixels: torch.Tensor) -> Batches:
     return [(chunk, torch.zeros(0)) for chunk in pixels.split(BATCH_SIZE)]
-
-
-def image_batches(paths: list[str], transform: Callable) -> Batches:
-    """Decoded in worker processes when there are many, as run.infer_logits does for PyTorch."""
-    workers = 2 if len(paths) >= 4 * BATCH_SIZE else 0
-    return make_loader(ImageDataset(paths, None, transform), BATCH_SIZE, workers)
 
 
 def _outputs(engine: Engine, batches: Batches | torch.Tensor) -> np.ndarray:
@@ -370,7 +363,7 @@ class OnnxPredictor:
 
     def probabilities(self, paths: list[str]) -> np.ndarray:
         """(N, classes) probabilities for image files (decoded in workers when there are many)."""
-        return _outputs(self._session, image_batches(paths, self.transform))
+        return _outputs(self._session, image_loader(paths, self.transform, BATCH_SIZE))
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         """(N, classes) probabilities for decoded RGB images already in memory."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
 import transferkit
 from transferkit.data.loader import ImageDataset, make_loader
@@ -175,10 +176,16 @@ class Run:
             plot_curves(history, self.path / "curves.png")
 
 
-def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size: int = 32) -> torch.Tensor:
-    """Logits for a list of readable images, in order, decoded in worker processes when there are many."""
+def image_loader(paths: list[str], transform, batch_size: int = 32) -> DataLoader:
+    """Inference batches of images in order, decoded in worker processes only when there are enough to pay for
+    starting them."""
     workers = 2 if len(paths) >= 4 * batch_size else 0
-    logits, _ = evaluate_logits(model, make_loader(ImageDataset(paths, None, transform), batch_size, workers))
+    return make_loader(ImageDataset(paths, None, transform), batch_size, workers)
+
+
+def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size: int = 32) -> torch.Tensor:
+    """Logits for a list of readable images, in order."""
+    logits, _ = evaluate_logits(model, image_loader(paths, transform, batch_size))
     return logits
 
 
