@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 
 from transferkit import api
 from transferkit.models.registry import load_weights_file
-from transferkit.run import Run
+from transferkit.run import Run, read_history
 
 
 def backbone_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -83,10 +82,9 @@ def test_best_epoch_is_restored_when_fine_tuning_makes_it_worse(dataset, tmp_pat
             "patience": 0,
         },
     )
-    with (run.path / "history.csv").open() as handle:
-        history = list(csv.DictReader(handle))
-    best = min(float(row["val_loss"]) for row in history)
-    assert not float(history[-1]["val_loss"]) <= best, "the test needs a last epoch worse than the best (or NaN)"
+    history = read_history(run.path / "history.csv")
+    best = min(row["val_loss"] for row in history)
+    assert not history[-1]["val_loss"] <= best, "the test needs a last epoch worse than the best (or NaN)"
     assert run.evaluate(dataset, split="val", write=False)["loss"] == pytest.approx(best, rel=1e-3, abs=1e-4)
 
 
@@ -104,8 +102,7 @@ def test_early_stopping_stops_a_stage(dataset, tmp_path, fast):
             "monitor": "val_acc",
         },
     )
-    with (run.path / "history.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) < 30
+    assert len(read_history(run.path / "history.csv")) < 30
 
 
 def test_same_seed_same_run(dataset, tmp_path, fast):
