@@ -104,8 +104,8 @@ def test_validation_labels_from_split_json_or_folder_names(multiclass, tmp_path)
     assert list(labels) == [2] * len(split["val"])
 
 
-def test_int8_export_passes_its_check_and_prints_it(multiclass, capsys):
-    run_dir = multiclass / "run"
+def test_int8_export_passes_its_check_and_prints_it(multiclass, capsys, tmp_path):
+    run_dir = shutil.copytree(multiclass / "run", tmp_path / "run")
     assert run_cli(["export", str(run_dir), "--format", "onnx", "--int8"]) == 0
     err = capsys.readouterr().err
     assert "agreement with PyTorch 100.0%" in err and "img/s" in err and "MB" in err
@@ -151,7 +151,7 @@ def test_predict_engines_give_the_same_labels(multiclass, capsys):
     assert [r["path"] for r in onnx_] == [r["path"] for r in torch_]
     assert [r["label"] for r in onnx_] == [r["label"] for r in torch_]
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(onnx_, torch_, strict=True)) <= 1e-4
-    assert results["auto"] == onnx_  # auto picks the export when there is one
+    assert results["auto"] == onnx_  # auto picks the export when there is one (no int8 export here)
     assert isinstance(load_predictor(multiclass / "run"), OnnxPredictor)
 
 
@@ -169,6 +169,21 @@ def test_stale_export_is_not_used(multiclass, tmp_path):
     with pytest.raises(UserError, match="other weights"):
         load_predictor(run_dir, "onnx")
     assert isinstance(load_predictor(run_dir, "auto"), Run)
+
+
+def test_auto_engine_prefers_a_current_int8_export(multiclass, tmp_path, capsys):
+    run_dir = shutil.copytree(multiclass / "run", tmp_path / "run")
+    fails_with(capsys, ["predict", str(run_dir), str(multiclass / "data"), "--engine", "int8"],
+               "no model.int8.onnx", "--int8")
+    export_run(run_dir, int8=True)
+    assert load_predictor(run_dir).path.name == "model.int8.onnx"
+    # An int8 file left from other weights is skipped for the fp32 export that is current.
+    int8 = OnnxPredictor(run_dir / "model.int8.onnx")
+    stale = onnx.load(str(int8.path))
+    next(p for p in stale.metadata_props if p.key == "weights_digest").value = "0" * 64
+    onnx.save(stale, str(int8.path))
+    assert load_predictor(run_dir).path.name == "model.onnx"
+    assert "other weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

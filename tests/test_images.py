@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from transferkit.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, has_image_extension, load_rgb, to_rgb
+from transferkit.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_rgb, has_image_extension, load_rgb, to_rgb
 from transferkit.errors import UnreadableImage, UserError
 
 WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
@@ -222,3 +222,22 @@ def test_crafted_header_far_over_pillows_hard_limit_is_refused(tmp_path: Path) -
     path.write_bytes(_png_with_header(100_000, 100_000))  # 30 GB if anything tried to decode it
     assert _reason(path).startswith("too large: ")
     assert _reason(path, max_pixels=10**12).startswith("too large: ")  # Pillow's own ceiling still holds
+
+
+def test_bytes_in_memory_decode_like_files(tmp_path: Path) -> None:
+    """decode_rgb (server uploads) gives the pixels and the refusal reasons load_rgb gives for the same bytes."""
+    im = Image.new("RGBA", (40, 20), (255, 0, 0, 0))
+    im.paste((0, 0, 255, 255), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    good = _saved(tmp_path, im, "good.png", exif=exif.tobytes())
+    assert np.array_equal(np.asarray(decode_rgb(good.read_bytes())), np.asarray(load_rgb(good)))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_with_header(9_500, 9_500))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:60])
+    (tmp_path / "empty.png").touch()
+    for path in (bomb, cut, tmp_path / "empty.png"):
+        with pytest.raises(UnreadableImage) as info:
+            decode_rgb(path.read_bytes(), max_pixels=1_000_000)
+        assert str(info.value) == _reason(path, max_pixels=1_000_000)

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from tests.conftest import make_class_folders
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.run import Run
-from transferkit.serve import Limits, create_app, load_serving_predictor
+from transferkit.serve import Limits, create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -110,7 +111,11 @@ def test_health_model_and_docs(base: str, tiny_run: Run) -> None:
     assert info["limits"]["max_files"] == LIMITS.max_files
     schema = httpx.get(f"{base}/openapi.json").json()
     assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
-    assert httpx.get(f"{base}/docs").status_code == 200
+    for docs in ("docs", "redoc"):
+        page = httpx.get(f"{base}/{docs}")
+        assert page.status_code == 200 and "https://" not in page.text  # offline: no asset from a CDN
+        for asset in re.findall(r'(?:src|href)="(/[^"]+)"', page.text):
+            assert httpx.get(f"{base}{asset}").status_code == 200, asset
     page = httpx.get(f"{base}/")
     assert page.status_code == 200 and 'type="file"' in page.text and "default-src 'self'" in page.headers[
         "content-security-policy"]
@@ -241,13 +246,6 @@ def test_internal_errors_are_json_500s_without_details(tiny_run: Run, images: li
         assert_serves(url, images[0])
 
 
-def test_predictor_seam_falls_back_to_the_run(tiny_run: Run, images: list[Path]) -> None:
-    predictor = load_serving_predictor(tiny_run.path, "auto")
-    assert predictor.classes == tiny_run.classes
-    probs = predictor.probabilities_of_images([Image.open(images[0]).convert("RGB")])
-    assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-5)
-
-
 def test_cli_serve_starts_answers_and_stops_on_ctrl_c(tiny_run: Run, images: list[Path], capsys) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -334,5 +332,11 @@ def test_page_in_chromium_matches_the_cli(base: str, tiny_run: Run, images: list
             )
             page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
             expect(page.locator(".card.failed .error")).to_have_text("notes.png: not an image")
+
+            offsite: list[str] = []
+            page.on("request", lambda r: offsite.append(r.url) if not r.url.startswith(base) else None)
+            page.goto(f"{base}/docs")  # Swagger UI rendered from this server's own assets
+            expect(page.locator(".opblock-summary-path", has_text="/predict")).to_be_visible()
+            assert offsite == []
         finally:
             browser.close()

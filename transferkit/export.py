@@ -29,7 +29,6 @@ from transferkit.cache import file_digest
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
-from transferkit.features import ENGINES
 from transferkit.progress import console
 from transferkit.run import Run, image_loader
 from transferkit.training.loop import evaluate_logits, probabilities
@@ -370,26 +369,40 @@ class OnnxPredictor:
         return _outputs(self._session, torch.stack([self.transform(image) for image in images]))
 
 
+PREDICT_ENGINES = ("auto", "int8", "onnx", "torch")
+EXPORT_FILES = {"int8": "model.int8.onnx", "onnx": "model.onnx"}  # "auto" tries them in this order: fastest first
+
+
 def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredictor:
-    """"auto": the ONNX export when RUN/model.onnx exists and was made from the run's current weights, else PyTorch."""
-    if engine not in ENGINES:
-        raise UserError(f"unknown engine '{engine}': choose one of {', '.join(ENGINES)}")
+    """"auto": the fastest export made from the run's current weights (int8, then fp32 ONNX), else PyTorch.
+
+    An int8 export only exists if it passed its agreement and accuracy check, so preferring it is safe."""
+    if engine not in PREDICT_ENGINES:
+        raise UserError(f"unknown engine '{engine}': choose one of {', '.join(PREDICT_ENGINES)}")
     run_dir = Path(run_dir)
-    onnx_path = run_dir / "model.onnx"
-    if engine == "torch" or (engine == "auto" and not onnx_path.is_file()):
+    if engine == "torch":
         return Run(run_dir)
-    if not onnx_path.is_file():
-        if not run_dir.is_dir():
-            raise UserError(f"no such run folder: {run_dir}")
-        raise UserError(f"{run_dir} has no model.onnx: run `transferkit export {run_dir}` first, or use --engine torch")
-    try:
-        predictor = OnnxPredictor(onnx_path)
-        weights = run_dir / "model.safetensors"
-        if weights.is_file() and predictor.metadata.get("weights_digest") not in (None, file_digest(weights)):
-            raise UserError(f"{onnx_path} was exported from other weights: run `transferkit export {run_dir}` again")
-    except UserError as exc:
-        if engine == "onnx":
-            raise
-        console.print(f"[yellow]warning:[/yellow] {exc}; using PyTorch")
-        return Run(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"no such run folder: {run_dir}")
+    if engine != "auto":
+        return _export_predictor(run_dir, engine)
+    for kind in EXPORT_FILES:
+        if (run_dir / EXPORT_FILES[kind]).is_file():
+            try:
+                return _export_predictor(run_dir, kind)
+            except UserError as exc:
+                console.print(f"[yellow]warning:[/yellow] {exc}")
+    return Run(run_dir)
+
+
+def _export_predictor(run_dir: Path, kind: str) -> OnnxPredictor:
+    path = run_dir / EXPORT_FILES[kind]
+    if not path.is_file():
+        flag = " --int8" if kind == "int8" else ""
+        raise UserError(f"{run_dir} has no {path.name}: run `transferkit export {run_dir}{flag}` first, "
+                        "or use --engine torch")
+    predictor = OnnxPredictor(path)
+    weights = run_dir / "model.safetensors"
+    if weights.is_file() and predictor.metadata.get("weights_digest") not in (None, file_digest(weights)):
+        raise UserError(f"{path} was exported from other weights: run `transferkit export {run_dir}` again")
     return predictor

@@ -1,12 +1,17 @@
-"""Printing shared by the commands: JSON on stdout for scripts, tables for people, skips on stderr."""
+"""Shared by the commands: JSON on stdout for scripts, tables for people, skips on stderr, common options."""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Annotated
+
+import typer
 
 from transferkit.data.sources import Skipped
 from transferkit.progress import console
+
+ENGINE = Annotated[str, typer.Option(help="auto (the int8 export, else the fp32 one, else torch), int8, onnx, torch.")]
 
 
 def print_json(value: object) -> None:

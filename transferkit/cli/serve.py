@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
+from transferkit.cli.output import ENGINE
 from transferkit.errors import UserError
 from transferkit.progress import console
 
@@ -35,7 +36,7 @@ def serve(
     ),
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model.")] = 1,
-    engine: Annotated[str, typer.Option(help="auto, torch or onnx (onnx needs transferkit.export).")] = "auto",
+    engine: ENGINE = "auto",
     max_file_mb: Annotated[float, typer.Option(min=0.001, help="Largest accepted file, MB.")] = 10.0,
     max_files: Annotated[int, typer.Option(min=1, help="Most files in one request.")] = 32,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest accepted image, pixels (decompression bombs).")] = (
@@ -48,7 +49,8 @@ def serve(
     """Serve a run: POST /predict, GET /health, /model, the web page at /, API docs at /docs."""
     import uvicorn
 
-    from transferkit.serve.app import CONFIG_ENV, create_app, load_serving_predictor
+    from transferkit.export import load_predictor
+    from transferkit.serve.app import CONFIG_ENV, create_app
     from transferkit.serve.uploads import MB, Limits
 
     file_bytes = int(max_file_mb * MB)
@@ -56,7 +58,7 @@ def serve(
     request_bytes = max(Limits.max_request_bytes, file_bytes)
     limits = Limits(file_bytes, max_files=max_files, max_request_bytes=request_bytes, max_pixels=max_pixels)
     check_port(host, port)
-    predictor = load_serving_predictor(run, engine)  # a bad run folder fails here, as one line
+    predictor = load_predictor(run, engine)  # a bad run folder fails here, as one line
     console.print(f"serving {run} ({type(predictor).__name__}) on http://{host}:{port}/  (docs: /docs)")
     options = dict(host=host, port=port, access_log=access_log, log_level="info")
     if workers == 1:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import print_json, print_predictions, report_skipped
+from transferkit.cli.output import ENGINE, print_json, print_predictions, report_skipped
 from transferkit.errors import UserError
 from transferkit.progress import console
 
@@ -141,7 +141,7 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     images: Annotated[list[str], typer.Argument(help="Images or folders of images.")],
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to list per image.")] = 3,
-    engine: Annotated[str, typer.Option(help="auto (RUN/model.onnx when exported, else torch), onnx, torch.")] = "auto",
+    engine: ENGINE = "auto",
     json_out: JSON = False,
 ) -> None:
     """Labels and probabilities for images, from the run folder alone."""

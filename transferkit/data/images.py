@@ -7,6 +7,7 @@ short, human reason (an :class:`UnreadableImage`) rather than a crash or a silen
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from typing import BinaryIO
@@ -55,14 +56,19 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Imag
     """
     try:
         with open(path, "rb") as fh:
-            return _decode(fh, max_pixels)
+            return _decode(fh, os.fstat(fh.fileno()).st_size, max_pixels)
     except OSError as exc:  # _decode maps decoding errors itself; what is left is the OS refusing
         raise UnreadableImage(f"cannot read: {exc.strerror or exc}") from exc
 
 
-def _decode(fh: BinaryIO, max_pixels: int) -> Image.Image:
-    """Decode an open file; map every Pillow failure to one short reason."""
-    if os.fstat(fh.fileno()).st_size == 0:
+def decode_rgb(data: bytes | bytearray, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """:func:`load_rgb` for bytes already in memory (an upload): the same checks, the same reasons."""
+    return _decode(io.BytesIO(data), len(data), max_pixels)
+
+
+def _decode(fh: BinaryIO, size: int, max_pixels: int) -> Image.Image:
+    """Decode an open file of `size` bytes; map every Pillow failure to one short reason."""
+    if size == 0:
         raise UnreadableImage("empty file")
     try:
         with Image.open(fh, formats=_FORMATS) as im:

@@ -22,11 +22,12 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.exceptions import HTTPException
 
 import transferkit
-from transferkit.errors import UserError
+from transferkit.export import load_predictor
 from transferkit.run import Run, top_predictions
 from transferkit.serve.batching import Batcher
 from transferkit.serve.uploads import FIELD, Limits, UploadError, decode_upload, read_uploads
@@ -47,19 +48,6 @@ class Predictor(Protocol):
     classes: list[str]
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray: ...
-
-
-def load_serving_predictor(run_dir: str | Path, engine: str = "auto") -> Predictor:
-    """The exported-model loader when transferkit.export exists, else the run's own PyTorch model."""
-    try:
-        from transferkit.export import load_predictor
-    except ModuleNotFoundError as exc:
-        if exc.name != "transferkit.export":  # a broken export module must not silently fall back
-            raise
-        if engine not in ("auto", "torch"):
-            raise UserError(f"--engine {engine} needs transferkit.export, which this install lacks") from None
-        return Run(run_dir)
-    return load_predictor(run_dir, engine)
 
 
 class GradCam:
@@ -115,7 +103,8 @@ def create_app(
         yield
         await batcher.stop()
 
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: blank pages on an offline machine.
+    app = FastAPIOffline(
         title="transferkit",
         version=transferkit.__version__,
         summary="Image classification with a model trained by transfer learning.",
@@ -229,7 +218,7 @@ def app_from_env() -> FastAPI:
     # N processes on C cores: C/N threads each, or they oversubscribe the CPU and all get slower.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config["workers"]))
     return create_app(
-        load_serving_predictor(config["run"], config["engine"]),
+        load_predictor(config["run"], config["engine"]),
         run_dir=config["run"],
         limits=Limits(**config["limits"]),
         max_batch=config["max_batch"],

@@ -8,7 +8,6 @@ of the body (up to the request cap) is drained so the client gets a clean 413/41
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -16,7 +15,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from transferkit.data.images import load_rgb
+from transferkit.data.images import decode_rgb
 from transferkit.errors import UnreadableImage
 
 FIELD = "files"
@@ -154,15 +153,12 @@ async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
 
 
 def decode_upload(upload: Upload, max_pixels: int) -> Image.Image:
-    """Decode with the dataset code path (transferkit.data.images.load_rgb), so the server accepts exactly the
-    images training does and refuses bombs from the header. load_rgb takes a path, hence the temporary file."""
-    with tempfile.NamedTemporaryFile(prefix="transferkit-upload-") as handle:
-        handle.write(upload.data)
-        handle.flush()
-        try:
-            return load_rgb(handle.name, max_pixels)
-        except UnreadableImage as exc:
-            raise UploadError(_status_for(str(exc)), f"{upload.filename}: {exc}") from None
+    """Decode with the dataset code path (transferkit.data.images), so the server accepts exactly the images
+    training does and refuses bombs from the header."""
+    try:
+        return decode_rgb(upload.data, max_pixels)
+    except UnreadableImage as exc:
+        raise UploadError(_status_for(str(exc)), f"{upload.filename}: {exc}") from None
 
 
 def _status_for(reason: str) -> int:
