@@ -3,10 +3,10 @@
 Starts the real CLI server in a subprocess on a free 127.0.0.1 port, then measures (1) single-image latency with one
 client sending one request at a time, and (2) throughput with N concurrent clients sending one image per request,
 for a fixed number of requests or a time cap, whichever comes first; once per engine (PyTorch, and ONNX Runtime on
-the run's `transferkit export`), so the engines are compared in one run. Errors are counted, never retried. Without
---run it trains a small Lite0 run first (offline weights, generated images: circles vs squares).
+the run's `transferkit export`, fp32 and int8), so the engines are compared in one run. Errors are counted, never
+retried. Without --run it trains a small Lite0 run first (offline weights, generated images: circles vs squares).
 
-    .venv/bin/python bench/load.py     # Lite0 run in runs/bench-load; torch, then ONNX; 32 clients, 2000 requests
+    .venv/bin/python bench/load.py     # Lite0 run in runs/bench-load; torch, ONNX, int8; 32 clients, 2000 requests
     .venv/bin/python bench/load.py --run runs/demo --engines onnx --clients 64 --requests 5000
 
 The load generator shares the machine with the server (on 2 cores it takes a noticeable share): read the figures
@@ -168,13 +168,14 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} if len(ms) else {}
 
 
-def ensure_export(run: Path) -> None:
-    """The ONNX engine serves RUN/model.onnx; make it (checked against PyTorch by `transferkit export`) if missing."""
-    if not (run / "model.onnx").is_file():
-        from transferkit.export import export_run
+def ensure_export(run: Path, engine: str) -> None:
+    """The onnx / int8 engines serve RUN/model.onnx / model.int8.onnx; make it (checked against PyTorch by
+    `transferkit export`) if missing."""
+    from transferkit.export import EXPORT_FILES, export_run
 
-        print(f"exporting {run} to ONNX...", flush=True)
-        export_run(run)
+    if not (run / EXPORT_FILES[engine]).is_file():
+        print(f"exporting {run} to ONNX ({engine})...", flush=True)
+        export_run(run, int8=engine == "int8")
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -189,9 +190,9 @@ def model_speed(run: Path, engine: str, images: list[Path], repeats: int = 5) ->
     """The engine alone, in this process, on decoded images: the ceiling the server's figures are to be read against.
     Medians of `repeats`; it runs after the server has stopped, so the two never overlap."""
     from transferkit.data.images import load_rgb
-    from transferkit.serve import load_serving_predictor
+    from transferkit.export import load_predictor
 
-    predictor = load_serving_predictor(run, engine)
+    predictor = load_predictor(run, engine)
     decoded = [load_rgb(path) for path in images[:32]]
 
     def timed(batch: list) -> tuple[float, float]:
@@ -271,7 +272,7 @@ def print_table(results: list[dict], load_before: float, load_after: float) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="Run folder to serve (default: train a small Lite0 run).")
-    parser.add_argument("--engines", default="torch,onnx", help="Comma-separated `serve --engine` values to compare.")
+    parser.add_argument("--engines", default="torch,onnx,int8", help="`serve --engine` values to compare.")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=2000, help="Requests in the load phase.")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="Time cap of each load phase.")
@@ -282,8 +283,8 @@ def main() -> None:
 
     run, images = ensure_run(args.run)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if "onnx" in engines:
-        ensure_export(run)
+    for engine in set(engines) & {"onnx", "int8"}:
+        ensure_export(run, engine)
     payloads = [(p.name, p.read_bytes()) for p in images]
     args.images = images
     load_before = os.getloadavg()[0]
