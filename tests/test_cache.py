@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from transferkit import api
+from transferkit.cache import FeatureStore, file_digest
 from transferkit.data.transforms import AUGMENT_PRESETS, Preprocess, eval_transform, train_transform
 from transferkit.features import FeatureExtractor, View
 from transferkit.models.classifier import HeadSpec, new_classifier
@@ -85,3 +88,43 @@ def test_cached_and_uncached_stage1_train_the_same_head(dataset, tmp_path, fast)
     for other in heads[1:]:
         assert max(float((heads[0][k] - other[k]).abs().max()) for k in other) < 1e-4
     assert cold.metrics["confusion_matrix"] == warm.metrics["confusion_matrix"] == uncached.metrics["confusion_matrix"]
+
+
+def test_shard_rows_are_read_back_exactly_in_any_order(tmp_path):
+    store = FeatureStore(tmp_path, {"space": 1}, Reporter(quiet=True))
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((n, 6)).astype(np.float32) for n in (5, 9)]
+    keys = [[f"{b}-{i}" for i in range(len(block))] for b, block in enumerate(blocks)]
+    for block_keys, block in zip(keys, blocks, strict=True):
+        with store.writer(block_keys) as shard:
+            for part in np.array_split(block, 3):  # streamed in batches
+                shard.write(part)
+    for meta in tmp_path.rglob("*.json"):
+        if meta.name != "space.json":  # a valid .npy whose recorded digest is the file's
+            assert json.loads(meta.read_text())["sha256"] == file_digest(meta.with_suffix(".npy"))
+    all_keys, all_rows = keys[0] + keys[1], np.concatenate(blocks)
+    table = FeatureStore(tmp_path, {"space": 1}, Reporter(quiet=True)).table(all_keys)
+    picks = np.array([13, 0, 1, 2, 7, 7, 4, 5, 6])  # across shards, runs of neighbours, a repeat
+    assert np.array_equal(table.take(picks), all_rows[picks])
+    assert np.array_equal(table.take(np.arange(len(table))), all_rows)
+
+
+def test_interrupted_extraction_leaves_no_shard(dataset, tmp_path, monkeypatch):
+    paths = image_paths(dataset)
+    broken = extractor(tmp_path / "cache")
+    calls = []
+
+    def fail_on_second_batch(images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(len(images), 4)
+
+    broken._run = fail_on_second_batch
+    with pytest.raises(KeyboardInterrupt):
+        broken(paths, views()[:1], "x")
+    folder = next((tmp_path / "cache" / "features").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["space.json"]  # no shard, no temp file
+    again = extractor(tmp_path / "cache")
+    again(paths, views()[:1], "x")
+    assert again.computed == len(paths)

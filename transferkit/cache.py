@@ -2,18 +2,23 @@
 
 Keyed by what determines a feature: the backbone's weights (a digest of its tensors, whatever their source), the
 preprocessing, the view (clean, or augmented view k with its augmentation settings) and the image file's content
-(not its path or mtime). Storage is append-only shards per feature space: `<id>.npy` (float32 rows, memory-mapped
-on read) and `<id>.json` (keys, shape, sha256 of the .npy), both written atomically. A shard whose checksum does
+(not its path or mtime). Storage is append-only shards per feature space: `<id>.npy` (float32 rows, streamed to
+disk as they are computed and read back a batch at a time) and `<id>.json` (keys, shape, sha256 of the .npy), both
+written atomically. A shard whose checksum does
 not match is deleted and its rows recomputed, never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,8 +62,123 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+class FeatureTable(Protocol):
+    """Feature rows, read a batch at a time: what stage 1 trains on."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices), D) float32 rows, in the order asked."""
+        ...
+
+
+class ArrayTable:
+    """Rows held in memory (the cache is off)."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        return self.rows[indices]
+
+
+class ShardTable:
+    """Rows that stay in their shard files and are read on demand with pread, so a batch costs its own bytes.
+
+    Not a memory map: every page of a mapped file the loop touches counts in the process's resident set, and over
+    an epoch that is the whole table; file reads leave it in the kernel's page cache, shared and reclaimable."""
+
+    def __init__(self, folder: Path, locations: list[tuple[str, int]]) -> None:
+        names = sorted({name for name, _ in locations})
+        self._files = [open(folder / name, "rb") for name in names]  # noqa: SIM115 - open for the table's lifetime
+        layouts = [_npy_layout(handle) for handle in self._files]
+        self._starts = [start for start, _ in layouts]
+        dims = {dim for _, dim in layouts}
+        if len(dims) > 1:
+            raise ValueError(f"feature shards of different widths in {folder}")
+        self.dim = dims.pop() if dims else 0
+        number = {name: i for i, name in enumerate(names)}
+        self._shard = np.array([number[name] for name, _ in locations], dtype=np.int64)
+        self._row = np.array([row for _, row in locations], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.dim), dtype=np.float32)
+        row_bytes = 4 * self.dim
+        shards, rows = self._shard[indices], self._row[indices]
+        order = np.lexsort((rows, shards))  # consecutive rows of one shard are read with one call
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and shards[order[end]] == shards[order[start]] \
+                    and rows[order[end]] == rows[order[end - 1]] + 1:
+                end += 1
+            shard, first = shards[order[start]], rows[order[start]]
+            offset = self._starts[shard] + row_bytes * first
+            data = os.pread(self._files[shard].fileno(), row_bytes * (end - start), offset)
+            out[order[start:end]] = np.frombuffer(data, dtype=np.float32).reshape(end - start, self.dim)
+            start = end
+        return out
+
+
+def _npy_layout(handle) -> tuple[int, int]:
+    """(offset of the data, row width) of a 2-D float32 .npy file."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(handle)
+    if len(shape) != 2 or fortran or dtype != np.float32:
+        raise ValueError(f"{handle.name} is not a 2-D float32 array")
+    return handle.tell(), shape[1]
+
+
+class ShardWriter:
+    """Writes one shard a batch at a time, so nothing is held whole in memory."""
+
+    def __init__(self, path: Path, rows: int) -> None:
+        self.path, self.rows, self.written, self.dim = path, rows, 0, 0
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed by finish() or discard()
+        self._digest = hashlib.sha256()
+
+    def write(self, features: np.ndarray) -> None:
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if self.written == 0:
+            self.dim = features.shape[1]
+            self._emit(_npy_header({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)}))
+        self._emit(features.tobytes())
+        self.written += len(features)
+
+    def _emit(self, data: bytes) -> None:
+        self._handle.write(data)
+        self._digest.update(data)
+
+    def finish(self) -> str:
+        """Check every row came, flush to disk, close; the file's digest (as `file_digest` computes it)."""
+        if self.written != self.rows:
+            raise RuntimeError(f"feature shard got {self.written} rows for {self.rows} keys")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        return self._digest.hexdigest()[:32]
+
+    def discard(self) -> None:
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _npy_header(header: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
 class FeatureStore:
-    """The rows of one feature space, found by key; `put` appends a shard."""
+    """The rows of one feature space, found by key; a `writer` appends a shard."""
 
     def __init__(self, root: Path, space: dict, reporter: Reporter) -> None:
         space_id = hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()[:24]
@@ -84,23 +204,24 @@ class FeatureStore:
             return
         self.rows.update({key: (data_path.name, row) for row, key in enumerate(meta["keys"])})
 
-    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
-        """The cached rows among `keys` (missing keys are absent from the result)."""
-        by_shard: dict[str, list[tuple[str, int]]] = {}
-        for key in keys:
-            if key in self.rows:
-                shard, row = self.rows[key]
-                by_shard.setdefault(shard, []).append((key, row))
-        found = {}
-        for shard, wanted in by_shard.items():
-            data = np.load(self.folder / shard, mmap_mode="r")
-            found.update({key: np.array(data[row]) for key, row in wanted})
-        return found
+    def table(self, keys: list[str]) -> ShardTable:
+        """The rows of `keys`, all of which must be in the store."""
+        return ShardTable(self.folder, [self.rows[key] for key in keys])
 
-    def put(self, keys: list[str], features: np.ndarray) -> None:
+    @contextmanager
+    def writer(self, keys: list[str]) -> Iterator[ShardWriter]:
+        """A new shard for `keys`, filled batch by batch in their order; it becomes visible (atomically, with its
+        checksum) only if every row was written, so an interrupted extraction leaves no half shard behind."""
         name = uuid.uuid4().hex
         data_path = self.folder / f"{name}.npy"
-        _write_atomic(data_path, lambda handle: np.save(handle, np.ascontiguousarray(features, dtype=np.float32)))
-        meta = {"keys": keys, "shape": list(features.shape), "sha256": file_digest(data_path)}
+        shard = ShardWriter(data_path.with_name(f".{name}.npy.tmp"), len(keys))
+        try:
+            yield shard
+            digest = shard.finish()
+            os.replace(shard.path, data_path)
+        except BaseException:
+            shard.discard()
+            raise
+        meta = {"keys": keys, "shape": [len(keys), shard.dim], "sha256": digest}
         _write_atomic(self.folder / f"{name}.json", lambda handle: handle.write(json.dumps(meta).encode()))
         self.rows.update({key: (data_path.name, row) for row, key in enumerate(keys)})

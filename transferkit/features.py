@@ -17,12 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit.cache import FeatureStore, file_digest, module_digest
+from transferkit.cache import ArrayTable, FeatureStore, FeatureTable, file_digest, module_digest
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.progress import Reporter
 
 ENGINES = ("auto", "onnx", "torch")
 PARITY_TOLERANCE = 1e-3  # max |feature difference| relative to the features' scale
+PARITY_IMAGES = 8  # compared with eager fp32 before the ONNX engine is trusted (eager on a full batch costs memory)
+ORT_BATCH = 8  # images per ONNX Runtime call (see _onnx)
 
 
 class _Embed(nn.Module):
@@ -66,7 +68,11 @@ def _onnx(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], t
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"images": images.contiguous().numpy()})[0])
+        # ONNX Runtime's arena grows to the largest batch it has seen (~800 MB for 32 images at 224 px) while small
+        # batches run as fast: feed it a few images at a time.
+        chunks = images.contiguous().numpy()
+        return torch.from_numpy(np.concatenate([session.run(None, {"images": chunks[i : i + ORT_BATCH]})[0]
+                                                for i in range(0, len(chunks), ORT_BATCH)]))
 
     return run
 
@@ -77,6 +83,7 @@ def feature_engine(model: nn.Module, example: torch.Tensor, engine: str, reporte
     eager = _eager(model)
     if engine == "torch" or (engine == "auto" and next(model.parameters()).is_cuda):
         return eager, "torch"
+    example = example[:PARITY_IMAGES]
     try:
         fast = _onnx(model, example)
         reference, candidate = eager(example), fast(example)
@@ -121,6 +128,11 @@ class FeatureExtractor:
 
     def __call__(self, paths: Sequence[str], views: Sequence[View], description: str) -> list[torch.Tensor]:
         """A (N, D) tensor per view, rows in the order of `paths`."""
+        return [torch.from_numpy(table.take(np.arange(len(table))))
+                for table in self.tables(paths, views, description)]
+
+    def tables(self, paths: Sequence[str], views: Sequence[View], description: str) -> list[FeatureTable]:
+        """A table per view, rows in the order of `paths`; with the cache on, the rows stay on disk."""
         digests = [file_digest(p) for p in paths]
         results = []
         for view in views:
@@ -128,34 +140,47 @@ class FeatureExtractor:
             results.append(self._view(paths, digests, view, label))
         return results
 
-    def _view(self, paths: Sequence[str], digests: list[str], view: View, label: str) -> torch.Tensor:
-        store = None
-        found: dict[str, np.ndarray] = {}
-        if self.cache_root:
-            space = {"backbone": self.backbone_digest, "timm": self.model.backbone.default_cfg.get("architecture"),
-                     **view.spec}
-            store = FeatureStore(self.cache_root, space, self.reporter)
-            found = store.get(digests)
-        missing = [i for i, d in enumerate(digests) if d not in found]
-        computed = self._compute([paths[i] for i in missing], [view_seed(digests[i], view.index) for i in missing],
-                                 view.transform, label)
-        if store is not None and missing:
-            store.put([digests[i] for i in missing], computed.numpy())
-        if not found:
-            return computed
-        rows = dict(zip((digests[i] for i in missing), computed, strict=True))
-        return torch.stack([rows[d] if d in rows else torch.from_numpy(found[d]) for d in digests])
+    def _view(self, paths: Sequence[str], digests: list[str], view: View, label: str) -> FeatureTable:
+        seeds = [view_seed(d, view.index) for d in digests]
+        if not self.cache_root:
+            rows = RowCollector(len(paths))
+            self._compute(list(paths), seeds, view.transform, label, rows.write)
+            return ArrayTable(rows.array)
+        space = {"backbone": self.backbone_digest, "timm": self.model.backbone.default_cfg.get("architecture"),
+                 **view.spec}
+        store = FeatureStore(self.cache_root, space, self.reporter)
+        first_missing = {d: i for i, d in reversed(list(enumerate(digests))) if d not in store.rows}
+        missing = sorted(first_missing.values())  # identical files are computed once
+        if missing:
+            with store.writer([digests[i] for i in missing]) as shard:
+                self._compute([paths[i] for i in missing], [seeds[i] for i in missing], view.transform, label,
+                              shard.write)
+        return store.table(digests)
 
-    def _compute(self, paths: list[str], seeds: list[int], transform: Callable, label: str) -> torch.Tensor:
+    def _compute(self, paths: list[str], seeds: list[int], transform: Callable, label: str,
+                 sink: Callable[[np.ndarray], None]) -> None:
+        """Features of `paths`, batch by batch into `sink`, in order."""
         if not paths:
-            return torch.empty(0)
+            return
         loader = make_loader(ImageDataset(paths, None, transform, seeds), self.batch_size, self.workers)
-        chunks = []
         with self.reporter.bar(label, len(paths)) as advance:
             for images, _ in loader:
                 if self._run is None:
                     self._run, _ = feature_engine(self.model, images, self.engine, self.reporter)
-                chunks.append(self._run(images))
+                sink(self._run(images).numpy())
                 advance(images.shape[0])
         self.computed += len(paths)
-        return torch.cat(chunks)
+
+
+class RowCollector:
+    """Batches of rows into one preallocated array (no list of chunks and a concatenated copy)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.written = rows, 0
+        self.array = np.empty((rows, 0), dtype=np.float32)
+
+    def write(self, features: np.ndarray) -> None:
+        if self.written == 0:
+            self.array = np.empty((self.rows, features.shape[1]), dtype=np.float32)
+        self.array[self.written : self.written + len(features)] = features
+        self.written += len(features)

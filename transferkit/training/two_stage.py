@@ -7,9 +7,10 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from transferkit.cache import default_cache_dir
+from transferkit.cache import FeatureTable, default_cache_dir
 from transferkit.config import TrainConfig
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
@@ -48,7 +49,7 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     cache_root = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter,
                                cache_root)
-    features = torch.stack(extract(train_paths, views, "features train"))  # (views, N, D)
+    features = extract.tables(train_paths, views, "features train")  # one per view; on disk when cached
     [val_features] = extract(val_paths, views[:1], "features val")
     ctx.reporter.log(f"features: {extract.computed} images through the backbone, the rest from the cache"
                      if cache_root else f"features: {extract.computed} images through the backbone (no cache)")
@@ -58,7 +59,7 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
         order = torch.randperm(len(train_paths), generator=generator)
         view = torch.randint(n_views, (len(train_paths),), generator=generator)
         for chunk in order.split(config.batch_size):
-            yield features[view[chunk], chunk], targets[chunk]
+            yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), targets[chunk]
 
     def validate() -> tuple[float, float]:
         return loss_and_accuracy(*evaluate_logits(model.head, [(val_features, val_targets)]), ctx.criterion,
@@ -69,6 +70,15 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
     return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, len(train_paths), validate,
                  config.epochs_frozen, steps)
+
+
+def gather(tables: list[FeatureTable], views: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Row rows[i] of view views[i], for each i: one batch of stage 1, read from the view tables."""
+    parts = {view: tables[view].take(rows[views == view]) for view in np.unique(views).tolist()}
+    out = np.empty((len(rows), next(iter(parts.values())).shape[1]), dtype=np.float32)
+    for view, part in parts.items():
+        out[views == view] = part
+    return out
 
 
 def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms: tuple[Callable, Callable],
