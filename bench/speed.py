@@ -4,7 +4,7 @@ CPU only, EfficientNet-Lite0 at 224 px, on generated images (two learnable class
 needs neither a data set nor the network. Variants that do the same work are timed interleaved (a, b, a, b, ...),
 so a noisy shared machine slows them alike: read the ratios, not the absolute numbers.
 
-    .venv/bin/python bench/speed.py            # 512 images, scaling at 1000 and 10000 images
+    .venv/bin/python bench/speed.py            # 512 images, scaling at 1000, 10000 and 50000 images
     .venv/bin/python bench/speed.py --quick    # smoke test with tiny sizes
 """
 
@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.export import export_onnx, quantize_int8
 from transferkit.features import FeatureExtractor, View, feature_engine
 from transferkit.models.classifier import HeadSpec, freeze_backbone, new_classifier, set_train_mode, unfreeze
 from transferkit.models.registry import create_imagenet_model, get_backbone
@@ -256,32 +257,65 @@ def bench_finetune(images: torch.Tensor, targets: torch.Tensor, steps: int) -> l
                 f"{built[variant][1] / 1e6:.2f}M trainable params") for variant, text in FINETUNE_VARIANTS.items()]
 
 
-def bench_inference(model, images: torch.Tensor, repeats: int) -> list[dict]:
-    """Whole-classifier logits for one batch; the ONNX engine runs the backbone and the tiny linear head stays eager."""
+class Logits(torch.nn.Module):
+    """The classifier under the attribute and input names `transferkit export` gives it, so quantize_int8 keeps the
+    same nodes in float as it does for a run's export."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
+
+def int8_engine(model: torch.nn.Module, images: torch.Tensor, folder: Path) -> Callable[[], np.ndarray]:
+    """The classifier as `transferkit export --int8` builds it (static QDQ int8, calibrated on `images`)."""
+    fp32, int8 = folder / "logits.onnx", folder / "logits.int8.onnx"
+    export_onnx(Logits(model).eval(), images[:1], fp32)
+    quantize_int8(fp32, int8, images)
+    session = onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"pixels": images.numpy()})[0]
+
+
+def bench_inference(model, images: torch.Tensor, repeats: int, folder: Path) -> list[dict]:
+    """Whole-classifier logits for one batch: eager PyTorch, the ONNX feature engine (+ the eager linear head),
+    and the int8 export that `predict`/`serve` prefer when the run has one."""
     model.eval()
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     start = time.perf_counter()
     engine, name = feature_engine(model, images, "onnx", QUIET)
     setup = time.perf_counter() - start
+    int8 = int8_engine(model, images, folder)
     jobs = {"plain": partial(model, images),
             "channels_last": partial(fast, images.contiguous(memory_format=torch.channels_last)),
-            "onnx": lambda: model.head(engine(images))}
+            "onnx": lambda: model.head(engine(images)), "int8": int8}
     with torch.no_grad():
         times, out = interleaved(jobs, repeats, warmup=1)
-    base, diff = times["plain"], float((out["plain"][-1] - out["onnx"][-1]).abs().max())
+    plain = out["plain"][-1]
+    diff = float((plain - out["onnx"][-1]).abs().max())
+    agree = float(((plain[:, 0] > 0).numpy() == (out["int8"][-1][:, 0] > 0)).mean())
+    base = times["plain"]
     section = f"4. inference, batch {len(images)} tensors (median of {repeats})"
     return [row(section, "plain: eager fp32 NCHW, no_grad", base, len(images), base),
             row(section, "eager channels_last, no_grad", times["channels_last"], len(images), base),
             row(section, f"transferkit feature engine ({name})", times["onnx"], len(images), base,
-                f"max abs logit diff vs plain {diff:.1e}; engine setup (export, parity check) {setup:.1f}s")]
+                f"max abs logit diff vs plain {diff:.1e}; engine setup (export, parity check) {setup:.1f}s"),
+            row(section, "transferkit int8 export (ONNX Runtime, static QDQ)", times["int8"], len(images), base,
+                f"top-1 agreement with plain {agree:.1%} on this batch")]
 
 
 def scale_worker(folder: str, count: int) -> None:
-    """Child process of the scaling row: extract `count` images, print one JSON line."""
+    """Child process of the scaling row: extract `count` images as stage 1 does (streamed into a fresh feature
+    cache, read back a batch at a time), print one JSON line."""
     paths = sorted(str(p) for p in Path(folder).glob("*.png"))[:count]
     model, transform = build_model()
     start = time.perf_counter()
-    tk_features(model, paths, transform)
+    with tempfile.TemporaryDirectory(prefix="transferkit-bench-cache-") as cache:
+        extractor = FeatureExtractor(model, "onnx", BATCH, 2, QUIET, cache_root=Path(cache))
+        [table] = extractor.tables(paths, [View(0, transform, {})], "bench")
+        for start_row in range(0, len(table), BATCH):  # one pass over the rows, as a head-training epoch reads them
+            table.take(np.arange(start_row, min(start_row + BATCH, len(table))))
     seconds = time.perf_counter() - start
     print(json.dumps({"images": len(paths), "seconds": seconds, "img_per_s": len(paths) / seconds,
                       "peak_rss_mb": peak_rss_mb()}))
@@ -326,9 +360,10 @@ def markdown(results: dict) -> str:
     lines += table(["Peak RSS after phase (MB, never decreases)", "This process", "Largest child (loader worker)"],
                    [[phase, f"{v['self']:.0f}", f"{v['children']:.0f}"] for phase, v in results["peak_rss_mb"].items()])
     if scaling := results.get("scaling"):
-        lines += ["", "Scaling of transferkit extraction (ONNX Runtime, 2 workers, no cache) on 64x64 PNG files, "
-                  "resized to 256 and centre-cropped to 224 by the pipeline; one process per count, time includes the "
-                  f"ONNX export (generating the files took {scaling['generate_seconds']:.0f}s):"]
+        lines += ["", "Scaling of transferkit extraction (ONNX Runtime, 2 workers, streamed into a fresh feature cache "
+                  "and read back once) on 64x64 PNG files, resized to 256 and centre-cropped to 224 by the pipeline; "
+                  "one process per count, time includes the ONNX export (generating the files took "
+                  f"{scaling['generate_seconds']:.0f}s):"]
         lines += table(["Images", "Seconds", "img/s", "Peak RSS, process (MB)", "Peak RSS, largest worker (MB)"], [
             [r["images"], f"{r['seconds']:.1f}", f"{r['img_per_s']:.1f}", f"{r['peak_rss_mb']['self']:.0f}",
              f"{r['peak_rss_mb']['children']:.0f}"] for r in scaling["runs"]])
@@ -348,7 +383,7 @@ def run_all(args: argparse.Namespace, folder: Path) -> dict:
         "1. extraction": lambda: bench_extraction(model, paths, transform, args.repeats),
         "2. stage 1": lambda: bench_stage1(model, paths, labels, transform, args.repeats),
         "3. fine-tune step": lambda: bench_finetune(images, targets, args.steps),
-        "4. inference": lambda: bench_inference(model, images, args.steps * 2),
+        "4. inference": lambda: bench_inference(model, images, args.steps * 2, folder),
     }
     for phase, bench in phases.items():
         results["rows"] += bench()
@@ -361,7 +396,7 @@ def run_all(args: argparse.Namespace, folder: Path) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512, help="generated 256x256 JPEGs for rows 1-2")
-    parser.add_argument("--scales", default="1000,10000", help="image counts for the scaling table ('' to skip)")
+    parser.add_argument("--scales", default="1000,10000,50000", help="image counts for the scaling table ('' to skip)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of rows 1-2 (median)")
     parser.add_argument("--steps", type=int, default=5, help="timed fine-tune steps (inference: twice as many)")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/speed.json, speed-quick.json)")

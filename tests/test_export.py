@@ -118,6 +118,26 @@ def test_int8_export_passes_its_check_and_prints_it(multiclass, capsys, tmp_path
     assert agree.mean() >= 0.95
 
 
+def test_int8_calibration_uses_every_batch(tmp_path):
+    """The input's quantization range must cover the first calibration batch too, whatever the batch count."""
+    class Wrapped(torch.nn.Module):  # a conv under the "/model/" name scope that quantize_int8 quantizes
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return self.model(pixels)
+
+    pixels = torch.rand(32, 3, 8, 8)  # 4 calibration batches of 8
+    pixels[:8] *= 10  # only the first batch reaches 10
+    export.export_onnx(Wrapped().eval(), pixels[:1], tmp_path / "m.onnx")
+    export.quantize_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", pixels)
+    graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+    [quantize] = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "pixels"]
+    scale = next(onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == quantize.input[1])
+    assert float(scale) * 255 >= 9.0
+
+
 @pytest.mark.parametrize(("flags", "threshold", "value"), [(["--int8"], "INT8_MIN_AGREEMENT", 1.01),
                                                            ([], "FP32_TOLERANCE", -1.0)])
 def test_export_that_fails_its_check_is_refused_and_not_written(binary, capsys, monkeypatch, tmp_path, flags,

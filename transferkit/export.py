@@ -194,7 +194,7 @@ def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
     }
 
 
-def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (example,), str(path), input_names=["pixels"], output_names=["probabilities"],
@@ -217,12 +217,15 @@ def quantize_int8(source: Path, target: Path, pixels: torch.Tensor) -> None:
             return None if chunk is None else {"pixels": chunk.contiguous().numpy()}
 
     prepared = target.with_name(target.name + ".pre")
+    # No CalibMaxIntermediateOutputs: ORT's MinMax calibrator discards what it collected each time it reaches that
+    # count, so only the last batches would calibrate (and a multiple of it fails with "No data is collected").
+    # What it keeps per batch is a min and a max per tensor: small.
     try:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=_float_nodes(prepared), extra_options={"CalibMaxIntermediateOutputs": 4},
+            nodes_to_exclude=_float_nodes(prepared),
         )
     finally:
         prepared.unlink(missing_ok=True)
@@ -293,12 +296,12 @@ def _build(fmt: str, int8: bool, run: Run, wrapper: nn.Module, pixels: torch.Ten
     if int8:
         fp32 = tmp.with_name(tmp.name + ".fp32")
         try:
-            _export_onnx(wrapper, example, fp32)
+            export_onnx(wrapper, example, fp32)
             quantize_int8(fp32, tmp, pixels)
         finally:
             fp32.unlink(missing_ok=True)
     else:
-        _export_onnx(wrapper, example, tmp)
+        export_onnx(wrapper, example, tmp)
     _set_metadata(tmp, export_metadata(run, int8))
     return _Session(tmp)
 
