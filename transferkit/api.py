@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from transferkit.errors import UserError
 from transferkit.models.classifier import new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
-from transferkit.run import HistoryWriter, Run, build_meta, save_weights, write_json
+from transferkit.report import write_report
+from transferkit.run import HistoryWriter, Run, TensorBoardWriter, build_meta, save_weights, write_json
 from transferkit.training.compute import Compute, resolve_device
-from transferkit.training.loop import BestKeeper
+from transferkit.training.loop import BestKeeper, EpochLog
 from transferkit.training.two_stage import fine_tune
 
 
@@ -56,7 +58,7 @@ def train(
     config: str | None = None,
     **options: Any,
 ) -> Run:
-    """Scan the data, build the pretrained classifier, run both stages, save the run, evaluate it.
+    """Scan the data, build the pretrained classifier, run both stages, save the run, evaluate it, write its report.
 
     `options` are TrainConfig fields (e.g. backbone="resnet50", epochs_frozen=5); None means "not given".
     Returns the loaded Run; `run.metrics` holds the evaluation (test split if there is one, else val).
@@ -91,12 +93,19 @@ def train(
     keeper = BestKeeper(cfg.monitor, cfg.patience)
     history = HistoryWriter(out / "history.csv")
     interrupted = False
-    try:
-        fine_tune(model, as_targets("train"), as_targets("val"), pre, cfg, keeper, reporter, history, compute)
-    except KeyboardInterrupt:
-        interrupted = True
-        keeper.restore(model)
-        reporter.warn("interrupted: saving the best model so far")
+    with closing(TensorBoardWriter(out / "tb")) as board:  # closed (flushed) however training ends
+
+        def on_epoch(log: EpochLog) -> None:
+            history(log)
+            board.epoch(log)
+
+        try:
+            fine_tune(model, as_targets("train"), as_targets("val"), pre, cfg, keeper, reporter, on_epoch, compute,
+                      board.step)
+        except KeyboardInterrupt:
+            interrupted = True
+            keeper.restore(model)
+            reporter.warn("interrupted: saving the best model so far")
     if keeper.best_epoch:
         reporter.log(f"best {cfg.monitor} {keeper.best:.4f} at {keeper.best_epoch[0]} epoch {keeper.best_epoch[1]}")
     save_weights(model.cpu(), out / "model.safetensors")
@@ -108,6 +117,7 @@ def train(
     if interrupted:
         raise KeyboardInterrupt
     run.evaluate(index)
+    write_report(run)
     return run
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import matplotlib
 
@@ -55,7 +56,7 @@ def _auc(y_true: np.ndarray, probs: np.ndarray, labels: list[int]) -> float | No
     return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path | BinaryIO) -> None:
     """Loss and accuracy per epoch, train and val, with a line where fine-tuning starts."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(1, len(history) + 1)
@@ -70,11 +71,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
 
 
-def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> None:
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path | BinaryIO) -> None:
     """Counts, coloured by row-normalised rate so a small class's mistakes are as visible as a large one's."""
     counts = np.asarray(matrix)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -99,5 +100,5 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> N
             )
     ax.set_title("confusion matrix (count, row %)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, format="png", dpi=100)
     plt.close(fig)

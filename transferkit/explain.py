@@ -7,37 +7,42 @@ gradient) and keeping the positive evidence (ReLU) gives a coarse map of where t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
+from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.errors import UserError
 from transferkit.models.classifier import Classifier
+from transferkit.models.registry import feature_grid, gradcam_layer
 
 if TYPE_CHECKING:
     from transferkit.run import Run
 
+BATCH_SIZE = 8  # images per backward pass: bounds the activations kept for autograd
+
 
 def gradcam(model: Classifier, inputs: torch.Tensor, targets: Sequence[int], binary: bool) -> torch.Tensor:
-    """(B, H, W) heatmaps in [0, 1] at the inputs' resolution, one per image, for the class index given for each."""
+    """(B, H, W) heatmaps in [0, 1] at the inputs' resolution, one per image, for the class index given for each
+    (on the CPU, wherever the model runs)."""
     model.eval()
-    activation, logits = _activation_and_logits(model, inputs)
-    scores = class_scores(logits, torch.as_tensor(list(targets)), binary)
+    activation, logits = _activation_and_logits(model, inputs.to(next(model.parameters()).device))
+    scores = class_scores(logits, torch.as_tensor(list(targets), device=logits.device), binary)
     # In eval mode the images of a batch never interact, so the gradient of the summed scores is, per image,
     # the gradient of its own score: one backward pass for the whole batch.
     (grads,) = torch.autograd.grad(scores.sum(), activation)
-    act, grads = as_grid(model.backbone, activation.detach()), as_grid(model.backbone, grads)
+    act, grads = feature_grid(model.backbone, activation.detach()), feature_grid(model.backbone, grads)
     weights = grads.mean(dim=(2, 3), keepdim=True)  # a channel's importance: its spatially pooled gradient
     cam = torch.relu((weights * act).sum(dim=1, keepdim=True))  # only evidence *for* the class
     cam = F.interpolate(cam.float(), size=tuple(inputs.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
-    return cam / peak[:, None, None]
+    return (cam / peak[:, None, None]).cpu()
 
 
 def class_scores(logits: torch.Tensor, targets: torch.Tensor, binary: bool) -> torch.Tensor:
@@ -50,7 +55,7 @@ def class_scores(logits: torch.Tensor, targets: torch.Tensor, binary: bool) -> t
 def _activation_and_logits(model: Classifier, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The feature map Grad-CAM weights, and logits computed from it with autograd on."""
     backbone = model.backbone
-    layer = token_layer(backbone)
+    layer = gradcam_layer(backbone)
     if layer is None:
         # The map is forward_features' output: the backbone below it runs without autograd, so the backward
         # pass is only pooling + head (cheap enough for a server to do per request).
@@ -68,32 +73,6 @@ def _activation_and_logits(model: Classifier, inputs: torch.Tensor) -> tuple[tor
     finally:
         handle.remove()
     return captured[-1], logits
-
-
-def token_layer(backbone: nn.Module) -> nn.Module | None:
-    """For ViT-style backbones, the first norm of the last block; None for CNNs (use the last feature map).
-
-    With class-token pooling the final patch tokens never reach the head, so their gradient is zero. Before the
-    last block's attention they still feed the class token: the layer pytorch-grad-cam recommends for ViTs.
-    """
-    blocks = getattr(backbone, "blocks", None)
-    if getattr(backbone, "num_prefix_tokens", None) is None or not isinstance(blocks, nn.Sequential) or not blocks:
-        return None
-    return getattr(blocks[-1], "norm1", None)
-
-
-def as_grid(backbone: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """Any backbone's feature map as (B, C, h, w): CNN maps as they are (NHWC ones permuted), ViT tokens
-    without their prefix (class/register) tokens, laid back onto the patch grid."""
-    if tensor.ndim == 4:
-        channels = int(getattr(backbone, "num_features", tensor.shape[1]))
-        nhwc = tensor.shape[1] != channels and tensor.shape[-1] == channels  # e.g. timm's Swin
-        return tensor.permute(0, 3, 1, 2) if nhwc else tensor
-    tokens = tensor[:, int(getattr(backbone, "num_prefix_tokens", 0) or 0) :]
-    batch, count, channels = tokens.shape
-    grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
-    height, width = grid if grid and grid[0] * grid[1] == count else (math.isqrt(count), count // math.isqrt(count))
-    return tokens.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 def model_view(image: Image.Image, pre: Preprocess) -> Image.Image:
@@ -119,3 +98,46 @@ def explain_images(run: Run, images: list[Image.Image], targets: Sequence[int]) 
     inputs = torch.stack([run.transform(image) for image in images])
     cams = gradcam(run.model, inputs, targets, run.binary).numpy()
     return [overlay(model_view(image, run.preprocess), cam) for image, cam in zip(images, cams, strict=True)]
+
+
+def class_index(run: Run, name: str) -> int:
+    """The index of a class the run knows; any other name is the user's typo, answered with the valid names."""
+    if name not in run.classes:
+        raise UserError(f"unknown class '{name}': this model knows {', '.join(run.classes)}")
+    return run.classes.index(name)
+
+
+def explain_files(run: Run, paths: list[str], out_dir: Path, target: int | None = None) -> list[dict]:
+    """Grad-CAM overlay PNGs in `out_dir` for readable image files, explaining class index `target` or else each
+    image's predicted class. Per image: its path, the overlay written, the predicted label and probability, and
+    the class explained."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probs = run.probabilities(paths)
+    predicted = probs.argmax(axis=1)
+    targets = [int(p) if target is None else target for p in predicted]
+    written = [out_dir / name for name in overlay_names(paths)]
+    for start in range(0, len(paths), BATCH_SIZE):
+        batch = slice(start, start + BATCH_SIZE)
+        images = [load_rgb(path) for path in paths[batch]]
+        for image, destination in zip(explain_images(run, images, targets[batch]), written[batch], strict=True):
+            image.save(destination)
+    return [
+        {"path": path, "overlay": str(overlay_path), "label": run.classes[p], "probability": float(row[p]),
+         "explained": run.classes[t]}
+        for path, overlay_path, row, p, t in zip(paths, written, probs, predicted, targets, strict=True)
+    ]
+
+
+def overlay_names(paths: list[str]) -> list[str]:
+    """`<stem>_gradcam.png` per image; a stem seen before gets a number, so no overlay overwrites another."""
+    names: list[str] = []
+    taken: set[str] = set()
+    for path in paths:
+        stem = Path(path).stem
+        name, n = f"{stem}_gradcam.png", 1
+        while name in taken:
+            n += 1
+            name = f"{stem}_{n}_gradcam.png"
+        names.append(name)
+        taken.add(name)
+    return names

@@ -29,7 +29,7 @@ from transferkit.cache import file_digest
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
-from transferkit.progress import console
+from transferkit.progress import print_warning
 from transferkit.run import Run, image_loader
 from transferkit.training.loop import evaluate_logits, probabilities
 
@@ -394,7 +394,7 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
             try:
                 return _export_predictor(run_dir, kind)
             except UserError as exc:
-                console.print(f"[yellow]warning:[/yellow] {exc}")
+                print_warning("warning:", str(exc))
     return Run(run_dir)
 
 

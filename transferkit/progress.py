@@ -10,7 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-console = Console(stderr=True, highlight=False)
+# markup off: messages carry user file names, and "[/x] photo.jpg" must print as it is, not be parsed (or crash).
+console = Console(stderr=True, highlight=False, markup=False)
+
+
+def print_warning(label: str, message: str) -> None:
+    console.print(Text(label, style="yellow"), message)
 
 
 class ImagesPerSecond(ProgressColumn):
@@ -31,7 +36,7 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         """Warnings (skipped files, fallbacks) show even with --quiet: they are about the user's data."""
-        console.print(f"[yellow]warning:[/yellow] {message}")
+        print_warning("warning:", message)
 
     @contextmanager
     def bar(self, description: str, total: int) -> Iterator[Callable[..., None]]:

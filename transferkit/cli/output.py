@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from transferkit.data.sources import Skipped
-from transferkit.progress import console
+from transferkit.progress import print_warning
 
 ENGINE = Annotated[str, typer.Option(help="auto (the int8 export, else the fp32 one, else torch), int8, onnx, torch.")]
 
@@ -20,7 +20,7 @@ def print_json(value: object) -> None:
 
 def report_skipped(skipped: list[Skipped]) -> None:
     for item in skipped:
-        console.print(f"[yellow]skipped[/yellow] {item.path}: {item.reason}")
+        print_warning("skipped", f"{item.path}: {item.reason}")
 
 
 def print_predictions(results: list[dict]) -> None:

@@ -120,12 +120,16 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="train, val, test or all (default: test if any, else val).")] = None,
     json_out: JSON = False,
 ) -> None:
-    """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json and figures."""
+    """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json, predictions.csv,
+    figures and report.html."""
+    from transferkit.report import write_report
     from transferkit.run import Run
 
     if split not in (None, "train", "val", "test", "all"):
         raise UserError(f"--split must be train, val, test or all, not '{split}'")
-    metrics = Run(run).evaluate(data, split)
+    loaded = Run(run)
+    metrics = loaded.evaluate(data, split)
+    write_report(loaded)
     report_skipped_dicts(metrics["skipped_files"])
     print_json(metrics) if json_out else print_metrics_summary(metrics)
 

@@ -1,11 +1,13 @@
 """Backbone registry over timm: which networks we know, where their ImageNet weights come from offline.
 
-Any timm model name works; the registered ones add an offline weights source, a published ImageNet top-1 and a
-Grad-CAM layer. Follows timm's pattern: a decorator-free dict plus `get_backbone` / `create_backbone`.
+Any timm model name works; the registered ones add an offline weights source and a published ImageNet top-1, and
+`gradcam_layer` / `feature_grid` say where Grad-CAM reads any of them. Follows timm's pattern: a decorator-free
+dict plus `get_backbone` / `create_backbone`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+from torch import nn
 
 from transferkit.errors import UserError
 from transferkit.models import offline_weights
@@ -153,6 +156,34 @@ def _classifier_prefix(model: torch.nn.Module) -> str:
 
 def has_offline_weights(spec: BackboneSpec) -> bool:
     return spec.offline_path() is not None
+
+
+def gradcam_layer(backbone: nn.Module) -> nn.Module | None:
+    """The layer Grad-CAM weighs: for ViT-style backbones the last block's first norm; None for CNNs, meaning the
+    output of forward_features (the final feature map, which still knows where things are).
+
+    With class-token pooling the final patch tokens never reach the head, so their gradient is zero. Before the
+    last block's attention they still feed the class token: the layer pytorch-grad-cam recommends for ViTs.
+    """
+    blocks = getattr(backbone, "blocks", None)
+    if getattr(backbone, "num_prefix_tokens", None) is None or not isinstance(blocks, nn.Sequential) or not blocks:
+        return None
+    return getattr(blocks[-1], "norm1", None)
+
+
+def feature_grid(backbone: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """The Grad-CAM layer's output as (B, C, h, w): CNN maps as they are (NHWC ones permuted), ViT tokens
+    without their prefix (class/register) tokens, laid back onto the patch grid."""
+    if tensor.ndim == 4:
+        channels = int(getattr(backbone, "num_features", tensor.shape[1]))
+        nhwc = tensor.shape[1] != channels and tensor.shape[-1] == channels  # e.g. timm's Swin
+        return tensor.permute(0, 3, 1, 2) if nhwc else tensor
+    tokens = tensor[:, int(getattr(backbone, "num_prefix_tokens", 0) or 0) :]
+    batch, count, channels = tokens.shape
+    grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+    # A dynamic-size ViT fed another resolution than its default has another grid: a square one is assumed then.
+    height, width = grid if grid and grid[0] * grid[1] == count else (math.isqrt(count), count // math.isqrt(count))
+    return tokens.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 def count_parameters(timm_name: str) -> int:

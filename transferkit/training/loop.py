@@ -33,6 +33,17 @@ class EpochLog:
         return asdict(self)
 
 
+@dataclass
+class StepLog:
+    """One training batch: its loss and accuracy (values the loop already has on the CPU) and learning rate."""
+
+    stage: str
+    step: int  # batches since the stage began, from 1
+    loss: float
+    acc: float
+    lr: float
+
+
 def loss_fn(binary: bool, label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Binary: one logit, BCE-with-logits (logit > 0 means the second class). Otherwise softmax cross-entropy."""
     if binary:
@@ -109,6 +120,7 @@ class FitContext:
     reporter: Reporter
     on_epoch: Callable[[EpochLog], None]
     compute: Compute
+    on_step: Callable[[StepLog], None] | None = None
 
 
 def fit(stage: Stage, ctx: FitContext) -> None:
@@ -120,6 +132,7 @@ def fit(stage: Stage, ctx: FitContext) -> None:
         with ctx.reporter.bar(f"{stage.name} {epoch}/{stage.epochs}", stage.n_train) as advance:
             for step, (inputs, targets) in enumerate(stage.batches(), start=1):
                 inputs, targets = ctx.compute.to_device(inputs), ctx.compute.to_device(targets)
+                lr = stage.optimizer.param_groups[0]["lr"]  # this batch's rate: the schedule moves after its step
                 # 1. forward and loss (autocast under mixed precision)
                 with ctx.compute.autocast():
                     logits = stage.module(inputs)
@@ -131,12 +144,14 @@ def fit(stage: Stage, ctx: FitContext) -> None:
                     ctx.compute.scaler.update()
                     stage.optimizer.zero_grad(set_to_none=True)
                     stage.scheduler.step()
-                # 3. running statistics for the epoch line
-                n = targets.shape[0]
-                loss_sum += loss.item() * n
-                correct += int((predicted_class(logits.detach(), ctx.binary) == targets).sum())
-                seen += n
+                # 3. running statistics for the epoch line; the batch's own for the step hook (TensorBoard)
+                n, batch_loss = targets.shape[0], loss.item()
+                batch_correct = int((predicted_class(logits.detach(), ctx.binary) == targets).sum())
+                loss_sum, correct, seen = loss_sum + batch_loss * n, correct + batch_correct, seen + n
                 advance(n, f"loss {loss_sum / seen:.4f}")
+                if ctx.on_step:
+                    ctx.on_step(StepLog(stage.name, (epoch - 1) * stage.steps + step, batch_loss,
+                                        batch_correct / n, lr))
         # 4. validate, log, keep the best, maybe stop early
         val_loss, val_acc = stage.validate()
         log = EpochLog(epoch, stage.name, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc,

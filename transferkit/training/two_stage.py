@@ -23,6 +23,7 @@ from transferkit.training.loop import (
     EpochLog,
     FitContext,
     Stage,
+    StepLog,
     evaluate_logits,
     fit,
     loss_and_accuracy,
@@ -106,10 +107,12 @@ def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms
 
 
 def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
-              keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute) -> None:
+              keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute,
+              on_step: Callable[[StepLog], None] | None = None) -> None:
     """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen."""
     binary = model.head[-1].out_features == 1
-    ctx = FitContext(loss_fn(binary, config.label_smoothing), binary, keeper, model, reporter, on_epoch, compute)
+    ctx = FitContext(loss_fn(binary, config.label_smoothing), binary, keeper, model, reporter, on_epoch, compute,
+                     on_step)
     augment = config.augmentation()
     transforms = (eval_transform(pre, augment.samplewise_center), train_transform(pre, augment))
     generator = torch.Generator().manual_seed(config.seed)

@@ -1,0 +1,149 @@
+"""report.html: one page about a run (its data, training, metrics, mistakes, what the model looks at) that opens
+from disk with no network: pictures inline as data URIs, CSS inline, no scripts. Everything comes from the run
+folder's files; a file the run lacks turns its sections into a line saying so, never an error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jinja2
+import numpy as np
+import yaml
+
+from transferkit.report.figures import confusion_uri, roc_uri, stage_curves
+from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
+from transferkit.run import atomic_write, read_history, read_predictions
+
+if TYPE_CHECKING:
+    from transferkit.run import Run
+
+STAGE_TITLES = {"frozen": "Stage 1: the new head on the frozen backbone", "finetune": "Stage 2: fine-tuning"}
+SKIPPED_SHOWN = 100
+CONFUSION_TABLE_MAX = 30  # classes; beyond this the figure alone (its cells unlabelled) is readable
+NO_PREDICTIONS = ("no predictions.csv in the run folder: `transferkit report RUN --data DATA` (or `transferkit "
+                  "evaluate RUN DATA`) evaluates the run and writes it")
+
+
+def write_report(run: Run) -> Path:
+    """Write RUN/report.html from the run folder as it is now; returns its path."""
+    path = run.path / "report.html"
+    atomic_write(path, render(gather(run)))
+    return path
+
+
+def render(context: dict) -> str:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("transferkit.report", "."), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda value, digits=4: "—" if value is None else f"{value:.{digits}f}"
+    return env.get_template("template.html.j2").render(context)
+
+
+def gather(run: Run) -> dict:
+    metrics = read_json(run.path / "metrics.json")
+    predictions = load_predictions(run)
+    return {
+        "title": run.path.resolve().name,
+        "classes": run.classes,
+        "dataset": dataset_section(run.path, run.classes, metrics),
+        "training": training_section(run.path),
+        "metrics": metrics_section(metrics),
+        "roc": roc_section(predictions, run.classes) if len(run.classes) == 2 else None,
+        **prediction_sections(run, predictions),
+        "model": model_section(run),
+    }
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def missing(message: str) -> dict:
+    return {"missing": message}
+
+
+def load_predictions(run: Run) -> Predictions | None:
+    path = run.path / "predictions.csv"
+    return Predictions(*read_predictions(path, run.classes)) if path.is_file() else None
+
+
+def dataset_section(folder: Path, classes: list[str], metrics: dict | None) -> dict:
+    """Images per class and split (split.json); files skipped and why (metrics.json)."""
+    split = read_json(folder / "split.json")
+    if split is None:
+        return missing("no split.json in the run folder")
+    splits = [name for name in ("train", "val", "test") if split.get(name)]
+    rows = [[name] + [split["labels"][s].count(name) for s in splits] for name in classes]
+    rows.append(["all classes"] + [len(split[s]) for s in splits])
+    skipped = None if metrics is None else metrics.get("skipped_files", [])
+    return {"splits": splits, "rows": rows, "layout": split.get("layout"), "seed": split.get("seed"),
+            "skipped": None if skipped is None else skipped[:SKIPPED_SHOWN],
+            "skipped_total": None if skipped is None else len(skipped)}
+
+
+def training_section(folder: Path) -> dict:
+    path = folder / "history.csv"
+    history = read_history(path) if path.is_file() else []
+    if not history:
+        return missing("no training history (history.csv is missing or empty): this run was not trained here")
+    stages = [{"title": STAGE_TITLES.get(stage, stage), "uri": uri} for stage, uri in stage_curves(history)]
+    return {"stages": stages, "history": history}
+
+
+def metrics_section(metrics: dict | None) -> dict:
+    if metrics is None:
+        return missing("no metrics.json in the run folder: `transferkit evaluate RUN DATA` writes it")
+    classes = metrics["classes"]
+    counts = np.asarray(metrics["confusion_matrix"])
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return {
+        "summary": [("accuracy", metrics["accuracy"]), ("top-5 accuracy", metrics.get("top5_accuracy")),
+                    ("ROC AUC", metrics.get("auc")), ("log loss", metrics["loss"])],
+        "auc": metrics.get("auc"),
+        "n": metrics["n"],
+        "split": metrics["split"],
+        "per_class": metrics["per_class"],
+        "confusion_uri": confusion_uri(metrics["confusion_matrix"], classes),
+        "confusion": list(zip(classes, counts.tolist(), rates.tolist(), strict=True)),
+        "confusion_tables": len(classes) <= CONFUSION_TABLE_MAX,
+        "classes": classes,
+    }
+
+
+def roc_section(pred: Predictions | None, classes: list[str]) -> dict:
+    """Binary tasks only: the second class (the logit's) is the positive one."""
+    if pred is None:
+        return missing(NO_PREDICTIONS)
+    is_positive = pred.y_true == 1
+    if is_positive.all() or not is_positive.any():
+        return missing("the evaluated images are all of one class: a ROC curve needs both")
+    return {"uri": roc_uri(is_positive, pred.probs[:, 1]), "positive": classes[1]}
+
+
+def prediction_sections(run: Run, pred: Predictions | None) -> dict:
+    """The sections drawn from per-image predictions; the only ones that run the model (on a few images)."""
+    if pred is None or not len(pred.paths):
+        message = NO_PREDICTIONS if pred is None else "predictions.csv lists no images"
+        return {"gallery": missing(message), "top_losses": missing(message), "similarity": missing(message)}
+    return {"gallery": gallery_section(run, pred), "top_losses": top_losses_section(pred, run.classes),
+            "similarity": similarity_section(run, pred)}
+
+
+def model_section(run: Run) -> dict:
+    """What the classifier is (backbone, weights, head, preprocessing) and how it was trained (the config)."""
+    meta = run.meta
+    config_path = run.path / "config.yaml"
+    config_text = config_path.read_text() if config_path.is_file() else None
+    recipe = (yaml.safe_load(config_text) or {}).get("recipe") if config_text else None
+    rows = [("backbone", f"{meta['backbone']} (timm {meta['timm_name']})"),
+            ("weights", meta["weights_source"]),
+            ("recipe", recipe or "—"),
+            ("task", f"{meta['task']}, {len(run.classes)} classes"),
+            ("input", f"{meta['image_size']} px, {meta['interpolation']}, crop {meta['crop_pct']}"),
+            ("normalisation", f"mean {meta['mean']}, std {meta['std']}"),
+            ("head", json.dumps(meta["head"])),
+            ("created", f"{meta['created']} by transferkit {meta['transferkit_version']}")]
+    if meta.get("interrupted"):
+        rows.append(("interrupted", "yes: training was stopped early by the user"))
+    return {"rows": rows, "config": config_text, "meta": json.dumps(meta, indent=2)}

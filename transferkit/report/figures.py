@@ -1,0 +1,70 @@
+"""The report's pictures as data URIs, so the page is one file: matplotlib figures (evaluate's own plots where
+they exist) as PNG, photos and Grad-CAM overlays as small JPEGs."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from typing import BinaryIO
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from transferkit.evaluate import plot_confusion, plot_curves  # noqa: E402
+
+THUMBNAIL_PX = 128
+
+
+def data_uri(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def figure_uri(draw: Callable[[BinaryIO], None]) -> str:
+    """A PNG data URI of whatever `draw` saves into the file object it is given."""
+    buffer = io.BytesIO()
+    draw(buffer)
+    return data_uri("image/png", buffer.getvalue())
+
+
+def image_uri(image: Image.Image, max_px: int = THUMBNAIL_PX) -> str:
+    """A JPEG data URI of the image shrunk to fit max_px (photos: a fraction of a PNG's size)."""
+    small = image.convert("RGB")
+    small.thumbnail((max_px, max_px))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85)
+    return data_uri("image/jpeg", buffer.getvalue())
+
+
+def stage_curves(history: list[dict]) -> list[tuple[str, str]]:
+    """(stage, loss-and-accuracy figure) for each stage in training order."""
+    stages = list(dict.fromkeys(row["stage"] for row in history))
+    return [(stage, figure_uri(lambda out, s=stage: plot_curves([r for r in history if r["stage"] == s], out)))
+            for stage in stages]
+
+
+def confusion_uri(matrix: list[list[int]], classes: list[str]) -> str:
+    return figure_uri(lambda out: plot_confusion(matrix, classes, out))
+
+
+def roc_uri(is_positive: np.ndarray, positive_probability: np.ndarray) -> str:
+    """The ROC curve of a binary task, the chance diagonal beside it."""
+    fpr, tpr, _ = roc_curve(is_positive, positive_probability)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, label="model")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    uri = figure_uri(lambda out: fig.savefig(out, format="png", dpi=100))
+    plt.close(fig)
+    return uri

@@ -1,0 +1,133 @@
+"""The report's sections that show images: a Grad-CAM gallery, the top losses and a similarity heatmap of class
+representatives. All are chosen from predictions.csv, so only these few images go through the model again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from transferkit.data.images import load_rgb
+from transferkit.errors import UnreadableImage
+from transferkit.explain import explain_images
+from transferkit.report.figures import figure_uri, image_uri
+from transferkit.similarity import cosine_matrix, embed_images, plot_similarity
+
+if TYPE_CHECKING:
+    from transferkit.run import Run
+
+GALLERY_EACH = 6  # correct and wrong images with Grad-CAM: the report's only backward passes, so few
+TOP_LOSSES = 12
+SIMILARITY_MAX = 24  # images in the heatmap: more cells than this cannot be read
+OVERLAY_PX = 192
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """predictions.csv: the evaluated images, their true class indices and (N, classes) probabilities."""
+
+    paths: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def p_true(self) -> np.ndarray:
+        return self.probs[np.arange(len(self.y_true)), self.y_true]
+
+    def correct_most_confident(self) -> np.ndarray:
+        correct = np.flatnonzero(self.y_pred == self.y_true)
+        return correct[np.argsort(-self.p_true[correct], kind="stable")]
+
+    def wrong_largest_loss(self) -> np.ndarray:
+        """Mistakes, the most confidently wrong (lowest probability of the true class: largest loss) first."""
+        wrong = np.flatnonzero(self.y_pred != self.y_true)
+        return wrong[np.argsort(self.p_true[wrong], kind="stable")]
+
+    def best_of_each_class(self, per_class: int, max_classes: int) -> np.ndarray:
+        """Per class (up to max_classes), its images with the highest probability of their true class."""
+        order = np.argsort(-self.p_true, kind="stable")
+        classes = np.unique(self.y_true)[:max_classes]
+        return np.concatenate([order[self.y_true[order] == c][:per_class] for c in classes])
+
+
+def load_chosen(pred: Predictions, chosen: list[int]) -> tuple[list[tuple[int, Image.Image]], int]:
+    """(index, decoded image) for each chosen image still readable, and how many are not (moved or deleted since
+    evaluation: the report says so instead of failing)."""
+    kept = []
+    for i in chosen:
+        try:
+            kept.append((i, load_rgb(pred.paths[i])))
+        except UnreadableImage:
+            continue
+    return kept, len(chosen) - len(kept)
+
+
+def spread_over_classes(indices: np.ndarray, labels: np.ndarray, count: int) -> list[int]:
+    """Up to `count` of `indices`, taken in turn from each class, keeping each class's order."""
+    queues = {c: [i for i in indices if labels[i] == c] for c in dict.fromkeys(labels[indices].tolist())}
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(chosen) < count:
+                chosen.append(int(queue.pop(0)))
+    return chosen
+
+
+def card(pred: Predictions, i: int, classes: list[str], uri: str) -> dict:
+    predicted = int(pred.y_pred[i])
+    return {"uri": uri, "name": Path(pred.paths[i]).name, "path": pred.paths[i], "true": classes[pred.y_true[i]],
+            "predicted": classes[predicted], "probability": float(pred.probs[i, predicted]),
+            "p_true": float(pred.p_true[i])}
+
+
+def gallery_section(run: Run, pred: Predictions) -> dict:
+    """The most confident correct images (spread over classes) and mistakes, with the Grad-CAM overlay of the
+    predicted class: one batch through the model."""
+    correct = spread_over_classes(pred.correct_most_confident(), pred.y_true, GALLERY_EACH)
+    kept, unreadable = load_chosen(pred, correct + [int(i) for i in pred.wrong_largest_loss()[:GALLERY_EACH]])
+    overlays = explain_images(run, [image for _, image in kept], [int(pred.y_pred[i]) for i, _ in kept]) if kept else []
+    cards = [card(pred, i, run.classes, image_uri(overlay, OVERLAY_PX))
+             for (i, _), overlay in zip(kept, overlays, strict=True)]
+    return {"correct": [c for c in cards if c["true"] == c["predicted"]],
+            "wrong": [c for c in cards if c["true"] != c["predicted"]], "unreadable": unreadable}
+
+
+def top_losses_section(pred: Predictions, classes: list[str]) -> dict:
+    kept, unreadable = load_chosen(pred, [int(i) for i in pred.wrong_largest_loss()[:TOP_LOSSES]])
+    cards = [card(pred, i, classes, image_uri(image)) for i, image in kept]
+    return {"cards": cards, "wrong": int((pred.y_pred != pred.y_true).sum()), "unreadable": unreadable}
+
+
+def similarity_section(run: Run, pred: Predictions) -> dict:
+    """Cosine similarity of the run's embeddings of each class's most confidently recognised images."""
+    n_classes = len(np.unique(pred.y_true))
+    per_class = 2 if 2 * n_classes <= SIMILARITY_MAX else 1
+    kept, unreadable = load_chosen(pred, [int(i) for i in pred.best_of_each_class(per_class, SIMILARITY_MAX)])
+    if len(kept) < 2:
+        return {"missing": "fewer than two of the evaluated images can be read from here"}
+    # Not cached: a few dozen embeddings are cheap, and no other run shares this fine-tuned backbone's.
+    matrix = cosine_matrix(embed_images(run, [pred.paths[i] for i, _ in kept], cache=False))
+    labels = numbered([run.classes[pred.y_true[i]] for i, _ in kept])
+    uri = figure_uri(lambda out: plot_similarity(matrix, labels, out))
+    thumbnails = [{"uri": image_uri(image, 96), "label": label, "name": Path(pred.paths[i]).name}
+                  for (i, image), label in zip(kept, labels, strict=True)]
+    omitted = max(0, n_classes - SIMILARITY_MAX)
+    return {"uri": uri, "thumbnails": thumbnails, "omitted_classes": omitted, "unreadable": unreadable}
+
+
+def numbered(labels: list[str]) -> list[str]:
+    """'cat 1', 'cat 2' where a label repeats, so every row of the heatmap has its own name."""
+    repeated = {label for label in labels if labels.count(label) > 1}
+    seen: dict[str, int] = {}
+    names = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        names.append(f"{label} {seen[label]}" if label in repeated else label)
+    return names
