@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from transferkit.fileio import atomic_path, atomic_write
 from transferkit.progress import Reporter
 
 
@@ -47,19 +48,6 @@ def module_digest(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class FeatureTable(Protocol):
@@ -142,7 +130,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, rows: int) -> None:
         self.path, self.rows, self.written, self.dim = path, rows, 0, 0
-        self._handle = open(path, "wb")  # noqa: SIM115 - closed by finish() or discard()
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._digest = hashlib.sha256()
 
     def write(self, features: np.ndarray) -> None:
@@ -158,17 +146,14 @@ class ShardWriter:
         self._digest.update(data)
 
     def finish(self) -> str:
-        """Check every row came, flush to disk, close; the file's digest (as `file_digest` computes it)."""
+        """Check every row came; the file's digest (as `file_digest` computes it)."""
         if self.written != self.rows:
             raise RuntimeError(f"feature shard got {self.written} rows for {self.rows} keys")
         self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
         return self._digest.hexdigest()[:32]
 
-    def discard(self) -> None:
+    def close(self) -> None:
         self._handle.close()
-        self.path.unlink(missing_ok=True)
 
 
 def _npy_header(header: dict) -> bytes:
@@ -214,14 +199,13 @@ class FeatureStore:
         checksum) only if every row was written, so an interrupted extraction leaves no half shard behind."""
         name = uuid.uuid4().hex
         data_path = self.folder / f"{name}.npy"
-        shard = ShardWriter(data_path.with_name(f".{name}.npy.tmp"), len(keys))
-        try:
-            yield shard
-            digest = shard.finish()
-            os.replace(shard.path, data_path)
-        except BaseException:
-            shard.discard()
-            raise
+        with atomic_path(data_path) as tmp:
+            shard = ShardWriter(tmp, len(keys))
+            try:
+                yield shard
+                digest = shard.finish()
+            finally:
+                shard.close()
         meta = {"keys": keys, "shape": [len(keys), shard.dim], "sha256": digest}
-        _write_atomic(self.folder / f"{name}.json", lambda handle: handle.write(json.dumps(meta).encode()))
+        atomic_write(self.folder / f"{name}.json", json.dumps(meta))
         self.rows.update({key: (data_path.name, row) for row, key in enumerate(keys)})

@@ -9,9 +9,7 @@ does not reproduce eager PyTorch on the run's validation images is refused, neve
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -29,6 +27,7 @@ from transferkit.cache import file_digest
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
+from transferkit.fileio import atomic_path
 from transferkit.progress import print_warning
 from transferkit.run import Run, image_loader
 from transferkit.training.loop import evaluate_logits, probabilities
@@ -327,20 +326,13 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         size = run.preprocess.image_size
         pixels = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
         notes.append("checked on random pixels instead")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(target) as tmp:
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
         check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels)
         if reason := check.failure(int8):
             hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     size_mb = target.stat().st_size / 2**20
     return ExportReport(str(target), fmt, int8, round(size_mb, 2), check, *speeds, notes=notes)
 

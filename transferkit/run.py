@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from transferkit.data.sources import DatasetIndex, Skipped, image_problems, list
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
+from transferkit.fileio import atomic_path, atomic_write
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
 from transferkit.training.compute import resolve_device
 from transferkit.training.loop import EpochLog, StepLog, evaluate_logits, probabilities
@@ -31,35 +30,14 @@ FORMAT_VERSION = 1
 HISTORY_FIELDS = list(EpochLog.__dataclass_fields__)
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, value: object) -> None:
     atomic_write(path, json.dumps(value, indent=2) + "\n")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def build_meta(

@@ -26,10 +26,11 @@ from transferkit.data.sources import Skipped, scan_dataset  # noqa: E402
 from transferkit.data.transforms import Preprocess, eval_transform  # noqa: E402
 from transferkit.errors import UserError  # noqa: E402
 from transferkit.features import FeatureExtractor, View  # noqa: E402
+from transferkit.fileio import atomic_write  # noqa: E402
 from transferkit.models.classifier import Classifier  # noqa: E402
 from transferkit.models.registry import create_imagenet_model, get_backbone  # noqa: E402
 from transferkit.progress import Reporter  # noqa: E402
-from transferkit.run import Run, atomic_write, collect_images  # noqa: E402
+from transferkit.run import Run, collect_images  # noqa: E402
 
 BATCH_SIZE = 32
 # Decoding workers and an ONNX export (with its parity check) each cost seconds before the first image; they are

@@ -37,4 +37,4 @@ def demo(
         f"test accuracy {metrics['accuracy']:.4f} (n={metrics['n']}), AUC {metrics['auc']:.4f} "
         f"in {time.perf_counter() - start:.0f}s; published fine-tuned CNN: 0.8842"
     )
-    console.print(f"run folder: {out} (report: metrics.json, curves.png, confusion.png)")
+    console.print(f"run folder: {out} (open {out / 'report.html'} in a browser)")

@@ -12,9 +12,10 @@ import jinja2
 import numpy as np
 import yaml
 
+from transferkit.fileio import atomic_write
 from transferkit.report.figures import confusion_uri, roc_uri, stage_curves
 from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
-from transferkit.run import atomic_write, read_history, read_predictions
+from transferkit.run import read_history, read_predictions
 
 if TYPE_CHECKING:
     from transferkit.run import Run

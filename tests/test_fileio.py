@@ -1,0 +1,31 @@
+"""atomic_path / atomic_write: the file is complete or absent, with the permissions a plain open() gives."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from transferkit.fileio import atomic_path, atomic_write
+
+
+def test_written_file_has_umask_permissions_and_no_temp_file_remains(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "sub" / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "sub" / "a.json").read_text() == "{}"
+    assert stat.S_IMODE((tmp_path / "sub" / "a.json").stat().st_mode) == 0o666 & ~old
+    assert os.listdir(tmp_path / "sub") == ["a.json"]
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "model.bin"
+    atomic_write(target, b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["model.bin"]
