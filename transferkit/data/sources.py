@@ -96,11 +96,14 @@ def scan_dataset(
     seed: int = 0,
     verify: bool = True,
     max_pixels: int = MAX_PIXELS,
+    trainable: bool = True,
 ) -> DatasetIndex:
     """Index a dataset folder or CSV: find images, skip bad files with reasons, and split them.
 
     Split folders and CSV split values are kept. Other images get a seeded per-class (stratified) split;
     val (test) is carved from them only when the layout has no val (test) folder of its own.
+    ``trainable=False`` (data checks) indexes data that could not train yet (one class, a class with one image);
+    only "no images at all" is then an error.
     """
     _check_fractions(val_split, test_split)
     root = Path(os.path.abspath(os.path.expanduser(path)))
@@ -109,7 +112,7 @@ def scan_dataset(
     layout, found = _read_layout(root)
     entries, bad = _verify(found.entries, max_pixels) if verify else (found.entries, [])
     skipped = sorted(found.skipped + bad, key=lambda s: s.path)
-    _check_classes(root, entries, found.declared, len(skipped))
+    _check_classes(root, entries, found.declared, len(skipped), trainable)
     fractions = (0.0 if "val" in found.explicit else val_split, 0.0 if "test" in found.explicit else test_split)
     samples = _assign_splits(entries, *fractions, seed)
     samples.sort(key=lambda s: (SPLITS.index(s.split), s.label, s.path))
@@ -272,11 +275,13 @@ def list_image_files(folder: Path) -> tuple[list[str], list[Skipped]]:
     return paths, skipped
 
 
-def _check_classes(root: Path, entries: list[_Entry], declared: set[str], n_skipped: int) -> None:
-    """Fail early, naming the problem, when the data cannot train a classifier."""
+def _check_classes(root: Path, entries: list[_Entry], declared: set[str], n_skipped: int, trainable: bool) -> None:
+    """Fail early, naming the problem, when the data cannot train a classifier (not ``trainable``: has no images)."""
     if not entries:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images found in {root} (looked for {exts} files by class; {n_skipped} entries skipped)")
+    if not trainable:
+        return
     if len(declared) == 1:
         raise UserError(f"only one class found ('{next(iter(declared))}') in {root}; need at least 2 classes")
     per_class = Counter(e.label for e in entries)

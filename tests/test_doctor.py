@@ -1,0 +1,251 @@
+"""`transferkit doctor`: planted problems are found, with their files; a clean dataset reports nothing.
+
+Duplicates and leakage are checked with the real Lite0 (its default threshold was chosen on it) on tiles of photos;
+mislabeling with the tiny random backbone on coloured squares, which it separates from pooled features."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from tests.conftest import make_class_folders, make_image
+from transferkit import api
+from transferkit.cli.main import run_cli
+from transferkit.data.sources import Sample
+from transferkit.doctor import DoctorOptions, diagnose
+from transferkit.doctor.checks import class_balance, leakage, near_duplicates
+from transferkit.doctor.mislabel import confident_suspects, likely_mislabeled
+
+PHOTOS = {"cat": skimage.data.chelsea, "coffee": skimage.data.coffee, "astronaut": skimage.data.astronaut}
+CLEAN_FINDINGS = {"skipped": 0, "exact_duplicates": 0, "near_duplicates": 0, "leakage": 0, "tiny_images": 0,
+                  "mislabeled": 0, "class_imbalance": 0, "findings": 0}
+
+
+def photo_tiles(photo: np.ndarray, count: int, side: int, rng: np.random.Generator) -> list[Image.Image]:
+    """Non-overlapping tiles of one photo: distinct images of one class."""
+    image = Image.fromarray(photo).convert("RGB")
+    cells = [(x, y) for x in range(image.width // side) for y in range(image.height // side)]
+    rng.shuffle(cells)
+    return [image.crop((x * side, y * side, (x + 1) * side, (y + 1) * side)) for x, y in cells[:count]]
+
+
+def make_tiles_dataset(root: Path) -> Path:
+    """train/ and val/ of 96-px photo tiles, 8 + 2 per class."""
+    rng = np.random.default_rng(0)
+    for name, photo in PHOTOS.items():
+        for i, tile in enumerate(photo_tiles(photo(), 10, 96, rng)):
+            folder = root / ("train" if i < 8 else "val") / name
+            folder.mkdir(parents=True, exist_ok=True)
+            tile.save(folder / f"{name}_{i}.png")
+    return root
+
+
+def reencoded(image: Image.Image, scale: float, quality: int) -> bytes:
+    small = image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def plant_problems(root: Path) -> dict[str, str]:
+    """One of each problem, by name -> the planted file (absolute, as the report writes paths)."""
+    train, val = root / "train", root / "val"
+    planted = {
+        "exact": train / "cat" / "cat_0_copy.png",
+        "leak": val / "coffee" / "leaked.png",
+        "photo": train / "astronaut" / "photo.png",
+        "near": val / "astronaut" / "photo_small.jpg",
+        "tiny": train / "cat" / "tiny.png",
+        "broken": train / "coffee" / "broken.jpg",
+    }
+    shutil.copy(train / "cat" / "cat_0.png", planted["exact"])
+    shutil.copy(train / "coffee" / "coffee_1.png", planted["leak"])
+    photo = Image.fromarray(skimage.data.astronaut())
+    photo.save(planted["photo"])
+    planted["near"].write_bytes(reencoded(photo, 0.75, 85))  # resized to 384 px and JPEG re-encoded
+    Image.open(train / "cat" / "cat_2.png").resize((16, 16)).save(planted["tiny"])
+    planted["broken"].write_bytes(b"not a jpeg")
+    return {name: str(path) for name, path in planted.items()}
+
+
+def paths(files: list[dict]) -> set[str]:
+    return {f["path"] for f in files}
+
+
+@pytest.fixture(scope="module")
+def lite0_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, dict[str, str], Path]:
+    """Reports on clean tiles and on the same tiles with problems planted (their features come from the cache)."""
+    root = tmp_path_factory.mktemp("doctor-tiles")
+    clean = make_tiles_dataset(root / "clean")
+    shutil.copytree(clean, root / "planted")
+    planted = plant_problems(root / "planted")
+    options = DoctorOptions(engine="torch", workers=0, quiet=True)
+    return diagnose(clean, options), diagnose(root / "planted", options), planted, root / "planted"
+
+
+def test_clean_dataset_reports_nothing(lite0_reports):
+    clean, *_ = lite0_reports
+    assert clean["summary"] == CLEAN_FINDINGS
+    assert clean["notes"] == []
+    assert clean["images"] == 30 and clean["backbone"]["name"] == "tf_efficientnet_lite0"
+    assert clean["class_balance"]["counts"] == {"astronaut": 10, "cat": 10, "coffee": 10}
+
+
+def test_planted_duplicates_and_leaks_are_found(lite0_reports):
+    _, report, planted, root = lite0_reports
+    exact_groups = [paths(group["files"]) for group in report["exact_duplicates"]]
+    assert sorted(exact_groups, key=sorted) == sorted(
+        [{str(root / "train/cat/cat_0.png"), planted["exact"]},
+         {str(root / "train/coffee/coffee_1.png"), planted["leak"]}], key=sorted)
+    [near] = report["near_duplicates"]
+    assert paths(near["files"]) == {planted["photo"], planted["near"]}
+    assert near["similarity"] >= report["settings"]["near_threshold"]
+    leaks = {leak["kind"]: leak for leak in report["leakage"]}
+    assert set(leaks) == {"exact", "near"} and len(report["leakage"]) == 2
+    assert leaks["exact"]["train"] == [str(root / "train/coffee/coffee_1.png")]
+    assert leaks["exact"]["held_out"] == [{"path": planted["leak"], "split": "val"}]
+    assert leaks["near"]["train"] == [planted["photo"]]
+    assert leaks["near"]["held_out"] == [{"path": planted["near"], "split": "val"}]
+
+
+def test_planted_tiny_and_unreadable_files_are_found(lite0_reports):
+    _, report, planted, _ = lite0_reports
+    assert report["settings"]["min_side"] == 224 // 4  # Lite0's input size / 4 is above the 32 px default
+    assert [(t["path"], t["width"], t["height"]) for t in report["tiny_images"]] == [(planted["tiny"], 16, 16)]
+    assert report["skipped"] == [{"path": planted["broken"], "reason": "not an image"}]
+
+
+@pytest.fixture
+def tiny_options(tiny_weights: str) -> dict:
+    return dict(backbone="test_efficientnet", weights=tiny_weights, image_size=32, workers=0, engine="torch",
+                quiet=True)
+
+
+@pytest.fixture
+def squares(tmp_path: Path) -> tuple[Path, Path, str]:
+    """Clean coloured squares, and a copy where an image of class_0 sits in class_1's folder."""
+    clean = make_class_folders(tmp_path / "clean", classes=3, per_class=12)
+    shutil.copytree(clean, tmp_path / "planted")
+    moved = tmp_path / "planted" / "class_1" / "from_class_0.png"
+    shutil.move(tmp_path / "planted" / "class_0" / "img_005.png", moved)
+    return clean, tmp_path / "planted", str(moved)
+
+
+def test_planted_wrong_label_is_the_top_suspect(squares, tiny_options):
+    clean, planted, moved = squares
+    assert diagnose(clean, DoctorOptions(**tiny_options))["mislabeled"] == []
+    suspects = diagnose(planted, DoctorOptions(**tiny_options))["mislabeled"]
+    top = suspects[0]
+    assert (top["path"], top["label"], top["suggested"]) == (moved, "class_1", "class_0")
+    assert top["probability"] > 0.5 > top["label_probability"]
+    assert [s["margin"] for s in suspects] == sorted((s["margin"] for s in suspects), reverse=True)
+
+
+def test_confident_learning_rule():
+    # class thresholds (mean self-confidence): class 0 (0.9 + 0.8 + 0.2) / 3 = 0.633, class 1 (0.9 + 0.7) / 2 = 0.8
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7]])
+    given = np.array([0, 0, 0, 1, 1])
+    # row 2: class 1 at 0.8 reaches its threshold and beats 0.2; row 4: class 0 at 0.3 is below 0.633
+    assert confident_suspects(probs, given) == [(2, 1)]
+
+
+def test_mislabel_check_leaves_out_classes_too_small_for_cross_validation():
+    rng = np.random.default_rng(0)
+    centres = {"a": np.eye(8)[0], "b": np.eye(8)[1], "c": np.eye(8)[2]}
+    labels = ["a"] * 6 + ["b"] * 6 + ["c"]
+    samples = [Sample(f"/x/{i}.png", label, "train") for i, label in enumerate(labels)]
+    vectors = np.stack([centres[label] + 0.05 * rng.standard_normal(8) for label in labels])
+    suspects, notes = likely_mislabeled(samples, vectors, seed=0)
+    assert suspects == [] and len(notes) == 1 and "'c'" in notes[0]
+    _, notes = likely_mislabeled(samples[:6], vectors[:6], seed=0)
+    assert "skipped" in notes[-1]
+
+
+def test_near_groups_chain_pairs_and_count_exact_copies_once():
+    samples = [Sample(f"/d/{name}.png", "a", split) for name, split in
+               [("a", "train"), ("a_copy", "val"), ("b", "train"), ("c", "train"), ("far", "train")]]
+    contents = [[0, 1], [2], [3], [4]]  # a and a_copy are identical files
+    vectors = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.96, 0.28, 0.0], [0.85, 0.53, 0.0], [0.0, 0.0, 1.0]])
+    # a-b 0.96 and b-c 0.964 link a, its copy, b and c; a-c (0.85) is below the threshold but chained in
+    [group] = near_duplicates(samples, contents, vectors, threshold=0.95)
+    assert paths(group["files"]) == {"/d/a.png", "/d/a_copy.png", "/d/b.png", "/d/c.png"}
+    assert group["similarity"] == pytest.approx(0.96, abs=1e-3)
+    assert near_duplicates(samples[:2], [[0, 1]], vectors[:2], threshold=0.95) == []  # copies alone: exact only
+    exact = [{"files": group["files"][:2]}]
+    assert [leak["kind"] for leak in leakage(exact, [group])] == ["near"]  # the copy inside is not counted twice
+
+
+def test_class_balance_flags_ratio_and_empty_classes():
+    samples = [Sample(f"/{i}", "big" if i < 8 else "small", "train") for i in range(10)]
+    flagged = class_balance(samples, ["big", "small"], max_ratio=3.0)
+    assert (flagged["counts"], flagged["ratio"], flagged["flagged"]) == ({"big": 8, "small": 2}, 4.0, True)
+    assert not class_balance(samples, ["big", "small"], max_ratio=5.0)["flagged"]
+    empty = class_balance(samples, ["big", "empty", "small"], max_ratio=5.0)
+    assert empty["ratio"] is None and empty["flagged"]
+
+
+def tiny_cli_args(tiny_weights: str) -> list[str]:
+    return ["--backbone", "test_efficientnet", "--weights", tiny_weights, "--image-size", "32", "--workers", "0"]
+
+
+def test_json_output_and_report_file(squares, tiny_weights, tmp_path, capsys):
+    _, planted, moved = squares
+    out = tmp_path / "report.json"
+    assert run_cli(["doctor", str(planted), *tiny_cli_args(tiny_weights), "--json", "--out", str(out), "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads(out.read_text())
+    assert set(report) >= {"data", "layout", "images", "classes", "backbone", "settings", "skipped",
+                           "exact_duplicates", "near_duplicates", "leakage", "class_balance", "tiny_images",
+                           "mislabeled", "notes", "summary"}
+    assert report["images"] == 36 and report["classes"] == ["class_0", "class_1", "class_2"]
+    assert report["summary"]["mislabeled"] == len(report["mislabeled"]) >= 1
+    assert set(report["mislabeled"][0]) == {"path", "split", "label", "suggested", "probability",
+                                            "label_probability", "margin"}
+    assert report["mislabeled"][0]["path"] == moved
+
+
+def test_text_summary_lists_findings_with_files(squares, tiny_weights, capsys):
+    _, planted, _ = squares
+    assert run_cli(["doctor", str(planted), *tiny_cli_args(tiny_weights), "--near-threshold", "0.999", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "likely mislabeled: 1 image" in text
+    assert "class_1/from_class_0.png: labelled class_1" in text and "looks like class_0" in text
+    assert "exact duplicates: none" in text
+
+
+def test_one_class_skips_the_mislabel_check_with_a_note(tmp_path, tiny_weights, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "only").mkdir()
+    for i in range(3):
+        make_image(0, rng).save(tmp_path / "only" / f"{i}.png")
+    assert run_cli(["doctor", str(tmp_path), *tiny_cli_args(tiny_weights), "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mislabeled"] == [] and any("mislabel check skipped" in note for note in report["notes"])
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "bad-threshold", "out-is-folder"])
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_weights, capsys):
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=2)
+    (tmp_path / "empty").mkdir()
+    args = {"missing": [str(tmp_path / "nope")], "empty": [str(tmp_path / "empty")],
+            "bad-threshold": [str(data), "--near-threshold", "1.5"],
+            "out-is-folder": [str(data), "--out", str(tmp_path)]}
+    assert run_cli(["doctor", *args[case], *tiny_cli_args(tiny_weights), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("transferkit: error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_train_after_doctor_reuses_its_features(binary_dataset, tiny_options, fast, tmp_path):
+    cache = tmp_path / "cache"
+    diagnose(binary_dataset, DoctorOptions(**tiny_options, cache_dir=str(cache)))
+    shards = sorted(cache.glob("features/*/*.npy"))
+    assert shards
+    api.train(binary_dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0}, cache_dir=str(cache))
+    assert sorted(cache.glob("features/*/*.npy")) == shards  # nothing new went through the backbone
