@@ -12,15 +12,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from transferkit import multilabel
 from transferkit.config import TrainConfig, resolve_config, write_config
-from transferkit.data.sources import DatasetIndex, scan_dataset
-from transferkit.data.transforms import Preprocess
+from transferkit.data.loader import Labelled, labelled_split
+from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
+from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.models.classifier import new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.report import write_report
-from transferkit.run import HistoryWriter, Run, TensorBoardWriter, build_meta, save_weights, write_json
+from transferkit.run import HistoryWriter, Run, TensorBoardWriter, build_meta, infer_logits, save_weights, write_json
 from transferkit.training.compute import Compute, resolve_device
 from transferkit.training.loop import BestKeeper, EpochLog
 from transferkit.training.two_stage import fine_tune
@@ -76,20 +78,18 @@ def train(
     prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
     pre = dataclasses.replace(pre, image_size=cfg.image_size or pre.image_size, crop_pct=cfg.crop_pct or pre.crop_pct)
-    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), cfg.binary_logit)
+    one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
+    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two)
     binary = model.head[-1].out_features == 1
     model.to(compute.device)
 
     write_config(cfg, out / "config.yaml")
     write_json(out / "split.json", index.split_json())
-    counts = {split: sum(c.values()) for split, c in index.counts().items()}
+    counts = {split: len(index.split(split)) for split in SPLITS}
     reporter.log(f"{len(index.classes)} classes, {counts} images; backbone {spec.name} ({weights_source}); "
                  f"{pre.image_size}px; {compute.device.type}, {compute.precision}")
 
-    def as_targets(split: str) -> tuple[list[str], list[int]]:
-        samples = index.split(split)
-        return [s.path for s in samples], [index.classes.index(s.label) for s in samples]
-
+    train_data, val_data = (labelled_split(index, split, cfg.box_margin) for split in ("train", "val"))
     keeper = BestKeeper(cfg.monitor, cfg.patience)
     history = HistoryWriter(out / "history.csv")
     interrupted = False
@@ -100,8 +100,8 @@ def train(
             board.epoch(log)
 
         try:
-            fine_tune(model, as_targets("train"), as_targets("val"), pre, cfg, keeper, reporter, on_epoch, compute,
-                      board.step)
+            fine_tune(model, train_data, val_data, pre, cfg, keeper, reporter, on_epoch, compute, board.step,
+                      index.multilabel)
         except KeyboardInterrupt:
             interrupted = True
             keeper.restore(model)
@@ -112,6 +112,7 @@ def train(
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
+    meta.update(task_meta(model, index, val_data, pre, cfg))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     run = Run(out)
     if interrupted:
@@ -119,6 +120,18 @@ def train(
     run.evaluate(index)
     write_report(run)
     return run
+
+
+def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig) -> dict:
+    """meta.json entries beyond a plain classifier's: the margin of boxed data, a multi-label run's task and its
+    per-label thresholds (the F1-best on the validation images)."""
+    extra: dict = {"box_margin": cfg.box_margin} if any(s.box for s in index.samples) else {}
+    if index.multilabel:
+        transform = eval_transform(pre, cfg.augmentation().samplewise_center)
+        probs = torch.sigmoid(infer_logits(model, val.paths, transform, crops=val.crops)).numpy()
+        chosen = multilabel.choose_thresholds(probs, val.targets.numpy())
+        extra.update(task=multilabel.TASK, thresholds=dict(zip(index.classes, chosen.tolist(), strict=True)))
+    return extra
 
 
 def load(path: str | Path) -> Run:

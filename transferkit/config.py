@@ -46,6 +46,7 @@ class TrainConfig:
     cache_dir: str | None = None  # None: $TRANSFERKIT_CACHE, else the user cache folder
     val_split: float = 0.2
     test_split: float = 0.0
+    box_margin: float = 0.0  # CSV boxes: fraction of the box's width/height added on each side (clipped to the image)
     batch_size: int = 32
     workers: int = 2
     # stage 1: frozen backbone, head only
@@ -108,6 +109,7 @@ class TrainConfig:
             (self.workers >= 0, "workers must be 0 or more"),
             (self.image_size is None or self.image_size >= 16, "image_size must be at least 16 pixels"),
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
+            (0 <= self.box_margin <= 10, "box_margin must be between 0 and 10 (a fraction of the box's size)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2 as T
 
 import transferkit
+from transferkit import multilabel
 from transferkit.cache import file_digest
-from transferkit.data.images import load_rgb
-from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.data.boxes import Box
+from transferkit.data.transforms import Preprocess
 from transferkit.errors import UserError
+from transferkit.export_check import pixel_transform, validation_images
 from transferkit.fileio import atomic_path
 from transferkit.progress import print_warning
 from transferkit.run import Run, image_loader
@@ -34,10 +35,8 @@ from transferkit.training.loop import evaluate_logits, probabilities
 
 FORMATS = ("onnx", "torchscript")
 FP32_TOLERANCE = 1e-4  # max |probability difference| from eager PyTorch
-INT8_MIN_AGREEMENT = 0.99  # top-1 agreement with eager PyTorch
+INT8_MIN_AGREEMENT = 0.99  # top-1 (multi-label: per-label decision) agreement with eager PyTorch
 INT8_MAX_ACCURACY_DROP = 0.01  # accuracy may fall by at most 1 point
-FEW_IMAGES = 8  # below this the check proves little, and the user is told so
-CHECK_IMAGES = 512  # held in memory as pixels (~300 MB at 224 px); enough to see a 1% disagreement
 CALIBRATION_IMAGES = 256  # int8 ranges settle long before this; more only costs export time
 TIMING_IMAGES = 64
 BATCH_SIZE = 32
@@ -49,7 +48,7 @@ class ProbabilityModel(nn.Module):
     def __init__(self, run: Run) -> None:
         super().__init__()
         self.model = run.model
-        self.binary = run.binary
+        self.binary, self.multilabel = run.binary, run.multilabel
         self.samplewise_center = bool(run.meta.get("samplewise_center", False))
         self.register_buffer("mean", torch.tensor(run.preprocess.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(run.preprocess.std).view(1, 3, 1, 1))
@@ -58,12 +57,7 @@ class ProbabilityModel(nn.Module):
         images = (pixels - self.mean) / self.std  # the same arithmetic as eval_transform's Normalize
         if self.samplewise_center:
             images = images - images.mean(dim=(1, 2, 3), keepdim=True)
-        return probabilities(self.model(images), self.binary)
-
-
-def pixel_transform(pre: Preprocess) -> T.Compose:
-    """eval_transform minus Normalize (the graph normalises): exactly the pixels the run was evaluated on."""
-    return T.Compose([step for step in eval_transform(pre).transforms if not isinstance(step, T.Normalize)])
+        return probabilities(self.model(images), self.binary, self.multilabel)
 
 
 class _Session:
@@ -108,13 +102,13 @@ class Check:
     accuracy_torch: float | None
     accuracy_export: float | None
 
-    def failure(self, int8: bool) -> str | None:
+    def failure(self, int8: bool, decision: str = "top-1") -> str | None:
         """Why the export must be refused, or None: fp32 must match; int8 must agree and keep its accuracy."""
         if not int8:
             return None if self.max_abs_diff <= FP32_TOLERANCE else (
                 f"probabilities differ from PyTorch by {self.max_abs_diff:.1e} (allowed {FP32_TOLERANCE:.0e})")
         if self.agreement < INT8_MIN_AGREEMENT:
-            return f"int8 top-1 agreement with PyTorch {self.agreement:.1%} (needs >= {INT8_MIN_AGREEMENT:.0%})"
+            return f"int8 {decision} agreement with PyTorch {self.agreement:.1%} (needs >= {INT8_MIN_AGREEMENT:.0%})"
         labelled = self.accuracy_torch is not None and self.accuracy_export is not None
         if labelled and self.accuracy_torch - self.accuracy_export > INT8_MAX_ACCURACY_DROP:
             return (f"int8 accuracy {self.accuracy_export:.4f} vs PyTorch {self.accuracy_torch:.4f} "
@@ -122,42 +116,22 @@ class Check:
         return None
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> Check:
-    top_ref, top_cand = reference.argmax(axis=1), candidate.argmax(axis=1)
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+            thresholds: np.ndarray | None = None) -> Check:
+    """Single-label: top-1 agreement and accuracy. Multi-label (`thresholds`): the same per (image, label)
+    decision, so accuracy is 1 - Hamming loss."""
+    if thresholds is None:
+        decide_ref, decide_cand = reference.argmax(axis=1), candidate.argmax(axis=1)
+    else:
+        decide_ref, decide_cand = multilabel.decide(reference, thresholds), multilabel.decide(candidate, thresholds)
+        labels = None if labels is None else labels > 0.5
     return Check(
         images=len(reference),
         max_abs_diff=float(np.abs(reference - candidate).max()),
-        agreement=float((top_ref == top_cand).mean()),
-        accuracy_torch=None if labels is None else float((top_ref == labels).mean()),
-        accuracy_export=None if labels is None else float((top_cand == labels).mean()),
+        agreement=float((decide_ref == decide_cand).mean()),
+        accuracy_torch=None if labels is None else float((decide_ref == labels).mean()),
+        accuracy_export=None if labels is None else float((decide_cand == labels).mean()),
     )
-
-
-def validation_images(run: Run) -> tuple[torch.Tensor, np.ndarray | None, list[str]]:
-    """The run's validation images as [0, 1] pixels, their labels when known, and notes for the user.
-
-    Labels come from split.json's "labels" (lists parallel to the splits' paths) when it records them, else from
-    the parent folder's name (folder layouts)."""
-    split_path = run.path / "split.json"
-    split = json.loads(split_path.read_text()) if split_path.is_file() else {}
-    listed = split.get("val", [])
-    given = split.get("labels", {}).get("val") or [Path(p).parent.name for p in listed]
-    found = [(p, label) for p, label in zip(listed, given, strict=True) if Path(p).is_file()]
-    paths, names = [p for p, _ in found], [label for _, label in found]
-    missing = len(listed) - len(paths)
-    notes = [f"{missing} validation images listed in split.json are missing"] if missing else []
-    if len(paths) > CHECK_IMAGES:  # evenly spaced, so every class (split.json lists them in order) is represented
-        notes.append(f"checking on {CHECK_IMAGES} of the {len(paths)} validation images")
-        chosen = np.linspace(0, len(paths) - 1, CHECK_IMAGES).round().astype(int)
-        paths, names = [paths[i] for i in chosen], [names[i] for i in chosen]
-    if len(paths) < FEW_IMAGES:
-        notes.append(f"only {len(paths)} validation images found: the parity check on them proves little")
-    transform = pixel_transform(run.preprocess)
-    pixels = torch.stack([transform(load_rgb(p)) for p in paths]) if paths else torch.zeros(0)
-    labels = np.array([run.classes.index(n) for n in names]) if paths and set(names) <= set(run.classes) else None
-    if paths and labels is None:
-        notes.append("validation labels unknown (not in split.json nor folder names): accuracy not compared")
-    return pixels, labels, notes
 
 
 @dataclass
@@ -179,7 +153,11 @@ def default_out(run_dir: Path, fmt: str, int8: bool) -> Path:
 
 
 def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
-    """What a consumer of the file alone needs: classes and preprocessing, plus provenance (weights digest)."""
+    """What a consumer of the file alone needs: classes and preprocessing (and a multi-label run's thresholds and
+    a boxed run's margin), plus provenance (weights digest)."""
+    extra = {key: run.meta[key] for key in ("thresholds", "box_margin") if key in run.meta}
+    if run.multilabel:
+        extra["output"] = "per-label sigmoid probabilities (N, labels); a label applies at or above its threshold"
     return {
         "classes": run.classes,
         "preprocessing": run.preprocess.to_dict(),
@@ -190,6 +168,7 @@ def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
         "quantization": "int8 static QDQ, per-channel weights" if int8 else "none",
         "input": "float32 NCHW RGB pixels in [0, 1], resized and centre-cropped as in preprocessing",
         "output": "class probabilities (N, classes)",
+        **extra,
     }
 
 
@@ -328,8 +307,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         notes.append("checked on random pixels instead")
     with atomic_path(target) as tmp:
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
-        check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels)
-        if reason := check.failure(int8):
+        check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels, run.thresholds)
+        if reason := check.failure(int8, "label" if run.multilabel else "top-1"):
             hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)
@@ -354,10 +333,15 @@ class OnnxPredictor:
         self.classes: list[str] = json.loads(self.metadata["classes"])
         self.preprocess = Preprocess.from_dict(json.loads(self.metadata["preprocessing"]))
         self.transform = pixel_transform(self.preprocess)
+        self.box_margin = float(json.loads(self.metadata.get("box_margin", "0")))
+        multi = self.metadata.get("task") == multilabel.TASK
+        self.thresholds = multilabel.thresholds_of(json.loads(self.metadata["thresholds"]), self.classes) if multi \
+            else None
 
-    def probabilities(self, paths: list[str]) -> np.ndarray:
-        """(N, classes) probabilities for image files (decoded in workers when there are many)."""
-        return _outputs(self._session, image_loader(paths, self.transform, BATCH_SIZE))
+    def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
+        """(N, classes) probabilities for image files, cropped to `crops` if given (decoded in workers when there
+        are many)."""
+        return _outputs(self._session, image_loader(paths, self.transform, BATCH_SIZE, crops))
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         """(N, classes) probabilities for decoded RGB images already in memory."""

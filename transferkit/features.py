@@ -7,6 +7,7 @@ on the first batch; otherwise, or on CUDA, eager PyTorch in channels_last runs i
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from transferkit.cache import ArrayTable, FeatureStore, FeatureTable, file_digest, module_digest
+from transferkit.data.boxes import Box
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.progress import Reporter
 
@@ -118,6 +120,14 @@ def view_seed(content_digest: str, view_index: int) -> int:
     return int(content_digest[:8], 16) ^ (view_index * 0x9E3779B1 & 0x7FFFFFFF)
 
 
+def image_key(content_digest: str, crop: Box | None) -> str:
+    """What the backbone sees of a file: its content, or the region of it that is cropped (one file with two
+    boxes is two images). Uncropped images keep the bare content digest, so their cached features stay valid."""
+    if crop is None:
+        return content_digest
+    return hashlib.sha256(f"{content_digest}/crop {crop.key()}".encode()).hexdigest()[:32]
+
+
 class FeatureExtractor:
     """Features of images under views, from the cache where present; only missing ones reach the engine,
     which is chosen on the first batch that needs it and then reused."""
@@ -130,25 +140,30 @@ class FeatureExtractor:
         self.computed = 0  # images that went through the backbone (the rest came from the cache)
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __call__(self, paths: Sequence[str], views: Sequence[View], description: str) -> list[torch.Tensor]:
+    def __call__(self, paths: Sequence[str], views: Sequence[View], description: str,
+                 crops: Sequence[Box | None] | None = None) -> list[torch.Tensor]:
         """A (N, D) tensor per view, rows in the order of `paths`."""
         return [torch.from_numpy(table.take(np.arange(len(table))))
-                for table in self.tables(paths, views, description)]
+                for table in self.tables(paths, views, description, crops)]
 
-    def tables(self, paths: Sequence[str], views: Sequence[View], description: str) -> list[FeatureTable]:
-        """A table per view, rows in the order of `paths`; with the cache on, the rows stay on disk."""
-        digests = [file_digest(p) for p in paths]
+    def tables(self, paths: Sequence[str], views: Sequence[View], description: str,
+               crops: Sequence[Box | None] | None = None) -> list[FeatureTable]:
+        """A table per view, rows in the order of `paths` (each cropped to its region in `crops`, if given); with
+        the cache on, the rows stay on disk."""
+        crops = list(crops) if crops is not None else [None] * len(paths)
+        digests = [image_key(file_digest(p), crop) for p, crop in zip(paths, crops, strict=True)]
         results = []
         for view in views:
             label = f"{description} {view.index + 1}/{len(views)}" if len(views) > 1 else description
-            results.append(self._view(paths, digests, view, label))
+            results.append(self._view(paths, crops, digests, view, label))
         return results
 
-    def _view(self, paths: Sequence[str], digests: list[str], view: View, label: str) -> FeatureTable:
+    def _view(self, paths: Sequence[str], crops: list[Box | None], digests: list[str], view: View, label: str
+              ) -> FeatureTable:
         seeds = [view_seed(d, view.index) for d in digests]
         if not self.cache_root:
             rows = RowCollector(len(paths))
-            self._compute(list(paths), seeds, view.transform, label, rows.write)
+            self._compute(list(paths), crops, seeds, view.transform, label, rows.write)
             return ArrayTable(rows.array)
         space = {"backbone": self.backbone_digest, "timm": self.model.backbone.default_cfg.get("architecture"),
                  **view.spec}
@@ -157,16 +172,16 @@ class FeatureExtractor:
         missing = sorted(first_missing.values())  # identical files are computed once
         if missing:
             with store.writer([digests[i] for i in missing]) as shard:
-                self._compute([paths[i] for i in missing], [seeds[i] for i in missing], view.transform, label,
-                              shard.write)
+                self._compute([paths[i] for i in missing], [crops[i] for i in missing], [seeds[i] for i in missing],
+                              view.transform, label, shard.write)
         return store.table(digests)
 
-    def _compute(self, paths: list[str], seeds: list[int], transform: Callable, label: str,
+    def _compute(self, paths: list[str], crops: list[Box | None], seeds: list[int], transform: Callable, label: str,
                  sink: Callable[[np.ndarray], None]) -> None:
-        """Features of `paths`, batch by batch into `sink`, in order."""
+        """Features of `paths` (cropped to `crops`), batch by batch into `sink`, in order."""
         if not paths:
             return
-        loader = make_loader(ImageDataset(paths, None, transform, seeds), self.batch_size, self.workers)
+        loader = make_loader(ImageDataset(paths, None, transform, seeds, crops), self.batch_size, self.workers)
         with self.reporter.bar(label, len(paths)) as advance:
             for images, _ in loader:
                 if self._run is None:

@@ -16,8 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import transferkit
-from transferkit.data.loader import ImageDataset, make_loader
-from transferkit.data.sources import DatasetIndex, Skipped, image_problems, list_image_files, scan_dataset
+from transferkit import multilabel
+from transferkit.data.boxes import Box, crop_regions
+from transferkit.data.loader import ImageDataset, make_loader, targets_of
+from transferkit.data.sources import DatasetIndex, Sample, Skipped, image_problems, list_image_files, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
@@ -113,14 +115,17 @@ class TensorBoardWriter:
         self.writer.close()
 
 
-def write_predictions(path: Path, paths: list[str], y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
-    """predictions.csv: one row per evaluated image (path, true and predicted label, each class's probability),
-    so the report can draw ROC curves and pick images without running the model over the split again."""
+def write_predictions(path: Path, paths: list[str], truths: list[str], predicted: list[str], probs: np.ndarray,
+                      classes: list[str], crops: list[Box | None] | None = None) -> None:
+    """predictions.csv: one row per evaluated image (path, true and predicted label, [the region cropped,] each
+    class's probability), so the report can draw ROC curves and pick images without running the model over the
+    split again."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "predicted"] + [f"p:{name}" for name in classes])
-    for file, truth, p in zip(paths, y_true, probs, strict=True):
-        writer.writerow([file, classes[truth], classes[int(p.argmax())]] + [f"{v:.6g}" for v in p])
+    writer.writerow(["path", "label", "predicted"] + (["crop"] if crops else []) + [f"p:{name}" for name in classes])
+    for i, (file, truth, guess, p) in enumerate(zip(paths, truths, predicted, probs, strict=True)):
+        region = [" ".join(map(repr, crops[i].to_list())) if crops[i] else ""] if crops else []
+        writer.writerow([file, truth, guess] + region + [f"{v:.6g}" for v in p])
     atomic_write(path, buffer.getvalue())
 
 
@@ -128,11 +133,21 @@ def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndar
     """predictions.csv back as (paths, true class indices, (N, classes) probabilities)."""
     with path.open(newline="") as handle:
         header, *rows = list(csv.reader(handle))
-    if header[3:] != [f"p:{name}" for name in classes]:
+    first = header.index("crop") + 1 if "crop" in header else 3
+    if header[first:] != [f"p:{name}" for name in classes]:
         raise UserError(f"{path} does not list this run's classes; run `transferkit evaluate` again")
     labels = [classes.index(row[1]) for row in rows]
-    probs = np.array([[float(v) for v in row[3:]] for row in rows], dtype=np.float64).reshape(len(rows), len(classes))
-    return [row[0] for row in rows], np.array(labels, dtype=int), probs
+    probs = np.array([[float(v) for v in row[first:]] for row in rows], dtype=np.float64)
+    return [row[0] for row in rows], np.array(labels, dtype=int), probs.reshape(len(rows), len(classes))
+
+
+def read_prediction_crops(path: Path) -> list[Box | None] | None:
+    """The region each image of predictions.csv was cropped to, or None when the evaluated data had no boxes."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "crop" not in rows[0]:
+        return None
+    return [Box(*map(float, row["crop"].split())) if row["crop"] else None for row in rows]
 
 
 class Run:
@@ -150,7 +165,10 @@ class Run:
                 f"this transferkit reads {FORMAT_VERSION}"
             )
         self.classes: list[str] = self.meta["classes"]
-        self.binary: bool = self.meta["binary_logit"] and len(self.classes) == 2
+        self.multilabel: bool = self.meta["task"] == multilabel.TASK
+        self.thresholds = multilabel.thresholds_of(self.meta["thresholds"], self.classes) if self.multilabel else None
+        self.box_margin: float = self.meta.get("box_margin", 0.0)
+        self.binary: bool = self.meta["binary_logit"] and len(self.classes) == 2 and not self.multilabel
         self.preprocess = Preprocess.from_dict(self.meta)
         head = self.meta["head"]
         self.model: Classifier = empty_classifier(
@@ -163,19 +181,22 @@ class Run:
         self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
         self.metrics: dict | None = None
 
-    def probabilities(self, paths: list[str]) -> np.ndarray:
-        """(N, classes) probabilities for image files (decoded in workers when there are many)."""
-        return probabilities(infer_logits(self.model, paths, self.transform), self.binary).numpy()
+    def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
+        """(N, classes) probabilities for image files, each cropped to its region in `crops` if given (decoded in
+        workers when there are many)."""
+        return probabilities(infer_logits(self.model, paths, self.transform, crops=crops), self.binary,
+                             self.multilabel).numpy()
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         """(N, classes) probabilities for decoded RGB images already in memory (a server's uploads)."""
         logits, _ = evaluate_logits(self.model, [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))])
-        return probabilities(logits, self.binary).numpy()
+        return probabilities(logits, self.binary, self.multilabel).numpy()
 
     def predict(self, inputs: list[str], top_k: int = 5) -> tuple[list[dict], list[Skipped]]:
-        """Labels and probabilities for images or folders of images; unreadable files are skipped with a reason."""
-        paths, skipped = collect_images(inputs)
-        return top_predictions(paths, self.probabilities(paths), self.classes, top_k), skipped
+        """Labels and probabilities for images, folders of images or dataset CSVs (cropped to their boxes);
+        unreadable files are skipped with a reason."""
+        paths, boxes, skipped = collect_inputs(inputs)
+        return prediction_records(self, paths, boxes, top_k), skipped
 
     def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True) -> dict:
         """Metrics on one split of a dataset (default: test if it has one, else val; "all" for every image);
@@ -183,40 +204,55 @@ class Run:
         index = data if isinstance(data, DatasetIndex) else scan_dataset(data, **self.meta["data_split"])
         split = split or ("test" if index.split("test") else "val")
         samples = index.samples if split == "all" else index.split(split)
-        unknown = sorted({s.label for s in samples} - set(self.classes))
+        self._check_labels(index, samples, split)
+        paths, crops = [s.path for s in samples], crop_regions([s.box for s in samples], self.box_margin)
+        probs = self.probabilities(paths, crops)
+        y_true = targets_of(samples, index.labels_of, self.classes, self.multilabel).numpy()
+        if self.multilabel:
+            metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
+            predicted = multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
+        else:
+            metrics = compute_metrics(y_true, probs, self.classes)
+            predicted = [self.classes[int(p.argmax())] for p in probs]
+        metrics.update(split=split, skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
+        if write:
+            self.write_metrics(metrics)
+            write_predictions(self.path / "predictions.csv", paths, [s.label for s in samples], predicted, probs,
+                              self.classes, crops)
+        self.metrics = metrics
+        return metrics
+
+    def _check_labels(self, index: DatasetIndex, samples: list[Sample], split: str) -> None:
+        """The data must be of this run's kind (multi-label or not), with only classes it knows, and not empty."""
+        if index.multilabel and not self.multilabel:
+            raise UserError(f"{index.root} has multi-label rows ('|' in labels) but this run is single-label")
+        unknown = sorted({label for s in samples for label in index.labels_of(s)} - set(self.classes))
         if unknown:
             raise UserError(f"classes not known to this model: {', '.join(unknown)}")
         if not samples:
             raise UserError(f"the '{split}' split of {index.root} has no images")
-        paths = [s.path for s in samples]
-        y_true = np.array([self.classes.index(s.label) for s in samples])
-        probs = self.probabilities(paths)
-        metrics = compute_metrics(y_true, probs, self.classes)
-        metrics.update(split=split, skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
-        if write:
-            self.write_metrics(metrics)
-            write_predictions(self.path / "predictions.csv", paths, y_true, probs, self.classes)
-        self.metrics = metrics
-        return metrics
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.path / "metrics.json", metrics)
-        plot_confusion(metrics["confusion_matrix"], self.classes, self.path / "confusion.png")
+        if not self.multilabel:  # several labels per image: no single confusion matrix
+            plot_confusion(metrics["confusion_matrix"], self.classes, self.path / "confusion.png")
         history_path = self.path / "history.csv"
         if history_path.is_file() and (history := read_history(history_path)):
             plot_curves(history, self.path / "curves.png")
 
 
-def image_loader(paths: list[str], transform, batch_size: int = 32) -> DataLoader:
-    """Inference batches of images in order, decoded in worker processes only when there are enough to pay for
-    starting them."""
+def image_loader(paths: list[str], transform, batch_size: int = 32, crops: list[Box | None] | None = None
+                 ) -> DataLoader:
+    """Inference batches of images (cropped to `crops`) in order, decoded in worker processes only when there are
+    enough to pay for starting them."""
     workers = 2 if len(paths) >= 4 * batch_size else 0
-    return make_loader(ImageDataset(paths, None, transform), batch_size, workers)
+    return make_loader(ImageDataset(paths, None, transform, crops=crops), batch_size, workers)
 
 
-def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size: int = 32) -> torch.Tensor:
+def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size: int = 32,
+                 crops: list[Box | None] | None = None) -> torch.Tensor:
     """Logits for a list of readable images, in order."""
-    logits, _ = evaluate_logits(model, image_loader(paths, transform, batch_size))
+    logits, _ = evaluate_logits(model, image_loader(paths, transform, batch_size, crops))
     return logits
 
 
@@ -234,6 +270,34 @@ def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: l
             }
         )
     return results
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[str], list[Box | None] | None, list[Skipped]]:
+    """Like collect_images, plus dataset CSVs: their rows' images with their boxes (None where no input has any)."""
+    tables = [item for item in inputs if item.lower().endswith(".csv") and Path(item).is_file()]
+    images = [item for item in inputs if item not in tables]
+    paths, skipped = collect_images(images) if images else ([], [])
+    boxes: list[Box | None] = [None] * len(paths)
+    for table in tables:
+        index = scan_dataset(table, trainable=False)  # labels are not needed to predict, nor enough of them to train
+        paths += [s.path for s in index.samples]
+        boxes += [s.box for s in index.samples]
+        skipped += index.skipped
+    return paths, boxes if any(boxes) else None, skipped
+
+
+def prediction_records(predictor: Run, paths: list[str], boxes: list[Box | None] | None, top_k: int) -> list[dict]:
+    """`predict --json` records from a Run or an export: top-k classes, or a multi-label run's labels above their
+    thresholds; an image cropped to a box says which."""
+    probs = predictor.probabilities(paths, crop_regions(boxes, predictor.box_margin) if boxes else None)
+    if predictor.thresholds is not None:
+        records = multilabel.predictions(paths, probs, predictor.classes, predictor.thresholds)
+    else:
+        records = top_predictions(paths, probs, predictor.classes, top_k)
+    for record, box in zip(records, boxes or [], strict=False):
+        if box:
+            record["box"] = box.to_list()
+    return records
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[Skipped]]:

@@ -26,6 +26,11 @@ def parse_hidden(value: str | None) -> list[int] | None:
 
 
 def print_metrics_summary(metrics: dict) -> None:
+    if metrics.get("task") == "multilabel":
+        from transferkit.multilabel import summary_line
+
+        console.print(summary_line(metrics))
+        return
     parts = [f"{metrics['split']} accuracy {metrics['accuracy']:.4f}"]
     if metrics.get("top5_accuracy") is not None:
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
@@ -59,6 +64,9 @@ def train(
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
     val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")] = None,
     test_split: Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")] = None,
+    box_margin: Annotated[
+        float | None, typer.Option(help="CSV boxes: fraction of the box's size added on each side.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same run.")] = None,
     workers: Annotated[int | None, typer.Option(help="Image decoding worker processes.")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = None,
@@ -98,6 +106,7 @@ def train(
         patience=patience,
         val_split=val_split,
         test_split=test_split,
+        box_margin=box_margin,
         seed=seed,
         workers=workers,
         device=device,
@@ -143,17 +152,31 @@ def report_skipped_dicts(skipped: list[dict]) -> None:
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    images: Annotated[list[str], typer.Argument(help="Images or folders of images.")],
+    images: Annotated[list[str], typer.Argument(help="Images, folders of images or dataset CSVs (boxes are cropped).")],
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels to list per image.")] = 3,
     engine: ENGINE = "auto",
     json_out: JSON = False,
 ) -> None:
-    """Labels and probabilities for images, from the run folder alone."""
+    """Labels and probabilities for images, from the run folder alone (a multi-label run: every label above its
+    threshold)."""
     from transferkit.export import load_predictor
-    from transferkit.run import collect_images, top_predictions
+    from transferkit.run import collect_inputs, prediction_records
 
     predictor = load_predictor(run, engine)
-    paths, skipped = collect_images(images)
-    results = top_predictions(paths, predictor.probabilities(paths), predictor.classes, top_k)
+    paths, boxes, skipped = collect_inputs(images)
+    results = prediction_records(predictor, paths, boxes, top_k)
     report_skipped(skipped)
-    print_json(results) if json_out else print_predictions(results)
+    if json_out:
+        print_json(results)
+    elif predictor.thresholds is not None:
+        print_label_sets(results)
+    else:
+        print_predictions(results)
+
+
+def print_label_sets(results: list[dict]) -> None:
+    """One line per image: its labels, then every label's probability."""
+    for result in results:
+        chosen = ", ".join(result["labels"]) or "(no label above its threshold)"
+        scores = ", ".join(f"{label} {p:.3f}" for label, p in result["probabilities"].items())
+        print(f"{result['path']}: {chosen}  ({scores})")

@@ -1,38 +1,78 @@
-"""Images on disk -> normalised tensors, decoded in DataLoader workers."""
+"""Images on disk -> normalised tensors, decoded (and cropped to their boxes) in DataLoader workers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from transferkit.data.boxes import Box, crop_regions, crop_to
 from transferkit.data.images import load_rgb
+from transferkit.data.sources import DatasetIndex, Sample
+
+
+def load_image(path: str, region: Box | None = None) -> Image.Image:
+    """The decoded image, cropped to `region` when it has one: what every consumer of a dataset image sees."""
+    return crop_to(load_rgb(path), region)
 
 
 class ImageDataset(Dataset):
-    """(image tensor, class index) for each path; index -1 where the label is unknown (prediction).
+    """(image tensor, target) for each path; target -1 where the label is unknown (prediction). A target is a class
+    index, or a multi-hot row when `targets` is a (N, labels) tensor. `crops` are per-image regions to cut out.
 
     With `seeds`, each image's random transform draws from its own seed: the same augmented view every time,
     whichever worker or batch it lands in (what lets augmented features be cached)."""
 
-    def __init__(self, paths: Sequence[str], targets: Sequence[int] | None, transform: Callable,
-                 seeds: Sequence[int] | None = None) -> None:
+    def __init__(self, paths: Sequence[str], targets: Sequence[int] | torch.Tensor | None, transform: Callable,
+                 seeds: Sequence[int] | None = None, crops: Sequence[Box | None] | None = None) -> None:
         self.paths = list(paths)
         self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
         self.transform = transform
         self.seeds = list(seeds) if seeds is not None else None
+        self.crops = list(crops) if crops is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_rgb(self.paths[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        image = load_image(self.paths[index], self.crops[index])
         if self.seeds is None:
             return self.transform(image), self.targets[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seeds[index])
             return self.transform(image), self.targets[index]
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One split, ready to train or validate on: image paths, their targets and the regions to crop (None: none)."""
+
+    paths: list[str]
+    targets: torch.Tensor  # (N,) class indices, or (N, labels) multi-hot floats for a multi-label index
+    crops: list[Box | None] | None = None
+
+    def dataset(self, transform: Callable) -> ImageDataset:
+        return ImageDataset(self.paths, self.targets, transform, crops=self.crops)
+
+
+def targets_of(samples: Sequence[Sample], labels_of: Callable[[Sample], tuple[str, ...]], classes: list[str],
+               multi_hot: bool) -> torch.Tensor:
+    """Class indices into `classes`, or (multi-label) multi-hot rows over them."""
+    if not multi_hot:
+        return torch.tensor([classes.index(s.label) for s in samples], dtype=torch.long)
+    hot = torch.zeros(len(samples), len(classes))
+    for row, sample in enumerate(samples):
+        hot[row, [classes.index(label) for label in labels_of(sample)]] = 1.0
+    return hot
+
+
+def labelled_split(index: DatasetIndex, split: str, box_margin: float) -> Labelled:
+    samples = index.split(split)
+    return Labelled([s.path for s in samples], targets_of(samples, index.labels_of, index.classes, index.multilabel),
+                    crop_regions([s.box for s in samples], box_margin))
 
 
 def make_loader(

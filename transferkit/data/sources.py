@@ -8,14 +8,16 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
-from operator import itemgetter
+from operator import attrgetter
 from pathlib import Path
 
+from transferkit.data.boxes import BOX_COLUMNS, Box, has_box_columns, parse_box
 from transferkit.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, has_image_extension, load_rgb
+from transferkit.data.labelsets import canonical_label_set, is_label_set, label_set
 from transferkit.errors import UnreadableImage, UserError
 
 SPLITS = ("train", "val", "test")
@@ -28,8 +30,9 @@ class Sample:
     """One usable image."""
 
     path: str  # absolute path
-    label: str
+    label: str  # a class, or in a multi-label index a canonical label set (`a|b`)
     split: str  # "train" | "val" | "test"
+    box: Box | None = None  # the region to crop right after decoding (CSV x1,y1,x2,y2 columns)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class DatasetIndex:
     skipped: list[Skipped]
     layout: str  # "splits" | "classes" | "csv"
     seed: int = 0
+    multilabel: bool = False  # CSV labels with `|`: `classes` are the single labels, a sample's label is a set
+
+    def labels_of(self, sample: Sample) -> tuple[str, ...]:
+        """The classes a sample belongs to: one, or a multi-label sample's set."""
+        return label_set(sample.label) if self.multilabel else (sample.label,)
 
     def split(self, name: str) -> list[Sample]:
         """Samples of one split ("train", "val" or "test"), in index order."""
@@ -59,13 +67,15 @@ class DatasetIndex:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """split -> class -> number of samples, zeros included, for reports and imbalance checks."""
-        tally = Counter((s.split, s.label) for s in self.samples)
+        tally = Counter((s.split, label) for s in self.samples for label in self.labels_of(s))
         return {sp: {c: tally[sp, c] for c in self.classes} for sp in SPLITS}
 
     def split_json(self) -> dict:
         """The split as plain JSON data, saved next to a run so it can be audited or reproduced."""
         out: dict = {sp: [s.path for s in self.split(sp)] for sp in SPLITS}
         out["labels"] = {sp: [s.label for s in self.split(sp)] for sp in SPLITS}
+        if any(s.box for s in self.samples):  # so a run trained on crops is re-evaluated (and exported) on them
+            out["boxes"] = {sp: [s.box and s.box.to_list() for s in self.split(sp)] for sp in SPLITS}
         out.update(seed=self.seed, layout=self.layout)
         return out
 
@@ -77,6 +87,7 @@ class _Entry:
     path: str
     label: str
     split: str | None
+    box: Box | None = None
 
 
 @dataclass
@@ -87,6 +98,7 @@ class _Found:
     skipped: list[Skipped] = field(default_factory=list)
     declared: set[str] = field(default_factory=set)
     explicit: set[str] = field(default_factory=set)
+    multilabel: bool = False
 
 
 def scan_dataset(
@@ -112,11 +124,12 @@ def scan_dataset(
     layout, found = _read_layout(root)
     entries, bad = _verify(found.entries, max_pixels) if verify else (found.entries, [])
     skipped = sorted(found.skipped + bad, key=lambda s: s.path)
-    _check_classes(root, entries, found.declared, len(skipped), trainable)
+    labels_of = label_set if found.multilabel else lambda label: (label,)
+    _check_classes(root, entries, found.declared, len(skipped), trainable, labels_of)
     fractions = (0.0 if "val" in found.explicit else val_split, 0.0 if "test" in found.explicit else test_split)
     samples = _assign_splits(entries, *fractions, seed)
     samples.sort(key=lambda s: (SPLITS.index(s.split), s.label, s.path))
-    return DatasetIndex(str(root), sorted(found.declared), samples, skipped, layout, seed)
+    return DatasetIndex(str(root), sorted(found.declared), samples, skipped, layout, seed, found.multilabel)
 
 
 def _check_fractions(val_split: float, test_split: float) -> None:
@@ -197,26 +210,32 @@ def _sorted_walk(folder: Path, skipped: list[Skipped]) -> Iterator[tuple[str, li
 
 
 def _read_csv(csv_path: Path) -> _Found:
-    """``path,label[,split]`` rows with a header; relative paths are relative to the CSV's folder."""
+    """``path,label[,split][,x1,y1,x2,y2]`` rows with a header; relative paths are relative to the CSV's folder.
+    Labels holding `|` make the index multi-label; box columns crop each image to its row's box."""
     found, seen = _Found(), set()
-    for line, raw_path, label, split in _csv_rows(csv_path):
-        where = f"{csv_path}:{line}"
+    with_boxes, rows = _csv_rows(csv_path)
+    found.multilabel = any(is_label_set(row["label"]) for _, row in rows)
+    for line, row in rows:
+        where, raw_path, split = f"{csv_path}:{line}", row["path"], row["split"]
         full = os.path.normpath(os.path.join(csv_path.parent, os.path.expanduser(raw_path)))
+        label = canonical_label_set(row["label"], where) if found.multilabel and row["label"] else row["label"]
         if label:
-            found.declared.add(label)
-        reason = _csv_row_problem(raw_path, label, full, seen)
+            found.declared.update(label_set(label) if found.multilabel else (label,))
+        box, reason = parse_box([row[c] for c in BOX_COLUMNS]) if with_boxes else (None, None)
+        reason = _csv_row_problem(raw_path, label, full, (full, box), seen) or reason
         if reason:
             found.skipped.append(Skipped(full if raw_path else where, reason))
             continue
         if split and split.lower() not in SPLIT_ALIASES:
             raise UserError(f"{where}: unknown split '{split}' (use train, val, valid, validation or test)")
-        seen.add(full)
-        found.entries.append(_Entry(full, label, SPLIT_ALIASES.get(split.lower())))
+        seen.add((full, box))
+        found.entries.append(_Entry(full, label, SPLIT_ALIASES.get(split.lower()), box))
     return found
 
 
-def _csv_rows(csv_path: Path) -> list[tuple[int, str, str, str]]:
-    """(line, path, label, split) per row, stripped; unreadable or header-less CSVs are UserErrors."""
+def _csv_rows(csv_path: Path) -> tuple[bool, list[tuple[int, dict[str, str]]]]:
+    """Whether the CSV has box columns, and (line, stripped cells) per row; unreadable or header-less CSVs are
+    UserErrors."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -224,17 +243,19 @@ def _csv_rows(csv_path: Path) -> list[tuple[int, str, str, str]]:
             if not {"path", "label"} <= set(reader.fieldnames):
                 found = ", ".join(c for c in reader.fieldnames if c) or "none"
                 raise UserError(f"CSV {csv_path} must have 'path' and 'label' columns in its header; found: {found}")
-            cells = ("path", "label", "split")
-            return [(reader.line_num, *((row.get(c) or "").strip() for c in cells)) for row in reader]
+            with_boxes = has_box_columns(reader.fieldnames)
+            cells = ("path", "label", "split") + (BOX_COLUMNS if with_boxes else ())
+            return with_boxes, [(reader.line_num, {c: (row.get(c) or "").strip() for c in cells}) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"cannot read CSV {csv_path}: {' '.join(str(exc).split())}") from exc
 
 
-def _csv_row_problem(raw_path: str, label: str, full: str, seen: set[str]) -> str | None:
-    """Why a CSV row cannot be used, short of decoding its file; None when it can."""
+def _csv_row_problem(raw_path: str, label: str, full: str, key: tuple, seen: set[tuple]) -> str | None:
+    """Why a CSV row cannot be used, short of decoding its file; None when it can. One file may be listed with
+    several boxes (two cars in one photo), not twice with the same one."""
     if not raw_path or not label:
         return "row without path or label"
-    if full in seen:
+    if key in seen:
         return "listed twice in CSV"
     if not os.path.isfile(full):
         return "file not found"
@@ -242,24 +263,26 @@ def _csv_row_problem(raw_path: str, label: str, full: str, seen: set[str]) -> st
 
 
 def _verify(entries: list[_Entry], max_pixels: int) -> tuple[list[_Entry], list[Skipped]]:
-    reasons = image_problems([e.path for e in entries], max_pixels)
+    reasons = image_problems([e.path for e in entries], max_pixels, [e.box for e in entries])
     kept = [e for e, r in zip(entries, reasons, strict=True) if r is None]
     return kept, [Skipped(e.path, r) for e, r in zip(entries, reasons, strict=True) if r is not None]
 
 
-def image_problems(paths: list[str], max_pixels: int = MAX_PIXELS) -> list[str | None]:
-    """load_rgb's refusal reason for each path (None when it decodes), decoded in parallel threads (Pillow
-    releases the GIL); the order is that of ``paths``."""
+def image_problems(paths: list[str], max_pixels: int = MAX_PIXELS, boxes: list[Box | None] | None = None
+                   ) -> list[str | None]:
+    """load_rgb's refusal reason for each path (None when it decodes; a box must fit its image), decoded in
+    parallel threads (Pillow releases the GIL); the order is that of ``paths``."""
+    boxes = boxes or [None] * len(paths)
     with ThreadPoolExecutor() as pool:
-        return list(pool.map(lambda path: _unusable_reason(path, max_pixels), paths))
+        return list(pool.map(lambda path, box: _unusable_reason(path, max_pixels, box), paths, boxes))
 
 
-def _unusable_reason(path: str, max_pixels: int) -> str | None:
+def _unusable_reason(path: str, max_pixels: int, box: Box | None) -> str | None:
     try:
-        load_rgb(path, max_pixels)
+        image = load_rgb(path, max_pixels)
     except UnreadableImage as exc:
         return str(exc)
-    return None
+    return box.outside(*image.size) if box else None
 
 
 def list_image_files(folder: Path) -> tuple[list[str], list[Skipped]]:
@@ -275,8 +298,10 @@ def list_image_files(folder: Path) -> tuple[list[str], list[Skipped]]:
     return paths, skipped
 
 
-def _check_classes(root: Path, entries: list[_Entry], declared: set[str], n_skipped: int, trainable: bool) -> None:
-    """Fail early, naming the problem, when the data cannot train a classifier (not ``trainable``: has no images)."""
+def _check_classes(root: Path, entries: list[_Entry], declared: set[str], n_skipped: int, trainable: bool,
+                   labels_of: Callable[[str], tuple[str, ...]]) -> None:
+    """Fail early, naming the problem, when the data cannot train a classifier (not ``trainable``: has no images).
+    ``labels_of`` gives an entry's classes: one, or a multi-label entry's set."""
     if not entries:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images found in {root} (looked for {exts} files by class; {n_skipped} entries skipped)")
@@ -284,33 +309,38 @@ def _check_classes(root: Path, entries: list[_Entry], declared: set[str], n_skip
         return
     if len(declared) == 1:
         raise UserError(f"only one class found ('{next(iter(declared))}') in {root}; need at least 2 classes")
-    per_class = Counter(e.label for e in entries)
+    per_class = Counter(label for e in entries for label in labels_of(e.label))
     few = [f"'{c}' has {per_class[c]}" for c in sorted(declared) if per_class[c] < 2]
     if few:
         raise UserError(f"every class needs at least 2 usable images: {', '.join(few)}")
     # Unsplit images always leave at least one per class in train, so they count as train here.
-    trainable = {e.label for e in entries if e.split in (None, "train")}
-    missing = sorted({e.label for e in entries} - trainable)
+    trainable = {label for e in entries if e.split in (None, "train") for label in labels_of(e.label)}
+    missing = sorted(set(per_class) - trainable)
     if missing:
         raise UserError(f"classes in val/test missing from train: {', '.join(missing)}")
 
 
 def _assign_splits(entries: list[_Entry], val_f: float, test_f: float, seed: int) -> list[Sample]:
-    """Give unsplit entries a seeded, per-class split; entries with an explicit split keep it."""
-    samples = [Sample(e.path, e.label, e.split) for e in entries if e.split is not None]
-    unsplit = sorted((e.label, e.path) for e in entries if e.split is None)  # sorted: listing order is irrelevant
-    for label, group in groupby(unsplit, key=itemgetter(0)):
-        samples += _split_class(label, [path for _, path in group], val_f, test_f, seed)
+    """Give unsplit entries a seeded, per-class split (a multi-label entry's class: its whole label set); entries
+    with an explicit split keep it."""
+    samples = [Sample(e.path, e.label, e.split, e.box) for e in entries if e.split is not None]
+    unsplit = sorted((e for e in entries if e.split is None), key=_entry_order)  # listing order is irrelevant
+    for label, group in groupby(unsplit, key=attrgetter("label")):
+        samples += _split_class(label, list(group), val_f, test_f, seed)
     return samples
 
 
-def _split_class(label: str, paths: list[str], val_f: float, test_f: float, seed: int) -> list[Sample]:
+def _entry_order(entry: _Entry) -> tuple[str, str, str]:
+    return entry.label, entry.path, entry.box.key() if entry.box else ""
+
+
+def _split_class(label: str, entries: list[_Entry], val_f: float, test_f: float, seed: int) -> list[Sample]:
     """Seeded shuffle of one class, cut per-class-rounded: ≥ 1 val/test where asked, ≥ 1 always left in train."""
-    n = len(paths)
+    n = len(entries)
     n_val = max(1, math.floor(n * val_f + 0.5)) if val_f > 0 else 0
     n_test = max(0, min(max(1, math.floor(n * test_f + 0.5)) if test_f > 0 else 0, n - 1 - n_val))
     n_val = min(n_val, n - 1 - n_test)
-    shuffled = list(paths)
+    shuffled = list(entries)
     random.Random(f"{seed}/{label}").shuffle(shuffled)
     splits = ["val"] * n_val + ["test"] * n_test + ["train"] * (n - n_val - n_test)
-    return [Sample(p, label, sp) for p, sp in zip(shuffled, splits, strict=True)]
+    return [Sample(e.path, label, sp, e.box) for e, sp in zip(shuffled, splits, strict=True)]

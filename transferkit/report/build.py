@@ -4,7 +4,9 @@ folder's files; a file the run lacks turns its sections into a line saying so, n
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,10 +14,12 @@ import jinja2
 import numpy as np
 import yaml
 
+from transferkit.data.labelsets import label_set
 from transferkit.fileio import atomic_write
 from transferkit.report.figures import confusion_uri, roc_uri, stage_curves
 from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
-from transferkit.run import read_history, read_predictions
+from transferkit.report.multilabel import multilabel_sections
+from transferkit.run import read_history, read_prediction_crops, read_predictions
 
 if TYPE_CHECKING:
     from transferkit.run import Run
@@ -43,16 +47,23 @@ def render(context: dict) -> str:
 
 def gather(run: Run) -> dict:
     metrics = read_json(run.path / "metrics.json")
-    predictions = load_predictions(run)
     return {
         "title": run.path.resolve().name,
         "classes": run.classes,
-        "dataset": dataset_section(run.path, run.classes, metrics),
+        "dataset": dataset_section(run.path, run.classes, metrics, label_set if run.multilabel else None),
         "training": training_section(run.path),
+        **(multilabel_sections(metrics) if run.multilabel else single_label_sections(run, metrics)),
+        "model": model_section(run),
+        "leaderboard": leaderboard_section(run.path),
+    }
+
+
+def single_label_sections(run: Run, metrics: dict | None) -> dict:
+    predictions = load_predictions(run)
+    return {
         "metrics": metrics_section(metrics),
         "roc": roc_section(predictions, run.classes) if len(run.classes) == 2 else None,
         **prediction_sections(run, predictions),
-        "model": model_section(run),
     }
 
 
@@ -66,16 +77,20 @@ def missing(message: str) -> dict:
 
 def load_predictions(run: Run) -> Predictions | None:
     path = run.path / "predictions.csv"
-    return Predictions(*read_predictions(path, run.classes)) if path.is_file() else None
+    return Predictions(*read_predictions(path, run.classes), read_prediction_crops(path)) if path.is_file() else None
 
 
-def dataset_section(folder: Path, classes: list[str], metrics: dict | None) -> dict:
-    """Images per class and split (split.json); files skipped and why (metrics.json)."""
+def dataset_section(folder: Path, classes: list[str], metrics: dict | None,
+                    labels_of: Callable[[str], tuple[str, ...]] | None = None) -> dict:
+    """Images per class and split (split.json); files skipped and why (metrics.json). `labels_of` splits a
+    multi-label run's label sets, so an image counts under each of its labels."""
+    labels_of = labels_of or (lambda label: (label,))
     split = read_json(folder / "split.json")
     if split is None:
         return missing("no split.json in the run folder")
     splits = [name for name in ("train", "val", "test") if split.get(name)]
-    rows = [[name] + [split["labels"][s].count(name) for s in splits] for name in classes]
+    counts = [[sum(name in labels_of(label) for label in split["labels"][s]) for s in splits] for name in classes]
+    rows = [[name] + row for name, row in zip(classes, counts, strict=True)]
     rows.append(["all classes"] + [len(split[s]) for s in splits])
     skipped = None if metrics is None else metrics.get("skipped_files", [])
     return {"splits": splits, "rows": rows, "layout": split.get("layout"), "seed": split.get("seed"),
@@ -129,6 +144,16 @@ def prediction_sections(run: Run, pred: Predictions | None) -> dict:
         return {"gallery": missing(message), "top_losses": missing(message), "similarity": missing(message)}
     return {"gallery": gallery_section(run, pred), "top_losses": top_losses_section(pred, run.classes),
             "similarity": similarity_section(run, pred)}
+
+
+def leaderboard_section(folder: Path) -> list[dict] | None:
+    """`transferkit auto`'s probe of each candidate backbone (leaderboard.csv), best first; None for other runs."""
+    path = folder / "leaderboard.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as handle:
+        return [{**row, "params": int(row["params"]), "probe_accuracy": float(row["probe_accuracy"]),
+                 "sd": float(row["sd"]), "chosen": row["chosen"] == "yes"} for row in csv.DictReader(handle)]
 
 
 def model_section(run: Run) -> dict:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from transferkit.data.images import load_rgb
+from transferkit.data.boxes import Box
+from transferkit.data.loader import load_image
 from transferkit.errors import UnreadableImage
 from transferkit.explain import explain_images
 from transferkit.report.figures import figure_uri, image_uri
@@ -32,6 +33,7 @@ class Predictions:
     paths: list[str]
     y_true: np.ndarray
     probs: np.ndarray
+    crops: list[Box | None] | None = None  # the region of each image that was evaluated (boxed data)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -63,7 +65,7 @@ def load_chosen(pred: Predictions, chosen: list[int]) -> tuple[list[tuple[int, I
     kept = []
     for i in chosen:
         try:
-            kept.append((i, load_rgb(pred.paths[i])))
+            kept.append((i, load_image(pred.paths[i], pred.crops[i] if pred.crops else None)))
         except UnreadableImage:
             continue
     return kept, len(chosen) - len(kept)

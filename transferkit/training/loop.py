@@ -16,6 +16,9 @@ from transferkit.progress import Reporter
 from transferkit.training.compute import Compute
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+# (logits, targets) -> (N,) how right each image's prediction is, 1 or 0 (or, multi-label, the fraction of its
+# labels right): the accuracy in the training log is its mean.
+Hits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -56,8 +59,11 @@ def loss_fn(binary: bool, label_smoothing: float = 0.0) -> Callable[[torch.Tenso
     return lambda logits, targets: F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-def probabilities(logits: torch.Tensor, binary: bool) -> torch.Tensor:
-    """Per-class probabilities, (N, C) for both tasks, so everything downstream is task-agnostic."""
+def probabilities(logits: torch.Tensor, binary: bool, multilabel: bool = False) -> torch.Tensor:
+    """Per-class probabilities, (N, C) for every task, so everything downstream is task-agnostic; a multi-label
+    run's are independent (one sigmoid per label), the others' sum to 1."""
+    if multilabel:
+        return torch.sigmoid(logits.float())
     if binary:
         p = torch.sigmoid(logits[:, 0].float())
         return torch.stack([1 - p, p], dim=1)
@@ -114,7 +120,7 @@ class FitContext:
     """What stays the same across stages: the loss, the task, early stopping and where epochs are reported."""
 
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    binary: bool
+    hits: Hits
     keeper: BestKeeper
     model: nn.Module  # the whole classifier, whose best state the keeper holds
     reporter: Reporter
@@ -146,7 +152,7 @@ def fit(stage: Stage, ctx: FitContext) -> None:
                     stage.scheduler.step()
                 # 3. running statistics for the epoch line; the batch's own for the step hook (TensorBoard)
                 n, batch_loss = targets.shape[0], loss.item()
-                batch_correct = int((predicted_class(logits.detach(), ctx.binary) == targets).sum())
+                batch_correct = float(ctx.hits(logits.detach(), targets).sum())
                 loss_sum, correct, seen = loss_sum + batch_loss * n, correct + batch_correct, seen + n
                 advance(n, f"loss {loss_sum / seen:.4f}")
                 if ctx.on_step:
@@ -172,6 +178,11 @@ def predicted_class(logits: torch.Tensor, binary: bool) -> torch.Tensor:
     return (logits[:, 0] > 0).long() if binary else logits.argmax(dim=1)
 
 
+def single_label_hits(binary: bool) -> Hits:
+    """1 for each image whose predicted class is its class."""
+    return lambda logits, targets: (predicted_class(logits, binary) == targets).float()
+
+
 @torch.inference_mode()
 def evaluate_logits(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +198,6 @@ def evaluate_logits(module: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     return torch.cat(logits), torch.cat(targets)
 
 
-def loss_and_accuracy(
-    logits: torch.Tensor, targets: torch.Tensor, criterion: Callable, binary: bool
-) -> tuple[float, float]:
-    return float(criterion(logits, targets)), float((predicted_class(logits, binary) == targets).float().mean())
+def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor, criterion: Callable, hits: Hits
+                      ) -> tuple[float, float]:
+    return float(criterion(logits, targets)), float(hits(logits, targets).mean())

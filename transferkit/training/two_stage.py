@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferkit import multilabel
 from transferkit.cache import FeatureTable, default_cache_dir
 from transferkit.config import TrainConfig
-from transferkit.data.loader import ImageDataset, make_loader
+from transferkit.data.loader import Labelled, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.features import FeatureExtractor, View
 from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
@@ -28,17 +29,15 @@ from transferkit.training.loop import (
     fit,
     loss_and_accuracy,
     loss_fn,
+    single_label_hits,
 )
 from transferkit.training.optim import build_optimizer, build_scheduler
-
-Labelled = tuple[list[str], list[int]]
 
 
 def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess,
                  transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext,
                  generator: torch.Generator) -> Stage:
     """Stage 1: the backbone's features never change, so compute them once per view and train the head on them."""
-    (train_paths, train_y), (val_paths, val_y) = train, val
     clean, augmented = transforms
     augment = config.augmentation()
     n_views = 1 if augment.is_identity else config.feature_views
@@ -50,26 +49,26 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     cache_root = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter,
                                cache_root)
-    features = extract.tables(train_paths, views, "features train")  # one per view; on disk when cached
-    [val_features] = extract(val_paths, views[:1], "features val")
+    features = extract.tables(train.paths, views, "features train", train.crops)  # one per view; on disk if cached
+    [val_features] = extract(val.paths, views[:1], "features val", val.crops)
     ctx.reporter.log(f"features: {extract.computed} images through the backbone, the rest from the cache"
                      if cache_root else f"features: {extract.computed} images through the backbone (no cache)")
-    targets, val_targets = torch.tensor(train_y), torch.tensor(val_y)
+    n_train = len(train.paths)
 
     def batches():
-        order = torch.randperm(len(train_paths), generator=generator)
-        view = torch.randint(n_views, (len(train_paths),), generator=generator)
+        order = torch.randperm(n_train, generator=generator)
+        view = torch.randint(n_views, (n_train,), generator=generator)
         for chunk in order.split(config.batch_size):
-            yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), targets[chunk]
+            yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), train.targets[chunk]
 
     def validate() -> tuple[float, float]:
-        return loss_and_accuracy(*evaluate_logits(model.head, [(val_features, val_targets)]), ctx.criterion,
-                                 ctx.binary)
+        return loss_and_accuracy(*evaluate_logits(model.head, [(val_features, val.targets)]), ctx.criterion,
+                                 ctx.hits)
 
     optimizer = build_optimizer(config.optimizer, [{"params": model.head.parameters(), "lr": config.lr}], config)
-    steps = -(-len(train_paths) // config.batch_size)
+    steps = -(-n_train // config.batch_size)
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
-    return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, len(train_paths), validate,
+    return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, n_train, validate,
                  config.epochs_frozen, steps)
 
 
@@ -90,29 +89,32 @@ def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms
     groups = [{"params": list(model.head.parameters()), "lr": config.finetune_lr},
               {"params": backbone_params, "lr": config.finetune_lr * config.backbone_lr_mult}]
     optimizer = build_optimizer(config.finetune_optimizer or config.optimizer, groups, config)
-    train_loader = make_loader(ImageDataset(*train, augmented), config.batch_size, config.workers, shuffle=True,
+    train_loader = make_loader(train.dataset(augmented), config.batch_size, config.workers, shuffle=True,
                                generator=generator)
-    val_loader = make_loader(ImageDataset(*val, clean), config.batch_size, config.workers)
+    val_loader = make_loader(val.dataset(clean), config.batch_size, config.workers)
 
     def batches():
         for images, targets in train_loader:
             yield images.contiguous(memory_format=torch.channels_last), targets
 
     def validate() -> tuple[float, float]:
-        return loss_and_accuracy(*evaluate_logits(model, val_loader), ctx.criterion, ctx.binary)
+        return loss_and_accuracy(*evaluate_logits(model, val_loader), ctx.criterion, ctx.hits)
 
     scheduler = build_scheduler(optimizer, config, -(-len(train_loader) // config.accumulate), config.epochs_finetune)
     return Stage("finetune", model, lambda: set_train_mode(model, config.finetune_bn), optimizer, scheduler,
-                 batches, len(train[0]), validate, config.epochs_finetune, len(train_loader))
+                 batches, len(train.paths), validate, config.epochs_finetune, len(train_loader))
 
 
 def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
               keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute,
-              on_step: Callable[[StepLog], None] | None = None) -> None:
+              on_step: Callable[[StepLog], None] | None = None, is_multilabel: bool = False) -> None:
     """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen."""
-    binary = model.head[-1].out_features == 1
-    ctx = FitContext(loss_fn(binary, config.label_smoothing), binary, keeper, model, reporter, on_epoch, compute,
-                     on_step)
+    if is_multilabel:
+        criterion, hits = multilabel.loss(config.label_smoothing), multilabel.hits
+    else:
+        binary = model.head[-1].out_features == 1
+        criterion, hits = loss_fn(binary, config.label_smoothing), single_label_hits(binary)
+    ctx = FitContext(criterion, hits, keeper, model, reporter, on_epoch, compute, on_step)
     augment = config.augmentation()
     transforms = (eval_transform(pre, augment.samplewise_center), train_transform(pre, augment))
     generator = torch.Generator().manual_seed(config.seed)

