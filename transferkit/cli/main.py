@@ -25,7 +25,7 @@ app = typer.Typer(
 
 def _register_commands() -> None:
     # Imported here so `transferkit --help` stays fast and each command module only registers itself.
-    from transferkit.cli import backbones, demo, doctor, export, insight, report, serve, training  # noqa: F401
+    from transferkit.cli import backbones, demo, doctor, export, fetch, insight, report, serve, training  # noqa: F401
 
 
 def fail(message: str) -> int:
@@ -37,7 +37,8 @@ def run_cli(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (tests call this; the console script wraps it)."""
     _register_commands()
     try:
-        app(args=argv, prog_name="transferkit", standalone_mode=False)
+        # Without standalone mode a command's typer.Exit(n) comes back as the return value, not as an exception.
+        code = app(args=argv, prog_name="transferkit", standalone_mode=False)
     except UserError as exc:
         return fail(str(exc).replace("\n", " "))
     except click_errors.NoArgsIsHelpError as exc:
@@ -45,12 +46,12 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 0
     except click_errors.UsageError as exc:
         return fail(exc.format_message().replace("\n", " "))
-    except (click_errors.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("transferkit: interrupted", file=sys.stderr)
         return 130
-    except click_errors.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:
