@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 # markup off: messages carry user file names, and "[/x] photo.jpg" must print as it is, not be parsed (or crash).
-console = Console(stderr=True, highlight=False, markup=False)
+console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)  # a path is never broken in two
 
 
 def print_warning(label: str, message: str) -> None:
