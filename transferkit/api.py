@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 from contextlib import closing
@@ -76,8 +75,7 @@ def train(
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
     out = Path(out)
     prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
-    pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
-    pre = dataclasses.replace(pre, image_size=cfg.image_size or pre.image_size, crop_pct=cfg.crop_pct or pre.crop_pct)
+    pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
     one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
     model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two)
     binary = model.head[-1].out_features == 1

@@ -33,6 +33,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transferkit"
 
 
+def cache_root(enabled: bool, folder: str | Path | None) -> Path | None:
+    """Where features are cached: the given folder, else the default one; None when caching is off."""
+    if not enabled:
+        return None
+    return Path(folder) if folder else default_cache_dir()
+
+
 def file_digest(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

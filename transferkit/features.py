@@ -21,6 +21,7 @@ from torch import nn
 from transferkit.cache import ArrayTable, FeatureStore, FeatureTable, file_digest, module_digest
 from transferkit.data.boxes import Box
 from transferkit.data.loader import ImageDataset, make_loader
+from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.progress import Reporter
 
 ENGINES = ("auto", "onnx", "torch")
@@ -114,6 +115,17 @@ class View:
     index: int
     transform: Callable
     spec: dict
+
+
+def view_spec(pre: Preprocess, samplewise_center: bool) -> dict:
+    """What every view's pixels depend on besides the view itself (part of the cache key)."""
+    return {"preprocess": pre.to_dict(), "samplewise_center": samplewise_center}
+
+
+def clean_view(pre: Preprocess, samplewise_center: bool = False) -> View:
+    """View 0, the image as evaluation sees it. Training's frozen stage, auto, doctor and the embedding commands
+    all key it this way, so each reads the rows another one cached."""
+    return View(0, eval_transform(pre, samplewise_center), {**view_spec(pre, samplewise_center), "view": 0})
 
 
 def view_seed(content_digest: str, view_index: int) -> int:

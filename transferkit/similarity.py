@@ -21,11 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
 
-from transferkit.cache import default_cache_dir  # noqa: E402
+from transferkit.cache import cache_root  # noqa: E402
 from transferkit.data.sources import Skipped, scan_dataset  # noqa: E402
-from transferkit.data.transforms import Preprocess, eval_transform  # noqa: E402
+from transferkit.data.transforms import Preprocess  # noqa: E402
 from transferkit.errors import UserError  # noqa: E402
-from transferkit.features import FeatureExtractor, View  # noqa: E402
+from transferkit.features import FeatureExtractor, View, clean_view  # noqa: E402
 from transferkit.fileio import atomic_write  # noqa: E402
 from transferkit.models.classifier import Classifier  # noqa: E402
 from transferkit.models.registry import create_imagenet_model, get_backbone  # noqa: E402
@@ -51,9 +51,8 @@ class EmbeddingSource:
     samplewise_center: bool = False
 
     def view(self) -> View:
-        # The same spec as training's clean view, so a backbone left as trained reuses the features cached then.
-        spec = {"preprocess": self.preprocess.to_dict(), "samplewise_center": self.samplewise_center, "view": 0}
-        return View(0, eval_transform(self.preprocess, self.samplewise_center), spec)
+        # training's clean view, so a backbone left as trained reuses the features cached then
+        return clean_view(self.preprocess, self.samplewise_center)
 
 
 def run_source(run: Run) -> EmbeddingSource:
@@ -67,13 +66,6 @@ def backbone_source(name: str, weights: str | None = None) -> EmbeddingSource:
     imagenet_model.reset_classifier(0)  # keeps timm's global pooling: forward_head now ends at the pooled features
     pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
     return EmbeddingSource(Classifier(imagenet_model, nn.Identity()).eval(), pre)
-
-
-def cache_root(cache: bool = True, cache_dir: str | Path | None = None) -> Path | None:
-    """Where features are cached (None: nowhere), as training decides it."""
-    if not cache:
-        return None
-    return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
 class Embedder:

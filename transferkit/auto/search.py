@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from transferkit import api
-from transferkit.auto.embedding import Backbone, clean_features, load_backbone
+from transferkit.auto.embedding import clean_features, load_candidate
 from transferkit.auto.plan import Workload, count_blocks, measure_speeds, plan_training, unfreeze_rule
 from transferkit.auto.probe import (
     MAX_PROBE_IMAGES,
@@ -35,6 +35,7 @@ from transferkit.data.boxes import Box
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
+from transferkit.models.pretrained import Backbone
 from transferkit.models.registry import BACKBONES, count_parameters, get_backbone, has_offline_weights
 from transferkit.progress import Reporter
 from transferkit.run import Run, write_json
@@ -172,7 +173,7 @@ def probe(candidate: Candidate, cfg: TrainConfig, samples: list[Sample], labels:
           reporter: Reporter) -> Probed | None:
     start = time.perf_counter()
     try:
-        backbone = load_backbone(candidate.name, candidate.weights, cfg)
+        backbone = load_candidate(candidate.name, candidate.weights, cfg)
     except UserError as exc:
         if candidate.weights:  # the user's own file does not fit: that is their error to fix, not a skip
             raise
@@ -226,7 +227,7 @@ def lr_find_data(source: str | Path, *, quiet: bool = False, recipe: str | None 
         raise UserError("give a run's config.yaml or --config, not both")
     cfg = resolve_config(recipe, str(run_config) if run_config else config, **options)
     samples, classes = run_training_samples(run_config) if run_config else data_training_samples(source, cfg)
-    backbone = load_backbone(cfg.backbone, cfg.weights, cfg)
+    backbone = load_candidate(cfg.backbone, cfg.weights, cfg)
     features = clean_features(backbone, samples, cfg, Reporter(quiet))
     return lr_find(features, np.array([classes.index(s.label) for s in samples]), len(classes), cfg)
 

@@ -8,11 +8,10 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import print_json
+from transferkit.cli.output import JSON, print_json
 from transferkit.cli.training import print_metrics_summary
 from transferkit.progress import console
 
-JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 RECIPE = Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")]
 CONFIG = Annotated[str | None, typer.Option(help="YAML file of configuration keys.")]

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from transferkit.cli.main import app
-from transferkit.cli.output import print_json, print_predictions, report_skipped
+from transferkit.cli.output import JSON, print_json, print_predictions, report_skipped
 from transferkit.models.registry import (
     BACKBONES,
     DEFAULT_BACKBONE,
@@ -43,7 +43,7 @@ def backbone_rows() -> list[dict]:
 
 
 @app.command()
-def backbones(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def backbones(json_out: JSON = False) -> None:
     """List known backbones: parameters, size, input size, offline weights now, ImageNet top-1."""
     rows = backbone_rows()
     if json_out:
@@ -69,7 +69,7 @@ def imagenet(
     backbone: Annotated[str, typer.Option(help="Backbone name.")] = DEFAULT_BACKBONE,
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file (.safetensors/.pth).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=1000)] = 5,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_out: JSON = False,
 ) -> None:
     """Top-5 ImageNet classes from the untouched pretrained network."""
     from timm.data import ImageNetInfo

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import print_json
+from transferkit.cli.output import JSON, print_json
 from transferkit.progress import console
 
 
@@ -18,7 +18,7 @@ def demo(
         "runs/demo"
     ),
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the test metrics as JSON.")] = False,
+    json_out: JSON = False,
 ) -> None:
     """Solar cells (elpv-dataset), functional vs defective: split, train both stages, evaluate on test."""
     import time

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from transferkit.cli.main import app
-from transferkit.cli.output import print_json
+from transferkit.cli.output import JSON, print_json
 from transferkit.errors import UserError
 
 SHOWN = 10  # items listed per finding in the summary; --json / --out hold them all
@@ -42,7 +42,7 @@ def doctor(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute features afresh.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the JSON report to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    json_out: JSON = False,
 ) -> None:
     """Check a dataset before training: unreadable files, exact and near duplicates, train/val leakage, class
     imbalance, tiny images, likely mislabeled images. Exit code 0 whatever it finds."""

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import print_json
+from transferkit.cli.output import JSON, print_json
 from transferkit.progress import console
 
 
@@ -34,7 +34,7 @@ def export(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="File to write (RUN/model.onnx, model.int8.onnx, model.pt).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    json_out: JSON = False,
 ) -> None:
     """Export the classifier ([0, 1] pixels in, probabilities out); refused unless it matches PyTorch."""
     from dataclasses import asdict

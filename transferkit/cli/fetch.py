@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app, fail
-from transferkit.cli.output import print_json
+from transferkit.cli.output import JSON, print_json
 from transferkit.progress import Reporter, console, print_warning
 
 _FAILURES_SHOWN = 10  # the summary fits one screen; the report has them all
@@ -40,7 +40,7 @@ def fetch(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Also retry URLs that failed for good (404, not an image) before.")
     ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    json_out: JSON = False,
 ) -> None:
     """Download the images of a URL list into a dataset folder; re-running resumes where the last run stopped."""
     from transferkit.fetch import REPORT_NAME, FetchOptions, Limits, fetch_dataset

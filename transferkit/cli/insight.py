@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import print_json, report_skipped
+from transferkit.cli.output import JSON, print_json, report_skipped
 from transferkit.errors import UserError
 from transferkit.progress import console
 
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from transferkit.run import Run
     from transferkit.similarity import Embedder, EmbeddingSource
 
-JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 CACHE_DIR = Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")]
 NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Compute embeddings afresh, cache nothing.")]
 RUN = Annotated[Path, typer.Argument(help="Run folder.")]
@@ -32,8 +31,9 @@ def load_run(path: Path) -> Run:
 
 
 def embedder(source: EmbeddingSource, cache_dir: str | None, no_cache: bool) -> Embedder:
+    from transferkit.cache import cache_root
     from transferkit.progress import Reporter
-    from transferkit.similarity import Embedder, cache_root
+    from transferkit.similarity import Embedder
 
     return Embedder(source, cache_root(not no_cache, cache_dir), Reporter())
 

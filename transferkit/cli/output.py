@@ -11,6 +11,7 @@ import typer
 from transferkit.data.sources import Skipped
 from transferkit.progress import print_warning
 
+JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ENGINE = Annotated[str, typer.Option(help="auto (the int8 export, else the fp32 one, else torch), int8, onnx, torch.")]
 
 

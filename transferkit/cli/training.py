@@ -8,11 +8,9 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import ENGINE, print_json, print_predictions, report_skipped
+from transferkit.cli.output import ENGINE, JSON, print_json, print_predictions, report_skipped
 from transferkit.errors import UserError
 from transferkit.progress import console
-
-JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
 def parse_hidden(value: str | None) -> list[int] | None:

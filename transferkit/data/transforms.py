@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torchvision.transforms import v2 as T
@@ -29,6 +29,12 @@ class Preprocess:
             mean=tuple(float(v) for v in cfg["mean"]),
             std=tuple(float(v) for v in cfg["std"]),
         )
+
+    @classmethod
+    def for_model(cls, model, image_size: int | None = None, crop_pct: float | None = None) -> Preprocess:
+        """A timm model's own preprocessing, with the image size and crop overridden where given."""
+        pre = cls.from_timm_config(model.pretrained_cfg)
+        return replace(pre, image_size=image_size or pre.image_size, crop_pct=crop_pct or pre.crop_pct)
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from transferkit.cache import default_cache_dir, file_digest
+from transferkit.cache import cache_root, file_digest
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
-from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.doctor import checks
 from transferkit.doctor.mislabel import likely_mislabeled
 from transferkit.errors import UserError
-from transferkit.features import ENGINES, FeatureExtractor, View
-from transferkit.models.classifier import HeadSpec, new_classifier
-from transferkit.models.registry import DEFAULT_BACKBONE, create_imagenet_model, get_backbone
+from transferkit.features import ENGINES, FeatureExtractor, clean_view
+from transferkit.models.pretrained import load_backbone
+from transferkit.models.registry import DEFAULT_BACKBONE
 from transferkit.progress import Reporter
 
 # Measured with tf_efficientnet_lite0 (README, doctor): re-encoded (JPEG 75-90), brightened (x1.1) and resized
@@ -112,20 +109,14 @@ def summarize(report: dict) -> dict:
 def embed(samples: list[Sample], options: DoctorOptions, reporter: Reporter) -> tuple[np.ndarray, dict]:
     """Clean-view backbone features of every sample, through the same cache key as train's frozen stage (view 0),
     so doctor then train on the same data and settings runs the backbone once."""
-    spec = get_backbone(options.backbone)
-    imagenet_model, weights_source = create_imagenet_model(spec, options.weights)
-    pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
-    pre = dataclasses.replace(pre, image_size=options.image_size or pre.image_size,
-                              crop_pct=options.crop_pct or pre.crop_pct)
-    # the head is never used; the classifier wrapper gives FeatureExtractor its `embed` and the cache its backbone
-    model = new_classifier(imagenet_model, 2, HeadSpec(), binary_logit=True)
-    view = View(0, eval_transform(pre), {"preprocess": pre.to_dict(), "samplewise_center": False, "view": 0})
-    cache_root = None if not options.cache else Path(options.cache_dir) if options.cache_dir else default_cache_dir()
-    extract = FeatureExtractor(model, options.engine, options.batch_size, options.workers, reporter, cache_root)
-    [features] = extract([s.path for s in samples], [view], "features")
+    backbone = load_backbone(options.backbone, options.weights, options.image_size, options.crop_pct)
+    extract = FeatureExtractor(backbone.model, options.engine, options.batch_size, options.workers, reporter,
+                               cache_root(options.cache, options.cache_dir))
+    [features] = extract([s.path for s in samples], [clean_view(backbone.pre)], "features")
     reporter.log(f"features: {extract.computed} images through the backbone, the other "
                  f"{len(samples) - extract.computed} from the cache")
-    return features.numpy(), {"name": spec.name, "weights": weights_source, "image_size": pre.image_size}
+    return features.numpy(), {"name": backbone.spec.name, "weights": backbone.weights_source,
+                              "image_size": backbone.pre.image_size}
 
 
 def _alike_note(near: list[dict], n_images: int, threshold: float) -> list[str]:

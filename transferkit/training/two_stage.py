@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from transferkit import multilabel
-from transferkit.cache import FeatureTable, default_cache_dir
+from transferkit.cache import FeatureTable, cache_root
 from transferkit.config import TrainConfig
 from transferkit.data.loader import Labelled, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
-from transferkit.features import FeatureExtractor, View
+from transferkit.features import FeatureExtractor, View, clean_view, view_spec
 from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
 from transferkit.progress import Reporter
 from transferkit.training.compute import Compute
@@ -38,21 +37,19 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
                  transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext,
                  generator: torch.Generator) -> Stage:
     """Stage 1: the backbone's features never change, so compute them once per view and train the head on them."""
-    clean, augmented = transforms
+    augmented = transforms[1]
     augment = config.augmentation()
     n_views = 1 if augment.is_identity else config.feature_views
-    base = {"preprocess": pre.to_dict(), "samplewise_center": augment.samplewise_center}
-    # view 0 is the clean image (shared by every recipe), the others augmented copies
-    views = [View(0, clean, {**base, "view": 0})]
-    augmented_spec = {**base, "augment": dataclasses.asdict(augment)}
+    # view 0 is the clean image (shared by every recipe, and by auto, doctor and embeddings), the others augmented
+    views = [clean_view(pre, augment.samplewise_center)]
+    augmented_spec = {**view_spec(pre, augment.samplewise_center), "augment": dataclasses.asdict(augment)}
     views += [View(k, augmented, {**augmented_spec, "view": k}) for k in range(1, n_views)]
-    cache_root = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter,
-                               cache_root)
+    cache = cache_root(config.cache, config.cache_dir)
+    extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter, cache)
     features = extract.tables(train.paths, views, "features train", train.crops)  # one per view; on disk if cached
     [val_features] = extract(val.paths, views[:1], "features val", val.crops)
     ctx.reporter.log(f"features: {extract.computed} images through the backbone, the rest from the cache"
-                     if cache_root else f"features: {extract.computed} images through the backbone (no cache)")
+                     if cache else f"features: {extract.computed} images through the backbone (no cache)")
     n_train = len(train.paths)
 
     def batches():
