@@ -179,11 +179,26 @@ def ensure_export(run: Path, engine: str) -> None:
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system, all threads) of a process so far: unlike wall time, barely moved by other load."""
+    """CPU time (user + system, all threads) of a process and its live child processes (`serve --workers N`)
+    so far: unlike wall time, barely moved by other load."""
     if pid is None:
         return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid] + [member for child in children for member in process_tree(int(child))]
 
 
 def model_speed(run: Path, engine: str, images: list[Path], repeats: int = 5) -> dict:
