@@ -20,6 +20,7 @@ from tests.conftest import make_class_folders
 from transferkit.auto import lr_find, plot_lr_find
 from transferkit.auto.plan import MAX_FINETUNE_EPOCHS, Speeds, Workload, plan_training, unfreeze_rule
 from transferkit.auto.probe import Option, Score, pick
+from transferkit.auto.range_test import best_rate
 from transferkit.cli.main import run_cli
 from transferkit.config import resolve_config
 
@@ -147,6 +148,19 @@ def test_lr_find_stops_when_the_loss_explodes() -> None:
     features, labels = blobs()
     result = lr_find(features * 100, labels, 3, resolve_config(optimizer="sgd"))
     assert len(result.lrs) < 100 and result.lrs[-1] < 10
+
+
+def test_best_rate_backs_off_from_a_suggestion_that_is_too_fast() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    features = (rng.random((3, 128)) * 2)[labels] + rng.normal(scale=3.0, size=(300, 128))  # overlapping classes
+    features = features.astype(np.float32)
+    cfg = resolve_config(epochs_frozen=10)
+    chosen, losses = best_rate(features, labels, 3, cfg, suggestion=10.0)  # Adam at 10 overshoots and overfits
+    assert len(losses) == 5 and chosen == min(losses, key=losses.get)
+    assert chosen < 10.0 and losses[chosen] < losses[10.0]
+    again, _ = best_rate(features, labels, 3, cfg, suggestion=10.0)
+    assert again == chosen  # seeded: the same data gives the same choice
 
 
 def test_lr_find_command_on_data(dataset: Path, tiny_weights: str, tmp_path: Path,

@@ -29,7 +29,7 @@ from transferkit.auto.probe import (
     pick,
     probe_subset,
 )
-from transferkit.auto.range_test import LRFind, lr_find, plot_lr_find
+from transferkit.auto.range_test import LRFind, best_rate, lr_find, plot_lr_find
 from transferkit.config import TrainConfig, resolve_config
 from transferkit.data.boxes import Box
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
@@ -119,6 +119,8 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     head_hidden, head_scores = choose_head(winner.features, labels, cfg.seed)
     found = lr_find(winner.features, labels, len(index.classes), dataclasses.replace(cfg, head_hidden=head_hidden))
     plot_lr_find(found, out / "lr_find.png")
+    head_lr, rate_losses = best_rate(winner.features, labels, len(index.classes),
+                                     dataclasses.replace(cfg, head_hidden=head_hidden), found.suggested_lr)
     blocks = unfreeze_rule(len(index.split("train")), count_blocks(winner.backbone.model))
     speeds = measure_speeds(winner.backbone.model, blocks, winner.backbone.pre.image_size, cfg,
                             found.seconds_per_image)
@@ -127,11 +129,11 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     if plan.estimated_seconds > left:
         reporter.warn(f"the time budget is too small: training is expected to take {plan.estimated_seconds:.0f}s, "
                       f"{max(left, 0):.0f}s are left; the plan is cut to its minimum (clean view, no fine-tuning)")
-    reporter.log(f"auto: {winner.candidate.name}, head {head_hidden or 'linear'}, lr {found.suggested_lr:.2e}, "
+    reporter.log(f"auto: {winner.candidate.name}, head {head_hidden or 'linear'}, lr {head_lr:.2e}, "
                  f"unfreeze {blocks}, {plan.epochs_finetune} fine-tuning epochs (~{plan.estimated_seconds:.0f}s)")
     # The range test measures the head alone; fine-tuning keeps the config's small rate, at most a tenth of the head's.
     choices = dict(backbone=winner.candidate.name, weights=winner.candidate.weights, head_hidden=head_hidden,
-                   lr=found.suggested_lr, finetune_lr=min(cfg.finetune_lr, found.suggested_lr / 10), unfreeze=blocks,
+                   lr=head_lr, finetune_lr=min(cfg.finetune_lr, head_lr / 10), unfreeze=blocks,
                    epochs_finetune=plan.epochs_finetune, feature_views=plan.feature_views)
     seconds_before_training = time.perf_counter() - start
     run = api.train(index, out, quiet=quiet, recipe=recipe, config=config, **{**options, **choices})
@@ -141,7 +143,8 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
         "leaderboard": leaderboard,
         "probe": {"images": len(samples), "folds": winner.score.folds},
         "head": {"hidden": head_hidden, **{name: score_json(s) for name, s in head_scores.items()}},
-        "lr": {"head": found.suggested_lr, "finetune": choices["finetune_lr"], "lr_find": found.to_json()},
+        "lr": {"head": head_lr, "finetune": choices["finetune_lr"], "lr_find": found.to_json(),
+               "held_out_loss": {f"{rate:.3g}": round(loss, 5) for rate, loss in rate_losses.items()}},
         "unfreeze": blocks,
         "speeds": dataclasses.asdict(speeds),
         "plan": {**plan.to_json(), "time_budget_seconds": budget,
