@@ -17,6 +17,7 @@ from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
+from transferkit.fileio import output_folder
 from transferkit.models.classifier import new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
@@ -35,18 +36,11 @@ def seed_everything(seed: int) -> None:
 
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Never clobber a finished run by accident; a folder without meta.json is a crashed run and is reused."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
     if (out / "meta.json").exists():
         if not overwrite:
             raise UserError(f"{out} already holds a run: choose another --out or pass --overwrite")
         shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    output_folder(out)
 
 
 def train(

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from transferkit.errors import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
@@ -32,6 +34,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def output_folder(folder: Path) -> Path:
+    """Create an output folder now and prove it writable, so a path that cannot be written fails (as a UserError)
+    before any work is done."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} exists and is not a folder (it is a file)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    return folder
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

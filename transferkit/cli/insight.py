@@ -10,6 +10,7 @@ import typer
 from transferkit.cli.main import app
 from transferkit.cli.output import JSON, print_json, report_skipped
 from transferkit.errors import UserError
+from transferkit.fileio import output_folder
 from transferkit.progress import console
 
 if TYPE_CHECKING:
@@ -38,16 +39,6 @@ def embedder(source: EmbeddingSource, cache_dir: str | None, no_cache: bool) -> 
     return Embedder(source, cache_root(not no_cache, cache_dir), Reporter())
 
 
-def make_folder(folder: Path) -> None:
-    """Create an output folder now, so a path that cannot be written fails before any work is done."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
-
-
 def readable_images(inputs: list[str]) -> list[str]:
     """Images from files and folders; unreadable ones are reported and left out (none at all: a UserError)."""
     from transferkit.run import collect_images
@@ -71,7 +62,7 @@ def explain(
     model = load_run(run)
     target = class_index(model, class_name) if class_name is not None else None
     paths = readable_images(images)
-    make_folder(out)
+    output_folder(out)
     results = explain_files(model, paths, out, target)
     if json_out:
         print_json(results)
@@ -113,7 +104,7 @@ def similarity(
         raise UserError(f"--out must be a .png file, not '{out.name}'")
     source, images = embedding_source(inputs, backbone, weights)
     paths = readable_images(images)
-    make_folder(out.parent)
+    output_folder(out.parent)
     matrix = cosine_matrix(embedder(source, cache_dir, no_cache)(paths))
     plot_similarity(matrix, paths, out)
     if json_out:
@@ -137,7 +128,7 @@ def embed(
     source = run_source(load_run(run))
     paths, labels, skipped = labelled_images(data)
     report_skipped(skipped)
-    make_folder(out.parent)
+    output_folder(out.parent)
     embeddings = embedder(source, cache_dir, no_cache)(paths)
     write_embeddings(out, embeddings, paths, labels)
     console.print(f"wrote {out}: {embeddings.shape[0]} embeddings of {embeddings.shape[1]} dimensions")

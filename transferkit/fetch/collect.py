@@ -13,11 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from transferkit.errors import UserError
 from transferkit.fetch.download import FetchFailure, Limits, download, make_client
 from transferkit.fetch.rows import Row, RowProblem, read_rows, row_folder
 from transferkit.fetch.store import FetchState, content_digest, image_extension, write_inside
-from transferkit.fileio import atomic_write
+from transferkit.fileio import atomic_write, output_folder
 from transferkit.progress import Reporter
 
 REPORT_NAME = "fetch_report.json"
@@ -63,7 +62,7 @@ def fetch_dataset(csv_path: Path, out: Path, options: FetchOptions | None = None
     Bad input (the CSV, `out`) is a UserError; a row that fails is only reported."""
     options, reporter = options or FetchOptions(), reporter or Reporter(quiet=True)
     rows, with_splits = read_rows(Path(csv_path))
-    out = _prepare_out(Path(out))
+    out = output_folder(Path(out))
     state = FetchState.load(out, reporter.warn)
     try:
         outcomes = asyncio.run(_fetch_rows(rows, with_splits, out, options, state, reporter))
@@ -72,16 +71,6 @@ def fetch_dataset(csv_path: Path, out: Path, options: FetchOptions | None = None
     report = build_report(Path(csv_path), out, outcomes)
     atomic_write(out / REPORT_NAME, json.dumps(report, indent=2))
     return report
-
-
-def _prepare_out(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; expected a folder for the dataset")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from exc
-    return out
 
 
 async def _fetch_rows(rows: list[Row], with_splits: bool, out: Path, options: FetchOptions, state: FetchState,
