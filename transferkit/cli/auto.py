@@ -8,18 +8,14 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import JSON, print_json
+from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, QUIET, WORKERS, print_json
 from transferkit.cli.training import print_metrics_summary
 from transferkit.progress import console
 
-QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 RECIPE = Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")]
 CONFIG = Annotated[str | None, typer.Option(help="YAML file of configuration keys.")]
 IMAGE_SIZE = Annotated[int | None, typer.Option(help="Input size (default: the backbone's).")]
 BATCH_SIZE = Annotated[int | None, typer.Option(help="Images per step.")]
-WORKERS = Annotated[int | None, typer.Option(help="Image decoding worker processes.")]
-CACHE_DIR = Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")]
-NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Compute frozen features afresh.")]
 
 
 @app.command()

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from transferkit.cli.main import app
-from transferkit.cli.output import JSON, print_json
+from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, QUIET, WORKERS, print_json
 from transferkit.errors import UserError
 
 SHOWN = 10  # items listed per finding in the summary; --json / --out hold them all
@@ -37,11 +37,11 @@ def doctor(
     test_split: Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the split and of the cross-validation folds.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per backbone batch.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Image decoding worker processes.")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute features afresh.")] = False,
+    workers: WORKERS = None,
+    cache_dir: CACHE_DIR = None,
+    no_cache: NO_CACHE = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the JSON report to this file.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: QUIET = False,
     json_out: JSON = False,
 ) -> None:
     """Check a dataset before training: unreadable files, exact and near duplicates, train/val leakage, class

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import JSON, print_json, report_skipped
+from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, print_json, report_skipped
 from transferkit.errors import UserError
 from transferkit.fileio import output_folder
 from transferkit.progress import console
@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from transferkit.run import Run
     from transferkit.similarity import Embedder, EmbeddingSource
 
-CACHE_DIR = Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")]
-NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Compute embeddings afresh, cache nothing.")]
 RUN = Annotated[Path, typer.Argument(help="Run folder.")]
 CLASS = Annotated[str | None, typer.Option("--class", help="Class to explain (default: the predicted one).")]
 

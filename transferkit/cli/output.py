@@ -12,6 +12,10 @@ from transferkit.data.sources import Skipped
 from transferkit.progress import print_warning
 
 JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+WORKERS = Annotated[int | None, typer.Option(help="Image decoding worker processes.")]
+CACHE_DIR = Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")]
+NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Compute features afresh; use no cache.")]
 ENGINE = Annotated[str, typer.Option(help="auto (the int8 export, else the fp32 one, else torch), int8, onnx, torch.")]
 
 

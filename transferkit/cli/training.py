@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import ENGINE, JSON, print_json, print_predictions, report_skipped
+from transferkit.cli.output import (
+    CACHE_DIR,
+    ENGINE,
+    JSON,
+    NO_CACHE,
+    QUIET,
+    WORKERS,
+    print_json,
+    print_predictions,
+    report_skipped,
+)
 from transferkit.errors import UserError
 from transferkit.progress import console
 
@@ -66,14 +76,14 @@ def train(
         float | None, typer.Option(help="CSV boxes: fraction of the box's size added on each side.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same run.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Image decoding worker processes.")] = None,
+    workers: WORKERS = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (CUDA: fp16 AMP, CPU: fp32), fp32, bf16, fp16.")] = None,
     accumulate: Annotated[int | None, typer.Option(help="Gradient accumulation: step every N batches.")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compute frozen features afresh.")] = False,
+    cache_dir: CACHE_DIR = None,
+    no_cache: NO_CACHE = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: QUIET = False,
     json_out: JSON = False,
 ) -> None:
     """Train a classifier: frozen pretrained base + new head, then fine-tune; writes a run folder."""
