@@ -25,7 +25,19 @@ app = typer.Typer(
 
 def _register_commands() -> None:
     # Imported here so `transferkit --help` stays fast and each command module only registers itself.
-    from transferkit.cli import auto, backbones, demo, doctor, export, fetch, insight, report, serve, training  # noqa: F401
+    from transferkit.cli import (  # noqa: F401
+        auto,
+        backbones,
+        demo,
+        doctor,
+        export,
+        fetch,
+        insight,
+        pack,
+        report,
+        serve,
+        training,
+    )
 
 
 def fail(message: str) -> int:
