@@ -128,7 +128,8 @@ def row(section: str, variant: str, runs: list[float], images: int | None, basel
 
 
 def plain_loader(paths: list[str], labels: list[int] | None, transform: Callable, shuffle: bool = False):
-    return make_loader(ImageDataset(paths, labels, transform), BATCH, 0, shuffle, torch.Generator().manual_seed(0))
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist() if shuffle else None
+    return make_loader(ImageDataset(paths, labels, transform), BATCH, 0, order)
 
 
 def plain_features(model: torch.nn.Module, loader, step: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from contextlib import closing
@@ -22,7 +23,16 @@ from transferkit.models.classifier import new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.report import write_report
-from transferkit.run import HistoryWriter, Run, TensorBoardWriter, build_meta, infer_logits, save_weights, write_json
+from transferkit.run import (
+    HistoryWriter,
+    Run,
+    TensorBoardWriter,
+    build_meta,
+    infer_logits,
+    save_weights,
+    write_json,
+)
+from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute, resolve_device
 from transferkit.training.loop import BestKeeper, EpochLog
 from transferkit.training.two_stage import fine_tune
@@ -59,41 +69,83 @@ def train(
     Returns the loaded Run; `run.metrics` holds the evaluation (test split if there is one, else val).
     """
     cfg: TrainConfig = resolve_config(recipe, config, **options)
-    reporter = Reporter(quiet)
+    return _train(data, Path(out), cfg, Reporter(quiet), overwrite=overwrite)
+
+
+# What may differ when a run is resumed (on another machine, say): where it computes, never what it computes.
+RESUME_OPTIONS = ("workers", "device", "cache_dir", "cache")
+
+
+def resume(out: str | Path, data: str | Path | None = None, quiet: bool = False, **machine: Any) -> Run:
+    """Go on with an interrupted `train` (killed, pre-empted, out of disk) from its last checkpoint, with the run's
+    own config.yaml and data (split.json's root, or `data` if the images moved), to the same result an
+    uninterrupted run gets. `machine`: RESUME_OPTIONS to change (None: as before). A finished run is returned
+    as it is."""
+    out, reporter = Path(out), Reporter(quiet)
+    if not (out / "config.yaml").is_file() or not (out / "split.json").is_file():
+        raise UserError(f"{out} holds no run to resume (no config.yaml and split.json)")
+    if (out / "meta.json").is_file() and (out / "metrics.json").is_file():
+        reporter.log(f"{out} is already complete: nothing to resume")
+        run = Run(out)
+        run.metrics = json.loads((out / "metrics.json").read_text())
+        return run
+    try:
+        saved_split = json.loads((out / "split.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {out / 'split.json'} to resume: {exc}") from None
+    unknown = set(machine) - set(RESUME_OPTIONS)
+    if unknown:
+        raise UserError(f"a resumed run keeps its configuration; only {', '.join(RESUME_OPTIONS)} can change, "
+                        f"not {', '.join(sorted(unknown))}")
+    cfg = resolve_config(None, str(out / "config.yaml"), **machine)
+    return _train(data or saved_split["root"], out, cfg, reporter, resume_split=saved_split)
+
+
+def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool = False,
+           resume_split: dict | None = None) -> Run:
     index = data if isinstance(data, DatasetIndex) else scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed)
     for skipped in index.skipped:
         reporter.warn(f"skipped {skipped.path}: {skipped.reason}")
+    split = {**index.split_json(), "root": index.root}
+    if resume_split is not None and any(split[s] != resume_split.get(s) for s in SPLITS):
+        raise UserError(f"the images in {index.root} are not the ones {out} started with (its split.json differs): "
+                        "start a new run instead of resuming")
     spec = get_backbone(cfg.backbone)
     compute = Compute(resolve_device(cfg.device), cfg.precision, cfg.accumulate)
     seed_everything(cfg.seed)
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
-    out = Path(out)
-    prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
+    resuming = resume_split is not None
+    if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
+        return _evaluate_and_report(Run(out), index)
+    if not resuming:
+        prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
     one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
     model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two)
     binary = model.head[-1].out_features == 1
     model.to(compute.device)
 
-    write_config(cfg, out / "config.yaml")
-    write_json(out / "split.json", index.split_json())
+    write_json(out / "split.json", split)
+    write_config(cfg, out / "config.yaml")  # last: a folder with both can be resumed
     counts = {split: len(index.split(split)) for split in SPLITS}
     reporter.log(f"{len(index.classes)} classes, {counts} images; backbone {spec.name} ({weights_source}); "
                  f"{pre.image_size}px; {compute.device.type}, {compute.precision}")
 
     train_data, val_data = (labelled_split(index, split, cfg.box_margin) for split in ("train", "val"))
     keeper = BestKeeper(cfg.monitor, cfg.patience)
-    history = HistoryWriter(out / "history.csv")
+    checkpoints = Checkpoints(out, cfg.checkpoint_every, resume=resuming)
+    history = HistoryWriter(out / "history.csv", checkpoints.history)
     interrupted = False
-    with closing(TensorBoardWriter(out / "tb")) as board:  # closed (flushed) however training ends
+    with closing(TensorBoardWriter(out / "tb", fresh=not resuming)) as board:  # closed (flushed) however it ends
 
         def on_epoch(log: EpochLog) -> None:
+            checkpoints.history.append(log)
             history(log)
             board.epoch(log)
 
         try:
             fine_tune(model, train_data, val_data, pre, cfg, keeper, reporter, on_epoch, compute, board.step,
-                      index.multilabel)
+                      index.multilabel, checkpoints)
         except KeyboardInterrupt:
             interrupted = True
             keeper.restore(model)
@@ -106,9 +158,21 @@ def train(
                       cfg.augmentation().samplewise_center, data_split, interrupted)
     meta.update(task_meta(model, index, val_data, pre, cfg))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
-    run = Run(out)
     if interrupted:
         raise KeyboardInterrupt
+    checkpoints.remove()
+    return _evaluate_and_report(Run(out), index)
+
+
+def _finished_training(out: Path) -> bool:
+    """meta.json is written once training is over; a Ctrl-C'd run's says so and goes on from its checkpoint."""
+    try:
+        return not json.loads((out / "meta.json").read_text()).get("interrupted", False)
+    except (OSError, ValueError):
+        return False
+
+
+def _evaluate_and_report(run: Run, index: DatasetIndex) -> Run:
     run.evaluate(index)
     write_report(run)
     return run

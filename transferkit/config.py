@@ -15,6 +15,7 @@ import yaml
 from transferkit.data.transforms import AUGMENT_PRESETS, Augment
 from transferkit.errors import UserError
 from transferkit.features import ENGINES
+from transferkit.fileio import atomic_write
 from transferkit.models.classifier import HeadSpec
 from transferkit.models.registry import DEFAULT_BACKBONE
 from transferkit.training.compute import DEVICES, PRECISIONS
@@ -73,6 +74,7 @@ class TrainConfig:
     monitor: str = "val_loss"
     patience: int = 5  # early stopping; 0 disables
     seed: int = 0
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (also one per epoch); 0: per epoch only
 
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)
@@ -107,6 +109,7 @@ class TrainConfig:
             (self.accumulate >= 1, "accumulate must be at least 1"),
             (self.feature_engine in ENGINES, f"feature_engine must be one of {', '.join(ENGINES)}"),
             (self.workers >= 0, "workers must be 0 or more"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be 0 (per epoch only) or more steps"),
             (self.image_size is None or self.image_size >= 16, "image_size must be at least 16 pixels"),
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (0 <= self.box_margin <= 10, "box_margin must be between 0 and 10 (a fraction of the box's size)"),
@@ -232,4 +235,4 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, **
 
 
 def write_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -73,11 +73,16 @@ def build_meta(
 
 
 class HistoryWriter:
-    """history.csv grows by one row per epoch, so a crash still leaves the curve so far."""
+    """history.csv grows by one row per epoch, so a crash still leaves the curve so far. It starts with `rows`:
+    none for a new run, a resumed run's epochs up to its checkpoint (rows after it were redone, not repeated)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rows: list[EpochLog] = ()) -> None:
         self.path = path
-        atomic_write(path, ",".join(HISTORY_FIELDS) + "\n")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, HISTORY_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(log.to_dict() for log in rows)
+        atomic_write(path, text.getvalue())
 
     def __call__(self, log: EpochLog) -> None:
         with self.path.open("a", newline="") as handle:
@@ -95,11 +100,13 @@ class TensorBoardWriter:
     STEP_TAGS = ("loss", "acc", "lr")
     EPOCH_TAGS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, fresh: bool = True) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard (~1 s): only runs that train pay
 
-        # Like history.csv, start afresh: a crashed run's events left in a reused folder would mix with these.
-        shutil.rmtree(folder, ignore_errors=True)
+        # A new run starts afresh: a crashed run's events left in a reused folder would mix with these. A resumed
+        # run adds a file beside its earlier ones (steps redone after the checkpoint appear twice in TensorBoard).
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
         # With the default queue of 10, logging waits on the writer thread's disk writes (measured: 2x the time).
         self.writer = SummaryWriter(str(folder), max_queue=1000)
 

@@ -50,8 +50,13 @@ def print_metrics_summary(metrics: dict) -> None:
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Argument(help="Image folder (train/val[/test] or class subfolders) or CSV.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
+    data: Annotated[str | None, typer.Argument(
+        help="Image folder (train/val[/test] or class subfolders), CSV or packed shards.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to write.")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue this interrupted run from its last checkpoint, with its own config and data.")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Optimizer steps between checkpoints (also one per epoch); 0: per epoch only.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone (see `transferkit backbones`).")] = None,
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
     recipe: Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")] = None,
@@ -89,13 +94,7 @@ def train(
     """Train a classifier: frozen pretrained base + new head, then fine-tune; writes a run folder."""
     from transferkit import api
 
-    run = api.train(
-        data,
-        out,
-        overwrite=overwrite,
-        quiet=quiet,
-        recipe=recipe,
-        config=config,
+    options = dict(
         backbone=backbone,
         weights=weights,
         epochs_frozen=epochs_frozen,
@@ -120,14 +119,27 @@ def train(
         device=device,
         precision=precision,
         accumulate=accumulate,
+        checkpoint_every=checkpoint_every,
         cache_dir=cache_dir,
         cache=False if no_cache else None,
     )
+    if resume is not None:
+        machine = {name: options.pop(name) for name in api.RESUME_OPTIONS}
+        given = [name for name, value in {**options, "recipe": recipe, "config": config, "out": out}.items()
+                 if value is not None] + (["overwrite"] if overwrite else [])
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise UserError(f"--resume continues the run with its own config.yaml: drop {flags}")
+        run = api.resume(resume, data, quiet, **machine)
+    elif data is None or out is None:
+        raise UserError("train needs DATA and --out (or --resume RUN)")
+    else:
+        run = api.train(data, out, overwrite=overwrite, quiet=quiet, recipe=recipe, config=config, **options)
     if json_out:
         print_json(run.metrics)
     elif not quiet:
         print_metrics_summary(run.metrics)
-        console.print(f"run folder: {out}")
+        console.print(f"run folder: {run.path}")
 
 
 @app.command()

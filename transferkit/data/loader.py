@@ -75,15 +75,16 @@ def labelled_split(index: DatasetIndex, split: str, box_margin: float) -> Labell
                     crop_regions([s.box for s in samples], box_margin))
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False, generator: torch.Generator | None = None
-) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, workers: int, order: Sequence[int] | None = None) -> DataLoader:
+    """Batches in dataset order, or in `order` (indices: a shuffled epoch, or the rest of one when resuming).
+    The loader's own generator seeds its workers, so iterating it never draws from the global RNG that dropout
+    uses: training is identical whether validation ran in between or the run was resumed."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=order,
         num_workers=workers,
-        generator=generator,
+        generator=torch.Generator(),
         persistent_workers=False,
         drop_last=False,
     )

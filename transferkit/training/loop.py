@@ -6,7 +6,8 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,7 +16,10 @@ from torch.nn import functional as F
 from transferkit.progress import Reporter
 from transferkit.training.compute import Compute
 
-Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+if TYPE_CHECKING:
+    from transferkit.training.checkpoint import Checkpoints
+
+Batches = Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 # (logits, targets) -> (N,) how right each image's prediction is, 1 or 0 (or, multi-label, the fraction of its
 # labels right): the accuracy in the training log is its mean.
 Hits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,6 +103,43 @@ class BestKeeper:
             model.load_state_dict(self.best_state)
 
 
+STAGE_ORDER = ("frozen", "finetune")
+
+
+def epoch_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
+    """The random source of one epoch's data order and augmentation: a function of (seed, stage, epoch) only, so
+    batch k of epoch e is the same whether the run went straight through or was resumed mid-epoch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + STAGE_ORDER.index(stage) * 10_007 + epoch)
+
+
+@dataclass
+class Running:
+    """An epoch's sums so far, which its train loss and accuracy are averaged from."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+
+    def add(self, loss: float, correct: float, n: int) -> None:
+        self.loss_sum, self.correct, self.seen = self.loss_sum + loss * n, self.correct + correct, self.seen + n
+
+
+@dataclass
+class Position:
+    """Where training is: `step` batches of `epoch` done (epoch-end checkpoints point at the next epoch's start);
+    a stage is over after its last epoch, an early stop or a non-finite loss."""
+
+    stage: str
+    epoch: int = 1
+    step: int = 0
+    running: Running = field(default_factory=Running)
+    stage_over: bool = False
+
+    def after(self, stage: str) -> bool:
+        """True when this position is past the whole of `stage` (a later stage has begun)."""
+        return STAGE_ORDER.index(self.stage) > STAGE_ORDER.index(stage)
+
+
 @dataclass
 class Stage:
     """One stage of training: what learns, on which batches, for how long."""
@@ -108,7 +149,7 @@ class Stage:
     set_train_mode: Callable[[], None]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: Batches
+    batches: Batches  # (epoch, batches to skip) -> the epoch's batches from there on
     n_train: int
     validate: Callable[[], tuple[float, float]]
     epochs: int
@@ -127,16 +168,23 @@ class FitContext:
     on_epoch: Callable[[EpochLog], None]
     compute: Compute
     on_step: Callable[[StepLog], None] | None = None
+    checkpoints: Checkpoints | None = None
 
 
-def fit(stage: Stage, ctx: FitContext) -> None:
-    """Train for up to `stage.epochs`, validating each epoch; stops early on patience or a non-finite loss."""
-    ctx.keeper.start_stage()
-    for epoch in range(1, stage.epochs + 1):
-        start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+def fit(stage: Stage, ctx: FitContext, start: Position | None = None) -> None:
+    """Train from `start` (default: the stage's beginning) for up to `stage.epochs`, validating each epoch; stops
+    early on patience or a non-finite loss; checkpoints every `checkpoints.every` optimizer steps and each epoch."""
+    start = start or Position(stage.name)
+    if (start.epoch, start.step) == (1, 0):
+        ctx.keeper.start_stage()
+    for epoch in range(start.epoch, stage.epochs + 1):
+        begin, first = time.perf_counter(), start.step if epoch == start.epoch else 0
+        running = start.running if epoch == start.epoch else Running()
         stage.set_train_mode()
         with ctx.reporter.bar(f"{stage.name} {epoch}/{stage.epochs}", stage.n_train) as advance:
-            for step, (inputs, targets) in enumerate(stage.batches(), start=1):
+            if first:
+                advance(min(first * stage.n_train // stage.steps, stage.n_train), "resumed")
+            for step, (inputs, targets) in enumerate(stage.batches(epoch, first), start=first + 1):
                 inputs, targets = ctx.compute.to_device(inputs), ctx.compute.to_device(targets)
                 lr = stage.optimizer.param_groups[0]["lr"]  # this batch's rate: the schedule moves after its step
                 # 1. forward and loss (autocast under mixed precision)
@@ -145,7 +193,8 @@ def fit(stage: Stage, ctx: FitContext) -> None:
                     loss = ctx.criterion(logits.float(), targets)
                 # 2. backward; step every `accumulate` batches (the schedule advances per optimizer step)
                 ctx.compute.scaler.scale(loss / ctx.compute.accumulate).backward()
-                if step % ctx.compute.accumulate == 0 or step == stage.steps:
+                stepped = step % ctx.compute.accumulate == 0 or step == stage.steps
+                if stepped:
                     ctx.compute.scaler.step(stage.optimizer)
                     ctx.compute.scaler.update()
                     stage.optimizer.zero_grad(set_to_none=True)
@@ -153,25 +202,38 @@ def fit(stage: Stage, ctx: FitContext) -> None:
                 # 3. running statistics for the epoch line; the batch's own for the step hook (TensorBoard)
                 n, batch_loss = targets.shape[0], loss.item()
                 batch_correct = float(ctx.hits(logits.detach(), targets).sum())
-                loss_sum, correct, seen = loss_sum + batch_loss * n, correct + batch_correct, seen + n
-                advance(n, f"loss {loss_sum / seen:.4f}")
+                running.add(batch_loss, batch_correct, n)
+                advance(n, f"loss {running.loss_sum / running.seen:.4f}")
                 if ctx.on_step:
                     ctx.on_step(StepLog(stage.name, (epoch - 1) * stage.steps + step, batch_loss,
                                         batch_correct / n, lr))
+                if ctx.checkpoints and stepped and step < stage.steps and ctx.checkpoints.due(epoch, step, stage):
+                    ctx.checkpoints.save(stage, ctx, Position(stage.name, epoch, step, running))
         # 4. validate, log, keep the best, maybe stop early
-        val_loss, val_acc = stage.validate()
-        log = EpochLog(epoch, stage.name, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc,
-                       stage.optimizer.param_groups[0]["lr"], time.perf_counter() - start)
-        ctx.on_epoch(log)
-        ctx.reporter.log(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {log.train_loss:.4f} "
-                         f"acc {log.train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.1f}s")
-        if not math.isfinite(log.train_loss):
-            ctx.reporter.warn(f"{stage.name}: the training loss is not finite (learning rate too high?); stopping")
-            break
-        if ctx.keeper.update(log, ctx.model):
-            ctx.reporter.log(f"early stop: no better {ctx.keeper.monitor} for {ctx.keeper.patience} epochs")
+        over = not _end_epoch(stage, ctx, epoch, running, time.perf_counter() - begin) or epoch == stage.epochs
+        if ctx.checkpoints:
+            ctx.checkpoints.save(stage, ctx, Position(stage.name, epoch + 1, 0, Running(), over))
+        if over:
             break
     ctx.keeper.restore(ctx.model)
+
+
+def _end_epoch(stage: Stage, ctx: FitContext, epoch: int, running: Running, seconds: float) -> bool:
+    """Validate, log and update early stopping after an epoch; False when the stage must stop."""
+    val_loss, val_acc = stage.validate()
+    seen = max(running.seen, 1)
+    log = EpochLog(epoch, stage.name, running.loss_sum / seen, running.correct / seen, val_loss, val_acc,
+                   stage.optimizer.param_groups[0]["lr"], seconds)
+    ctx.on_epoch(log)
+    ctx.reporter.log(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {log.train_loss:.4f} "
+                     f"acc {log.train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.1f}s")
+    if not math.isfinite(log.train_loss):
+        ctx.reporter.warn(f"{stage.name}: the training loss is not finite (learning rate too high?); stopping")
+        return False
+    if ctx.keeper.update(log, ctx.model):
+        ctx.reporter.log(f"early stop: no better {ctx.keeper.monitor} for {ctx.keeper.patience} epochs")
+        return False
+    return True
 
 
 def predicted_class(logits: torch.Tensor, binary: bool) -> torch.Tensor:

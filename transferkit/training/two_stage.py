@@ -12,11 +12,12 @@ import torch
 from transferkit import multilabel
 from transferkit.cache import FeatureTable, cache_root
 from transferkit.config import TrainConfig
-from transferkit.data.loader import Labelled, make_loader
+from transferkit.data.loader import ImageDataset, Labelled, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.features import FeatureExtractor, View, clean_view, view_spec
 from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
 from transferkit.progress import Reporter
+from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute
 from transferkit.training.loop import (
     BestKeeper,
@@ -24,6 +25,7 @@ from transferkit.training.loop import (
     FitContext,
     Stage,
     StepLog,
+    epoch_generator,
     evaluate_logits,
     fit,
     loss_and_accuracy,
@@ -34,8 +36,7 @@ from transferkit.training.optim import build_optimizer, build_scheduler
 
 
 def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess,
-                 transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext,
-                 generator: torch.Generator) -> Stage:
+                 transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext) -> Stage:
     """Stage 1: the backbone's features never change, so compute them once per view and train the head on them."""
     augmented = transforms[1]
     augment = config.augmentation()
@@ -52,10 +53,11 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
                      if cache else f"features: {extract.computed} images through the backbone (no cache)")
     n_train = len(train.paths)
 
-    def batches():
+    def batches(epoch: int, skip: int):
+        generator = epoch_generator(config.seed, "frozen", epoch)
         order = torch.randperm(n_train, generator=generator)
         view = torch.randint(n_views, (n_train,), generator=generator)
-        for chunk in order.split(config.batch_size):
+        for chunk in order.split(config.batch_size)[skip:]:
             yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), train.targets[chunk]
 
     def validate() -> tuple[float, float]:
@@ -79,50 +81,70 @@ def gather(tables: list[FeatureTable], views: np.ndarray, rows: np.ndarray) -> n
 
 
 def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms: tuple[Callable, Callable],
-                   config: TrainConfig, ctx: FitContext, generator: torch.Generator) -> Stage:
+                   config: TrainConfig, ctx: FitContext) -> Stage:
     """Stage 2: unfreeze all or the top blocks; lower learning rate, lower still for the pretrained layers."""
     clean, augmented = transforms
     backbone_params = unfreeze(model, config.unfreeze)
     groups = [{"params": list(model.head.parameters()), "lr": config.finetune_lr},
               {"params": backbone_params, "lr": config.finetune_lr * config.backbone_lr_mult}]
     optimizer = build_optimizer(config.finetune_optimizer or config.optimizer, groups, config)
-    train_loader = make_loader(train.dataset(augmented), config.batch_size, config.workers, shuffle=True,
-                               generator=generator)
     val_loader = make_loader(val.dataset(clean), config.batch_size, config.workers)
+    n_train, batch = len(train.paths), config.batch_size
 
-    def batches():
-        for images, targets in train_loader:
+    def batches(epoch: int, skip: int):
+        # The order and each image's augmentation this epoch come from the epoch's seed, not from a generator
+        # carried across epochs or from the workers: a resumed epoch replays the same batches.
+        generator = epoch_generator(config.seed, "finetune", epoch)
+        order = torch.randperm(n_train, generator=generator)
+        seeds = torch.randint(2**31, (n_train,), generator=generator).tolist()
+        dataset = ImageDataset(train.paths, train.targets, augmented, seeds, train.crops)
+        for images, targets in make_loader(dataset, batch, config.workers, order[skip * batch:].tolist()):
             yield images.contiguous(memory_format=torch.channels_last), targets
 
     def validate() -> tuple[float, float]:
         return loss_and_accuracy(*evaluate_logits(model, val_loader), ctx.criterion, ctx.hits)
 
-    scheduler = build_scheduler(optimizer, config, -(-len(train_loader) // config.accumulate), config.epochs_finetune)
+    steps = -(-n_train // batch)
+    scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_finetune)
     return Stage("finetune", model, lambda: set_train_mode(model, config.finetune_bn), optimizer, scheduler,
-                 batches, len(train.paths), validate, config.epochs_finetune, len(train_loader))
+                 batches, n_train, validate, config.epochs_finetune, steps)
 
 
 def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
               keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute,
-              on_step: Callable[[StepLog], None] | None = None, is_multilabel: bool = False) -> None:
-    """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen."""
+              on_step: Callable[[StepLog], None] | None = None, is_multilabel: bool = False,
+              checkpoints: Checkpoints | None = None) -> None:
+    """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen. With a loaded
+    checkpoint, stages it finished are skipped and its own stage goes on from where it was taken."""
     if is_multilabel:
         criterion, hits = multilabel.loss(config.label_smoothing), multilabel.hits
     else:
         binary = model.head[-1].out_features == 1
         criterion, hits = loss_fn(binary, config.label_smoothing), single_label_hits(binary)
-    ctx = FitContext(criterion, hits, keeper, model, reporter, on_epoch, compute, on_step)
+    ctx = FitContext(criterion, hits, keeper, model, reporter, on_epoch, compute, on_step, checkpoints)
     augment = config.augmentation()
     transforms = (eval_transform(pre, augment.samplewise_center), train_transform(pre, augment))
-    generator = torch.Generator().manual_seed(config.seed)
     model.to(memory_format=torch.channels_last)
     freeze_backbone(model)
-    if config.epochs_frozen:
-        stage = frozen_stage(model, train, val, pre, transforms, config, ctx, generator)
-        # Re-seed after feature extraction: the global RNG (dropout) must not depend on how many images the
-        # cache supplied, so cached and uncached runs train the same head.
-        torch.manual_seed(config.seed)
-        fit(stage, ctx)
-    if config.epochs_finetune:
-        fit(finetune_stage(model, train, val, transforms, config, ctx, generator), ctx)
+    resume = checkpoints.position if checkpoints else None
+    for name, epochs in (("frozen", config.epochs_frozen), ("finetune", config.epochs_finetune)):
+        if not epochs or (resume and resume.after(name)):
+            continue
+        resuming = resume is not None and resume.stage == name
+        if resuming and resume.stage_over:  # it ended at its last checkpoint: only the best-weights restore is left
+            checkpoints.restore_model(ctx)
+            keeper.restore(model)
+            continue
+        if name == "frozen":
+            stage = frozen_stage(model, train, val, pre, transforms, config, ctx)
+            # Re-seed after feature extraction: the global RNG (dropout) must not depend on how many images the
+            # cache supplied, so cached and uncached runs train the same head.
+            torch.manual_seed(config.seed)
+        else:
+            stage = finetune_stage(model, train, val, transforms, config, ctx)
+        if resuming:
+            checkpoints.restore_model(ctx)
+            checkpoints.restore_stage(stage, ctx)
+            reporter.log(f"resuming {name} epoch {resume.epoch} after {resume.step} of {stage.steps} batches")
+        fit(stage, ctx, resume if resuming else None)
     model.requires_grad_(False)

@@ -1,0 +1,179 @@
+"""Resume after a crash: a run interrupted anywhere and resumed ends as the uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from transferkit import api
+from transferkit.cli.main import run_cli
+from transferkit.run import TensorBoardWriter
+from transferkit.training.checkpoint import CHECKPOINT
+
+
+class Crash(Exception):
+    """Stands for the process dying: nothing after it runs."""
+
+
+@pytest.fixture
+def resumable(fast: dict) -> dict:
+    # light augmentation: stage 2's augmented batches must replay identically too
+    return {**fast, "epochs_frozen": 3, "epochs_finetune": 2, "augment": "light", "unfreeze": "all",
+            "checkpoint_every": 1, "patience": 0}
+
+
+def crash_at_step(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
+    """Make the `calls`-th training batch (counted over both stages) crash the run after its checkpoint."""
+    seen = {"n": 0}
+    original = TensorBoardWriter.step
+
+    def step(self, log):
+        original(self, log)
+        seen["n"] += 1
+        if seen["n"] == calls:
+            raise Crash
+
+    monkeypatch.setattr(TensorBoardWriter, "step", step)
+
+
+def history(run_folder: Path) -> list[list[str]]:
+    """history.csv without the seconds column (wall time differs between runs)."""
+    rows = [line.split(",") for line in (run_folder / "history.csv").read_text().splitlines()]
+    drop = rows[0].index("seconds")
+    return [row[:drop] + row[drop + 1:] for row in rows]
+
+
+# dataset: 36 images, 60% train at batch 8 -> 3 batches per epoch; stage 1 is calls 1-9, stage 2 calls 10-15
+@pytest.mark.parametrize("calls", [2, 9, 11])
+def test_resumed_run_ends_as_the_uninterrupted_one(dataset: Path, tmp_path: Path, resumable: dict,
+                                                   monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
+    straight = api.train(dataset, tmp_path / "straight", **resumable)
+    crash_at_step(monkeypatch, calls)
+    with pytest.raises(Crash):
+        api.train(dataset, tmp_path / "crashed", **resumable)
+    assert (tmp_path / "crashed" / CHECKPOINT).is_file() and not (tmp_path / "crashed" / "meta.json").exists()
+    monkeypatch.undo()
+    resumed = api.resume(tmp_path / "crashed")
+    assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
+    assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
+    assert history(tmp_path / "crashed") == history(tmp_path / "straight")  # no epoch lost or repeated
+    assert not (tmp_path / "crashed" / CHECKPOINT).exists()  # the finished run drops it
+
+
+def test_resume_after_ctrl_c_continues_training(dataset: Path, tmp_path: Path, resumable: dict,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = api.train(dataset, tmp_path / "straight", **resumable)
+    seen = {"n": 0}
+    original = TensorBoardWriter.step
+
+    def interrupt(self, log):
+        original(self, log)
+        seen["n"] += 1
+        if seen["n"] == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TensorBoardWriter, "step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        api.train(dataset, tmp_path / "stopped", **resumable)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "stopped" / "meta.json").read_text())["interrupted"]
+    resumed = api.resume(tmp_path / "stopped")
+    assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
+    assert not resumed.meta.get("interrupted")
+
+
+def test_resume_of_a_finished_run_changes_nothing(dataset: Path, tmp_path: Path, resumable: dict) -> None:
+    run = api.train(dataset, tmp_path / "done", **resumable)
+    before = (tmp_path / "done" / "model.safetensors").read_bytes()
+    assert api.resume(tmp_path / "done").metrics == run.metrics
+    assert (tmp_path / "done" / "model.safetensors").read_bytes() == before
+
+
+def test_a_half_written_or_foreign_checkpoint_is_never_loaded(dataset: Path, tmp_path: Path, resumable: dict,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    crash_at_step(monkeypatch, 4)
+    with pytest.raises(Crash):
+        api.train(dataset, tmp_path / "run", **resumable)
+    checkpoint = tmp_path / "run" / CHECKPOINT
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])  # as a torn write would
+    assert run_cli(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_resume_refuses_bad_requests(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    assert run_cli(["train", "--resume", str(tmp_path), "--lr", "0.1"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+    assert run_cli(["train", str(dataset)]) == 2
+    assert "needs DATA and --out" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_data(dataset: Path, tmp_path: Path, resumable: dict,
+                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    crash_at_step(monkeypatch, 4)
+    with pytest.raises(Crash):
+        api.train(dataset, tmp_path / "run", **resumable)
+    next(dataset.glob("class_0/*.png")).unlink()
+    assert run_cli(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "start a new run" in capsys.readouterr().err
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_no_finished_run(
+        dataset: Path, tmp_path: Path, resumable: dict, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    import torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    args = ["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", resumable["backbone"],
+            "--weights", resumable["weights"], "--image-size", "32", "--workers", "0", "--quiet"]
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "meta.json").exists()
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from transferkit.cli.main import main; main()", *args]
+
+
+def test_kill_9_at_random_moments_then_resume(dataset: Path, tmp_path: Path, resumable: dict) -> None:
+    """SIGKILL a real training process at random times (fixed seeds), resume it (again and again if need be) and
+    get the uninterrupted run's metrics."""
+    options = ["--backbone", resumable["backbone"], "--weights", resumable["weights"], "--image-size", "32",
+               "--batch-size", "8", "--workers", "0", "--epochs-frozen", "3", "--epochs-finetune", "2",
+               "--augment", "light", "--unfreeze", "all", "--checkpoint-every", "1", "--patience", "0", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    started = time.perf_counter()
+    subprocess.run(cli_command("train", str(dataset), "--out", str(tmp_path / "straight"), *options),
+                   check=True, env=env, capture_output=True)
+    duration = time.perf_counter() - started
+    expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    for seed in (1, 2, 3):
+        out = tmp_path / f"killed-{seed}"
+        process = subprocess.Popen(cli_command("train", str(dataset), "--out", str(out), *options), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(random.Random(seed).uniform(0.3, 0.9) * duration)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        # Killed before its config was written, there is nothing to resume: the user starts it again.
+        again = ["train", "--resume", str(out), "--quiet"] if (out / "config.yaml").exists() else \
+            ["train", str(dataset), "--out", str(out), *options]
+        subprocess.run(cli_command(*again), check=True, env=env, capture_output=True)
+        got = json.loads((out / "metrics.json").read_text())
+        assert got["accuracy"] == expected["accuracy"], seed
+        assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), seed
