@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from transferkit.run import (
 )
 from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute, resolve_device
+from transferkit.training.distributed import Ranks, current_ranks
 from transferkit.training.loop import BestKeeper, EpochLog
 from transferkit.training.two_stage import fine_tune
 
@@ -62,11 +64,12 @@ def train(
     recipe: str | None = None,
     config: str | None = None,
     **options: Any,
-) -> Run:
+) -> Run | None:
     """Scan the data, build the pretrained classifier, run both stages, save the run, evaluate it, write its report.
 
     `options` are TrainConfig fields (e.g. backbone="resnet50", epochs_frozen=5); None means "not given".
-    Returns the loaded Run; `run.metrics` holds the evaluation (test split if there is one, else val).
+    Returns the loaded Run; `run.metrics` holds the evaluation (test split if there is one, else val). Under
+    `accelerate launch` with several processes, ranks other than 0 return None (rank 0 saves and evaluates).
     """
     cfg: TrainConfig = resolve_config(recipe, config, **options)
     return _train(data, Path(out), cfg, Reporter(quiet), overwrite=overwrite)
@@ -76,7 +79,7 @@ def train(
 RESUME_OPTIONS = ("workers", "device", "cache_dir", "cache")
 
 
-def resume(out: str | Path, data: str | Path | None = None, quiet: bool = False, **machine: Any) -> Run:
+def resume(out: str | Path, data: str | Path | None = None, quiet: bool = False, **machine: Any) -> Run | None:
     """Go on with an interrupted `train` (killed, pre-empted, out of disk) from its last checkpoint, with the run's
     own config.yaml and data (split.json's root, or `data` if the images moved), to the same result an
     uninterrupted run gets. `machine`: RESUME_OPTIONS to change (None: as before). A finished run is returned
@@ -102,7 +105,10 @@ def resume(out: str | Path, data: str | Path | None = None, quiet: bool = False,
 
 
 def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool = False,
-           resume_split: dict | None = None) -> Run:
+           resume_split: dict | None = None) -> Run | None:
+    ranks = current_ranks(cfg.device)
+    if not ranks.main:  # rank 0 alone reports and writes
+        reporter = Reporter(quiet=True)
     index = data if isinstance(data, DatasetIndex) else scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed)
     for skipped in index.skipped:
         reporter.warn(f"skipped {skipped.path}: {skipped.reason}")
@@ -111,13 +117,13 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
         raise UserError(f"the images in {index.root} are not the ones {out} started with (its split.json differs): "
                         "start a new run instead of resuming")
     spec = get_backbone(cfg.backbone)
-    compute = Compute(resolve_device(cfg.device), cfg.precision, cfg.accumulate)
+    compute = Compute(ranks.device or resolve_device(cfg.device), cfg.precision, cfg.accumulate)
     seed_everything(cfg.seed)
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
     resuming = resume_split is not None
     if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
-        return _evaluate_and_report(Run(out), index)
-    if not resuming:
+        return _evaluate_and_report(Run(out), index) if ranks.main else None
+    if not resuming and ranks.main:
         prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
     one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
@@ -125,31 +131,38 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     binary = model.head[-1].out_features == 1
     model.to(compute.device)
 
-    write_json(out / "split.json", split)
-    write_config(cfg, out / "config.yaml")  # last: a folder with both can be resumed
+    if ranks.main:
+        write_json(out / "split.json", split)
+        write_config(cfg, out / "config.yaml")  # last: a folder with both can be resumed
     counts = {split: len(index.split(split)) for split in SPLITS}
     reporter.log(f"{len(index.classes)} classes, {counts} images; backbone {spec.name} ({weights_source}); "
                  f"{pre.image_size}px; {compute.device.type}, {compute.precision}")
+    if ranks.distributed:
+        cfg = scaled_for(cfg, ranks, reporter)
 
     train_data, val_data = (labelled_split(index, split, cfg.box_margin) for split in ("train", "val"))
     keeper = BestKeeper(cfg.monitor, cfg.patience)
-    checkpoints = Checkpoints(out, cfg.checkpoint_every, resume=resuming)
-    history = HistoryWriter(out / "history.csv", checkpoints.history)
+    checkpoints = Checkpoints(out, cfg.checkpoint_every, resume=resuming, writes=ranks.main)
     interrupted = False
-    with closing(TensorBoardWriter(out / "tb", fresh=not resuming)) as board:  # closed (flushed) however it ends
+    with ExitStack() as logs:  # the TensorBoard writer is closed (flushed) however training ends
+        history = HistoryWriter(out / "history.csv", checkpoints.history) if ranks.main else None
+        board = logs.enter_context(closing(TensorBoardWriter(out / "tb", fresh=not resuming))) if ranks.main else None
 
         def on_epoch(log: EpochLog) -> None:
             checkpoints.history.append(log)
-            history(log)
-            board.epoch(log)
+            if history and board:
+                history(log)
+                board.epoch(log)
 
         try:
-            fine_tune(model, train_data, val_data, pre, cfg, keeper, reporter, on_epoch, compute, board.step,
-                      index.multilabel, checkpoints)
+            fine_tune(model, train_data, val_data, pre, cfg, keeper, reporter, on_epoch, compute,
+                      board.step if board else None, index.multilabel, checkpoints, ranks)
         except KeyboardInterrupt:
             interrupted = True
             keeper.restore(model)
             reporter.warn("interrupted: saving the best model so far")
+    if not ranks.main:
+        return None
     if keeper.best_epoch:
         reporter.log(f"best {cfg.monitor} {keeper.best:.4f} at {keeper.best_epoch[0]} epoch {keeper.best_epoch[1]}")
     save_weights(model.cpu(), out / "model.safetensors")
@@ -162,6 +175,19 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
         raise KeyboardInterrupt
     checkpoints.remove()
     return _evaluate_and_report(Run(out), index)
+
+
+def scaled_for(cfg: TrainConfig, ranks: Ranks, reporter: Reporter) -> TrainConfig:
+    """Say what N processes do to the batch, and scale the learning rates if the config asks for it."""
+    reporter.log(f"{ranks.world} processes ({ranks.backend}): global batch {cfg.batch_size * ranks.world} = "
+                 f"{cfg.batch_size} per process x {ranks.world}")
+    if not cfg.scale_lr:
+        reporter.log(f"learning rates as configured (scale_lr: true multiplies them by {ranks.world})")
+        return cfg
+    scaled = dataclasses.replace(cfg, lr=cfg.lr * ranks.world, finetune_lr=cfg.finetune_lr * ranks.world)
+    reporter.log(f"learning rates x{ranks.world} (linear scaling): lr {scaled.lr:g}, "
+                 f"finetune_lr {scaled.finetune_lr:g}")
+    return scaled
 
 
 def _finished_training(out: Path) -> bool:

@@ -75,6 +75,9 @@ class TrainConfig:
     patience: int = 5  # early stopping; 0 disables
     seed: int = 0
     checkpoint_every: int = 200  # optimizer steps between checkpoints (also one per epoch); 0: per epoch only
+    # several processes (accelerate launch): batch_size is per process; the global batch is N times larger
+    scale_lr: bool = False  # multiply the learning rates by the number of processes (the linear scaling rule)
+    sync_bn: bool = False  # batch-norm statistics over the global batch while fine-tuning them (GPUs only)
 
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)

@@ -45,8 +45,13 @@ def fail(message: str) -> int:
     return 2
 
 
+# This command's arguments, for a command that starts itself again in several processes (train --num-processes).
+INVOCATION: list[str] = []
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (tests call this; the console script wraps it)."""
+    INVOCATION[:] = sys.argv[1:] if argv is None else argv
     _register_commands()
     try:
         # Without standalone mode a command's typer.Exit(n) comes back as the return value, not as an exception.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from transferkit.cli.main import app
+from transferkit.cli.main import INVOCATION, app
 from transferkit.cli.output import (
     CACHE_DIR,
     ENGINE,
@@ -19,6 +20,7 @@ from transferkit.cli.output import (
     print_predictions,
     report_skipped,
 )
+from transferkit.config import resolve_config
 from transferkit.errors import UserError
 from transferkit.progress import console
 
@@ -57,6 +59,8 @@ def train(
         help="Continue this interrupted run from its last checkpoint, with its own config and data.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         help="Optimizer steps between checkpoints (also one per epoch); 0: per epoch only.")] = None,
+    num_processes: Annotated[int | None, typer.Option(
+        min=1, help="Train in N processes on this machine (DDP via accelerate: gloo on CPU, nccl on GPUs).")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone (see `transferkit backbones`).")] = None,
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
     recipe: Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")] = None,
@@ -123,6 +127,14 @@ def train(
         cache_dir=cache_dir,
         cache=False if no_cache else None,
     )
+    if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        if resume is None:  # bad options and a missing DATA fail here, once, not in every process
+            resolve_config(recipe, config, **options)
+            if data is None or out is None or not Path(data).exists():
+                raise UserError("train needs an existing DATA and --out (or --resume RUN)")
+        from transferkit.cli.launch import launch_processes
+
+        raise typer.Exit(launch_processes(num_processes, INVOCATION))
     if resume is not None:
         machine = {name: options.pop(name) for name in api.RESUME_OPTIONS}
         given = [name for name, value in {**options, "recipe": recipe, "config": config, "out": out}.items()
@@ -135,11 +147,14 @@ def train(
         raise UserError("train needs DATA and --out (or --resume RUN)")
     else:
         run = api.train(data, out, overwrite=overwrite, quiet=quiet, recipe=recipe, config=config, **options)
+    if run is None:  # a rank other than 0 of a multi-process run: rank 0 reports
+        return
     if json_out:
         print_json(run.metrics)
     elif not quiet:
         print_metrics_summary(run.metrics)
         console.print(f"run folder: {run.path}")
+
 
 
 @app.command()

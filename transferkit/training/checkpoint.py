@@ -51,9 +51,9 @@ def _set_rng_states(states: dict) -> None:
 class Checkpoints:
     """Saves checkpoints of one run folder and hands a loaded one back to the stage it belongs to."""
 
-    def __init__(self, folder: Path, every: int, resume: bool) -> None:
+    def __init__(self, folder: Path, every: int, resume: bool, writes: bool = True) -> None:
         self.path = folder / CHECKPOINT
-        self.every = every
+        self.every, self.writes = every, writes  # of several ranks, rank 0 alone writes; all of them read
         self.history: list[EpochLog] = []
         self.saved: dict | None = _read(self.path) if resume and self.path.exists() else None
         if self.saved:
@@ -72,6 +72,8 @@ class Checkpoints:
 
     def save(self, stage: Stage, ctx: FitContext, position: Position) -> None:
         """Write the whole training state at `position`."""
+        if not self.writes:
+            return
         keeper = ctx.keeper
         state = {
             "format": FORMAT,

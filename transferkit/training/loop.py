@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from transferkit.progress import Reporter
 from transferkit.training.compute import Compute
+from transferkit.training.distributed import Ranks
 
 if TYPE_CHECKING:
     from transferkit.training.checkpoint import Checkpoints
@@ -154,6 +155,7 @@ class Stage:
     validate: Callable[[], tuple[float, float]]
     epochs: int
     steps: int  # batches per epoch, so an epoch's last partial accumulation still steps
+    sharded: bool = False  # each rank sees its piece of every batch (DDP): epoch sums are totalled over ranks
 
 
 @dataclass
@@ -169,6 +171,7 @@ class FitContext:
     compute: Compute
     on_step: Callable[[StepLog], None] | None = None
     checkpoints: Checkpoints | None = None
+    ranks: Ranks = field(default_factory=Ranks)
 
 
 def fit(stage: Stage, ctx: FitContext, start: Position | None = None) -> None:
@@ -179,7 +182,9 @@ def fit(stage: Stage, ctx: FitContext, start: Position | None = None) -> None:
         ctx.keeper.start_stage()
     for epoch in range(start.epoch, stage.epochs + 1):
         begin, first = time.perf_counter(), start.step if epoch == start.epoch else 0
-        running = start.running if epoch == start.epoch else Running()
+        # a checkpoint holds the epoch's sums over all ranks: rank 0 carries them on, the others start from 0
+        carried = epoch == start.epoch and (ctx.ranks.main or not stage.sharded)
+        running = start.running if carried else Running()
         stage.set_train_mode()
         with ctx.reporter.bar(f"{stage.name} {epoch}/{stage.epochs}", stage.n_train) as advance:
             if first:
@@ -208,14 +213,19 @@ def fit(stage: Stage, ctx: FitContext, start: Position | None = None) -> None:
                     ctx.on_step(StepLog(stage.name, (epoch - 1) * stage.steps + step, batch_loss,
                                         batch_correct / n, lr))
                 if ctx.checkpoints and stepped and step < stage.steps and ctx.checkpoints.due(epoch, step, stage):
-                    ctx.checkpoints.save(stage, ctx, Position(stage.name, epoch, step, running))
+                    ctx.checkpoints.save(stage, ctx, Position(stage.name, epoch, step, _totals(stage, ctx, running)))
         # 4. validate, log, keep the best, maybe stop early
-        over = not _end_epoch(stage, ctx, epoch, running, time.perf_counter() - begin) or epoch == stage.epochs
+        totals = _totals(stage, ctx, running)
+        over = not _end_epoch(stage, ctx, epoch, totals, time.perf_counter() - begin) or epoch == stage.epochs
         if ctx.checkpoints:
             ctx.checkpoints.save(stage, ctx, Position(stage.name, epoch + 1, 0, Running(), over))
         if over:
             break
     ctx.keeper.restore(ctx.model)
+
+
+def _totals(stage: Stage, ctx: FitContext, running: Running) -> Running:
+    return ctx.ranks.total(running) if stage.sharded else running
 
 
 def _end_epoch(stage: Stage, ctx: FitContext, epoch: int, running: Running, seconds: float) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from transferkit import multilabel
-from transferkit.cache import FeatureTable, cache_root
+from transferkit.cache import ArrayTable, FeatureTable, cache_root
 from transferkit.config import TrainConfig
 from transferkit.data.loader import ImageDataset, Labelled, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
@@ -19,6 +19,7 @@ from transferkit.models.classifier import Classifier, freeze_backbone, set_train
 from transferkit.progress import Reporter
 from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute
+from transferkit.training.distributed import Ranks, sync_batchnorm
 from transferkit.training.loop import (
     BestKeeper,
     EpochLog,
@@ -47,17 +48,20 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     views += [View(k, augmented, {**augmented_spec, "view": k}) for k in range(1, n_views)]
     cache = cache_root(config.cache, config.cache_dir)
     extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter, cache)
-    features = extract.tables(train.paths, views, "features train", train.crops)  # one per view; on disk if cached
-    [val_features] = extract(val.paths, views[:1], "features val", val.crops)
+    # one table per view; on disk if cached
+    features = shared_tables(extract, ctx.ranks, train.paths, views, "features train", train.crops)
+    [val_table] = shared_tables(extract, ctx.ranks, val.paths, views[:1], "features val", val.crops)
+    val_features = torch.from_numpy(val_table.take(np.arange(len(val_table))))
     ctx.reporter.log(f"features: {extract.computed} images through the backbone, the rest from the cache"
                      if cache else f"features: {extract.computed} images through the backbone (no cache)")
-    n_train = len(train.paths)
+    # replicated on every rank (see training.distributed), each taking the global batch
+    n_train, batch = len(train.paths), config.batch_size * ctx.ranks.world
 
     def batches(epoch: int, skip: int):
         generator = epoch_generator(config.seed, "frozen", epoch)
         order = torch.randperm(n_train, generator=generator)
         view = torch.randint(n_views, (n_train,), generator=generator)
-        for chunk in order.split(config.batch_size)[skip:]:
+        for chunk in order.split(batch)[skip:]:
             yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), train.targets[chunk]
 
     def validate() -> tuple[float, float]:
@@ -65,10 +69,24 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
                                  ctx.hits)
 
     optimizer = build_optimizer(config.optimizer, [{"params": model.head.parameters(), "lr": config.lr}], config)
-    steps = -(-n_train // config.batch_size)
+    steps = -(-n_train // batch)
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
     return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, n_train, validate,
                  config.epochs_frozen, steps)
+
+
+def shared_tables(extract: FeatureExtractor, ranks: Ranks, paths: list[str], views: list[View], description: str,
+                  crops: list | None) -> list[FeatureTable]:
+    """Feature tables of all `paths`, each rank computing its share: through the cache when it is on (after the
+    barrier every row is there, on one machine; on several without a shared cache the rest is computed
+    locally), else gathered over the process group."""
+    if not ranks.distributed:
+        return extract.tables(paths, views, description, crops)
+    mine = extract.tables(ranks.mine(paths), views, description, ranks.mine(crops) if crops else None)
+    if extract.cache_root:
+        ranks.barrier()
+        return extract.tables(paths, views, description, crops)
+    return [ArrayTable(ranks.gather_rows(torch.from_numpy(t.take(np.arange(len(t))))).numpy()) for t in mine]
 
 
 def gather(tables: list[FeatureTable], views: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -82,38 +100,45 @@ def gather(tables: list[FeatureTable], views: np.ndarray, rows: np.ndarray) -> n
 
 def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms: tuple[Callable, Callable],
                    config: TrainConfig, ctx: FitContext) -> Stage:
-    """Stage 2: unfreeze all or the top blocks; lower learning rate, lower still for the pretrained layers."""
+    """Stage 2: unfreeze all or the top blocks; lower learning rate, lower still for the pretrained layers. With
+    several ranks: DDP, each rank taking its piece of every global batch and of the validation images."""
     clean, augmented = transforms
+    ranks = ctx.ranks
+    if config.sync_bn and ranks.distributed:  # before the optimizer is built: the layers are replaced
+        sync_batchnorm(model, ranks)
     backbone_params = unfreeze(model, config.unfreeze)
     groups = [{"params": list(model.head.parameters()), "lr": config.finetune_lr},
               {"params": backbone_params, "lr": config.finetune_lr * config.backbone_lr_mult}]
     optimizer = build_optimizer(config.finetune_optimizer or config.optimizer, groups, config)
-    val_loader = make_loader(val.dataset(clean), config.batch_size, config.workers)
+    val_mine = ImageDataset(ranks.mine(val.paths), ranks.mine(val.targets), clean,
+                            crops=ranks.mine(val.crops) if val.crops else None)
     n_train, batch = len(train.paths), config.batch_size
 
     def batches(epoch: int, skip: int):
         # The order and each image's augmentation this epoch come from the epoch's seed, not from a generator
         # carried across epochs or from the workers: a resumed epoch replays the same batches.
         generator = epoch_generator(config.seed, "finetune", epoch)
-        order = torch.randperm(n_train, generator=generator)
+        order = ranks.pad(torch.randperm(n_train, generator=generator))
         seeds = torch.randint(2**31, (n_train,), generator=generator).tolist()
+        order = torch.cat([ranks.piece(chunk) for chunk in order.split(batch * ranks.world)])
         dataset = ImageDataset(train.paths, train.targets, augmented, seeds, train.crops)
         for images, targets in make_loader(dataset, batch, config.workers, order[skip * batch:].tolist()):
             yield images.contiguous(memory_format=torch.channels_last), targets
 
     def validate() -> tuple[float, float]:
-        return loss_and_accuracy(*evaluate_logits(model, val_loader), ctx.criterion, ctx.hits)
+        logits, targets = evaluate_logits(model, make_loader(val_mine, batch, config.workers))
+        return loss_and_accuracy(ranks.gather_rows(logits), ranks.gather_rows(targets), ctx.criterion, ctx.hits)
 
-    steps = -(-n_train // batch)
+    steps = -(-len(ranks.pad(torch.arange(n_train))) // (batch * ranks.world))
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_finetune)
-    return Stage("finetune", model, lambda: set_train_mode(model, config.finetune_bn), optimizer, scheduler,
-                 batches, n_train, validate, config.epochs_finetune, steps)
+    return Stage("finetune", ranks.wrap(model), lambda: set_train_mode(model, config.finetune_bn), optimizer,
+                 scheduler, batches, n_train, validate, config.epochs_finetune, steps, sharded=ranks.distributed)
 
 
 def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
               keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute,
               on_step: Callable[[StepLog], None] | None = None, is_multilabel: bool = False,
-              checkpoints: Checkpoints | None = None) -> None:
+              checkpoints: Checkpoints | None = None, ranks: Ranks | None = None) -> None:
     """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen. With a loaded
     checkpoint, stages it finished are skipped and its own stage goes on from where it was taken."""
     if is_multilabel:
@@ -121,7 +146,8 @@ def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess
     else:
         binary = model.head[-1].out_features == 1
         criterion, hits = loss_fn(binary, config.label_smoothing), single_label_hits(binary)
-    ctx = FitContext(criterion, hits, keeper, model, reporter, on_epoch, compute, on_step, checkpoints)
+    ctx = FitContext(criterion, hits, keeper, model, reporter, on_epoch, compute, on_step, checkpoints,
+                     ranks or Ranks())
     augment = config.augmentation()
     transforms = (eval_transform(pre, augment.samplewise_center), train_transform(pre, augment))
     model.to(memory_format=torch.channels_last)
