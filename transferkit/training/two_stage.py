@@ -4,6 +4,7 @@ everything (or the top blocks) with a much smaller learning rate, smaller still 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -49,11 +50,14 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     cache = cache_root(config.cache, config.cache_dir)
     extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter, cache)
     # one table per view; on disk if cached
+    begin = time.perf_counter()
     features = shared_tables(extract, ctx.ranks, train.paths, views, "features train", train.crops)
     [val_table] = shared_tables(extract, ctx.ranks, val.paths, views[:1], "features val", val.crops)
     val_features = torch.from_numpy(val_table.take(np.arange(len(val_table))))
-    ctx.reporter.log(f"features: {extract.computed} images through the backbone, the rest from the cache"
-                     if cache else f"features: {extract.computed} images through the backbone (no cache)")
+    seconds, who = time.perf_counter() - begin, f" by rank 0 of {ctx.ranks.world}" if ctx.ranks.distributed else ""
+    ctx.reporter.log(f"features: {extract.computed} images through the backbone{who}, the rest from the cache "
+                     f"({seconds:.1f} s)" if cache else
+                     f"features: {extract.computed} images through the backbone{who} (no cache, {seconds:.1f} s)")
     # replicated on every rank (see training.distributed), each taking the global batch
     n_train, batch = len(train.paths), config.batch_size * ctx.ranks.world
 
