@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 import pytest
 
+from transferkit.errors import UserError
 from transferkit.fileio import atomic_path, atomic_write
 
 
@@ -29,3 +31,22 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         raise RuntimeError("disk full")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["model.bin"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_one(tmp_path):
+    target = tmp_path / "meta.json"
+    atomic_write(target, "old")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match=r"cannot write .*meta.json: No space left on device"), \
+            atomic_path(target) as tmp:
+        full(tmp)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["meta.json"]
+
+
+def test_an_unwritable_folder_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        atomic_write(tmp_path / "file" / "inside.json", "{}")  # its "folder" is a file

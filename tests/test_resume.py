@@ -147,6 +147,31 @@ def test_full_disk_while_checkpointing_is_one_line_and_no_finished_run(
     assert not (tmp_path / "run" / "meta.json").exists()
 
 
+def test_full_disk_when_saving_the_model_then_resume_finishes_the_run(
+        dataset: Path, tmp_path: Path, resumable: dict, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    import transferkit.run
+
+    straight = api.train(dataset, tmp_path / "straight", **resumable)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transferkit.run, "save_file", full)
+    args = ["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", resumable["backbone"],
+            "--weights", resumable["weights"], "--image-size", "32", "--batch-size", "8", "--workers", "0",
+            "--epochs-frozen", "3", "--epochs-finetune", "2", "--unfreeze", "all", "--checkpoint-every", "1",
+            "--patience", "0", "--quiet"]
+    assert run_cli(args) == 2
+    assert "cannot write" in capsys.readouterr().err and not (tmp_path / "run" / "meta.json").exists()
+    monkeypatch.undo()
+    assert run_cli(["train", "--resume", str(tmp_path / "run"), "--quiet"]) == 0  # the space is back
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert resumed["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
+
+
 def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "from transferkit.cli.main import main; main()", *args]
 

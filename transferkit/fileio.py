@@ -21,9 +21,13 @@ os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path next to `path` for the block to write; it becomes `path` only if the block completes,
-    with the permissions a plain open() would have given (mkstemp's are owner-only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with the permissions a plain open() would have given (mkstemp's are owner-only). A disk that fills up or a
+    folder that turns read-only is a UserError naming the file (one line for the user, not a traceback)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -32,6 +36,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from transferkit.data.images import IMAGE_EXTENSIONS, decode_rgb
-from transferkit.errors import UnreadableImage
+from transferkit.errors import UnreadableImage, UserError
 from transferkit.fetch.download import FetchFailure
 from transferkit.fileio import atomic_write
 
@@ -59,8 +59,8 @@ def write_inside(out: Path, relative: Path, data: bytes) -> None:
         raise FetchFailure(f"refused: {relative.as_posix()} resolves outside --out", permanent=True)
     try:
         atomic_write(target, data)
-    except OSError as exc:
-        raise FetchFailure(f"cannot write {relative.as_posix()}: {exc.strerror or exc}", permanent=False) from exc
+    except UserError as exc:  # this file could not be written (a full disk, say): reported, the rest go on
+        raise FetchFailure(str(exc), permanent=False) from None
 
 
 class FetchState:

@@ -88,11 +88,8 @@ class Checkpoints:
             "history": [log.to_dict() for log in self.history],
             "rng": _rng_states(),
         }
-        try:
-            with atomic_path(self.path) as tmp:
-                torch.save(state, tmp)
-        except OSError as exc:  # a full disk or a folder made read-only mid-run: one line, the last good one kept
-            raise UserError(f"cannot write the checkpoint {self.path}: {exc.strerror or exc}") from None
+        with atomic_path(self.path) as tmp:  # a full disk: one line, and the previous checkpoint stays whole
+            torch.save(state, tmp)
 
     def restore_model(self, ctx: FitContext) -> None:
         """The saved weights, early-stopping state and RNG states, before the stage's own states are loaded."""
