@@ -169,3 +169,24 @@ def test_predict_from_the_dataset_csv_uses_the_crops(boxed_run, capsys) -> None:
     crops = [s.box.with_margin(0.1) for s in index.samples]
     expected = run.probabilities([s.path for s in index.samples], crops)
     assert np.allclose([r["probability"] for r in records], expected.max(axis=1), atol=1e-5)
+
+
+def test_the_report_similarity_compares_the_evaluated_crops(boxed_run, monkeypatch) -> None:
+    import transferkit.report.images as report_images
+    from transferkit.report.images import Predictions, similarity_section
+    from transferkit.similarity import embed_images
+
+    run, _ = boxed_run
+    paths, y_true, probs = read_predictions(run.path / "predictions.csv", run.classes)
+    crops = read_prediction_crops(run.path / "predictions.csv")
+    seen = {}
+
+    def recording(run, paths, **options):
+        seen.update(paths=paths, crops=options.get("crops"))
+        return embed_images(run, paths, **options)
+
+    monkeypatch.setattr(report_images, "embed_images", recording)
+    section = similarity_section(run, Predictions(paths, np.asarray(y_true), np.asarray(probs), crops))
+    assert "uri" in section and seen["crops"] == [crops[paths.index(p)] for p in seen["paths"]]
+    whole, cropped = (embed_images(run, seen["paths"], cache=False, crops=c) for c in (None, seen["crops"]))
+    assert not np.allclose(whole, cropped, atol=1e-4)  # a crop is not the whole image to the network

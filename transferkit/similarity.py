@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
 
 from transferkit.cache import cache_root  # noqa: E402
+from transferkit.data.boxes import Box  # noqa: E402
 from transferkit.data.sources import Skipped, scan_dataset  # noqa: E402
 from transferkit.data.transforms import Preprocess  # noqa: E402
 from transferkit.errors import UserError  # noqa: E402
@@ -76,13 +77,15 @@ class Embedder:
         self.reporter = reporter or Reporter(quiet=True)
         self.computed = 0  # images that went through the network, over every call
 
-    def __call__(self, paths: list[str], description: str = "embeddings") -> np.ndarray:
+    def __call__(self, paths: list[str], description: str = "embeddings",
+                 crops: list[Box | None] | None = None) -> np.ndarray:
+        """One row per path, of the image cropped to its region in `crops` where given."""
         if not paths:
             return np.empty((0, self.source.model.num_features), dtype=np.float32)
         many = len(paths) >= MANY_IMAGES
         extract = FeatureExtractor(self.source.model, "auto" if many else "torch", BATCH_SIZE, 2 if many else 0,
                                    self.reporter, self.cache_dir)
-        [features] = extract(paths, [self.source.view()], description)
+        [features] = extract(paths, [self.source.view()], description, crops)
         self.computed += extract.computed
         return l2_normalise(features.numpy())
 
@@ -93,9 +96,10 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def embed_images(run: Run, paths: list[str], *, cache: bool = True, cache_dir: str | Path | None = None,
-                 reporter: Reporter | None = None) -> np.ndarray:
-    """(N, D) L2-normalised embeddings of readable image files from the run's classifier, in eval preprocessing."""
-    return Embedder(run_source(run), cache_root(cache, cache_dir), reporter)(paths)
+                 reporter: Reporter | None = None, crops: list[Box | None] | None = None) -> np.ndarray:
+    """(N, D) L2-normalised embeddings of readable image files (cropped to `crops`, boxed data) from the run's
+    classifier, in eval preprocessing."""
+    return Embedder(run_source(run), cache_root(cache, cache_dir), reporter)(paths, crops=crops)
 
 
 def cosine_matrix(embeddings: np.ndarray) -> np.ndarray:

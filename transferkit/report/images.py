@@ -115,7 +115,9 @@ def similarity_section(run: Run, pred: Predictions) -> dict:
     if len(kept) < 2:
         return {"missing": "fewer than two of the evaluated images can be read from here"}
     # Not cached: a few dozen embeddings are cheap, and no other run shares this fine-tuned backbone's.
-    matrix = cosine_matrix(embed_images(run, [pred.paths[i] for i, _ in kept], cache=False))
+    # of the regions that were evaluated: a boxed run's crops, as the thumbnails show them
+    crops = [pred.crops[i] for i, _ in kept] if pred.crops else None
+    matrix = cosine_matrix(embed_images(run, [pred.paths[i] for i, _ in kept], cache=False, crops=crops))
     labels = numbered([run.classes[pred.y_true[i]] for i, _ in kept])
     uri = figure_uri(lambda out: plot_similarity(matrix, labels, out))
     thumbnails = [{"uri": image_uri(image, 96), "label": label, "name": Path(pred.paths[i]).name}
