@@ -385,3 +385,19 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
     fails_with(capsys, ["fetch", str(tmp_path / "ok.csv"), "--out", str(tmp_path / "a_file")], "is a file")
     fails_with(capsys, ["fetch", str(tmp_path / "ok.csv"), "--out", out, "--workers", "0"], "--workers")
     assert not (tmp_path / "data").exists()
+
+
+def test_fetch_from_code_that_runs_an_event_loop(server, tmp_path):
+    """A Jupyter cell runs inside an event loop, where asyncio.run refuses to start another."""
+    import asyncio
+
+    from transferkit.fetch.collect import fetch_dataset
+
+    rows = [(server.url("/img/18.png"), "cat"), (server.url("/img/19.png"), "dog")]
+    csv_path = write_csv(tmp_path / "urls.csv", rows)
+
+    async def cell():
+        return fetch_dataset(csv_path, tmp_path / "data")
+
+    report = asyncio.run(cell())
+    assert report["counts"]["stored"] == 2 and len(stored_files(tmp_path / "data")) == 2

@@ -7,9 +7,11 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
@@ -18,6 +20,8 @@ from transferkit.fetch.rows import Row, RowProblem, read_rows, row_folder
 from transferkit.fetch.store import FetchState, content_digest, image_extension, write_inside
 from transferkit.fileio import atomic_write, output_folder
 from transferkit.progress import Reporter
+
+T = TypeVar("T")
 
 REPORT_NAME = "fetch_report.json"
 _SAVE_STATE_EVERY_S = 2.0  # often enough that an interruption loses little, rarely enough for 100k-row states
@@ -65,12 +69,23 @@ def fetch_dataset(csv_path: Path, out: Path, options: FetchOptions | None = None
     out = output_folder(Path(out))
     state = FetchState.load(out, reporter.warn)
     try:
-        outcomes = asyncio.run(_fetch_rows(rows, with_splits, out, options, state, reporter))
+        outcomes = run_to_completion(_fetch_rows(rows, with_splits, out, options, state, reporter))
     finally:
         state.save()  # after Ctrl-C too: what finished is not fetched again
     report = build_report(Path(csv_path), out, outcomes)
     atomic_write(out / REPORT_NAME, json.dumps(report, indent=2))
     return report
+
+
+def run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, also from code that already runs an event loop (a Jupyter cell), where asyncio.run refuses:
+    there the coroutine gets its own loop in a helper thread, and this call waits for it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 async def _fetch_rows(rows: list[Row], with_splits: bool, out: Path, options: FetchOptions, state: FetchState,
