@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from transferkit.data.members import is_shard_member, member_digest
 from transferkit.fileio import atomic_path, atomic_write
 from transferkit.progress import Reporter
 
@@ -41,6 +42,9 @@ def cache_root(enabled: bool, folder: str | Path | None) -> Path | None:
 
 
 def file_digest(path: str | Path) -> str:
+    """The content digest of a file (or of a packed dataset's member: the same one its bytes have as a file)."""
+    if is_shard_member(path):
+        return member_digest(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):

@@ -49,6 +49,7 @@ class TrainConfig:
     test_split: float = 0.0
     box_margin: float = 0.0  # CSV boxes: fraction of the box's width/height added on each side (clipped to the image)
     batch_size: int = 32
+    shuffle_buffer: int = 1000  # packed shards (`transferkit pack`): images a streaming reader shuffles among
     workers: int = 2
     # stage 1: frozen backbone, head only
     epochs_frozen: int = 30
@@ -102,6 +103,7 @@ class TrainConfig:
             (0 < self.val_split < 1, "val_split must be between 0 and 1"),
             (0 <= self.test_split < 1 and self.val_split + self.test_split < 1, "val_split + test_split must be < 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.shuffle_buffer >= 1, "shuffle_buffer must be at least 1"),
             (self.epochs_frozen >= 0 and self.epochs_finetune >= 0, "epochs must be 0 or more"),
             (self.epochs_frozen + self.epochs_finetune > 0, "nothing to train: both epoch counts are 0"),
             (self.lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),

@@ -19,6 +19,7 @@ import transferkit
 from transferkit import multilabel
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.loader import ImageDataset, make_loader, targets_of
+from transferkit.data.members import looks_packed
 from transferkit.data.sources import DatasetIndex, Sample, Skipped, image_problems, list_image_files, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
@@ -280,8 +281,10 @@ def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: l
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[str], list[Box | None] | None, list[Skipped]]:
-    """Like collect_images, plus dataset CSVs: their rows' images with their boxes (None where no input has any)."""
-    tables = [item for item in inputs if item.lower().endswith(".csv") and Path(item).is_file()]
+    """Like collect_images, plus dataset CSVs and packed datasets (`transferkit pack`): their images with their boxes
+    (None where no input has any)."""
+    tables = [item for item in inputs if (item.lower().endswith(".csv") and Path(item).is_file())
+              or (Path(item).is_dir() and looks_packed(item))]
     images = [item for item in inputs if item not in tables]
     paths, skipped = collect_images(images) if images else ([], [])
     boxes: list[Box | None] = [None] * len(paths)

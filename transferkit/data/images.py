@@ -15,6 +15,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transferkit.data.members import is_shard_member, member_exists, read_member
 from transferkit.errors import UnreadableImage
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -55,10 +56,24 @@ def load_rgb(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Imag
     Raises :class:`UnreadableImage` with a short reason for anything unusable.
     """
     try:
-        with open(path, "rb") as fh:
-            return _decode(fh, os.fstat(fh.fileno()).st_size, max_pixels)
+        with open_image_file(path) as fh:
+            size = fh.getbuffer().nbytes if isinstance(fh, io.BytesIO) else os.fstat(fh.fileno()).st_size
+            return _decode(fh, size, max_pixels)
     except OSError as exc:  # _decode maps decoding errors itself; what is left is the OS refusing
         raise UnreadableImage(f"cannot read: {exc.strerror or exc}") from exc
+
+
+def open_image_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """The one way sample paths are opened: a plain file, or a packed dataset's member reference
+    (`SHARD.tar::MEMBER`, see `transferkit.data.members`) as its bytes in memory."""
+    if is_shard_member(path):
+        return io.BytesIO(read_member(path))
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def image_file_exists(path: str | os.PathLike[str]) -> bool:
+    """os.path.isfile for sample paths, shard members included."""
+    return member_exists(path) if is_shard_member(path) else os.path.isfile(path)
 
 
 def decode_rgb(data: bytes | bytearray, max_pixels: int = MAX_PIXELS) -> Image.Image:

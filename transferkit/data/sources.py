@@ -18,6 +18,7 @@ from pathlib import Path
 from transferkit.data.boxes import BOX_COLUMNS, Box, has_box_columns, parse_box
 from transferkit.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, has_image_extension, load_rgb
 from transferkit.data.labelsets import canonical_label_set, is_label_set, label_set
+from transferkit.data.members import looks_packed
 from transferkit.errors import UnreadableImage, UserError
 
 SPLITS = ("train", "val", "test")
@@ -51,7 +52,7 @@ class DatasetIndex:
     classes: list[str]
     samples: list[Sample]
     skipped: list[Skipped]
-    layout: str  # "splits" | "classes" | "csv"
+    layout: str  # "splits" | "classes" | "csv" | "shards" (paths are then `SHARD.tar::MEMBER` references)
     seed: int = 0
     multilabel: bool = False  # CSV labels with `|`: `classes` are the single labels, a sample's label is a set
 
@@ -112,6 +113,7 @@ def scan_dataset(
 ) -> DatasetIndex:
     """Index a dataset folder or CSV: find images, skip bad files with reasons, and split them.
 
+    A folder written by `transferkit pack` is read from its index (split as packed; fractions and seed ignored).
     Split folders and CSV split values are kept. Other images get a seeded per-class (stratified) split;
     val (test) is carved from them only when the layout has no val (test) folder of its own.
     ``trainable=False`` (data checks) indexes data that could not train yet (one class, a class with one image);
@@ -121,6 +123,10 @@ def scan_dataset(
     root = Path(os.path.abspath(os.path.expanduser(path)))
     if not root.exists():
         raise UserError(f"path does not exist: {root}")
+    if root.is_dir() and looks_packed(root):  # `transferkit pack` output: its split is frozen, its images verified
+        from transferkit.data.shards import shard_dataset  # noqa: PLC0415 - shards builds on this module
+
+        return shard_dataset(root)
     layout, found = _read_layout(root)
     entries, bad = _verify(found.entries, max_pixels) if verify else (found.entries, [])
     skipped = sorted(found.skipped + bad, key=lambda s: s.path)

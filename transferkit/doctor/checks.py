@@ -10,6 +10,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from transferkit.data.images import open_image_file
 from transferkit.data.sources import Sample, Skipped
 
 HELD_OUT = ("val", "test")
@@ -121,5 +122,5 @@ def tiny_images(samples: Sequence[Sample], min_side: int) -> list[dict]:
 
 def pixel_size(path: str) -> tuple[int, int]:
     """Width and height from the header alone (the scan has already decoded the file once)."""
-    with Image.open(path) as image:
+    with open_image_file(path) as handle, Image.open(handle) as image:
         return image.size

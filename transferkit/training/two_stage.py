@@ -4,16 +4,19 @@ everything (or the top blocks) with a much smaller learning rate, smaller still 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from transferkit import multilabel
 from transferkit.cache import ArrayTable, FeatureTable, cache_root
 from transferkit.config import TrainConfig
 from transferkit.data.loader import ImageDataset, Labelled, make_loader
+from transferkit.data.stream import is_sharded, stream_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.features import FeatureExtractor, View, clean_view, view_spec
 from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
@@ -22,6 +25,7 @@ from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute
 from transferkit.training.distributed import Ranks, sync_batchnorm
 from transferkit.training.loop import (
+    Batches,
     BestKeeper,
     EpochLog,
     FitContext,
@@ -116,11 +120,27 @@ def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms
     optimizer = build_optimizer(config.finetune_optimizer or config.optimizer, groups, config)
     val_mine = ImageDataset(ranks.mine(val.paths), ranks.mine(val.targets), clean,
                             crops=ranks.mine(val.crops) if val.crops else None)
+    batch = config.batch_size
+    batches, steps = (streamed_batches if is_sharded(train) else indexed_batches)(train, augmented, config, ranks)
+
+    def validate() -> tuple[float, float]:
+        logits, targets = evaluate_logits(model, make_loader(val_mine, batch, config.workers))
+        return loss_and_accuracy(ranks.gather_rows(logits), ranks.gather_rows(targets), ctx.criterion, ctx.hits)
+
+    scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_finetune)
+    return Stage("finetune", ranks.wrap(model), lambda: set_train_mode(model, config.finetune_bn), optimizer,
+                 scheduler, batches, len(train.paths), validate, config.epochs_finetune, steps,
+                 sharded=ranks.distributed)
+
+
+def indexed_batches(train: Labelled, augmented: Callable, config: TrainConfig, ranks: Ranks
+                    ) -> tuple[Batches, int]:
+    """Fine-tuning batches of image files (or shard members) read by index, and how many per epoch: the order
+    and each image's augmentation come from the epoch's seed, not from a generator carried across epochs or from
+    the workers, so a resumed epoch replays the same batches and skips the done ones without reading them."""
     n_train, batch = len(train.paths), config.batch_size
 
     def batches(epoch: int, skip: int):
-        # The order and each image's augmentation this epoch come from the epoch's seed, not from a generator
-        # carried across epochs or from the workers: a resumed epoch replays the same batches.
         generator = epoch_generator(config.seed, "finetune", epoch)
         order = ranks.pad(torch.randperm(n_train, generator=generator))
         seeds = torch.randint(2**31, (n_train,), generator=generator).tolist()
@@ -129,14 +149,28 @@ def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms
         for images, targets in make_loader(dataset, batch, config.workers, order[skip * batch:].tolist()):
             yield images.contiguous(memory_format=torch.channels_last), targets
 
-    def validate() -> tuple[float, float]:
-        logits, targets = evaluate_logits(model, make_loader(val_mine, batch, config.workers))
-        return loss_and_accuracy(ranks.gather_rows(logits), ranks.gather_rows(targets), ctx.criterion, ctx.hits)
+    return batches, -(-len(ranks.pad(torch.arange(n_train))) // (batch * ranks.world))
 
-    steps = -(-len(ranks.pad(torch.arange(n_train))) // (batch * ranks.world))
-    scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_finetune)
-    return Stage("finetune", ranks.wrap(model), lambda: set_train_mode(model, config.finetune_bn), optimizer,
-                 scheduler, batches, n_train, validate, config.epochs_finetune, steps, sharded=ranks.distributed)
+
+def streamed_batches(train: Labelled, augmented: Callable, config: TrainConfig, ranks: Ranks
+                     ) -> tuple[Batches, int]:
+    """Fine-tuning batches streamed from packed shards (`transferkit pack`): each rank (and loader worker) reads
+    its own shards front to back through a shuffle buffer, so memory stays flat however large the data. The
+    epoch's stream is a function of (seed, epoch, rank, world, workers): a resumed epoch replays it, decoding
+    (not training on) the batches it skips. Batches per epoch are counted on the first epoch's shard split."""
+
+    def loader(epoch: int) -> DataLoader:
+        return stream_loader(train, "train", augmented, config.batch_size, config.workers, seed=config.seed,
+                             epoch=epoch, rank=ranks.rank, world=ranks.world, shuffle_buffer=config.shuffle_buffer)
+
+    def batches(epoch: int, skip: int):
+        for images, targets in itertools.islice(loader(epoch), skip, None):
+            yield images.contiguous(memory_format=torch.channels_last), targets
+
+    # a loader's workers batch their own streams: each ends with its own partial batch
+    stream, units = loader(1).dataset, max(1, config.workers)
+    return batches, sum(-(-len(stream.unit_order(ranks.rank, ranks.world, worker, units)) // config.batch_size)
+                        for worker in range(units))
 
 
 def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
