@@ -15,6 +15,8 @@ import torch
 
 from transferkit.cli.launch import without_option
 from transferkit.cli.main import run_cli
+from transferkit.data.shards import pack
+from transferkit.progress import Reporter
 from transferkit.training.distributed import Ranks
 
 RANK_DIGEST = """
@@ -64,16 +66,21 @@ def test_two_ranks_under_accelerate_agree_and_match_one_process(dataset: Path, t
     assert len(list((tmp_path / "two" / "run" / "tb").glob("events.*"))) == 1
 
 
-def test_train_num_processes_runs_the_ranks_itself(dataset: Path, tmp_path: Path, tiny_weights: str,
-                                                   capfd: pytest.CaptureFixture) -> None:
+def test_train_num_processes_runs_the_ranks_itself_on_streamed_shards(dataset: Path, tmp_path: Path,
+                                                                      tiny_weights: str,
+                                                                      capfd: pytest.CaptureFixture) -> None:
+    """Each rank streams its own shards while fine-tuning (and the same number of batches: DDP needs that)."""
+    pack(dataset, tmp_path / "shards", shard_size_bytes=8000, reporter=Reporter(quiet=True))
     out = tmp_path / "run"
-    code = run_cli(["train", str(dataset), "--out", str(out), "--backbone", "test_efficientnet", "--weights",
-                    tiny_weights, "--image-size", "32", "--batch-size", "8", "--workers", "0", "--epochs-frozen",
-                    "1", "--epochs-finetune", "1", "--num-processes", "2"])
+    code = run_cli(["train", str(tmp_path / "shards"), "--out", str(out), "--backbone", "test_efficientnet",
+                    "--weights", tiny_weights, "--image-size", "32", "--batch-size", "8", "--workers", "0",
+                    "--epochs-frozen", "1", "--epochs-finetune", "1", "--num-processes", "2"])
     captured = capfd.readouterr()
     assert code == 0, captured.err
     assert "2 processes (gloo): global batch 16 = 8 per process x 2" in captured.out + captured.err
     assert (out / "metrics.json").is_file() and (out / "report.html").is_file()
+    rows = (out / "history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == ["frozen", "finetune"]
 
 
 def test_a_bad_input_in_the_ranks_is_one_line_and_exit_2(dataset: Path, tmp_path: Path, tiny_weights: str,
