@@ -109,3 +109,25 @@ def test_checkpoint_with_unknown_keys_is_rejected(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(ow, "_load", lambda path: {**original(path), "_extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected key"):
         ow.efficientnet_lite_state_dict(0)
+
+
+def test_hub_cache_is_read_offline_even_when_set_after_import(tmp_path, monkeypatch, tiny_weights) -> None:
+    """HF_HUB_OFFLINE / HF_HUB_CACHE set after the hub client was imported (a notebook) still work, no network."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from transferkit.models.registry import create_imagenet_model, get_backbone
+
+    snapshot = tmp_path / "models--timm--test_efficientnet.r160_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(Path(tiny_weights).read_bytes())
+    (tmp_path / "models--timm--test_efficientnet.r160_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--test_efficientnet.r160_in1k" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    model, source = create_imagenet_model(get_backbone("test_efficientnet"))
+    expected = load_file(tiny_weights)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert source == "hub"

@@ -122,11 +122,31 @@ def _hub_model(spec: BackboneSpec) -> torch.nn.Module:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     if not offline and not _hub_reachable():
         raise UserError(f"no offline ImageNet weights for '{spec.name}' and the model hub is unreachable: {way_out}")
+    # Offline, the hub's cache is read here rather than through the hub client, which reads HF_HUB_OFFLINE once,
+    # at import: set later (in a notebook, say), it would still try the network and wait on every timeout.
+    overlay = {"file": _hub_cache_file(spec.timm_name)} if offline else None
     try:
-        return timm.create_model(spec.timm_name, pretrained=True)
+        if offline and overlay["file"] is None:
+            raise FileNotFoundError(spec.timm_name)
+        return timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # noqa: BLE001 - network, hub and file errors all mean "no weights here"
         reason = "not in the local cache (HF_HUB_OFFLINE is set)" if offline else type(exc).__name__
         raise UserError(f"could not get ImageNet weights for '{spec.name}' ({reason}): {way_out}") from None
+
+
+def _hub_cache_file(timm_name: str) -> str | None:
+    """The model's weights file in the local Hugging Face cache, if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = timm.models.get_pretrained_cfg(timm_name)
+    if config is None or not config.hf_hub_id:
+        return None
+    cache = os.environ.get("HF_HUB_CACHE")  # read now, like HF_HUB_OFFLINE (the client read it at import)
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(config.hf_hub_id, filename, cache_dir=cache)
+        if isinstance(found, str):
+            return found
+    return None
 
 
 def create_imagenet_model(spec: BackboneSpec, weights: str | None = None) -> tuple[torch.nn.Module, str]:
