@@ -7,14 +7,10 @@ from pathlib import Path
 import pytest
 
 import transferkit.training.two_stage as two_stage
+from tests.test_resume import Crash, crash_at_step
 from transferkit import api
 from transferkit.data.shards import pack
 from transferkit.progress import Reporter
-from transferkit.run import TensorBoardWriter
-
-
-class Crash(Exception):
-    pass
 
 
 @pytest.fixture
@@ -45,19 +41,11 @@ def test_fine_tuning_streams_packed_shards_and_resumes_exactly(packed: Path, tmp
     rows = (tmp_path / "straight" / "history.csv").read_text().splitlines()
     assert [row.split(",")[1] for row in rows[1:]] == ["frozen", "frozen", "finetune", "finetune"]
 
-    calls = {"n": 0}
-    step = TensorBoardWriter.step
-
-    def crash_mid_finetune(self, log):  # 30 train images / 8: 4 batches per epoch; call 11 is fine-tune epoch 1
-        step(self, log)
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise Crash
-
-    monkeypatch.setattr(TensorBoardWriter, "step", crash_mid_finetune)
+    monkeypatch.undo()
+    crash_at_step(monkeypatch, 11)  # 30 train images / 8: 4 batches per epoch; batch 11 is fine-tune epoch 1
     with pytest.raises(Crash):
         api.train(packed, tmp_path / "crashed", **options)
-    monkeypatch.setattr(TensorBoardWriter, "step", step)
+    monkeypatch.undo()
     resumed = api.resume(tmp_path / "crashed")
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
