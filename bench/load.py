@@ -3,10 +3,13 @@
 Starts the real CLI server in a subprocess on a free 127.0.0.1 port, then measures (1) single-image latency with one
 client sending one request at a time, and (2) throughput with N concurrent clients sending one image per request,
 for a fixed number of requests or a time cap, whichever comes first; once per engine (PyTorch, and ONNX Runtime on
-the run's `transferkit export`, fp32 and int8), so the engines are compared in one run. Errors are counted, never
-retried. Without --run it trains a small Lite0 run first (offline weights, generated images: circles vs squares).
+the run's `transferkit export`, fp32 and int8), so the engines are compared in one run. With --repeats N the engines
+take turns N times (a, b, c, a, b, c, ...) and the table gives each figure's median over the rounds, so load from
+other processes hits all engines alike; errors are summed over the rounds. Errors are counted, never retried.
+Without --run it trains a small Lite0 run first (offline weights, generated images: circles vs squares).
 
     .venv/bin/python bench/load.py     # Lite0 run in runs/bench-load; torch, ONNX, int8; 32 clients, 2000 requests
+    .venv/bin/python bench/load.py --engines onnx,int8 --repeats 3
     .venv/bin/python bench/load.py --run runs/demo --engines onnx --clients 64 --requests 5000
 
 The load generator shares the machine with the server (on 2 cores it takes a noticeable share): read the figures
@@ -228,6 +231,7 @@ def model_speed(run: Path, engine: str, images: list[Path], repeats: int = 5) ->
 
 def measure(run: Path, engine: str, payloads: list[tuple[str, bytes]], args: argparse.Namespace) -> dict:
     """Both phases against one fresh server process running `engine`, with the server's CPU time for each."""
+    load_average = os.getloadavg()[0]  # what other processes (and the previous round) left running on the cores
     port = free_port()
     requests = [request_bytes(port, name, data) for name, data in payloads]
     server = start_server(run, engine, port, args.server_args.split())
@@ -247,6 +251,7 @@ def measure(run: Path, engine: str, payloads: list[tuple[str, bytes]], args: arg
     return {
         "engine": engine,
         "served_by": served_by,
+        "load_average": load_average,
         "model_only": model_speed(run, engine, args.images),
         "single": {"requests": args.single, "ok": len(lone), "images_per_s": len(lone) / lone_s,
                    "server_cpu_ms_per_image": 1000 * (cpu_1 - cpu_0) / max(1, len(lone)), **percentiles(lone)},
@@ -262,17 +267,39 @@ def measure(run: Path, engine: str, payloads: list[tuple[str, bytes]], args: arg
     }
 
 
-def print_table(results: list[dict], load_before: float, load_after: float) -> None:
+COUNTS = ("requests", "ok", "errors")  # summed over rounds: one failed request in any round must show
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One result from several rounds of the same engine: counts summed, every other number the median."""
+    combined: dict = {}
+    for key, value in rounds[0].items():
+        values = [r[key] for r in rounds if key in r]
+        if isinstance(value, dict):
+            combined[key] = combine(values)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            combined[key] = sum(values) if key in COUNTS else float(np.median(values))
+        else:
+            combined[key] = value
+    return combined
+
+
+def print_table(results: list[dict], rounds: list[list[dict]], load_before: float, load_after: float) -> None:
     cores = os.cpu_count() or 1
     print(f"\n{cores} CPUs; 1-minute load average {load_before:.1f} before (other processes' share of the cores), "
-          f"{load_after:.1f} after (ours included)\n")
+          f"{load_after:.1f} after (ours included); {len(rounds)} round(s), medians\n")
     print("| engine | phase | requests | errors | img/s | p50 ms | p90 ms | p99 ms | mean batch | server CPU ms/img |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
+    for i, r in enumerate(results):
         name = f"{r['engine']} ({r['served_by']})"
-        for phase, row in (("1 client, sequential", r["single"]), (f"{r['load']['clients']} clients", r["load"])):
+        for phase in ("single", "load"):
+            row = r[phase]
+            label = "1 client, sequential" if phase == "single" else f"{row['clients']:.0f} clients"
             errors = row.get("errors", row["requests"] - row["ok"])
-            print(f"| {name} | {phase} | {row['requests']} | {errors} | {row['images_per_s']:.1f} | "
+            speed = f"{row['images_per_s']:.1f}"
+            if len(rounds) > 1:  # each round's figure next to the median: how much the machine's load moved it
+                speed += " (" + ", ".join(f"{one[i][phase]['images_per_s']:.1f}" for one in rounds) + ")"
+            print(f"| {name} | {label} | {row['requests']} | {errors} | {speed} | "
                   f"{row['p50']:.1f} | {row['p90']:.1f} | {row['p99']:.1f} | {row.get('mean_batch', 1):.1f} | "
                   f"{row['server_cpu_ms_per_image']:.1f} |")
         alone = r["model_only"]
@@ -293,6 +320,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="Time cap of each load phase.")
     parser.add_argument("--single", type=int, default=100, help="Sequential requests for single-image latency.")
     parser.add_argument("--server-args", default="", help="Extra `serve` options, e.g. '--batch-wait-ms 5'.")
+    parser.add_argument("--repeats", type=int, default=1, help="Rounds of all engines, interleaved; medians.")
     parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
     args = parser.parse_args()
 
@@ -303,12 +331,13 @@ def main() -> None:
     payloads = [(p.name, p.read_bytes()) for p in images]
     args.images = images
     load_before = os.getloadavg()[0]
-    results = [measure(run, engine, payloads, args) for engine in engines]
+    rounds = [[measure(run, engine, payloads, args) for engine in engines] for _ in range(args.repeats)]
     load_after = os.getloadavg()[0]
-    print_table(results, load_before, load_after)
+    results = [combine([one[i] for one in rounds]) for i in range(len(engines))]
+    print_table(results, rounds, load_before, load_after)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"run": str(run), "cpus": os.cpu_count(), "load_average_before": load_before,
-               "load_average_after": load_after, "results": results}
+               "load_average_after": load_after, "repeats": args.repeats, "results": results, "rounds": rounds}
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -42,7 +42,7 @@ def serve(
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest accepted image, pixels (decompression bombs).")] = (
         40_000_000
     ),
-    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one model call.")] = 32,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one batch (one model-thread trip).")] = 32,
     batch_wait_ms: Annotated[float, typer.Option(min=0.0, help="How long a batch waits for more requests.")] = 3.0,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:

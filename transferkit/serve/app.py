@@ -6,7 +6,6 @@ is meant to be left running in front of people who upload whatever they have.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -14,6 +13,7 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 import transferkit
+from transferkit import multilabel
 from transferkit.export import load_predictor
 from transferkit.run import Run, top_predictions
 from transferkit.serve.batching import Batcher
@@ -43,7 +44,8 @@ log = logging.getLogger("transferkit.serve")
 
 
 class Predictor(Protocol):
-    """What the server needs from a model: `transferkit.run.Run` or an exported (ONNX) predictor."""
+    """What the server needs from a model: `transferkit.run.Run` or an exported (ONNX) predictor. A multi-label one
+    also has `thresholds` (per-label decision thresholds, in class order); without it, top-k classes are served."""
 
     classes: list[str]
 
@@ -94,7 +96,8 @@ def create_app(
     PyTorch model for Grad-CAM when the predictor is not a `Run`."""
     limits = limits or Limits()
     folder = Path(run_dir) if run_dir is not None else _run_folder(predictor)
-    batcher = Batcher(predictor.probabilities_of_images, max_batch, batch_wait_ms / 1000)
+    decode = partial(decode_upload, max_pixels=limits.max_pixels)
+    batcher = Batcher(decode, predictor.probabilities_of_images, max_batch, batch_wait_ms / 1000)
     explainer = GradCam(predictor, folder)
 
     @asynccontextmanager
@@ -132,18 +135,16 @@ def create_app(
     async def predict(
         request: Request,
         gradcam: bool = Query(False, description="Add a base64 PNG Grad-CAM overlay to each prediction."),
-        top_k: int = Query(3, ge=1, description="How many classes to list per image."),
+        top_k: int = Query(3, ge=1, description="How many classes to list per image (not for a multi-label run)."),
     ) -> dict:
-        """Classify uploaded images (multipart field `files`, one or many)."""
+        """Classify uploaded images (multipart field `files`, one or many). A multi-label run answers with every
+        label at or above its threshold (`labels`) and each label's probability, as `transferkit predict` does."""
         with batcher.arriving():
             uploads = await read_uploads(request, limits)
-            images = await _decode_all(uploads, limits.max_pixels)
         names = [upload.filename for upload in uploads]
+        images, probs = await batcher.predict(uploads)
         del uploads  # the raw bytes are not needed any more; a batch of big files is a lot of memory
-        probs = await batcher.predict(images)
-        predictions = [
-            {"filename": r.pop("path"), **r} for r in top_predictions(names, probs, predictor.classes, top_k)
-        ]
+        predictions = [{"filename": r.pop("path"), **r} for r in _records(predictor, names, probs, top_k)]
         if gradcam:
             targets = [int(np.argmax(p)) for p in probs]  # explain what the model predicted
             pngs = await batcher.run_in_model_thread(explainer.pngs, images, targets)
@@ -160,20 +161,28 @@ def _run_folder(predictor: Predictor) -> Path | None:
     return None if path is None else (Path(path) if Path(path).is_dir() else Path(path).parent)
 
 
-async def _decode_all(uploads: list, max_pixels: int) -> list[Image.Image]:
-    """Decode in threads: Pillow releases the GIL, and the event loop must keep serving while it works."""
-    return list(await asyncio.gather(*(asyncio.to_thread(decode_upload, u, max_pixels) for u in uploads)))
+def _records(predictor: Predictor, names: list[str], probs: np.ndarray, top_k: int) -> list[dict]:
+    """`predict --json`'s records: top-k classes, or a multi-label run's labels above their thresholds."""
+    if (thresholds := _thresholds(predictor)) is not None:
+        return multilabel.predictions(names, probs, predictor.classes, thresholds)
+    return top_predictions(names, probs, predictor.classes, top_k)
+
+
+def _thresholds(predictor: Predictor) -> np.ndarray | None:
+    return getattr(predictor, "thresholds", None)
 
 
 def _model_info(predictor: Predictor, folder: Path | None, limits: Limits) -> dict:
     meta = _read_json(folder / "meta.json") if folder else None
     meta = meta or getattr(predictor, "meta", None) or {}
+    thresholds = _thresholds(predictor)
     return {
         "classes": list(predictor.classes),
         "backbone": meta.get("backbone"),
         "timm_name": meta.get("timm_name"),
         "image_size": meta.get("image_size"),
         "task": meta.get("task"),
+        "thresholds": None if thresholds is None else dict(zip(predictor.classes, thresholds.tolist(), strict=True)),
         "engine": type(predictor).__name__,
         "metrics": _read_json(folder / "metrics.json") if folder else None,
         "limits": asdict(limits),

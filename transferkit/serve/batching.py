@@ -1,9 +1,10 @@
-"""Dynamic batching: images from concurrent requests share one model call.
+"""Dynamic batching: uploads from concurrent requests share one trip to the model thread and one model call.
 
-A CNN on a CPU processes a batch of 16 in far less than 16 times the time of one, so under load the server
-gathers what arrived during a short window (and everything that queued while the model was busy) into one call.
-The model runs in a single dedicated thread: the event loop keeps accepting requests, and two model calls never
-fight over the same cores.
+Under load the server gathers what arrived during a short window (and everything that queued while the model was
+busy) into one batch. The model runs in a single dedicated thread: the event loop keeps accepting requests, and
+two model calls never fight over the same cores. The uploads are decoded there too: one thread hop per batch
+rather than one per upload, whose executor submit, thread wake-up and GIL hand-back took about a third of the
+event loop's CPU time under load (0.8 -> 0.55 ms per image).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+PrepareFn = Callable[[Any], Image.Image]  # an upload -> the decoded image (raising the request's error if it can't)
 PredictFn = Callable[[list[Image.Image]], np.ndarray]
+Outcome = tuple[Image.Image, np.ndarray] | Exception
 
 
 @dataclass
@@ -39,15 +42,16 @@ class BatchStats:
 
 
 class Batcher:
-    """`await batcher.predict(images)` -> (N, classes) probabilities, computed together with other requests' images."""
+    """`await batcher.predict(items)` -> the decoded images and their (N, classes) probabilities, computed together
+    with other requests' items."""
 
-    def __init__(self, predict: PredictFn, max_batch: int = 32, wait_s: float = 0.003) -> None:
-        self._predict = predict
+    def __init__(self, prepare: PrepareFn, predict: PredictFn, max_batch: int = 32, wait_s: float = 0.003) -> None:
+        self._prepare, self._predict = prepare, predict
         self.max_batch, self.wait_s = max_batch, wait_s
         self._executor: ThreadPoolExecutor | None = None
         self.stats = BatchStats()
-        self._pending: list[tuple[Image.Image, asyncio.Future]] = []
-        self._arriving = 0  # requests being received or decoded: images on their way to the queue
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._arriving = 0  # requests being received: items on their way to the queue
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -71,22 +75,27 @@ class Batcher:
 
     @contextmanager
     def arriving(self) -> Iterator[None]:
-        """Held by a request while it is read and decoded. The batch window only waits while some request is on its
-        way: a lone request is not delayed for company that is not coming."""
+        """Held by a request while it is read. The batch window only waits while some request is on its way: a lone
+        request is not delayed for company that is not coming."""
         self._arriving += 1
         try:
             yield
         finally:
             self._arriving -= 1
 
-    async def predict(self, images: list[Image.Image]) -> np.ndarray:
+    async def predict(self, items: list[Any]) -> tuple[list[Image.Image], np.ndarray]:
+        """The items' images and probabilities, or the first item's error (an upload that does not decode)."""
         if self._wake is None:
             raise RuntimeError("Batcher.start() was not called")
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in images]
-        self._pending += zip(images, futures, strict=True)
+        futures = [loop.create_future() for _ in items]
+        self._pending += zip(items, futures, strict=True)
         self._wake.set()
-        return np.stack(await asyncio.gather(*futures))
+        # Every outcome is collected, so a second bad file's error is not left unretrieved (asyncio would log it).
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        if failed := next((o for o in outcomes if isinstance(o, BaseException)), None):
+            raise failed
+        return [image for image, _ in outcomes], np.stack([row for _, row in outcomes])
 
     async def run_in_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Other model work (Grad-CAM) in the same thread, so it queues behind batches instead of competing."""
@@ -105,18 +114,33 @@ class Batcher:
                 self._wake.clear()
             await self._run(batch)
 
-    async def _run(self, batch: list[tuple[Image.Image, asyncio.Future]]) -> None:
-        live = [(image, future) for image, future in batch if not future.done()]  # a client that left costs nothing
+    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        live = [(item, future) for item, future in batch if not future.done()]  # a client that left costs nothing
         if not live:
             return
         try:
-            probs = await self.run_in_model_thread(self._predict, [image for image, _ in live])
+            outcomes = await self.run_in_model_thread(self._prepare_and_predict, [item for item, _ in live])
         except Exception as exc:  # every waiting request gets the error; the loop itself lives on
-            for _, future in live:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        self.stats.record(len(live))
-        for (_, future), row in zip(live, probs, strict=True):
-            if not future.done():
-                future.set_result(row)
+            outcomes = [exc] * len(live)
+        if predicted := sum(not isinstance(outcome, Exception) for outcome in outcomes):
+            self.stats.record(predicted)
+        for (_, future), outcome in zip(live, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    def _prepare_and_predict(self, items: list[Any]) -> list[Outcome]:
+        """In the model thread: decode each item, then one model call for those that decoded. An item that fails
+        fails only its own request, never the batch it shares with others."""
+        prepared: list[Image.Image | Exception] = []
+        for item in items:
+            try:
+                prepared.append(self._prepare(item))
+            except Exception as exc:  # noqa: BLE001 - it goes to that item's request
+                prepared.append(exc)
+        images = [p for p in prepared if not isinstance(p, Exception)]
+        rows = iter(self._predict(images) if images else [])
+        return [p if isinstance(p, Exception) else (p, next(rows)) for p in prepared]

@@ -1,5 +1,6 @@
 // The transferkit page: pick or drop images, each is sent to /predict on its own (so one bad file only fails its
 // own card, and the server batches the concurrent requests), then shown with its label, top classes and Grad-CAM.
+// A multi-label run shows every label at or above its threshold, and bars with each label's threshold marked.
 "use strict";
 
 const input = document.getElementById("files");
@@ -15,6 +16,7 @@ let inFlight = 0;
 let done = 0;
 let total = 0;
 let maxFileBytes = Infinity;
+let thresholds = null; // {label: threshold} of a multi-label run
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -32,9 +34,14 @@ async function loadModel() {
     const response = await fetch("/model");
     const info = await response.json();
     maxFileBytes = info.limits ? info.limits.max_file_bytes : Infinity;
-    const parts = [`${info.backbone || "model"}`, `${info.classes.length} classes: ${info.classes.join(", ")}`];
-    if (info.metrics && typeof info.metrics.accuracy === "number") {
-      parts.push(`${info.metrics.split || "eval"} accuracy ${percent(info.metrics.accuracy)}`);
+    thresholds = info.thresholds || null;
+    const kind = thresholds ? "labels, each decided by its own threshold" : "classes";
+    const parts = [`${info.backbone || "model"}`, `${info.classes.length} ${kind}: ${info.classes.join(", ")}`];
+    const metrics = info.metrics || {};
+    if (typeof metrics.accuracy === "number") {
+      parts.push(`${metrics.split || "eval"} accuracy ${percent(metrics.accuracy)}`);
+    } else if (typeof metrics.mAP === "number") {
+      parts.push(`${metrics.split || "eval"} mAP ${percent(metrics.mAP)}`);
     }
     modelInfo.textContent = parts.join(" · ");
   } catch (error) {
@@ -104,31 +111,63 @@ function showError(card, message) {
   card.querySelector(".state").replaceWith(el("p", "error", message));
 }
 
+function bar(entry, threshold) {
+  const row = el("li", "bar-row");
+  const track = el("span", "bar");
+  track.setAttribute("role", "meter");
+  track.setAttribute("aria-valuemin", "0");
+  track.setAttribute("aria-valuemax", "100");
+  track.setAttribute("aria-valuenow", (100 * entry.probability).toFixed(1));
+  const name = threshold === undefined ? entry.label : `${entry.label} (threshold ${percent(threshold)})`;
+  track.setAttribute("aria-label", name);
+  const fill = el("span", "fill");
+  fill.style.width = percent(entry.probability);
+  track.append(fill);
+  if (threshold !== undefined) {
+    const mark = el("span", "threshold");
+    mark.style.left = percent(threshold);
+    mark.title = `threshold ${percent(threshold)}`;
+    track.append(mark);
+    if (entry.probability >= threshold) row.classList.add("on");
+  }
+  row.append(el("span", "bar-label", entry.label), track, el("span", "bar-value", percent(entry.probability)));
+  return row;
+}
+
+// Single-label: the top class and the top-k bars. Multi-label: the chosen labels (thresholds differ per label, so
+// they need not be the most probable ones), then bars for them and for the next most probable, at least 3.
+function summary(prediction) {
+  if (!prediction.labels) {
+    const { label, probability, top } = prediction;
+    return { names: [label], probability, bars: top, top: label };
+  }
+  const ranked = Object.entries(prediction.probabilities)
+    .map(([label, probability]) => ({ label, probability }))
+    .sort((a, b) => b.probability - a.probability);
+  const chosen = ranked.filter((entry) => prediction.labels.includes(entry.label));
+  const others = ranked.filter((entry) => !prediction.labels.includes(entry.label));
+  const bars = chosen.concat(others.slice(0, Math.max(0, 3 - chosen.length)));
+  return { names: prediction.labels, bars, top: ranked[0].label };
+}
+
 function showPrediction(card, prediction) {
   card.classList.remove("pending");
+  const shown = summary(prediction);
   const headline = el("p", "prediction");
-  headline.append(el("span", "label", prediction.label), " ", el("span", "probability", percent(prediction.probability)));
-  const bars = el("ul", "bars");
-  bars.setAttribute("aria-label", "Top classes");
-  for (const entry of prediction.top) {
-    const row = el("li", "bar-row");
-    const track = el("span", "bar");
-    track.setAttribute("role", "meter");
-    track.setAttribute("aria-valuemin", "0");
-    track.setAttribute("aria-valuemax", "100");
-    track.setAttribute("aria-valuenow", (100 * entry.probability).toFixed(1));
-    track.setAttribute("aria-label", entry.label);
-    const fill = el("span", "fill");
-    fill.style.width = percent(entry.probability);
-    track.append(fill);
-    row.append(el("span", "bar-label", entry.label), track, el("span", "bar-value", percent(entry.probability)));
-    bars.append(row);
+  if (!shown.names.length) {
+    headline.append(el("span", "none", "no label above its threshold"));
   }
+  shown.names.forEach((name, i) => headline.append(i ? ", " : "", el("span", "label", name)));
+  if (shown.probability !== undefined) headline.append(" ", el("span", "probability", percent(shown.probability)));
+  const bars = el("ul", "bars");
+  bars.setAttribute("aria-label", prediction.labels ? "Labels and their thresholds" : "Top classes");
+  const marks = prediction.labels && thresholds ? thresholds : {};
+  for (const entry of shown.bars) bars.append(bar(entry, marks[entry.label]));
   card.querySelector(".state").replaceWith(headline, bars);
   if (prediction.gradcam_png) {
     const heat = el("img", "gradcam");
     heat.src = `data:image/png;base64,${prediction.gradcam_png}`;
-    heat.alt = `Grad-CAM: the regions that made the model say ${prediction.label}`;
+    heat.alt = `Grad-CAM: the regions that made the model say ${shown.top}`;
     card.querySelector("figure").append(heat);
   }
 }
