@@ -8,6 +8,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,9 +18,17 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import make_class_folders
-from transferkit.auto import lr_find, plot_lr_find
-from transferkit.auto.plan import MAX_FINETUNE_EPOCHS, Speeds, Workload, plan_training, unfreeze_rule
-from transferkit.auto.probe import Option, Score, pick
+from transferkit.auto import lr_find, plot_lr_find, probe, search
+from transferkit.auto.plan import (
+    MAX_FINETUNE_EPOCHS,
+    SAFETY,
+    Speeds,
+    Workload,
+    fixed_seconds,
+    plan_training,
+    unfreeze_rule,
+)
+from transferkit.auto.probe import HIDDEN_UNITS, Option, Score, choose_head, cv_accuracy, linear_probe, pick
 from transferkit.auto.range_test import best_rate
 from transferkit.cli.main import run_cli
 from transferkit.config import resolve_config
@@ -90,6 +99,9 @@ def test_run_folder_records_the_choices(auto_run: dict) -> None:
     assert config.unfreeze == summary["unfreeze"] == "1"  # fewer than 500 training images: the top block only
     assert config.epochs_finetune == summary["plan"]["epochs_finetune"] <= MAX_FINETUNE_EPOCHS
     assert json.loads((out / "auto.json").read_text())["chosen"] == "test_efficientnet"
+    head = summary["head"]  # the linear head's score is the winner's probe, reused
+    assert head["linear"]["accuracy"] == float(rows[0]["probe_accuracy"])
+    assert "cap" in head["note"] and head["seconds"] >= 0
     assert Image.open(out / "lr_find.png").size[0] > 100
 
 
@@ -200,6 +212,135 @@ def test_plan_fits_the_budget() -> None:
     assert 0 < tight.epochs_finetune < MAX_FINETUNE_EPOCHS and tight.estimated_seconds <= 200
     tiny = plan_training(5, work, speeds, config)
     assert (tiny.epochs_finetune, tiny.feature_views) == (0, 1)  # the minimum: clean view, head only
+
+
+# ELPV with Lite1 as measured (1,706 train / 394 val / 525 test images, 100 clean features not probed yet)
+ELPV = Workload(train=1706, val=394, evaluated=525, uncached=100)
+ELPV_SPEEDS = Speeds(inference=0.021, finetune=0.031, head=6e-5)
+
+
+def test_plan_spends_the_budget_on_fine_tuning_before_augmented_views() -> None:
+    """The 10-minute ELPV run had ~385 s left after probing: the old plan bought 2 augmented views (~90 s) and 3
+    fine-tuning epochs; fine-tuning now comes first, the views only from what MAX_FINETUNE_EPOCHS leave."""
+    config = resolve_config(augment="light", feature_views=3)
+    epoch = SAFETY * (ELPV.train * ELPV_SPEEDS.finetune + ELPV.val * ELPV_SPEEDS.inference)
+    minimum = fixed_seconds(ELPV, ELPV_SPEEDS, config, 1)
+    plan = plan_training(385, ELPV, ELPV_SPEEDS, config)
+    assert plan.feature_views == 1 and plan.epochs_finetune == math.floor((385 - minimum) / epoch) >= 4
+    assert plan.estimated_seconds <= 385
+    for seconds in range(60, 3000, 20):  # views > 1 only once fine-tuning has all its epochs
+        plan = plan_training(seconds, ELPV, ELPV_SPEEDS, config)
+        assert plan.feature_views == 1 or plan.epochs_finetune == MAX_FINETUNE_EPOCHS, seconds
+        assert plan.estimated_seconds <= seconds or plan.epochs_finetune == 0, seconds
+    full = minimum + MAX_FINETUNE_EPOCHS * epoch
+    views = [fixed_seconds(ELPV, ELPV_SPEEDS, config, v) - minimum for v in (2, 3)]
+    assert plan_training(full + views[0] - 1, ELPV, ELPV_SPEEDS, config).feature_views == 1
+    assert plan_training(full + views[0] + 1, ELPV, ELPV_SPEEDS, config).feature_views == 2
+    assert plan_training(full + views[1] + 1, ELPV, ELPV_SPEEDS, config).feature_views == 3
+    assert plan_training(10**6, ELPV, ELPV_SPEEDS, resolve_config(augment="none")).feature_views == 1
+
+
+def test_head_epochs_are_costed_over_every_view() -> None:
+    config = resolve_config(epochs_frozen=30)
+    slow_head = Speeds(inference=0.0, finetune=0.0, head=1e-3)
+    one, three = (fixed_seconds(ELPV, slow_head, config, views) for views in (1, 3))
+    assert three - one == pytest.approx(SAFETY * 30 * ELPV.train * 2 * 1e-3)
+
+
+def xor(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes no linear head separates (the sign of x0 * x1), which one hidden layer does."""
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(-1, 1, (n, 2))
+    labels = (points[:, 0] * points[:, 1] > 0).astype(int)
+    return np.hstack([points, np.ones((n, 1))]).astype(np.float32), labels  # a constant: L2 rows keep the signs
+
+
+def test_head_choice_reuses_the_linear_probe_and_takes_a_clearly_better_mlp() -> None:
+    features, labels = xor()
+    linear = cv_accuracy(linear_probe(), features, labels, 0)
+    choice = choose_head(features, labels, 0, linear, cap=120)
+    assert choice.scores["linear"] is linear  # the backbone probe's score, not computed again
+    assert choice.scores["mlp"].folds == linear.folds == 5
+    assert choice.scores["mlp"].mean > linear.mean + 0.2 and choice.hidden == [HIDDEN_UNITS]
+    assert choice.to_json()["mlp"]["accuracy"] == round(choice.scores["mlp"].mean, 4)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class SlowPerfectMLP:
+    """Scores 1.0 (so it would win any comparison) and costs 10 fake seconds per full fit of MLP_MAX_ITER."""
+
+    def __init__(self, clock: FakeClock, max_iter: int) -> None:
+        self.clock, self.max_iter = clock, max_iter
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> SlowPerfectMLP:
+        self.clock.now += 10.0 * self.max_iter / probe.MLP_MAX_ITER
+        return self
+
+    def score(self, features: np.ndarray, labels: np.ndarray) -> float:
+        return 1.0
+
+
+@pytest.mark.parametrize(("cap", "fits", "chosen"), [(25.0, 2, []), (0.0, 0, []), (60.0, 5, [HIDDEN_UNITS])])
+def test_head_choice_respects_its_time_cap(cap: float, fits: int, chosen: list[int],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibration (1/3 s) estimates a 10 s fold; with 25 s only two folds fit before the next would pass the cap,
+    so the MLP is not compared however good it is; with 0 s nothing is even calibrated; 60 s fits all five."""
+    clock, fitted = FakeClock(), []
+
+    def slow_mlp(seed: int, max_iter: int = probe.MLP_MAX_ITER) -> SlowPerfectMLP:
+        fitted.append(max_iter)
+        return SlowPerfectMLP(clock, max_iter)
+
+    monkeypatch.setattr(probe, "time", clock)
+    monkeypatch.setattr(probe, "mlp_probe", slow_mlp)
+    features, labels = xor(100)
+    linear = Score(0.6, 0.05, 5)
+    choice = choose_head(features, labels, 0, linear, cap)
+    assert choice.hidden == chosen and choice.seconds <= cap
+    assert fitted == ([probe.CALIBRATION_ITERS] if cap > 0 else []) + [probe.MLP_MAX_ITER] * fits
+    assert ("mlp" in choice.scores) == (fits == 5)
+    if fits < 5:
+        assert "cap" in choice.note and choice.scores == {"linear": linear}
+
+
+class Warnings:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def warn(self, line: str) -> None:
+        self.lines.append(line)
+
+
+@pytest.mark.parametrize(("reserve", "expected"), [(400.0, "abcd"), (460.0, "ab"), (530.0, "a"), (560.0, "abcdefg")])
+def test_probing_stops_before_it_eats_the_fine_tuning_reserve(reserve: float, expected: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probes of 50 s in a 600 s budget: one more is probed only while now + 50 s + the reserve fit; a reserve out
+    of reach after the first probe (560 s after 50 s) protects nothing, and probing goes on until half the budget
+    (300 s) is spent."""
+    clock = FakeClock()
+
+    def fake_probe(candidate: search.Candidate, *args: object) -> SimpleNamespace:
+        clock.now += 50.0
+        return SimpleNamespace(seconds=50.0, backbone=None)
+
+    monkeypatch.setattr(search, "time", clock)
+    monkeypatch.setattr(search, "probe", fake_probe)
+    monkeypatch.setattr(search, "reserve_for", lambda backbone, cfg, work: reserve)
+    reporter = Warnings()
+    candidates = [search.Candidate(name) for name in "abcdefghij"]
+    probed, kept = search.probe_all(candidates, resolve_config(), [], np.array([]), reporter, (0.0, 600.0), ELPV)
+    assert "".join(probed) == expected and kept == reserve
+    assert len(reporter.lines) == 10 - len(expected)
+    out_of_reach = reserve == 560.0
+    assert sum("fine-tuning epochs" in line for line in reporter.lines) == (0 if out_of_reach else 10 - len(expected))
+    assert sum("half the budget" in line for line in reporter.lines) == (3 if out_of_reach else 0)
 
 
 @pytest.mark.parametrize(("args", "message"), [

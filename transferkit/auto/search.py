@@ -18,8 +18,17 @@ import numpy as np
 
 from transferkit import api
 from transferkit.auto.embedding import clean_features, load_candidate
-from transferkit.auto.plan import Workload, count_blocks, measure_speeds, plan_training, unfreeze_rule
+from transferkit.auto.plan import (
+    RESERVED_EPOCHS,
+    Workload,
+    count_blocks,
+    measure_speeds,
+    plan_training,
+    reserve_seconds,
+    unfreeze_rule,
+)
 from transferkit.auto.probe import (
+    HEAD_SHARE,
     MAX_PROBE_IMAGES,
     Option,
     Score,
@@ -111,12 +120,14 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     api.prepare_out(out, overwrite)
     samples = probe_subset(index.split("train") + index.split("val"), MAX_PROBE_IMAGES, cfg.seed)
     labels = np.array([index.classes.index(s.label) for s in samples])
-    probed = probe_all(candidates, cfg, samples, labels, reporter, start + PROBE_SHARE * budget)
+    work = workload(index, len(samples), cfg)
+    probed, reserve = probe_all(candidates, cfg, samples, labels, reporter, (start, budget), work)
     winner = probed[pick([Option(p.candidate.name, p.score, p.params) for p in probed.values()]).name]
     leaderboard = leaderboard_rows(list(probed.values()), winner)
     write_leaderboard(out / "leaderboard.csv", leaderboard)
 
-    head_hidden, head_scores = choose_head(winner.features, labels, cfg.seed)
+    head = choose_head(winner.features, labels, cfg.seed, winner.score, HEAD_SHARE * budget)
+    head_hidden = head.hidden
     found = lr_find(winner.features, labels, len(index.classes), dataclasses.replace(cfg, head_hidden=head_hidden))
     plot_lr_find(found, out / "lr_find.png")
     head_lr, rate_losses = best_rate(winner.features, labels, len(index.classes),
@@ -125,7 +136,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     speeds = measure_speeds(winner.backbone.model, blocks, winner.backbone.pre.image_size, cfg,
                             found.seconds_per_image)
     left = budget - (time.perf_counter() - start)
-    plan = plan_training(left, workload(index, len(samples), cfg), speeds, cfg)
+    plan = plan_training(left, work, speeds, cfg)
     if plan.estimated_seconds > left:
         reporter.warn(f"the time budget is too small: training is expected to take {plan.estimated_seconds:.0f}s, "
                       f"{max(left, 0):.0f}s are left; the plan is cut to its minimum (clean view, no fine-tuning)")
@@ -141,8 +152,8 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
         "chosen": winner.candidate.name,
         "weights": winner.backbone.weights_source,
         "leaderboard": leaderboard,
-        "probe": {"images": len(samples), "folds": winner.score.folds},
-        "head": {"hidden": head_hidden, **{name: score_json(s) for name, s in head_scores.items()}},
+        "probe": {"images": len(samples), "folds": winner.score.folds, "reserve_seconds": round(reserve, 1)},
+        "head": head.to_json(),
         "lr": {"head": head_lr, "finetune": choices["finetune_lr"], "lr_find": found.to_json(),
                "held_out_loss": {f"{rate:.3g}": round(loss, 5) for rate, loss in rate_losses.items()}},
         "unfreeze": blocks,
@@ -156,20 +167,45 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
 
 
 def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
-              reporter: Reporter, deadline: float) -> dict[str, Probed]:
-    """Probe each candidate in turn until the deadline (the first is always probed); a backbone whose weights
-    cannot be had (no offline copy, hub unreachable) is left out with a warning."""
+              reporter: Reporter, clock: tuple[float, float], work: Workload) -> tuple[dict[str, Probed], float]:
+    """Probe each candidate in turn (the first always) while less than PROBE_SHARE of the budget is spent and
+    probing one more, if it takes as long as the slowest probe so far, still leaves the reserve: the plan's minimum
+    and RESERVED_EPOCHS of fine-tuning, timed on the first backbone probed. Fine-tuning is worth more than the
+    runners-up's probes (on ELPV on a busy machine three cold probes took 331 s of 600 and left no fine-tuning
+    epoch). When the reserve is out of reach already (a slow machine, a small budget), it protects nothing and
+    probing goes on to PROBE_SHARE: a better backbone is then the best use of the time. A backbone whose weights
+    cannot be had is left out with a warning. `clock` is (start, budget) in seconds; returns the probes and the
+    reserve."""
+    start, budget = clock
     probed: dict[str, Probed] = {}
+    reserve = 0.0
     for candidate in candidates:
-        if probed and time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if probed and now > start + PROBE_SHARE * budget:
             reporter.warn(f"time budget: {candidate.name} not probed (half the budget is spent)")
             continue
+        reachable = now + reserve <= start + budget  # else no probe skipped now would buy the reserved epochs
+        if probed and reachable and now + max(p.seconds for p in probed.values()) + reserve > start + budget:
+            reporter.warn(f"time budget: {candidate.name} not probed (it would leave less than {RESERVED_EPOCHS} "
+                          f"fine-tuning epochs, ~{reserve:.0f}s with the minimum)")
+            continue
         result = probe(candidate, cfg, samples, labels, reporter)
-        if result is not None:
-            probed[candidate.name] = result
+        if result is None:
+            continue
+        if not probed and len(candidates) > 1:
+            reserve = reserve_for(result.backbone, cfg, work)
+        probed[candidate.name] = result
     if not probed:
         raise UserError(NO_WEIGHTS)
-    return probed
+    return probed, reserve
+
+
+def reserve_for(backbone: Backbone, cfg: TrainConfig, work: Workload) -> float:
+    """The seconds `reserve_seconds` asks for, with this backbone's measured speeds (head steps left out: they
+    are a few seconds)."""
+    blocks = unfreeze_rule(work.train, count_blocks(backbone.model))
+    speeds = measure_speeds(backbone.model, blocks, backbone.pre.image_size, cfg, head=0.0)
+    return reserve_seconds(work, speeds, cfg)
 
 
 def probe(candidate: Candidate, cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
@@ -200,10 +236,6 @@ def workload(index: DatasetIndex, probed_images: int, cfg: TrainConfig) -> Workl
     train, val, test = (len(index.split(name)) for name in ("train", "val", "test"))
     uncached = train + val - (probed_images if cfg.cache else 0)
     return Workload(train, val, test or val, uncached)
-
-
-def score_json(score: Score) -> dict:
-    return {"accuracy": round(score.mean, 4), "sd": round(score.sd, 4), "folds": score.folds}
 
 
 def leaderboard_rows(probed: list[Probed], winner: Probed) -> list[dict]:
