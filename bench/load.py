@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import process_tree  # noqa: E402 - bench/ is not a package
+
 
 def make_images(folder: Path, per_class: int = 20, size: int = 256, seed: int = 0) -> list[Path]:
     """Two learnable classes of JPEGs (a bright circle or a bright square on noise), like photos on the wire."""
@@ -194,14 +197,6 @@ def cpu_seconds(pid: int | None = None) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
-
-
-def process_tree(pid: int) -> list[int]:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return [pid]
-    return [pid] + [member for child in children for member in process_tree(int(child))]
 
 
 def model_speed(run: Path, engine: str, images: list[Path], repeats: int = 5) -> dict:

@@ -42,6 +42,9 @@ from transferkit.data.stream import stream_loader
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.progress import Reporter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import process_tree  # noqa: E402 - bench/ is not a package
+
 PREPROCESS = Preprocess(224, "bicubic", 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # tf_efficientnet_lite0's
 
 
@@ -61,14 +64,6 @@ def make_images(folder: Path, count: int, size: int, classes: int = 10, seed: in
         image.save(path, quality=85)
         total += path.stat().st_size
     return total
-
-
-def process_tree(pid: int) -> list[int]:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return [pid]
-    return [pid] + [member for child in children for member in process_tree(int(child))]
 
 
 def tree_memory() -> tuple[float, float]:

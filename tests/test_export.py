@@ -158,6 +158,19 @@ def test_torchscript_export(binary, tmp_path):
     assert module(torch.rand(3, 3, 32, 32)).shape == (3, 2)
 
 
+def test_onnx_sessions_use_the_process_thread_budget(multiclass, tmp_path):
+    # serve --workers N gives each process cores/N torch threads; ONNX Runtime must not take every core regardless.
+    export_run(multiclass / "run", out=tmp_path / "m.onnx")
+    budget = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            options = OnnxPredictor(tmp_path / "m.onnx")._session.session.get_session_options()
+            assert options.intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(budget)
+
+
 def predict_json(capsys, run_dir: Path, data: Path, engine: str) -> list[dict]:
     assert run_cli(["predict", str(run_dir), str(data), "--engine", engine, "--json"]) == 0
     return json.loads(capsys.readouterr().out)

@@ -74,6 +74,9 @@ class _Session:
         options = ort.SessionOptions()
         # No spin-waiting between calls: a server's single requests were ~40% slower with spinning threads.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The process's one thread budget is torch's: `serve --workers N` divides it, and ONNX Runtime's own default
+        # (every core) would oversubscribe the CPU N times over.
+        options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
@@ -108,14 +111,16 @@ class Check:
     agreement: float
     accuracy_torch: float | None
     accuracy_export: float | None
+    decision: str = "top-1"  # what `agreement` counts: top-1 labels, or per (image, label) decisions ("label")
 
-    def failure(self, int8: bool, decision: str = "top-1") -> str | None:
+    def failure(self, int8: bool) -> str | None:
         """Why the export must be refused, or None: fp32 must match; int8 must agree and keep its accuracy."""
         if not int8:
             return None if self.max_abs_diff <= FP32_TOLERANCE else (
                 f"probabilities differ from PyTorch by {self.max_abs_diff:.1e} (allowed {FP32_TOLERANCE:.0e})")
         if self.agreement < INT8_MIN_AGREEMENT:
-            return f"int8 {decision} agreement with PyTorch {self.agreement:.1%} (needs >= {INT8_MIN_AGREEMENT:.0%})"
+            return (f"int8 {self.decision} agreement with PyTorch {self.agreement:.1%} "
+                    f"(needs >= {INT8_MIN_AGREEMENT:.0%})")
         labelled = self.accuracy_torch is not None and self.accuracy_export is not None
         if labelled and self.accuracy_torch - self.accuracy_export > INT8_MAX_ACCURACY_DROP:
             return (f"int8 accuracy {self.accuracy_export:.4f} vs PyTorch {self.accuracy_torch:.4f} "
@@ -138,6 +143,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         agreement=float((decide_ref == decide_cand).mean()),
         accuracy_torch=None if labels is None else float((decide_ref == labels).mean()),
         accuracy_export=None if labels is None else float((decide_cand == labels).mean()),
+        decision="top-1" if thresholds is None else "label",
     )
 
 
@@ -315,7 +321,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     with atomic_path(target) as tmp:
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
         check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels, run.thresholds)
-        if reason := check.failure(int8, "label" if run.multilabel else "top-1"):
+        if reason := check.failure(int8):
             hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)

@@ -8,14 +8,24 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, QUIET, WORKERS, print_json
+from transferkit.cli.output import (
+    BATCH_SIZE,
+    CACHE_DIR,
+    CONFIG,
+    DEVICE,
+    IMAGE_SIZE,
+    JSON,
+    NO_CACHE,
+    OVERWRITE,
+    QUIET,
+    RECIPE,
+    TEST_SPLIT,
+    VAL_SPLIT,
+    WORKERS,
+    print_json,
+)
 from transferkit.cli.training import print_metrics_summary
 from transferkit.progress import console
-
-RECIPE = Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")]
-CONFIG = Annotated[str | None, typer.Option(help="YAML file of configuration keys.")]
-IMAGE_SIZE = Annotated[int | None, typer.Option(help="Input size (default: the backbone's).")]
-BATCH_SIZE = Annotated[int | None, typer.Option(help="Images per step.")]
 
 
 @app.command()
@@ -30,14 +40,14 @@ def auto(
     config: CONFIG = None,
     image_size: IMAGE_SIZE = None,
     batch_size: BATCH_SIZE = None,
-    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")] = None,
-    test_split: Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")] = None,
+    val_split: VAL_SPLIT = None,
+    test_split: TEST_SPLIT = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the split, the folds and training.")] = None,
     workers: WORKERS = None,
-    device: Annotated[str | None, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = None,
+    device: DEVICE = None,
     cache_dir: CACHE_DIR = None,
     no_cache: NO_CACHE = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+    overwrite: OVERWRITE = False,
     quiet: QUIET = False,
     json_out: JSON = False,
 ) -> None:

@@ -12,7 +12,17 @@ from rich.console import Console
 from rich.markup import escape
 
 from transferkit.cli.main import app
-from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, QUIET, WORKERS, print_json
+from transferkit.cli.output import (
+    CACHE_DIR,
+    IMAGE_SIZE,
+    JSON,
+    NO_CACHE,
+    QUIET,
+    TEST_SPLIT,
+    VAL_SPLIT,
+    WORKERS,
+    print_json,
+)
 from transferkit.errors import UserError
 
 SHOWN = 10  # items listed per finding in the summary; --json / --out hold them all
@@ -25,7 +35,7 @@ def doctor(
     data: Annotated[str, typer.Argument(help="Image folder (train/val[/test] or class subfolders) or CSV.")],
     backbone: Annotated[str | None, typer.Option(help="Backbone for the embeddings (as train).")] = None,
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input size (default: the backbone's).")] = None,
+    image_size: IMAGE_SIZE = None,
     crop_pct: Annotated[float | None, typer.Option(help="Centre-crop fraction (default: the backbone's).")] = None,
     near_threshold: Annotated[float | None, typer.Option(help="Embedding cosine from which images are near "
                                                          "duplicates (default 0.95).")] = None,
@@ -33,8 +43,8 @@ def doctor(
                                                         "(default 3).")] = None,
     min_size: Annotated[int | None, typer.Option(help="Flag images with a side below this many pixels, or below "
                                                  "input size / 4 (default 32).")] = None,
-    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")] = None,
-    test_split: Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")] = None,
+    val_split: VAL_SPLIT = None,
+    test_split: TEST_SPLIT = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the split and of the cross-validation folds.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per backbone batch.")] = None,
     workers: WORKERS = None,

@@ -15,7 +15,7 @@ from transferkit.progress import console
 def print_report(report: dict) -> None:
     check = report["check"]
     console.print(f"max |Δprob| vs PyTorch {check['max_abs_diff']:.1e} on {check['images']} validation images")
-    line = f"top-1 agreement with PyTorch {check['agreement']:.1%}"
+    line = f"{check['decision']} agreement with PyTorch {check['agreement']:.1%}"
     if check["accuracy_torch"] is not None:
         line += f", accuracy {check['accuracy_export']:.4f} vs PyTorch {check['accuracy_torch']:.4f}"
     console.print(line)
