@@ -28,6 +28,7 @@ from statistics import median
 
 import numpy as np
 import onnxruntime
+import openvino
 import timm
 import torch
 from PIL import Image, ImageDraw
@@ -35,7 +36,7 @@ from PIL import Image, ImageDraw
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.export import export_onnx, quantize_int8
-from transferkit.features import FeatureExtractor, View, feature_engine
+from transferkit.features import ENGINE_NAMES, FeatureExtractor, View, feature_engine
 from transferkit.models.classifier import HeadSpec, freeze_backbone, new_classifier, set_train_mode, unfreeze
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
@@ -147,24 +148,36 @@ def plain_features(model: torch.nn.Module, loader, step: Callable | None = None)
     return torch.cat(features), torch.cat(targets)
 
 
-def tk_features(model: torch.nn.Module, paths: list[str], transform: Callable) -> torch.Tensor:
-    """transferkit's extractor as stage 1 uses it, cache off; a new one each call, so the ONNX export and parity
-    check are paid every time (as once per training run)."""
-    extractor = FeatureExtractor(model, "onnx", BATCH, 2, QUIET, cache_root=None)
-    return extractor(paths, [View(0, transform, {})], "bench")[0]
+def tk_features(model: torch.nn.Module, paths: list[str], transform: Callable, engine: str = "auto"
+                ) -> tuple[torch.Tensor, float]:
+    """transferkit's extractor as stage 1 uses it, cache off, and the seconds its engine took to set up; a new one
+    each call, so the ONNX export, compilation and parity check are paid every time (as once per training run)."""
+    extractor = FeatureExtractor(model, engine, BATCH, 2, QUIET, cache_root=None)
+    return extractor(paths, [View(0, transform, {})], "bench")[0], extractor.setup_seconds
 
 
 def bench_extraction(model, paths: list[str], transform: Callable, repeats: int) -> list[dict]:
+    """Plain loop vs transferkit's default engine (OpenVINO) and ONNX Runtime. The transferkit times include the
+    engine's set-up (paid once per run, whatever the image count); the notes give the rate without it too."""
     loader = plain_loader(paths, None, transform)
-    jobs = {"plain": lambda: plain_features(model, loader)[0], "tk": lambda: tk_features(model, paths, transform)}
+    jobs = {"plain": lambda: (plain_features(model, loader)[0], 0.0),
+            "onnx": lambda: tk_features(model, paths, transform, "onnx"),
+            "openvino": lambda: tk_features(model, paths, transform, "openvino")}
     times, out = interleaved(jobs, repeats)
-    plain, tk = out["plain"][-1], out["tk"][-1]
-    base, diff = times["plain"], float((plain - tk).abs().max())
+    plain, base = out["plain"][-1][0], times["plain"]
     section = f"1. extraction, {len(paths)} files (median of {repeats})"
-    return [row(section, "plain: eager fp32 NCHW, 0 workers, batch 32, no_grad", base, len(paths), base,
-                f"features max abs {float(plain.abs().max()):.1f}"),
-            row(section, "transferkit: FeatureExtractor, ONNX Runtime, 2 workers, batch 32, no cache",
-                times["tk"], len(paths), base, f"max abs feature diff vs plain {diff:.1e}; incl. ONNX export")]
+    rows = [row(section, "plain: eager fp32 NCHW, 0 workers, batch 32, no_grad", base, len(paths), base,
+                f"features max abs {float(plain.abs().max()):.1f}")]
+    for engine in ("onnx", "openvino"):
+        setups = [setup for _, setup in out[engine]]
+        steady = median(len(paths) / (seconds - setup) for seconds, setup in zip(times[engine], setups, strict=True))
+        diff = float((plain - out[engine][-1][0]).abs().max())
+        rows.append(row(section, f"transferkit: FeatureExtractor, {ENGINE_NAMES[engine]}, 2 workers, batch 32, "
+                        "no cache", times[engine], len(paths), base,
+                        f"max abs feature diff vs plain {diff:.1e}; incl. set-up {median(setups):.1f}s "
+                        f"(export, compile, parity check); without it {steady:.1f} img/s"))
+        rows[-1]["steady_img_per_s"] = steady
+    return rows
 
 
 def new_head(model) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -211,7 +224,7 @@ def transferkit_stage1(model, train, val, transform: Callable) -> tuple[float, f
     """Features of train and val once, then every head epoch on the feature tensor."""
     head, optimizer = new_head(model)
     start = time.perf_counter()
-    features = tk_features(model, train[0] + val[0], transform)
+    features, _ = tk_features(model, train[0] + val[0], transform)
     n = len(train[0])
     train_head(head, optimizer, features[:n], torch.tensor(train[1]), HEAD_EPOCHS)
     seconds = time.perf_counter() - start
@@ -279,29 +292,37 @@ def int8_engine(model: torch.nn.Module, images: torch.Tensor, folder: Path) -> C
     return lambda: session.run(None, {"pixels": images.numpy()})[0]
 
 
+def logits_of(model, features_of: Callable, images: torch.Tensor) -> torch.Tensor:
+    return model.head(features_of(images))
+
+
 def bench_inference(model, images: torch.Tensor, repeats: int, folder: Path) -> list[dict]:
     """Whole-classifier logits for one batch: eager PyTorch, the ONNX feature engine (+ the eager linear head),
     and the int8 export that `predict`/`serve` prefer when the run has one."""
     model.eval()
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    engine, name = feature_engine(model, images, "onnx", QUIET)
-    setup = time.perf_counter() - start
+    engines, setups = {}, {}
+    for name in ("onnx", "openvino"):
+        start = time.perf_counter()
+        engines[name], _ = feature_engine(model, images, name, QUIET)
+        setups[name] = time.perf_counter() - start
     int8 = int8_engine(model, images, folder)
     jobs = {"plain": partial(model, images),
             "channels_last": partial(fast, images.contiguous(memory_format=torch.channels_last)),
-            "onnx": lambda: model.head(engine(images)), "int8": int8}
+            **{name: partial(logits_of, model, run, images) for name, run in engines.items()},
+            "int8": int8}
     with torch.no_grad():
         times, out = interleaved(jobs, repeats, warmup=1)
     plain = out["plain"][-1]
-    diff = float((plain - out["onnx"][-1]).abs().max())
     agree = float(((plain[:, 0] > 0).numpy() == (out["int8"][-1][:, 0] > 0)).mean())
     base = times["plain"]
     section = f"4. inference, batch {len(images)} tensors (median of {repeats})"
     return [row(section, "plain: eager fp32 NCHW, no_grad", base, len(images), base),
             row(section, "eager channels_last, no_grad", times["channels_last"], len(images), base),
-            row(section, f"transferkit feature engine ({name})", times["onnx"], len(images), base,
-                f"max abs logit diff vs plain {diff:.1e}; engine setup (export, parity check) {setup:.1f}s"),
+            *[row(section, f"transferkit feature engine ({ENGINE_NAMES[name]}) + head", times[name], len(images),
+                  base, f"max abs logit diff vs plain {float((plain - out[name][-1]).abs().max()):.1e}; engine "
+                  f"set-up (export, compile, parity check) {setups[name]:.1f}s") for name in engines],
             row(section, "transferkit int8 export (ONNX Runtime, static QDQ)", times["int8"], len(images), base,
                 f"top-1 agreement with plain {agree:.1%} on this batch")]
 
@@ -313,7 +334,7 @@ def scale_worker(folder: str, count: int) -> None:
     model, transform = build_model()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transferkit-bench-cache-") as cache:
-        extractor = FeatureExtractor(model, "onnx", BATCH, 2, QUIET, cache_root=Path(cache))
+        extractor = FeatureExtractor(model, "auto", BATCH, 2, QUIET, cache_root=Path(cache))
         [table] = extractor.tables(paths, [View(0, transform, {})], "bench")
         for start_row in range(0, len(table), BATCH):  # one pass over the rows, as a head-training epoch reads them
             table.take(np.arange(start_row, min(start_row + BATCH, len(table))))
@@ -339,7 +360,8 @@ def machine_info() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "onnxruntime": onnxruntime.__version__, "timm": timm.__version__, "load_average_before": os.getloadavg()}
+            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "timm": timm.__version__,
+            "load_average_before": os.getloadavg()}
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -351,7 +373,8 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     load = " -> ".join("/".join(f"{x:.1f}" for x in m[k]) for k in ("load_average_before", "load_average_after"))
     lines = [f"Machine: nproc {m['nproc']}, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"onnxruntime {m['onnxruntime']}, timm {m['timm']}; {BACKBONE} at 224 px. Shared machine: other processes "
+             f"onnxruntime {m['onnxruntime']}, openvino {m.get('openvino', '-')}, timm {m['timm']}; {BACKBONE} "
+             f"at 224 px. Shared machine: other processes "
              f"kept {m['other_processes_cores']:.1f} of {m['nproc']} cores busy on average during the run (load "
              f"average before -> after {load}). Wall time {results['wall_seconds']:.0f}s."]
     lines += table(["Measurement", "Variant", "Seconds: median (min-max)", "img/s", "Speed-up vs plain", "Notes"], [
@@ -361,9 +384,10 @@ def markdown(results: dict) -> str:
     lines += table(["Peak RSS after phase (MB, never decreases)", "This process", "Largest child (loader worker)"],
                    [[phase, f"{v['self']:.0f}", f"{v['children']:.0f}"] for phase, v in results["peak_rss_mb"].items()])
     if scaling := results.get("scaling"):
-        lines += ["", "Scaling of transferkit extraction (ONNX Runtime, 2 workers, streamed into a fresh feature cache "
-                  "and read back once) on 64x64 PNG files, resized to 256 and centre-cropped to 224 by the pipeline; "
-                  "one process per count, time includes the ONNX export (generating the files took "
+        lines += ["", "Scaling of transferkit extraction (default engine: OpenVINO, 2 workers, streamed into a fresh "
+                  "feature cache and read back once) on 64x64 PNG files, resized to 256 and centre-cropped to 224 by "
+                  "the pipeline; "
+                  "one process per count, time includes the engine's set-up (generating the files took "
                   f"{scaling['generate_seconds']:.0f}s):"]
         lines += table(["Images", "Seconds", "img/s", "Peak RSS, process (MB)", "Peak RSS, largest worker (MB)"], [
             [r["images"], f"{r['seconds']:.1f}", f"{r['img_per_s']:.1f}", f"{r['peak_rss_mb']['self']:.0f}",

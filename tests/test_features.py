@@ -1,12 +1,13 @@
-"""The frozen-stage feature engine: ONNX Runtime must reproduce eager PyTorch, or it is not used."""
+"""The frozen-stage feature engines: OpenVINO and ONNX Runtime must reproduce eager PyTorch, or they are not used."""
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-from transferkit import api
+from transferkit import api, features
 from transferkit.features import feature_engine
 from transferkit.models.classifier import HeadSpec, new_classifier
 from transferkit.progress import Reporter
@@ -17,24 +18,44 @@ def tiny_classifier():
     return new_classifier(timm.create_model("test_efficientnet"), 3, HeadSpec(), True).eval()
 
 
-def test_onnx_engine_matches_eager_fp32():
+def disagreeing(model, example):
+    return lambda images: torch.zeros(len(images), 256)
+
+
+def missing(model, example):
+    raise ImportError("No module named 'openvino'")
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnx"])
+def test_compiled_engine_matches_eager_fp32(engine):
     model = tiny_classifier()
-    images = torch.randn(4, 3, 48, 48)
-    run, name = feature_engine(model, images, "auto", Reporter(quiet=True))
-    assert name == "onnx"
-    other = torch.randn(6, 3, 48, 48)  # a different batch size: the exported graph has a dynamic batch
+    run, name = feature_engine(model, torch.randn(4, 3, 48, 48), engine, Reporter(quiet=True))
+    assert name == engine
+    other = torch.randn(7, 3, 48, 48)  # another batch size (the graph's batch is dynamic), not a multiple of a chunk
     with torch.inference_mode():
         expected = model.embed(other)
     assert (run(other) - expected).abs().max() < 1e-4
 
 
-def test_onnx_engine_that_disagrees_is_not_used(monkeypatch):
-    from transferkit import features
+def test_auto_prefers_openvino_on_cpu():
+    _, name = feature_engine(tiny_classifier(), torch.randn(2, 3, 48, 48), "auto", Reporter(quiet=True))
+    assert name == "openvino"
 
-    monkeypatch.setattr(features, "_onnx", lambda model, example: (lambda images: torch.zeros(len(images), 256)))
-    model = tiny_classifier()
-    _, name = feature_engine(model, torch.randn(2, 3, 48, 48), "auto", Reporter(quiet=True))
-    assert name == "torch"
+
+def test_auto_falls_back_to_onnx_when_openvino_is_missing_or_wrong(monkeypatch, capsys):
+    for replacement, reason in ((missing, "OpenVINO unavailable"), (disagreeing, "OpenVINO features differ")):
+        monkeypatch.setitem(features.COMPILED_ENGINES, "openvino", replacement)
+        _, name = feature_engine(tiny_classifier(), torch.randn(2, 3, 48, 48), "auto", Reporter())
+        assert name == "onnx"
+        assert reason in capsys.readouterr().err
+
+
+def test_engines_that_disagree_are_not_used(monkeypatch):
+    for engine in ("openvino", "onnx"):
+        monkeypatch.setitem(features.COMPILED_ENGINES, engine, disagreeing)
+    for engine in ("auto", "openvino", "onnx"):
+        _, name = feature_engine(tiny_classifier(), torch.randn(2, 3, 48, 48), engine, Reporter(quiet=True))
+        assert name == "torch"
 
 
 def test_torch_engine_when_asked():
@@ -42,10 +63,12 @@ def test_torch_engine_when_asked():
     assert name == "torch"
 
 
-def test_both_engines_train_the_same_head(dataset, tmp_path, fast):
+def test_every_engine_trains_the_same_head(dataset, tmp_path, fast):
     options = {**fast, "epochs_finetune": 0, "epochs_frozen": 5}
-    onnx_run = api.train(dataset, tmp_path / "onnx", feature_engine="onnx", **options)
-    torch_run = api.train(dataset, tmp_path / "torch", feature_engine="torch", **options)
-    a, b = load_file(str(onnx_run.path / "model.safetensors")), load_file(str(torch_run.path / "model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("head")) < 1e-3
-    assert onnx_run.metrics["confusion_matrix"] == torch_run.metrics["confusion_matrix"]
+    runs = {engine: api.train(dataset, tmp_path / engine, feature_engine=engine, **options)
+            for engine in ("openvino", "onnx", "torch")}
+    weights = {engine: load_file(str(run.path / "model.safetensors")) for engine, run in runs.items()}
+    for engine in ("openvino", "onnx"):
+        assert max(float((weights[engine][k] - weights["torch"][k]).abs().max())
+                   for k in weights["torch"] if k.startswith("head")) < 1e-3
+        assert runs[engine].metrics["confusion_matrix"] == runs["torch"].metrics["confusion_matrix"]

@@ -42,7 +42,7 @@ class TrainConfig:
     augment: str = "light"
     augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
     feature_views: int = 3  # views per training image in the frozen stage (features computed once): 1 clean + augmented
-    feature_engine: str = "auto"  # auto | onnx | torch: what runs the frozen backbone for features
+    feature_engine: str = "auto"  # auto | openvino | onnx | torch: what runs the frozen backbone for features
     cache: bool = True  # reuse frozen-backbone features across runs (keyed by weights, preprocessing, content)
     cache_dir: str | None = None  # None: $TRANSFERKIT_CACHE, else the user cache folder
     val_split: float = 0.2
