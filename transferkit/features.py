@@ -48,26 +48,26 @@ class _Embed(nn.Module):
         return self.model.embed(images)
 
 
-def _eager(model: nn.Module) -> Engine:
-    device = next(model.parameters()).device
+def _eager(module: nn.Module) -> Engine:
+    device = next(module.parameters()).device
 
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
-        return model.embed(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
+        return module(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
 
     return run
 
 
 @contextmanager
-def _exported(model: nn.Module, example: torch.Tensor) -> Iterator[str]:
-    """The backbone's `embed` as a temporary ONNX file with a dynamic batch axis, for the engines to compile."""
+def _exported(module: nn.Module, example: torch.Tensor) -> Iterator[str]:
+    """`module` (images -> one tensor) as a temporary ONNX file with a dynamic batch axis, for an engine to load."""
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = Path(folder) / "embed.onnx"
+        path = Path(folder) / "module.onnx"
         # One image is enough to trace (the batch axis is dynamic); a full batch costs ~2.5 GB more to export.
         torch.onnx.export(
-            _Embed(model).eval(),
-            (example[:1].to(next(model.parameters()).device),),
+            module,
+            (example[:1].to(next(module.parameters()).device),),
             str(path),
             input_names=["images"],
             output_names=["features"],
@@ -78,10 +78,10 @@ def _exported(model: nn.Module, example: torch.Tensor) -> Iterator[str]:
         yield str(path)
 
 
-def _onnx(model: nn.Module, example: torch.Tensor) -> Engine:
+def _onnx(module: nn.Module, example: torch.Tensor) -> Engine:
     import onnxruntime as ort
 
-    with _exported(model, example) as path:
+    with _exported(module, example) as path:
         options = ort.SessionOptions()
         # Spin-waiting threads hold the cores between batches, which the loader's decoding workers need: measured
         # 39 -> 80 img/s from JPEG files on 2 cores with spinning off.
@@ -98,10 +98,10 @@ def _onnx(model: nn.Module, example: torch.Tensor) -> Engine:
     return run
 
 
-def _openvino(model: nn.Module, example: torch.Tensor) -> Engine:
+def _openvino(module: nn.Module, example: torch.Tensor) -> Engine:
     import openvino as ov
 
-    with _exported(model, example) as path:
+    with _exported(module, example) as path:
         # f32 explicitly: on CPUs with bf16 support OpenVINO would otherwise run in bf16 (measured here: 1.5x faster
         # from files, but features off by up to 9% of their scale). The throughput hint runs parallel streams
         # (2 on 2 cores, one thread each), which keeps depthwise convolutions busier than one stream on both
@@ -132,29 +132,36 @@ COMPILED_ENGINES: dict[str, Callable[[nn.Module, torch.Tensor], Engine]] = {"ope
 
 
 def feature_engine(model: nn.Module, example: torch.Tensor, engine: str, reporter: Reporter) -> tuple[Engine, str]:
-    """The engine and its name: `engine` itself, or for `auto` the first compiled engine (OpenVINO, then ONNX
-    Runtime) that runs here; a compiled engine must reproduce eager fp32 on `example` or PyTorch runs instead."""
-    model.eval()
-    eager = _eager(model)
-    if engine == "torch" or (engine == "auto" and next(model.parameters()).is_cuda):
+    """The engine for the classifier's pooled backbone features, and its name (see `inference_engine`)."""
+    return inference_engine(_Embed(model), example, engine, reporter, "features")
+
+
+def inference_engine(module: nn.Module, example: torch.Tensor, engine: str, reporter: Reporter, what: str
+                     ) -> tuple[Engine, str]:
+    """A frozen `module` (images -> one tensor) on `engine`, and the engine's name: for `auto`, the first compiled
+    engine (OpenVINO, then ONNX Runtime) that runs here, on CPU; a compiled engine must reproduce eager fp32 on
+    `example` or PyTorch runs instead. `what` names the output in messages."""
+    module.eval()
+    eager = _eager(module)
+    if engine == "torch" or (engine == "auto" and next(module.parameters()).is_cuda):
         return eager, "torch"
     example = example[:PARITY_IMAGES]
     reference = eager(example)
     for name in COMPILED_ENGINES if engine == "auto" else [engine]:
         label = ENGINE_NAMES[name]
         try:
-            fast = COMPILED_ENGINES[name](model, example)
+            fast = COMPILED_ENGINES[name](module, example)
             candidate = fast(example)
         except Exception as exc:  # noqa: BLE001 - a missing package or an export/runtime failure: the next engine
             reporter.warn(f"{label} unavailable for this backbone ({type(exc).__name__}: {exc})"[:200])
             continue
         deviation = float((reference - candidate).abs().max()) / max(1.0, float(reference.abs().max()))
         if deviation > PARITY_TOLERANCE:
-            reporter.warn(f"{label} features differ from PyTorch by {deviation:.2e}; not used")
+            reporter.warn(f"{label} {what} differ from PyTorch by {deviation:.2e}; not used")
             continue
-        reporter.log(f"feature engine: {label} (max deviation from eager fp32 {deviation:.1e})")
+        reporter.log(f"{what} engine: {label} (max deviation from eager fp32 {deviation:.1e})")
         return fast, name
-    reporter.warn("using PyTorch for the frozen backbone's features")
+    reporter.warn(f"using PyTorch for the {what}")
     return eager, "torch"
 
 

@@ -39,6 +39,7 @@ from transferkit.training.loop import (
     single_label_hits,
 )
 from transferkit.training.optim import build_optimizer, build_scheduler
+from transferkit.training.prefix import with_frozen_prefix
 
 
 def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess,
@@ -122,13 +123,15 @@ def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms
                             crops=ranks.mine(val.crops) if val.crops else None)
     batch = config.batch_size
     batches, steps = (streamed_batches if is_sharded(train) else indexed_batches)(train, augmented, config, ranks)
+    # the frozen stem and lower blocks on the inference engine, only the unfrozen top in autograd (training.prefix)
+    module = with_frozen_prefix(model, config.feature_engine, ctx.reporter)
 
     def validate() -> tuple[float, float]:
-        logits, targets = evaluate_logits(model, make_loader(val_mine, batch, config.workers))
+        logits, targets = evaluate_logits(module, make_loader(val_mine, batch, config.workers))
         return loss_and_accuracy(ranks.gather_rows(logits), ranks.gather_rows(targets), ctx.criterion, ctx.hits)
 
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_finetune)
-    return Stage("finetune", ranks.wrap(model), lambda: set_train_mode(model, config.finetune_bn), optimizer,
+    return Stage("finetune", ranks.wrap(module), lambda: set_train_mode(model, config.finetune_bn), optimizer,
                  scheduler, batches, len(train.paths), validate, config.epochs_finetune, steps,
                  sharded=ranks.distributed)
 
