@@ -41,6 +41,7 @@ from transferkit.models.classifier import HeadSpec, freeze_backbone, new_classif
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.training.loop import loss_fn, predicted_class
+from transferkit.training.prefix import with_frozen_prefix
 
 BACKBONE = "tf_efficientnet_lite0"
 BATCH = 32
@@ -50,7 +51,8 @@ CRITERION = loss_fn(binary=True)
 FINETUNE_VARIANTS = {
     "plain": "eager fp32 NCHW, all layers trainable, BN train mode",
     "channels_last": "channels_last, all layers trainable, BN train mode",
-    "transferkit": "channels_last, unfreeze 3 blocks, BN inference mode",
+    "top3": "channels_last, unfreeze 3 blocks, BN inference mode, all in PyTorch",
+    "transferkit": "channels_last, unfreeze 3 blocks, BN inference mode, frozen blocks on the feature engine",
 }
 
 
@@ -248,7 +250,7 @@ def bench_stage1(model, paths: list[str], labels: list[int], transform: Callable
 def finetune_job(variant: str, images: torch.Tensor, targets: torch.Tensor) -> tuple[Callable, int]:
     """One training step of a fresh classifier set up as `variant`; also the number of trainable parameters."""
     model, _ = build_model()
-    if variant == "transferkit":
+    if variant in ("top3", "transferkit"):
         freeze_backbone(model)
         unfreeze(model, "3")
         set_train_mode(model, train_backbone_bn=False)
@@ -258,9 +260,10 @@ def finetune_job(variant: str, images: torch.Tensor, targets: torch.Tensor) -> t
     if variant != "plain":
         model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
+    module = with_frozen_prefix(model, "auto", QUIET) if variant == "transferkit" else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    return partial(train_step, model, optimizer, images, targets), sum(p.numel() for p in params)
+    return partial(train_step, module, optimizer, images, targets), sum(p.numel() for p in params)
 
 
 def bench_finetune(images: torch.Tensor, targets: torch.Tensor, steps: int) -> list[dict]:

@@ -11,6 +11,8 @@ import torch
 
 from transferkit.config import TrainConfig
 from transferkit.models.classifier import Classifier, backbone_groups, freeze_backbone, set_train_mode, unfreeze
+from transferkit.progress import Reporter
+from transferkit.training.prefix import with_frozen_prefix
 
 # Fewer training images than N -> unfreeze the top K coarse blocks: with little data, fine-tuning more of the
 # network overfits it (the Keras guide's advice), with more data the lower blocks can adapt too.
@@ -47,8 +49,9 @@ class Speeds:
 
 
 def measure_speeds(model: Classifier, blocks: str, image_size: int, config: TrainConfig, head: float) -> Speeds:
-    """Time eager PyTorch on a synthetic batch; ONNX Runtime, used for features when it is faster, only makes the
-    real run quicker than planned."""
+    """Time a synthetic batch: the forward pass in eager PyTorch (the feature engine, used for features when it is
+    faster, only makes the real run quicker than planned), the training step as stage 2 runs it (its frozen lower
+    blocks compiled where training.prefix compiles them)."""
     device = next(model.parameters()).device
     images = torch.randn(min(TIMING_BATCH, config.batch_size), 3, image_size, image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -61,10 +64,12 @@ def measure_speeds(model: Classifier, blocks: str, image_size: int, config: Trai
         with torch.inference_mode():
             model.embed(images)
 
+    stage2 = with_frozen_prefix(model, config.feature_engine, Reporter(quiet=True))
+
     def train_step() -> None:
         set_train_mode(model, config.finetune_bn)
         model.zero_grad(set_to_none=True)
-        model(images).float().sum().backward()
+        stage2(images).float().sum().backward()
 
     per_image = len(images)
     return Speeds(best_time(forward, device) / per_image, best_time(train_step, device) / per_image, head)
