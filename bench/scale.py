@@ -28,7 +28,7 @@ from statistics import median
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import make_image  # noqa: E402 - bench/ is not a package
+from measure import make_image  # noqa: E402 - bench/ is not a package
 
 FEATURES_LINE = re.compile(r"features: (\d+) images through the backbone.*?([\d.]+) s\)")
 
