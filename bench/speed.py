@@ -251,11 +251,10 @@ def logits_of(model, features_of: Callable, images: torch.Tensor) -> torch.Tenso
 
 
 def bench_inference(model, images: torch.Tensor, repeats: int, folder: Path) -> list[dict]:
-    """Whole-classifier logits for one batch: eager PyTorch, the ONNX feature engine (+ the eager linear head),
-    and the int8 export that `predict`/`serve` prefer when the run has one."""
+    """Whole-classifier logits for one batch: eager PyTorch, the ONNX Runtime and OpenVINO feature engines (+ the
+    eager linear head), and the int8 export that `predict`/`serve` prefer when the run has one."""
     model.eval()
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    start = time.perf_counter()
     engines, setups = {}, {}
     for name in ("onnx", "openvino"):
         start = time.perf_counter()

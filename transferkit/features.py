@@ -210,8 +210,7 @@ class FeatureExtractor:
         self.reporter, self.cache_root = reporter, cache_root
         self.backbone_digest = module_digest(model.backbone) if cache_root else ""
         self.computed = 0  # images that went through the backbone (the rest came from the cache)
-        self.engine_name = ""  # the engine chosen on the first batch that needed one
-        self.setup_seconds = 0.0  # what choosing it took (export, compilation, parity check)
+        self.setup_seconds = 0.0  # what choosing the engine took on the first batch (export, compilation, parity)
         self._run: Engine | None = None
 
     def __call__(self, paths: Sequence[str], views: Sequence[View], description: str,
@@ -260,7 +259,7 @@ class FeatureExtractor:
             for images, _ in loader:
                 if self._run is None:
                     start = time.perf_counter()
-                    self._run, self.engine_name = feature_engine(self.model, images, self.engine, self.reporter)
+                    self._run, _ = feature_engine(self.model, images, self.engine, self.reporter)
                     self.setup_seconds = time.perf_counter() - start
                 sink(self._run(images).numpy())
                 advance(images.shape[0])

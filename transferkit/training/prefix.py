@@ -57,7 +57,8 @@ class FrozenPrefixClassifier(nn.Module):
     def __init__(self, model: Classifier, blocks: int, engine: str, reporter: Reporter) -> None:
         super().__init__()
         self.model, self.blocks = model, blocks
-        self.engine_name, self._reporter = engine, reporter
+        self.engine, self._reporter = engine, reporter
+        self.engine_name = ""  # the engine chosen on the first batch
         self._run: Engine | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class FrozenPrefixClassifier(nn.Module):
         if self._run is None:
             stem = FrozenStem(backbone, self.blocks)
             modes = {module: module.training for module in stem.modules()}
-            self._run, self.engine_name = inference_engine(stem, images, self.engine_name, self._reporter,
+            self._run, self.engine_name = inference_engine(stem, images, self.engine, self._reporter,
                                                            f"frozen blocks (stem + {self.blocks})")
             for module, training in modes.items():  # the parity check ran them in inference mode
                 module.train(training)
