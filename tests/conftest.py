@@ -74,3 +74,13 @@ def fast(tiny_weights: str) -> dict:
         augment="none",
         quiet=True,
     )
+
+
+@pytest.fixture(scope="session")
+def crippled_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """test_efficientnet_gn (as many parameters as test_efficientnet) with every tensor zeroed: constant features,
+    nothing to transfer."""
+    model = timm.create_model("test_efficientnet_gn", pretrained=False)
+    path = tmp_path_factory.mktemp("crippled") / "zeroed.safetensors"
+    save_file({k: torch.zeros_like(v).contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)

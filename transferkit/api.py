@@ -36,7 +36,7 @@ from transferkit.run import (
 from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute, resolve_device
 from transferkit.training.distributed import Ranks, current_ranks
-from transferkit.training.loop import BestKeeper, EpochLog
+from transferkit.training.loop import BestKeeper, EpochLog, Paused
 from transferkit.training.two_stage import fine_tune
 
 
@@ -63,6 +63,7 @@ def train(
     quiet: bool = False,
     recipe: str | None = None,
     config: str | None = None,
+    pause_after: int | None = None,
     **options: Any,
 ) -> Run | None:
     """Scan the data, build the pretrained classifier, run both stages, save the run, evaluate it, write its report.
@@ -70,16 +71,19 @@ def train(
     `options` are TrainConfig fields (e.g. backbone="resnet50", epochs_frozen=5); None means "not given".
     Returns the loaded Run; `run.metrics` holds the evaluation (test split if there is one, else val). Under
     `accelerate launch` with several processes, ranks other than 0 return None (rank 0 saves and evaluates).
+    `pause_after=N`: stop after N fine-tuning epochs, leaving a run folder that `resume` finishes (returns None;
+    a run that ended sooner, by its epochs or early stopping, is finished as usual).
     """
     cfg: TrainConfig = resolve_config(recipe, config, **options)
-    return _train(data, Path(out), cfg, Reporter(quiet), overwrite=overwrite)
+    return _train(data, Path(out), cfg, Reporter(quiet), overwrite=overwrite, pause_after=pause_after)
 
 
 # What may differ when a run is resumed (on another machine, say): where it computes, never what it computes.
 RESUME_OPTIONS = ("workers", "device", "cache_dir", "cache")
 
 
-def resume(out: str | Path, data: str | Path | None = None, quiet: bool = False, **machine: Any) -> Run | None:
+def resume(out: str | Path, data: str | Path | DatasetIndex | None = None, quiet: bool = False,
+           **machine: Any) -> Run | None:
     """Go on with an interrupted `train` (killed, pre-empted, out of disk) from its last checkpoint, with the run's
     own config.yaml and data (split.json's root, or `data` if the images moved), to the same result an
     uninterrupted run gets. `machine`: RESUME_OPTIONS to change (None: as before). A finished run is returned
@@ -105,7 +109,7 @@ def resume(out: str | Path, data: str | Path | None = None, quiet: bool = False,
 
 
 def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool = False,
-           resume_split: dict | None = None) -> Run | None:
+           resume_split: dict | None = None, pause_after: int | None = None) -> Run | None:
     ranks = current_ranks(cfg.device)
     if not ranks.main:  # rank 0 alone reports and writes
         reporter = Reporter(quiet=True)
@@ -156,7 +160,9 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
 
         try:
             fine_tune(model, train_data, val_data, pre, cfg, keeper, reporter, on_epoch, compute,
-                      board.step if board else None, index.multilabel, checkpoints, ranks)
+                      board.step if board else None, index.multilabel, checkpoints, ranks, pause_after)
+        except Paused:  # checkpoint, config and split are written: `resume` goes on from there
+            return None
         except KeyboardInterrupt:
             interrupted = True
             keeper.restore(model)

@@ -15,13 +15,20 @@ from transferkit.progress import Reporter
 from transferkit.training.prefix import with_frozen_prefix
 
 # Fewer training images than N -> unfreeze the top K coarse blocks: with little data, fine-tuning more of the
-# network overfits it (the Keras guide's advice), with more data the lower blocks can adapt too.
-UNFREEZE_BY_TRAIN_IMAGES = ((500, 1), (2000, 2), (10000, 3), (50000, 5))
+# network overfits it (the Keras guide's advice), with more data the lower blocks can adapt too. From 500 images on,
+# 3 (the default recipe's): on ELPV (1,706 training images) Lite1 with its top 3 blocks reached a lower validation
+# loss than with 2 (0.2915 vs 0.299), as did the default's Lite0 with 3 (0.276).
+UNFREEZE_BY_TRAIN_IMAGES = ((500, 1), (10000, 3), (50000, 5))
 MAX_FINETUNE_EPOCHS = 10  # early stopping (patience) usually ends fine-tuning before this
 # Fine-tuning epochs that probing one more backbone may not eat into. On ELPV the first fine-tuning epochs raise the
 # validation loss above the frozen head's (0.31 -> 0.36 for Lite0) and the default recipe passed its frozen head only
 # in its fourth epoch (0.276); Lite1's 4 epochs (2 or 3 blocks) did not pass it. Fewer epochs buy nothing.
 RESERVED_EPOCHS = 4
+# Fine-tuning epochs each of the two finalists trains before the cut (auto.race). Both run the same schedule, so
+# their scores compare. On ELPV fine-tuning first climbs above the frozen head's validation loss (Lite0: 0.311 ->
+# 0.368, 0.357) before it passes it, so the race compares the last epoch's score, not the best so far (which
+# would still be the frozen head's).
+RACE_EPOCHS = 2
 SAFETY = 1.25  # estimates leave out image decoding and Python overhead: plan with a quarter more time
 REPORT_SECONDS = 10.0  # report.html: Grad-CAM and similarity on a few images
 TIMING_BATCH = 8  # images per timed step: per-image cost is what matters, and a small batch costs little to time
@@ -126,7 +133,24 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
         spare = seconds_left - epochs * epoch
         views = max([v for v in range(1, config.feature_views + 1) if fixed_seconds(work, speeds, config, v) <= spare],
                     default=1)
-    return Plan(epochs, views, fixed_seconds(work, speeds, config, views) + epochs * epoch)
+    return Plan(epochs, views, race_seconds(work, speeds, config, views, epochs))
+
+
+def plan_race(seconds_left: float, work: Workload, speeds: list[Speeds], config: TrainConfig) -> list[Plan]:
+    """Plans for the finalists (speeds[i] is finalist i's) when racing them leaves each at least RESERVED_EPOCHS
+    fine-tuning epochs, with the other's part of the race (its frozen stage and RACE_EPOCHS) paid out of the
+    budget; the same epochs for both, so that their schedules, and so their race scores, compare. Otherwise the
+    first finalist's plan alone: no race."""
+    alone = [plan_training(seconds_left, work, s, config) for s in speeds]
+    if len(speeds) < 2:
+        return alone
+    costs = [race_seconds(work, s, config, p.feature_views, RACE_EPOCHS) for s, p in zip(speeds, alone, strict=True)]
+    shared = [plan_training(seconds_left - costs[1 - i], work, s, config) for i, s in enumerate(speeds)]
+    epochs = min(p.epochs_finetune for p in shared)
+    if epochs < RESERVED_EPOCHS:
+        return alone[:1]
+    return [Plan(epochs, p.feature_views, race_seconds(work, s, config, p.feature_views, epochs))
+            for s, p in zip(speeds, shared, strict=True)]
 
 
 def epoch_seconds(work: Workload, speeds: Speeds) -> float:
@@ -137,6 +161,12 @@ def epoch_seconds(work: Workload, speeds: Speeds) -> float:
 def reserve_seconds(work: Workload, speeds: Speeds, config: TrainConfig) -> float:
     """What probing another backbone must leave: the plan's minimum and RESERVED_EPOCHS of fine-tuning."""
     return fixed_seconds(work, speeds, config, 1) + RESERVED_EPOCHS * epoch_seconds(work, speeds)
+
+
+def race_seconds(work: Workload, speeds: Speeds, config: TrainConfig, views: int, epochs: int) -> float:
+    """Training with `views` and `epochs` of fine-tuning, evaluated and reported (a finalist's part of the race,
+    with RACE_EPOCHS)."""
+    return fixed_seconds(work, speeds, config, views) + epochs * epoch_seconds(work, speeds)
 
 
 def fixed_seconds(work: Workload, speeds: Speeds, config: TrainConfig, views: int) -> float:

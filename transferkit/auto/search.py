@@ -17,13 +17,16 @@ from typing import Any
 import numpy as np
 
 from transferkit import api
-from transferkit.auto.embedding import clean_features, load_candidate
+from transferkit.auto.embedding import clean_features, enlarged, load_candidate, median_short_side
 from transferkit.auto.plan import (
+    RACE_EPOCHS,
     RESERVED_EPOCHS,
+    Plan,
+    Speeds,
     Workload,
     count_blocks,
     measure_speeds,
-    plan_training,
+    plan_race,
     reserve_seconds,
     unfreeze_rule,
 )
@@ -38,6 +41,8 @@ from transferkit.auto.probe import (
     pick,
     probe_subset,
 )
+from transferkit.auto.race import Lap, finish, race
+from transferkit.auto.race import winner as race_winner
 from transferkit.auto.range_test import LRFind, best_rate, lr_find, plot_lr_find
 from transferkit.config import TrainConfig, resolve_config
 from transferkit.data.boxes import Box
@@ -49,7 +54,8 @@ from transferkit.models.registry import BACKBONES, count_parameters, get_backbon
 from transferkit.progress import Reporter
 from transferkit.run import Run, write_json
 
-LEADERBOARD_FIELDS = ["backbone", "params", "MB", "probe_accuracy", "sd", "seconds", "chosen"]
+LEADERBOARD_FIELDS = ["backbone", "params", "MB", "image_size", "probe_accuracy", "sd", "seconds", "race_val_loss",
+                      "race_val_acc", "chosen"]
 SINGLE_LABEL_ONLY = "auto and lr-find handle single-label data (one class per image); use `transferkit train`"
 PROBE_SHARE = 0.5  # no new candidate is probed once half the budget is spent: the rest is for training
 NO_WEIGHTS = ("no backbone has ImageNet weights available (see `transferkit backbones`): install "
@@ -70,6 +76,28 @@ class Probed:
     score: Score
     seconds: float
     features: np.ndarray  # the clean-view features the probe used, for the head choice and the lr-find
+
+
+@dataclass(frozen=True)
+class Finalist:
+    """A probed backbone with everything chosen to train it."""
+
+    probed: Probed
+    choices: dict[str, Any]  # api.train options: backbone, weights, image size, head, learning rates, unfreeze
+    found: LRFind
+    rate_losses: dict[float, float]  # held-out loss of the head at each rate tried
+    speeds: Speeds
+    plan: Plan | None = None
+
+    @property
+    def name(self) -> str:
+        return self.probed.candidate.name
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The choices and what the plan sets (once it is planned)."""
+        plan = self.plan or Plan(0, 1, 0.0)
+        return {**self.choices, "epochs_finetune": plan.epochs_finetune, "feature_views": plan.feature_views}
 
 
 @dataclass(frozen=True)
@@ -121,44 +149,51 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     samples = probe_subset(index.split("train") + index.split("val"), MAX_PROBE_IMAGES, cfg.seed)
     labels = np.array([index.classes.index(s.label) for s in samples])
     work = workload(index, len(samples), cfg)
-    probed, reserve = probe_all(candidates, cfg, samples, labels, reporter, (start, budget), work)
-    winner = probed[pick([Option(p.candidate.name, p.score, p.params) for p in probed.values()]).name]
-    leaderboard = leaderboard_rows(list(probed.values()), winner)
-    write_leaderboard(out / "leaderboard.csv", leaderboard)
-
-    head = choose_head(winner.features, labels, cfg.seed, winner.score, HEAD_SHARE * budget)
-    head_hidden = head.hidden
-    found = lr_find(winner.features, labels, len(index.classes), dataclasses.replace(cfg, head_hidden=head_hidden))
-    plot_lr_find(found, out / "lr_find.png")
-    head_lr, rate_losses = best_rate(winner.features, labels, len(index.classes),
-                                     dataclasses.replace(cfg, head_hidden=head_hidden), found.suggested_lr)
-    blocks = unfreeze_rule(len(index.split("train")), count_blocks(winner.backbone.model))
-    speeds = measure_speeds(winner.backbone.model, blocks, winner.backbone.pre.image_size, cfg,
-                            found.seconds_per_image)
+    native = median_short_side(samples, cfg.box_margin)
+    probed, reserve = probe_all(candidates, cfg, samples, labels, reporter, (start, budget), work, native)
+    ranked = ranking(probed)
+    head = choose_head(ranked[0].features, labels, cfg.seed, ranked[0].score, HEAD_SHARE * budget)
+    finalists = [finalist(p, head.hidden, labels, len(index.split("train")), cfg) for p in ranked[:2]]
     left = budget - (time.perf_counter() - start)
-    plan = plan_training(left, work, speeds, cfg)
-    if plan.estimated_seconds > left:
-        reporter.warn(f"the time budget is too small: training is expected to take {plan.estimated_seconds:.0f}s, "
+    plans = plan_race(left, work, [f.speeds for f in finalists], cfg)
+    finalists = [dataclasses.replace(f, plan=plan) for f, plan in zip(finalists, plans, strict=False)]
+    if plans[0].estimated_seconds > left:
+        reporter.warn(f"the time budget is too small: training is expected to take {plans[0].estimated_seconds:.0f}s, "
                       f"{max(left, 0):.0f}s are left; the plan is cut to its minimum (clean view, no fine-tuning)")
-    reporter.log(f"auto: {winner.candidate.name}, head {head_hidden or 'linear'}, lr {head_lr:.2e}, "
-                 f"unfreeze {blocks}, {plan.epochs_finetune} fine-tuning epochs (~{plan.estimated_seconds:.0f}s)")
-    # The range test measures the head alone; fine-tuning keeps the config's small rate, at most a tenth of the head's.
-    choices = dict(backbone=winner.candidate.name, weights=winner.candidate.weights, head_hidden=head_hidden,
-                   lr=head_lr, finetune_lr=min(cfg.finetune_lr, head_lr / 10), unfreeze=blocks,
-                   epochs_finetune=plan.epochs_finetune, feature_views=plan.feature_views)
+    for f in finalists:
+        reporter.log(f"auto: {f.name}, {f.choices['image_size']}px, head {head.hidden or 'linear'}, "
+                     f"lr {f.choices['lr']:.2e}, unfreeze {f.choices['unfreeze']}, {f.plan.epochs_finetune} "
+                     f"fine-tuning epochs (~{f.plan.estimated_seconds:.0f}s)")
     seconds_before_training = time.perf_counter() - start
-    run = api.train(index, out, quiet=quiet, recipe=recipe, config=config, **{**options, **choices})
+    train_options = {**options, "recipe": recipe, "config": config}
+    laps: list[Lap] = []
+    if len(finalists) > 1:
+        reporter.log(f"race: {' vs '.join(f.name for f in finalists)}, {RACE_EPOCHS} fine-tuning epochs each")
+        laps = race({f.name: f.options for f in finalists}, index, out, quiet, train_options)
+        chosen = next(f for f in finalists if f.name == race_winner(laps, cfg.monitor).name)
+    else:
+        chosen = finalists[0]
+    leaderboard = leaderboard_rows(list(probed.values()), chosen.name, laps)
+    write_leaderboard(out / "leaderboard.csv", leaderboard)
+    plot_lr_find(chosen.found, out / "lr_find.png")
+    if laps:
+        run = finish(next(lap for lap in laps if lap.name == chosen.name), index, out, quiet)
+    else:
+        run = api.train(index, out, quiet=quiet, **{**train_options, **chosen.options})
     summary = {
-        "chosen": winner.candidate.name,
-        "weights": winner.backbone.weights_source,
+        "chosen": chosen.name,
+        "weights": probed[chosen.name].backbone.weights_source,
         "leaderboard": leaderboard,
-        "probe": {"images": len(samples), "folds": winner.score.folds, "reserve_seconds": round(reserve, 1)},
+        "probe": {"images": len(samples), "folds": chosen.probed.score.folds, "reserve_seconds": round(reserve, 1),
+                  "image_size": chosen.choices["image_size"], "median_short_side": native},
+        "race": [lap.to_json() for lap in laps],
         "head": head.to_json(),
-        "lr": {"head": head_lr, "finetune": choices["finetune_lr"], "lr_find": found.to_json(),
-               "held_out_loss": {f"{rate:.3g}": round(loss, 5) for rate, loss in rate_losses.items()}},
-        "unfreeze": blocks,
-        "speeds": dataclasses.asdict(speeds),
-        "plan": {**plan.to_json(), "time_budget_seconds": budget,
+        "lr": {"head": chosen.choices["lr"], "finetune": chosen.choices["finetune_lr"],
+               "lr_find": chosen.found.to_json(),
+               "held_out_loss": {f"{rate:.3g}": round(loss, 5) for rate, loss in chosen.rate_losses.items()}},
+        "unfreeze": chosen.choices["unfreeze"],
+        "speeds": dataclasses.asdict(chosen.speeds),
+        "plan": {**chosen.plan.to_json(), "time_budget_seconds": budget,
                  "seconds_before_training": round(seconds_before_training, 1)},
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -166,19 +201,45 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     return AutoResult(run, summary)
 
 
+def ranking(probed: dict[str, Probed]) -> list[Probed]:
+    """The probe's pick (the best, or a cheaper one within a tie) first, then the others by probe accuracy."""
+    first = probed[pick([Option(p.candidate.name, p.score, p.params) for p in probed.values()]).name]
+    return [first, *sorted((p for p in probed.values() if p is not first), key=lambda p: -p.score.mean)]
+
+
+def finalist(probed: Probed, head_hidden: list[int], labels: np.ndarray, train_images: int,
+             cfg: TrainConfig) -> Finalist:
+    """A backbone's training choices, from its probe features: the head's learning rate (range test, then the
+    best held-out loss among fractions of its suggestion), how many blocks to unfreeze, its measured speeds."""
+    cfg = dataclasses.replace(cfg, head_hidden=head_hidden)
+    classes = int(labels.max()) + 1
+    found = lr_find(probed.features, labels, classes, cfg)
+    head_lr, rate_losses = best_rate(probed.features, labels, classes, cfg, found.suggested_lr)
+    backbone = probed.backbone
+    blocks = unfreeze_rule(train_images, count_blocks(backbone.model))
+    speeds = measure_speeds(backbone.model, blocks, backbone.pre.image_size, cfg, found.seconds_per_image)
+    # The range test measures the head alone; fine-tuning keeps the config's small rate, at most a tenth of the head's.
+    choices = dict(backbone=probed.candidate.name, weights=probed.candidate.weights, image_size=backbone.pre.image_size,
+                   head_hidden=head_hidden, lr=head_lr, finetune_lr=min(cfg.finetune_lr, head_lr / 10),
+                   unfreeze=blocks)
+    return Finalist(probed, choices, found, rate_losses, speeds)
+
+
 def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
-              reporter: Reporter, clock: tuple[float, float], work: Workload) -> tuple[dict[str, Probed], float]:
+              reporter: Reporter, clock: tuple[float, float], work: Workload,
+              native_side: float) -> tuple[dict[str, Probed], float]:
     """Probe each candidate in turn (the first always) while less than PROBE_SHARE of the budget is spent and
     probing one more, if it takes as long as the slowest probe so far, still leaves the reserve: the plan's minimum
     and RESERVED_EPOCHS of fine-tuning, timed on the first backbone probed. Fine-tuning is worth more than the
     runners-up's probes (on ELPV on a busy machine three cold probes took 331 s of 600 and left no fine-tuning
     epoch). When the reserve is out of reach already (a slow machine, a small budget), it protects nothing and
     probing goes on to PROBE_SHARE: a better backbone is then the best use of the time. A backbone whose weights
-    cannot be had is left out with a warning. `clock` is (start, budget) in seconds; returns the probes and the
-    reserve."""
+    cannot be had is left out with a warning. Every candidate takes the images at `input_size` when the first one
+    can afford it (`first_input`). `clock` is (start, budget) in seconds; returns the probes and the reserve."""
     start, budget = clock
     probed: dict[str, Probed] = {}
     reserve = 0.0
+    enlarge = False
     for candidate in candidates:
         now = time.perf_counter()
         if probed and now > start + PROBE_SHARE * budget:
@@ -189,15 +250,33 @@ def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sampl
             reporter.warn(f"time budget: {candidate.name} not probed (it would leave less than {RESERVED_EPOCHS} "
                           f"fine-tuning epochs, ~{reserve:.0f}s with the minimum)")
             continue
-        result = probe(candidate, cfg, samples, labels, reporter)
-        if result is None:
+        began = time.perf_counter()
+        backbone = load_or_skip(candidate, cfg, reporter)
+        if backbone is None:
             continue
-        if not probed and len(candidates) > 1:
-            reserve = reserve_for(result.backbone, cfg, work)
-        probed[candidate.name] = result
+        if not probed:
+            backbone, enlarge, reserve = first_input(backbone, native_side, cfg, work, budget, reporter)
+        elif enlarge:
+            backbone = enlarged(backbone, native_side, cfg)
+        probed[candidate.name] = probe(candidate, backbone, cfg, samples, labels, reporter, began)
     if not probed:
         raise UserError(NO_WEIGHTS)
     return probed, reserve
+
+
+def first_input(backbone: Backbone, native_side: float, cfg: TrainConfig, work: Workload, budget: float,
+                reporter: Reporter) -> tuple[Backbone, bool, float]:
+    """The first candidate, enlarged towards the images' own size (`enlarged`) when training it at that size, its
+    reserve (`reserve_for`), fits in the part of the budget probing may not take; else as it is. Returns the
+    backbone, whether to enlarge the other candidates too, and the reserve."""
+    larger = enlarged(backbone, native_side, cfg)
+    if larger.pre.image_size > backbone.pre.image_size:
+        reserve = reserve_for(larger, cfg, work)
+        if reserve <= (1 - PROBE_SHARE) * budget:
+            reporter.log(f"input size: {larger.pre.image_size}px, nearer the images' own (median short side "
+                         f"{native_side:.0f}px) than the pretrained {backbone.pre.image_size}px")
+            return larger, True, reserve
+    return backbone, False, reserve_for(backbone, cfg, work)
 
 
 def reserve_for(backbone: Backbone, cfg: TrainConfig, work: Workload) -> float:
@@ -208,21 +287,24 @@ def reserve_for(backbone: Backbone, cfg: TrainConfig, work: Workload) -> float:
     return reserve_seconds(work, speeds, cfg)
 
 
-def probe(candidate: Candidate, cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
-          reporter: Reporter) -> Probed | None:
-    start = time.perf_counter()
+def load_or_skip(candidate: Candidate, cfg: TrainConfig, reporter: Reporter) -> Backbone | None:
+    """The candidate's backbone, or None (with a warning) when its registry or hub weights cannot be had."""
     try:
-        backbone = load_candidate(candidate.name, candidate.weights, cfg)
+        return load_candidate(candidate.name, candidate.weights, cfg)
     except UserError as exc:
         if candidate.weights:  # the user's own file does not fit: that is their error to fix, not a skip
             raise
         reporter.warn(f"{candidate.name} left out: {exc}")
         return None
+
+
+def probe(candidate: Candidate, backbone: Backbone, cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
+          reporter: Reporter, began: float) -> Probed:
     features = clean_features(backbone, samples, cfg, reporter)
     score = cv_accuracy(linear_probe(), features, labels, cfg.seed)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - began
     reporter.log(f"probe {candidate.name}: accuracy {score.mean:.3f} ± {score.sd:.3f} ({score.folds}-fold, "
-                 f"{len(samples)} images, {seconds:.1f}s)")
+                 f"{len(samples)} images, {backbone.pre.image_size}px, {seconds:.1f}s)")
     return Probed(candidate, backbone, count_parameters(backbone.spec.timm_name), score, seconds, features)
 
 
@@ -238,11 +320,15 @@ def workload(index: DatasetIndex, probed_images: int, cfg: TrainConfig) -> Workl
     return Workload(train, val, test or val, uncached)
 
 
-def leaderboard_rows(probed: list[Probed], winner: Probed) -> list[dict]:
-    """Best probe accuracy first."""
+def leaderboard_rows(probed: list[Probed], chosen: str, laps: list[Lap]) -> list[dict]:
+    """Best probe accuracy first; the finalists' race scores beside their probes (blank for the others)."""
+    raced = {lap.name: lap for lap in laps}
     rows = [{"backbone": p.candidate.name, "params": p.params, "MB": round(p.params * 4 / 2**20, 1),
-             "probe_accuracy": round(p.score.mean, 4), "sd": round(p.score.sd, 4), "seconds": round(p.seconds, 1),
-             "chosen": p is winner} for p in probed]
+             "image_size": p.backbone.pre.image_size, "probe_accuracy": round(p.score.mean, 4),
+             "sd": round(p.score.sd, 4), "seconds": round(p.seconds, 1),
+             "race_val_loss": round(raced[p.candidate.name].val_loss, 4) if p.candidate.name in raced else None,
+             "race_val_acc": round(raced[p.candidate.name].val_acc, 4) if p.candidate.name in raced else None,
+             "chosen": p.candidate.name == chosen} for p in probed]
     return sorted(rows, key=lambda row: -row["probe_accuracy"])
 
 

@@ -147,13 +147,15 @@ def prediction_sections(run: Run, pred: Predictions | None) -> dict:
 
 
 def leaderboard_section(folder: Path) -> list[dict] | None:
-    """`transferkit auto`'s probe of each candidate backbone (leaderboard.csv), best first; None for other runs."""
+    """`transferkit auto`'s probe of each candidate backbone and the finalists' race (leaderboard.csv), best probe
+    first; None for other runs."""
     path = folder / "leaderboard.csv"
     if not path.is_file():
         return None
     with path.open(newline="") as handle:
         return [{**row, "params": int(row["params"]), "probe_accuracy": float(row["probe_accuracy"]),
-                 "sd": float(row["sd"]), "chosen": row["chosen"] == "yes"} for row in csv.DictReader(handle)]
+                 "sd": float(row["sd"]), "race_val_loss": float(row["race_val_loss"]) if row["race_val_loss"] else None,
+                 "chosen": row["chosen"] == "yes"} for row in csv.DictReader(handle)]
 
 
 def model_section(run: Run) -> dict:

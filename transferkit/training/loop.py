@@ -107,6 +107,11 @@ class BestKeeper:
 STAGE_ORDER = ("frozen", "finetune")
 
 
+class Paused(Exception):
+    """Training stopped on purpose after a fine-tuning epoch, its checkpoint written: `api.resume` goes on from
+    there to the same result as an uninterrupted run (auto's race trains each finalist a few epochs this way)."""
+
+
 def epoch_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
     """The random source of one epoch's data order and augmentation: a function of (seed, stage, epoch) only, so
     batch k of epoch e is the same whether the run went straight through or was resumed mid-epoch."""
@@ -172,6 +177,7 @@ class FitContext:
     on_step: Callable[[StepLog], None] | None = None
     checkpoints: Checkpoints | None = None
     ranks: Ranks = field(default_factory=Ranks)
+    pause_after: int | None = None  # fine-tuning epochs after which to raise Paused (needs checkpoints)
 
 
 def fit(stage: Stage, ctx: FitContext, start: Position | None = None) -> None:
@@ -221,6 +227,8 @@ def fit(stage: Stage, ctx: FitContext, start: Position | None = None) -> None:
             ctx.checkpoints.save(stage, ctx, Position(stage.name, epoch + 1, 0, Running(), over))
         if over:
             break
+        if ctx.checkpoints and stage.name == "finetune" and epoch == ctx.pause_after:
+            raise Paused
     ctx.keeper.restore(ctx.model)
 
 

@@ -179,16 +179,18 @@ def streamed_batches(train: Labelled, augmented: Callable, config: TrainConfig, 
 def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
               keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute,
               on_step: Callable[[StepLog], None] | None = None, is_multilabel: bool = False,
-              checkpoints: Checkpoints | None = None, ranks: Ranks | None = None) -> None:
+              checkpoints: Checkpoints | None = None, ranks: Ranks | None = None,
+              pause_after: int | None = None) -> None:
     """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen. With a loaded
-    checkpoint, stages it finished are skipped and its own stage goes on from where it was taken."""
+    checkpoint, stages it finished are skipped and its own stage goes on from where it was taken. `pause_after`:
+    stop (raising Paused) once that many fine-tuning epochs are done and checkpointed."""
     if is_multilabel:
         criterion, hits = multilabel.loss(config.label_smoothing), multilabel.hits
     else:
         binary = model.head[-1].out_features == 1
         criterion, hits = loss_fn(binary, config.label_smoothing), single_label_hits(binary)
     ctx = FitContext(criterion, hits, keeper, model, reporter, on_epoch, compute, on_step, checkpoints,
-                     ranks or Ranks())
+                     ranks or Ranks(), pause_after)
     augment = config.augmentation()
     transforms = (eval_transform(pre, augment.samplewise_center), train_transform(pre, augment))
     model.to(memory_format=torch.channels_last)

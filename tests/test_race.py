@@ -1,0 +1,163 @@
+"""auto's race and input size: a paused run resumes to the uninterrupted result; the race keeps the finalist with the
+better fine-tuned validation score (not the probe's favourite) and its run ends as if trained straight through;
+racing is planned only when both finalists keep their reserved epochs; inputs grow towards the images' own size
+only when the budget affords it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from tests.conftest import make_class_folders
+from tests.test_auto import ELPV, ELPV_SPEEDS, run_and_capture
+from tests.test_resume import history
+from transferkit import api
+from transferkit.auto import race, search
+from transferkit.auto.embedding import MAX_UPSCALE, enlarged, input_size, median_short_side
+from transferkit.auto.plan import RACE_EPOCHS, RESERVED_EPOCHS, Speeds, plan_race, plan_training
+from transferkit.config import resolve_config
+from transferkit.data.boxes import Box
+from transferkit.data.sources import Sample, scan_dataset
+from transferkit.training.checkpoint import CHECKPOINT
+
+
+@pytest.fixture
+def racing(fast: dict) -> dict:
+    return {**fast, "epochs_frozen": 2, "epochs_finetune": 3, "augment": "light", "unfreeze": "1", "patience": 0}
+
+
+def test_a_paused_run_resumes_to_the_uninterrupted_result(dataset: Path, tmp_path: Path, racing: dict) -> None:
+    straight = api.train(dataset, tmp_path / "straight", **racing)
+    assert api.train(dataset, tmp_path / "paused", pause_after=1, **racing) is None
+    paused = tmp_path / "paused"
+    assert (paused / CHECKPOINT).is_file() and not (paused / "meta.json").exists()
+    assert [row[1] for row in history(paused)[1:]] == ["frozen"] * 2 + ["finetune"]  # stopped after 1 epoch
+    resumed = api.resume(paused)
+    assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
+    assert history(paused) == history(tmp_path / "straight")
+
+
+def test_a_run_that_ends_within_the_pause_is_finished(dataset: Path, tmp_path: Path, racing: dict) -> None:
+    run = api.train(dataset, tmp_path / "short", pause_after=5, **racing)  # 3 fine-tuning epochs < 5
+    assert run is not None and (tmp_path / "short" / "metrics.json").is_file()
+
+
+def test_the_race_keeps_the_better_finalist_and_finishes_its_run(dataset: Path, tmp_path: Path, racing: dict,
+                                                                 crippled_weights: str) -> None:
+    """The zeroed backbone (constant features) loses to the real one whatever order they run in; the winner's run,
+    moved up into RUN and resumed, ends exactly as the same options trained straight through."""
+    index = scan_dataset(dataset, 0.2, 0.0, 0)
+    options = {k: v for k, v in racing.items() if k not in ("backbone", "weights", "quiet")}
+    finalists = {"test_efficientnet_gn": {"backbone": "test_efficientnet_gn", "weights": crippled_weights},
+                 "test_efficientnet": {"backbone": "test_efficientnet", "weights": racing["weights"]}}
+    out = tmp_path / "run"
+    out.mkdir()
+    laps = race.race(finalists, index, out, True, options)
+    assert [lap.name for lap in laps] == list(finalists)
+    assert all(lap.finetune_epochs == RACE_EPOCHS and not lap.finished for lap in laps)
+    best = race.winner(laps, "val_loss")
+    assert best.name == "test_efficientnet" and best.val_loss < laps[0].val_loss
+    run = race.finish(best, index, out, quiet=True)
+    assert not (out / race.RACE_FOLDER).exists() and not (out / CHECKPOINT).exists()
+    assert run.meta["backbone"] == "test_efficientnet"
+    straight = api.train(index, tmp_path / "straight", **racing)
+    assert run.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
+    assert history(out) == history(tmp_path / "straight")
+
+
+def test_the_winner_is_the_better_score_and_a_tie_keeps_the_first() -> None:
+    laps = [race.Lap("probe_pick", 0.36, 0.85, 2, 1.0, False), race.Lap("runner_up", 0.31, 0.84, 2, 1.0, False)]
+    assert race.winner(laps, "val_loss").name == "runner_up"
+    assert race.winner(laps, "val_acc").name == "probe_pick"
+    assert race.winner([laps[0], replace(laps[1], val_loss=0.36)], "val_loss").name == "probe_pick"
+
+
+def test_auto_follows_the_race_not_the_probe(tmp_path: Path, tiny_weights: str, crippled_weights: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the race's scores turned around, the backbone the probe ranks last is the one trained and recorded."""
+    real_race = search.race
+
+    def rigged(*args, **kwargs):
+        return [replace(lap, val_loss=1.0 if lap.name == "test_efficientnet" else 0.1)
+                for lap in real_race(*args, **kwargs)]
+
+    monkeypatch.setattr(search, "race", rigged)
+    data = make_class_folders(tmp_path / "data", classes=3, per_class=12)
+    config = tmp_path / "fast.yaml"
+    config.write_text("augment: none\nepochs_frozen: 3\n")
+    backbones = f"test_efficientnet={tiny_weights},test_efficientnet_gn={crippled_weights}"
+    code, printed = run_and_capture(["auto", str(data), "--out", str(tmp_path / "run"), "--backbones", backbones,
+                                     "--time-budget", "5", "--config", str(config), "--json", "--image-size", "32",
+                                     "--batch-size", "8", "--workers", "0", "--quiet"])
+    assert code == 0
+    summary = json.loads(printed)
+    assert [row["backbone"] for row in summary["leaderboard"]][0] == "test_efficientnet"  # the probe's favourite
+    assert summary["chosen"] == "test_efficientnet_gn"
+    assert [lap["backbone"] for lap in summary["race"]] == ["test_efficientnet", "test_efficientnet_gn"]
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["backbone"] == "test_efficientnet_gn"
+    chosen = [row for row in summary["leaderboard"] if row["chosen"]]
+    assert [(row["backbone"], row["race_val_loss"]) for row in chosen] == [("test_efficientnet_gn", 0.1)]
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "<b>test_efficientnet_gn</b>" in html and "race val loss" in html
+
+
+def test_racing_is_planned_only_when_both_finalists_keep_their_reserved_epochs() -> None:
+    config = resolve_config(augment="light", feature_views=1)
+    slower = Speeds(inference=ELPV_SPEEDS.inference * 1.5, finetune=ELPV_SPEEDS.finetune * 1.5, head=6e-5)
+    roomy = plan_race(1800, ELPV, [ELPV_SPEEDS, slower], config)
+    assert len(roomy) == 2 and roomy[0].epochs_finetune == roomy[1].epochs_finetune >= RESERVED_EPOCHS
+    alone = plan_training(1800, ELPV, ELPV_SPEEDS, config)
+    assert roomy[0].epochs_finetune <= alone.epochs_finetune  # the loser's laps are paid for
+    for plan, speeds in zip(roomy, [ELPV_SPEEDS, slower], strict=True):
+        other = slower if speeds is ELPV_SPEEDS else ELPV_SPEEDS
+        race_cost = plan_training(0, ELPV, other, config).estimated_seconds  # its minimum, no fine-tuning
+        assert plan.estimated_seconds + race_cost <= 1800
+    tight = plan_race(400, ELPV, [ELPV_SPEEDS, slower], config)
+    assert tight == [plan_training(400, ELPV, ELPV_SPEEDS, config)]  # no room to race: the probe's pick alone
+    assert plan_race(1800, ELPV, [ELPV_SPEEDS], config) == [alone]
+
+
+def test_input_grows_towards_the_images_own_size_within_a_cap() -> None:
+    assert input_size(224, 300, 1.0) == 300  # ELPV's cells, no centre crop
+    assert input_size(224, 300, 0.875) == 262  # the crop takes its share
+    assert input_size(224, 4000, 0.875) == int(MAX_UPSCALE * 224)  # phone photos: capped
+    assert input_size(240, 200, 1.0) == 240  # never below the pretrained size
+
+
+def test_median_short_side_reads_headers_and_boxes(tmp_path: Path) -> None:
+    paths = []
+    for i, size in enumerate([(300, 200), (500, 400), (100, 900)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", size).save(paths[-1])
+    samples = [Sample(p, "a", "train") for p in paths]
+    assert median_short_side(samples, 0.0) == 200
+    boxed = [Sample(paths[0], "a", "train", Box(10, 10, 60, 110))] * 3
+    assert median_short_side(boxed, 0.0) == 50 and median_short_side(boxed, 0.5) == 100
+
+
+def test_the_input_is_enlarged_only_when_the_budget_affords_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    backbone = SimpleNamespace(pre=SimpleNamespace(image_size=224, crop_pct=1.0))
+    monkeypatch.setattr(search, "enlarged", lambda b, side, cfg: SimpleNamespace(pre=replace_size(b.pre, 300)))
+    costs = {224: 200.0, 300: 400.0}
+    monkeypatch.setattr(search, "reserve_for", lambda b, cfg, work: costs[b.pre.image_size])
+    quiet = SimpleNamespace(log=lambda line: None)
+    roomy = search.first_input(backbone, 300.0, resolve_config(), ELPV, 1800.0, quiet)
+    assert (roomy[0].pre.image_size, roomy[1], roomy[2]) == (300, True, 400.0)
+    tight = search.first_input(backbone, 300.0, resolve_config(), ELPV, 600.0, quiet)  # 400 s > half of 600
+    assert (tight[0].pre.image_size, tight[1], tight[2]) == (224, False, 200.0)
+
+
+def replace_size(pre: SimpleNamespace, size: int) -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(pre), "image_size": size})
+
+
+def test_a_set_image_size_is_kept(tiny_weights: str) -> None:
+    from transferkit.auto.embedding import load_candidate
+    cfg = resolve_config(image_size=32)
+    backbone = load_candidate("test_efficientnet", tiny_weights, cfg)
+    assert enlarged(backbone, 300.0, cfg).pre.image_size == 32
