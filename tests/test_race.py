@@ -28,7 +28,8 @@ from transferkit.training.checkpoint import CHECKPOINT
 
 @pytest.fixture
 def racing(fast: dict) -> dict:
-    return {**fast, "epochs_frozen": 2, "epochs_finetune": 3, "augment": "light", "unfreeze": "1", "patience": 0}
+    return {**fast, "epochs_frozen": 2, "epochs_finetune": RACE_EPOCHS + 1, "augment": "light", "unfreeze": "1",
+            "patience": 0}
 
 
 def test_a_paused_run_resumes_to_the_uninterrupted_result(dataset: Path, tmp_path: Path, racing: dict) -> None:
@@ -43,7 +44,7 @@ def test_a_paused_run_resumes_to_the_uninterrupted_result(dataset: Path, tmp_pat
 
 
 def test_a_run_that_ends_within_the_pause_is_finished(dataset: Path, tmp_path: Path, racing: dict) -> None:
-    run = api.train(dataset, tmp_path / "short", pause_after=5, **racing)  # 3 fine-tuning epochs < 5
+    run = api.train(dataset, tmp_path / "short", pause_after=RACE_EPOCHS + 2, **racing)
     assert run is not None and (tmp_path / "short" / "metrics.json").is_file()
 
 
@@ -60,6 +61,10 @@ def test_the_race_keeps_the_better_finalist_and_finishes_its_run(dataset: Path, 
     laps = race.race(finalists, index, out, True, options)
     assert [lap.name for lap in laps] == list(finalists)
     assert all(lap.finetune_epochs == RACE_EPOCHS and not lap.finished for lap in laps)
+    for lap in laps:  # scored by its best fine-tuning epoch, the frozen head's epochs left out
+        rows = history(out / race.RACE_FOLDER / lap.name)
+        loss = rows[0].index("val_loss")
+        assert lap.val_loss == min(float(row[loss]) for row in rows[1:] if row[1] == "finetune")
     best = race.winner(laps, "val_loss")
     assert best.name == "test_efficientnet" and best.val_loss < laps[0].val_loss
     run = race.finish(best, index, out, quiet=True)

@@ -26,8 +26,9 @@ RACE_FOLDER = "race"  # inside the run folder while the race lasts: RUN/race/BAC
 
 @dataclass(frozen=True)
 class Lap:
-    """Where a finalist stood when the race ended: the validation scores of its last epoch, and whether its run
-    is already complete (its epochs or early stopping ended it within the race)."""
+    """Where a finalist stood when the race ended: its best validation loss and accuracy over its fine-tuning
+    epochs (not the frozen head's: fine-tuning first climbs above it, and what is raced is where fine-tuning gets),
+    and whether its run is already complete (its epochs or early stopping ended it within the race)."""
 
     name: str
     val_loss: float
@@ -60,11 +61,13 @@ def race(finalists: dict[str, dict[str, Any]], index: DatasetIndex, out: Path, q
 
 
 def read_lap(name: str, folder: Path, seconds: float, finished: bool) -> Lap:
-    """The last epoch of a finalist's history.csv."""
+    """The best fine-tuning epochs of a finalist's history.csv (all its epochs if it never fine-tuned)."""
     with (folder / "history.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    finetune = sum(row["stage"] == "finetune" for row in rows)
-    return Lap(name, float(rows[-1]["val_loss"]), float(rows[-1]["val_acc"]), finetune, seconds, finished)
+    finetune = [row for row in rows if row["stage"] == "finetune"]
+    raced = finetune or rows
+    return Lap(name, min(float(row["val_loss"]) for row in raced), max(float(row["val_acc"]) for row in raced),
+               len(finetune), seconds, finished)
 
 
 def winner(laps: list[Lap], monitor: str) -> Lap:
