@@ -28,8 +28,8 @@ from transferkit.training.checkpoint import CHECKPOINT
 
 @pytest.fixture
 def racing(fast: dict) -> dict:
-    return {**fast, "epochs_frozen": 2, "epochs_finetune": RACE_EPOCHS + 1, "augment": "light", "unfreeze": "1",
-            "patience": 0}
+    return {**fast, "epochs_frozen": 4, "epochs_finetune": RACE_EPOCHS + 1, "augment": "light", "unfreeze": "1",
+            "patience": 0, "lr": 3e-2, "finetune_lr": 1e-2}
 
 
 def test_a_paused_run_resumes_to_the_uninterrupted_result(dataset: Path, tmp_path: Path, racing: dict) -> None:
@@ -37,7 +37,7 @@ def test_a_paused_run_resumes_to_the_uninterrupted_result(dataset: Path, tmp_pat
     assert api.train(dataset, tmp_path / "paused", pause_after=1, **racing) is None
     paused = tmp_path / "paused"
     assert (paused / CHECKPOINT).is_file() and not (paused / "meta.json").exists()
-    assert [row[1] for row in history(paused)[1:]] == ["frozen"] * 2 + ["finetune"]  # stopped after 1 epoch
+    assert [row[1] for row in history(paused)[1:]] == ["frozen"] * 4 + ["finetune"]  # stopped after 1 epoch
     resumed = api.resume(paused)
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     assert history(paused) == history(tmp_path / "straight")
@@ -48,11 +48,12 @@ def test_a_run_that_ends_within_the_pause_is_finished(dataset: Path, tmp_path: P
     assert run is not None and (tmp_path / "short" / "metrics.json").is_file()
 
 
-def test_the_race_keeps_the_better_finalist_and_finishes_its_run(dataset: Path, tmp_path: Path, racing: dict,
+def test_the_race_keeps_the_better_finalist_and_finishes_its_run(tmp_path: Path, racing: dict,
                                                                  crippled_weights: str) -> None:
-    """The zeroed backbone (constant features) loses to the real one whatever order they run in; the winner's run,
-    moved up into RUN and resumed, ends exactly as the same options trained straight through."""
-    index = scan_dataset(dataset, 0.2, 0.0, 0)
+    """The zeroed backbone (constant features), run first as if the probe had picked it, loses to the real one by
+    more than a standard error; the winner's run, moved up into RUN and resumed, ends exactly as the same options
+    trained straight through."""
+    index = scan_dataset(make_class_folders(tmp_path / "data", classes=2, per_class=40), 0.3, 0.0, 0)
     options = {k: v for k, v in racing.items() if k not in ("backbone", "weights", "quiet")}
     finalists = {"test_efficientnet_gn": {"backbone": "test_efficientnet_gn", "weights": crippled_weights},
                  "test_efficientnet": {"backbone": "test_efficientnet", "weights": racing["weights"]}}
@@ -65,7 +66,7 @@ def test_the_race_keeps_the_better_finalist_and_finishes_its_run(dataset: Path, 
         rows = history(out / race.RACE_FOLDER / lap.name)
         loss = rows[0].index("val_loss")
         assert lap.val_loss == min(float(row[loss]) for row in rows[1:] if row[1] == "finetune")
-    best = race.winner(laps, "val_loss")
+    best = race.winner(laps, "val_loss", len(index.split("val")))
     assert best.name == "test_efficientnet" and best.val_loss < laps[0].val_loss
     run = race.finish(best, index, out, quiet=True)
     assert not (out / race.RACE_FOLDER).exists() and not (out / CHECKPOINT).exists()
@@ -75,11 +76,14 @@ def test_the_race_keeps_the_better_finalist_and_finishes_its_run(dataset: Path, 
     assert history(out) == history(tmp_path / "straight")
 
 
-def test_the_winner_is_the_better_score_and_a_tie_keeps_the_first() -> None:
-    laps = [race.Lap("probe_pick", 0.36, 0.85, 2, 1.0, False), race.Lap("runner_up", 0.31, 0.84, 2, 1.0, False)]
-    assert race.winner(laps, "val_loss").name == "runner_up"
-    assert race.winner(laps, "val_acc").name == "probe_pick"
-    assert race.winner([laps[0], replace(laps[1], val_loss=0.36)], "val_loss").name == "probe_pick"
+def test_the_winner_must_beat_the_probes_pick_by_more_than_a_standard_error() -> None:
+    laps = [race.Lap("probe_pick", 0.3369, 0.85, 3, 1.0, False), race.Lap("runner_up", 0.30, 0.84, 3, 1.0, False)]
+    assert race.winner(laps, "val_loss", 393).name == "runner_up"  # 0.037 apart, one standard error 0.017
+    assert race.winner([laps[0], replace(laps[1], val_loss=0.3332)], "val_loss", 393).name == "probe_pick"  # ELPV
+    assert race.winner(laps, "val_loss", 30).name == "probe_pick"  # on 30 images 0.037 is noise (0.062)
+    assert race.winner(laps, "val_acc", 393).name == "probe_pick"  # it has the better accuracy anyway
+    assert race.winner([laps[0], replace(laps[1], val_acc=0.92)], "val_acc", 393).name == "runner_up"
+    assert race.winner([laps[0], replace(laps[1], val_acc=0.86)], "val_acc", 393).name == "probe_pick"  # SE 0.018
 
 
 def test_auto_follows_the_race_not_the_probe(tmp_path: Path, tiny_weights: str, crippled_weights: str,

@@ -170,7 +170,8 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     if len(finalists) > 1:
         reporter.log(f"race: {' vs '.join(f.name for f in finalists)}, {RACE_EPOCHS} fine-tuning epochs each")
         laps = race({f.name: f.options for f in finalists}, index, out, quiet, train_options)
-        chosen = next(f for f in finalists if f.name == race_winner(laps, cfg.monitor).name)
+        won = race_winner(laps, cfg.monitor, len(index.split("val")))
+        chosen = next(f for f in finalists if f.name == won.name)
     else:
         chosen = finalists[0]
     leaderboard = leaderboard_rows(list(probed.values()), chosen.name, laps)
