@@ -320,11 +320,10 @@ def test_probing_stops_before_it_eats_the_fine_tuning_reserve(reserve: float, ex
     monkeypatch.setattr(search, "time", clock)
     monkeypatch.setattr(search, "probe", fake_probe)
     monkeypatch.setattr(search, "load_or_skip", lambda candidate, cfg, reporter: SimpleNamespace())
-    monkeypatch.setattr(search, "first_input", lambda backbone, *args: (backbone, False, reserve))
+    monkeypatch.setattr(search, "reserve_for", lambda backbone, cfg, work: reserve)
     reporter = Warnings()
     candidates = [search.Candidate(name) for name in "abcdefghij"]
-    probed, kept = search.probe_all(candidates, resolve_config(), [], np.array([]), reporter, (0.0, 600.0), ELPV,
-                                    native_side=300.0)
+    probed, kept = search.probe_all(candidates, resolve_config(), [], np.array([]), reporter, (0.0, 600.0), ELPV)
     assert "".join(probed) == expected and kept == reserve
     assert len(reporter.lines) == 10 - len(expected)
     out_of_reach = reserve == 560.0

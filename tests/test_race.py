@@ -1,28 +1,23 @@
-"""auto's race and input size: a paused run resumes to the uninterrupted result; the race keeps the finalist with the
-better fine-tuned validation score (not the probe's favourite) and its run ends as if trained straight through;
-racing is planned only when both finalists keep their reserved epochs; inputs grow towards the images' own size
-only when the budget affords it."""
+"""auto's race: a paused run resumes to the uninterrupted result; the race keeps the finalist with the clearly better
+fine-tuned validation score (not the probe's favourite) and its run ends as if trained straight through; racing is
+planned only when both finalists keep their reserved epochs."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from PIL import Image
 
 from tests.conftest import make_class_folders
 from tests.test_auto import ELPV, ELPV_SPEEDS, run_and_capture
 from tests.test_resume import history
 from transferkit import api
 from transferkit.auto import race, search
-from transferkit.auto.embedding import MAX_UPSCALE, enlarged, input_size, median_short_side
 from transferkit.auto.plan import RACE_EPOCHS, RESERVED_EPOCHS, Speeds, plan_race, plan_training
 from transferkit.config import resolve_config
-from transferkit.data.boxes import Box
-from transferkit.data.sources import Sample, scan_dataset
+from transferkit.data.sources import scan_dataset
 from transferkit.training.checkpoint import CHECKPOINT
 
 
@@ -129,44 +124,3 @@ def test_racing_is_planned_only_when_both_finalists_keep_their_reserved_epochs()
     tight = plan_race(400, ELPV, [ELPV_SPEEDS, slower], config)
     assert tight == [plan_training(400, ELPV, ELPV_SPEEDS, config)]  # no room to race: the probe's pick alone
     assert plan_race(1800, ELPV, [ELPV_SPEEDS], config) == [alone]
-
-
-def test_input_grows_towards_the_images_own_size_within_a_cap() -> None:
-    assert input_size(224, 300, 1.0) == 300  # ELPV's cells, no centre crop
-    assert input_size(224, 300, 0.875) == 262  # the crop takes its share
-    assert input_size(224, 4000, 0.875) == int(MAX_UPSCALE * 224)  # phone photos: capped
-    assert input_size(240, 200, 1.0) == 240  # never below the pretrained size
-
-
-def test_median_short_side_reads_headers_and_boxes(tmp_path: Path) -> None:
-    paths = []
-    for i, size in enumerate([(300, 200), (500, 400), (100, 900)]):
-        paths.append(str(tmp_path / f"{i}.png"))
-        Image.new("RGB", size).save(paths[-1])
-    samples = [Sample(p, "a", "train") for p in paths]
-    assert median_short_side(samples, 0.0) == 200
-    boxed = [Sample(paths[0], "a", "train", Box(10, 10, 60, 110))] * 3
-    assert median_short_side(boxed, 0.0) == 50 and median_short_side(boxed, 0.5) == 100
-
-
-def test_the_input_is_enlarged_only_when_the_budget_affords_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    backbone = SimpleNamespace(pre=SimpleNamespace(image_size=224, crop_pct=1.0))
-    monkeypatch.setattr(search, "enlarged", lambda b, side, cfg: SimpleNamespace(pre=replace_size(b.pre, 300)))
-    costs = {224: 200.0, 300: 400.0}
-    monkeypatch.setattr(search, "reserve_for", lambda b, cfg, work: costs[b.pre.image_size])
-    quiet = SimpleNamespace(log=lambda line: None)
-    roomy = search.first_input(backbone, 300.0, resolve_config(), ELPV, 1800.0, quiet)
-    assert (roomy[0].pre.image_size, roomy[1], roomy[2]) == (300, True, 400.0)
-    tight = search.first_input(backbone, 300.0, resolve_config(), ELPV, 600.0, quiet)  # 400 s > half of 600
-    assert (tight[0].pre.image_size, tight[1], tight[2]) == (224, False, 200.0)
-
-
-def replace_size(pre: SimpleNamespace, size: int) -> SimpleNamespace:
-    return SimpleNamespace(**{**vars(pre), "image_size": size})
-
-
-def test_a_set_image_size_is_kept(tiny_weights: str) -> None:
-    from transferkit.auto.embedding import load_candidate
-    cfg = resolve_config(image_size=32)
-    backbone = load_candidate("test_efficientnet", tiny_weights, cfg)
-    assert enlarged(backbone, 300.0, cfg).pre.image_size == 32

@@ -22,11 +22,11 @@ from transferkit.cache import file_digest
 from transferkit.cli.main import run_cli
 from transferkit.cli.pack import parse_size
 from transferkit.data import shards
-from transferkit.data.images import pixel_size
 from transferkit.data.loader import labelled_split, load_image
 from transferkit.data.members import INDEX_NAME, is_shard_member, read_member, split_ref
 from transferkit.data.sources import scan_dataset
 from transferkit.data.stream import ShardStream, is_sharded, stream_loader
+from transferkit.doctor.checks import pixel_size
 from transferkit.errors import UserError
 
 SMALL_SHARD = 20_000  # about three 40 px PNGs per shard: several shards per split

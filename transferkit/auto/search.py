@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from transferkit import api
-from transferkit.auto.embedding import clean_features, enlarged, load_candidate, median_short_side
+from transferkit.auto.embedding import clean_features, load_candidate
 from transferkit.auto.plan import (
     RACE_EPOCHS,
     RESERVED_EPOCHS,
@@ -149,8 +149,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     samples = probe_subset(index.split("train") + index.split("val"), MAX_PROBE_IMAGES, cfg.seed)
     labels = np.array([index.classes.index(s.label) for s in samples])
     work = workload(index, len(samples), cfg)
-    native = median_short_side(samples, cfg.box_margin)
-    probed, reserve = probe_all(candidates, cfg, samples, labels, reporter, (start, budget), work, native)
+    probed, reserve = probe_all(candidates, cfg, samples, labels, reporter, (start, budget), work)
     ranked = ranking(probed)
     head = choose_head(ranked[0].features, labels, cfg.seed, ranked[0].score, HEAD_SHARE * budget)
     finalists = [finalist(p, head.hidden, labels, len(index.split("train")), cfg) for p in ranked[:2]]
@@ -185,8 +184,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
         "chosen": chosen.name,
         "weights": probed[chosen.name].backbone.weights_source,
         "leaderboard": leaderboard,
-        "probe": {"images": len(samples), "folds": chosen.probed.score.folds, "reserve_seconds": round(reserve, 1),
-                  "image_size": chosen.choices["image_size"], "median_short_side": native},
+        "probe": {"images": len(samples), "folds": chosen.probed.score.folds, "reserve_seconds": round(reserve, 1)},
         "race": [lap.to_json() for lap in laps],
         "head": head.to_json(),
         "lr": {"head": chosen.choices["lr"], "finetune": chosen.choices["finetune_lr"],
@@ -227,20 +225,18 @@ def finalist(probed: Probed, head_hidden: list[int], labels: np.ndarray, train_i
 
 
 def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sample], labels: np.ndarray,
-              reporter: Reporter, clock: tuple[float, float], work: Workload,
-              native_side: float) -> tuple[dict[str, Probed], float]:
+              reporter: Reporter, clock: tuple[float, float], work: Workload) -> tuple[dict[str, Probed], float]:
     """Probe each candidate in turn (the first always) while less than PROBE_SHARE of the budget is spent and
     probing one more, if it takes as long as the slowest probe so far, still leaves the reserve: the plan's minimum
     and RESERVED_EPOCHS of fine-tuning, timed on the first backbone probed. Fine-tuning is worth more than the
     runners-up's probes (on ELPV on a busy machine three cold probes took 331 s of 600 and left no fine-tuning
     epoch). When the reserve is out of reach already (a slow machine, a small budget), it protects nothing and
     probing goes on to PROBE_SHARE: a better backbone is then the best use of the time. A backbone whose weights
-    cannot be had is left out with a warning. Every candidate takes the images at `input_size` when the first one
-    can afford it (`first_input`). `clock` is (start, budget) in seconds; returns the probes and the reserve."""
+    cannot be had is left out with a warning. `clock` is (start, budget) in seconds; returns the probes and the
+    reserve."""
     start, budget = clock
     probed: dict[str, Probed] = {}
     reserve = 0.0
-    enlarge = False
     for candidate in candidates:
         now = time.perf_counter()
         if probed and now > start + PROBE_SHARE * budget:
@@ -255,29 +251,12 @@ def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sampl
         backbone = load_or_skip(candidate, cfg, reporter)
         if backbone is None:
             continue
-        if not probed:
-            backbone, enlarge, reserve = first_input(backbone, native_side, cfg, work, budget, reporter)
-        elif enlarge:
-            backbone = enlarged(backbone, native_side, cfg)
+        if not probed and len(candidates) > 1:
+            reserve = reserve_for(backbone, cfg, work)
         probed[candidate.name] = probe(candidate, backbone, cfg, samples, labels, reporter, began)
     if not probed:
         raise UserError(NO_WEIGHTS)
     return probed, reserve
-
-
-def first_input(backbone: Backbone, native_side: float, cfg: TrainConfig, work: Workload, budget: float,
-                reporter: Reporter) -> tuple[Backbone, bool, float]:
-    """The first candidate, enlarged towards the images' own size (`enlarged`) when training it at that size, its
-    reserve (`reserve_for`), fits in the part of the budget probing may not take; else as it is. Returns the
-    backbone, whether to enlarge the other candidates too, and the reserve."""
-    larger = enlarged(backbone, native_side, cfg)
-    if larger.pre.image_size > backbone.pre.image_size:
-        reserve = reserve_for(larger, cfg, work)
-        if reserve <= (1 - PROBE_SHARE) * budget:
-            reporter.log(f"input size: {larger.pre.image_size}px, nearer the images' own (median short side "
-                         f"{native_side:.0f}px) than the pretrained {backbone.pre.image_size}px")
-            return larger, True, reserve
-    return backbone, False, reserve_for(backbone, cfg, work)
 
 
 def reserve_for(backbone: Backbone, cfg: TrainConfig, work: Workload) -> float:

@@ -71,12 +71,6 @@ def open_image_file(path: str | os.PathLike[str]) -> BinaryIO:
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def pixel_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Width and height from the header alone (the scan has already decoded the file once)."""
-    with open_image_file(path) as handle, Image.open(handle) as image:
-        return image.size
-
-
 def image_file_exists(path: str | os.PathLike[str]) -> bool:
     """os.path.isfile for sample paths, shard members included."""
     return member_exists(path) if is_shard_member(path) else os.path.isfile(path)

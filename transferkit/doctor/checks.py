@@ -6,10 +6,11 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from transferkit.data.images import pixel_size
+from transferkit.data.images import open_image_file
 from transferkit.data.sources import Sample, Skipped
 
 HELD_OUT = ("val", "test")
@@ -117,3 +118,9 @@ def tiny_images(samples: Sequence[Sample], min_side: int) -> list[dict]:
         if min(width, height) < min_side:
             found.append({**file_entry(sample), "width": width, "height": height})
     return found
+
+
+def pixel_size(path: str) -> tuple[int, int]:
+    """Width and height from the header alone (the scan has already decoded the file once)."""
+    with open_image_file(path) as handle, Image.open(handle) as image:
+        return image.size
