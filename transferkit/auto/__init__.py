@@ -1,6 +1,6 @@
 """Automatic choices: which backbone transfers best to a dataset (cross-validated probes on cached frozen
-features, then a short fine-tuning race of the two best), its input size, its head, its learning rate (the range
-test) and how much to fine-tune in a time budget."""
+features, then a short fine-tuning race of the two best), its head, its learning rate (the range test) and how
+much to fine-tune in a time budget."""
 
 from transferkit.auto.range_test import LRFind, lr_find, plot_lr_find
 from transferkit.auto.search import AutoResult, auto, lr_find_data

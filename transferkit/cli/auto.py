@@ -52,8 +52,8 @@ def auto(
     json_out: JSON = False,
 ) -> None:
     """Pick the backbone that transfers best (cross-validated linear probes on cached features, then a fine-tuning
-    race of the two best), its input size, head, learning rate and how much to fine-tune, and train it within the
-    time budget; writes a run folder with leaderboard.csv."""
+    race of the two best), its head, learning rate and how much to fine-tune, and train it within the time
+    budget; writes a run folder with leaderboard.csv."""
     from transferkit.auto import auto as run_auto
 
     result = run_auto(data, out, time_budget=time_budget, backbones=backbones, weights=weights, overwrite=overwrite,
