@@ -137,7 +137,7 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
         spare = seconds_left - epochs * epoch
         views = max([v for v in range(1, config.feature_views + 1) if fixed_seconds(work, speeds, config, v) <= spare],
                     default=1)
-    return Plan(epochs, views, race_seconds(work, speeds, config, views, epochs))
+    return Plan(epochs, views, training_seconds(work, speeds, config, views, epochs))
 
 
 def plan_race(seconds_left: float, work: Workload, speeds: list[Speeds], config: TrainConfig) -> list[Plan]:
@@ -148,12 +148,13 @@ def plan_race(seconds_left: float, work: Workload, speeds: list[Speeds], config:
     alone = [plan_training(seconds_left, work, s, config) for s in speeds]
     if len(speeds) < 2:
         return alone
-    costs = [race_seconds(work, s, config, p.feature_views, RACE_EPOCHS) for s, p in zip(speeds, alone, strict=True)]
+    costs = [training_seconds(work, s, config, p.feature_views, RACE_EPOCHS)
+             for s, p in zip(speeds, alone, strict=True)]
     shared = [plan_training(seconds_left - costs[1 - i], work, s, config) for i, s in enumerate(speeds)]
     epochs = min(p.epochs_finetune for p in shared)
     if epochs < RESERVED_EPOCHS:
         return alone[:1]
-    return [Plan(epochs, p.feature_views, race_seconds(work, s, config, p.feature_views, epochs))
+    return [Plan(epochs, p.feature_views, training_seconds(work, s, config, p.feature_views, epochs))
             for s, p in zip(speeds, shared, strict=True)]
 
 
@@ -167,9 +168,9 @@ def reserve_seconds(work: Workload, speeds: Speeds, config: TrainConfig) -> floa
     return fixed_seconds(work, speeds, config, 1) + RESERVED_EPOCHS * epoch_seconds(work, speeds)
 
 
-def race_seconds(work: Workload, speeds: Speeds, config: TrainConfig, views: int, epochs: int) -> float:
-    """Training with `views` and `epochs` of fine-tuning, evaluated and reported (a finalist's part of the race,
-    with RACE_EPOCHS)."""
+def training_seconds(work: Workload, speeds: Speeds, config: TrainConfig, views: int, epochs: int) -> float:
+    """A run with `views` and `epochs` of fine-tuning, evaluated and reported (with RACE_EPOCHS: a finalist's
+    part of the race)."""
     return fixed_seconds(work, speeds, config, views) + epochs * epoch_seconds(work, speeds)
 
 

@@ -95,9 +95,10 @@ class Finalist:
 
     @property
     def options(self) -> dict[str, Any]:
-        """The choices and what the plan sets (once it is planned)."""
-        plan = self.plan or Plan(0, 1, 0.0)
-        return {**self.choices, "epochs_finetune": plan.epochs_finetune, "feature_views": plan.feature_views}
+        """The choices and what the plan sets."""
+        assert self.plan is not None, "auto() plans every finalist it trains"
+        return {**self.choices, "epochs_finetune": self.plan.epochs_finetune,
+                "feature_views": self.plan.feature_views}
 
 
 @dataclass(frozen=True)
@@ -303,13 +304,16 @@ def workload(index: DatasetIndex, probed_images: int, cfg: TrainConfig) -> Workl
 def leaderboard_rows(probed: list[Probed], chosen: str, laps: list[Lap]) -> list[dict]:
     """Best probe accuracy first; the finalists' race scores beside their probes (blank for the others)."""
     raced = {lap.name: lap for lap in laps}
-    rows = [{"backbone": p.candidate.name, "params": p.params, "MB": round(p.params * 4 / 2**20, 1),
-             "image_size": p.backbone.pre.image_size, "probe_accuracy": round(p.score.mean, 4),
-             "sd": round(p.score.sd, 4), "seconds": round(p.seconds, 1),
-             "race_val_loss": round(raced[p.candidate.name].val_loss, 4) if p.candidate.name in raced else None,
-             "race_val_acc": round(raced[p.candidate.name].val_acc, 4) if p.candidate.name in raced else None,
-             "chosen": p.candidate.name == chosen} for p in probed]
-    return sorted(rows, key=lambda row: -row["probe_accuracy"])
+
+    def row(p: Probed) -> dict:
+        lap = raced.get(p.candidate.name)
+        return {"backbone": p.candidate.name, "params": p.params, "MB": round(p.params * 4 / 2**20, 1),
+                "image_size": p.backbone.pre.image_size, "probe_accuracy": round(p.score.mean, 4),
+                "sd": round(p.score.sd, 4), "seconds": round(p.seconds, 1),
+                "race_val_loss": round(lap.val_loss, 4) if lap else None,
+                "race_val_acc": round(lap.val_acc, 4) if lap else None, "chosen": p.candidate.name == chosen}
+
+    return sorted(map(row, probed), key=lambda r: -r["probe_accuracy"])
 
 
 def write_leaderboard(path: Path, rows: list[dict]) -> None:
