@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/transferkit demo --out runs/demo
 
+# The browser tests need Debian's chromium: installed here when this machine can, else one line and exit 2.
 test: $(STAMP)
+	bash tools/ensure_chromium.sh
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	bash -n tools/ensure_chromium.sh bench/gpu_check.sh

@@ -37,6 +37,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import process_tree  # noqa: E402 - bench/ is not a package
 
+from transferkit import cpu  # noqa: E402
+
 
 def make_images(folder: Path, per_class: int = 20, size: int = 256, seed: int = 0) -> list[Path]:
     """Two learnable classes of JPEGs (a bright circle or a bright square on noise), like photos on the wire."""
@@ -331,7 +333,7 @@ def main() -> None:
     results = [combine([one[i] for one in rounds]) for i in range(len(engines))]
     print_table(results, rounds, load_before, load_after)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"run": str(run), "cpus": os.cpu_count(), "load_average_before": load_before,
+    summary = {"run": str(run), "cpus": os.cpu_count(), "cpu": cpu.describe(), "load_average_before": load_before,
                "load_average_after": load_after, "repeats": args.repeats, "results": results, "rounds": rounds}
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -15,6 +15,8 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
+from transferkit import cpu
+
 
 def peak_rss_mb() -> dict[str, float]:
     """Peak resident MB so far: this process (VmHWM, as ru_maxrss in a process started from here reports our peak:
@@ -61,9 +63,9 @@ def write_images(folder: Path, count: int, size: int, suffix: str) -> tuple[list
 
 
 def machine_info() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
+    """The machine beside every figure: CPU model and the instruction sets that change the numbers."""
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu.cpu_model(), "isa": cpu.isa_summary(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "timm": timm.__version__,
             "load_average_before": os.getloadavg()}

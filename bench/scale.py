@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from statistics import median
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import make_image  # noqa: E402 - bench/ is not a package
+from measure import machine_info, make_image  # noqa: E402 - bench/ is not a package
 
 FEATURES_LINE = re.compile(r"features: (\d+) images through the backbone.*?([\d.]+) s\)")
 
@@ -90,8 +89,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['processes']} | {row['extraction_img_s']:.1f} | {row['finetune_img_s']:.1f} | "
               f"{row['wall_s']:.1f} | {base['wall_s'] / row['wall_s']:.2f}x |")
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "load_after": os.getloadavg()}
+    machine = {**machine_info(), "load_after": os.getloadavg()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "images": args.images, "batch_per_process": args.batch_size,
                                      "rows": rows}, indent=1) + "\n")

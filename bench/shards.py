@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,8 @@ from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.progress import Reporter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procs import process_tree  # noqa: E402 - bench/ is not a package
+from measure import machine_info  # noqa: E402 - bench/ is not a package
+from procs import process_tree  # noqa: E402
 
 PREPROCESS = Preprocess(224, "bicubic", 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # tf_efficientnet_lite0's
 
@@ -169,7 +169,7 @@ def own_cpu() -> float:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Machine: nproc {m['nproc']}, {m['cpu']}, torch {m['torch']}; other processes kept "
+    lines = [f"Machine: nproc {m['nproc']}, {m['cpu']} ({m['isa']}), torch {m['torch']}; other processes kept "
              f"{m['other_processes_cores']:.1f} of {m['nproc']} cores busy on average (load average before -> after "
              f"{m['load_before']:.1f} -> {m['load_after']:.1f}). {results['settings']}", "",
              "| Images (train) | JPEG MB | Pack s (img/s) | Shards | Stream img/s (CPU ms/img) | "
@@ -186,13 +186,6 @@ def markdown(results: dict) -> str:
                      f"{quarters} | {s['peak_pss_mb']:.0f} | "
                      f"{s['peak_rss_largest_process_mb']:.0f} | {f['peak_pss_mb']:.0f} |")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.machine())
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "load_before": os.getloadavg()[0]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return
-    info, busy, own, start = machine(), cpu_busy(), own_cpu(), time.perf_counter()
+    info = {**machine_info(), "load_before": os.getloadavg()[0]}
+    busy, own, start = cpu_busy(), own_cpu(), time.perf_counter()
     runs = []
     for count in (int(c) for c in args.images.split(",")):
         command = [sys.executable, str(Path(__file__).resolve()), "--one", str(count), *_passed_on(args)]

@@ -311,7 +311,8 @@ def bench_scaling(scales: list[int], folder: Path) -> dict:
 def markdown(results: dict) -> str:
     m = results["machine"]
     load = " -> ".join("/".join(f"{x:.1f}" for x in m[k]) for k in ("load_average_before", "load_average_after"))
-    lines = [f"Machine: nproc {m['nproc']}, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
+    lines = [f"Machine: nproc {m['nproc']}, {m['cpu']} ({m['isa']}), torch {m['torch']} "
+             f"({m['torch_threads']} threads), "
              f"onnxruntime {m['onnxruntime']}, openvino {m.get('openvino', '-')}, timm {m['timm']}; {BACKBONE} "
              f"at 224 px. Shared machine: other processes "
              f"kept {m['other_processes_cores']:.1f} of {m['nproc']} cores busy on average during the run (load "

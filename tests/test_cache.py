@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from transferkit import api
 from transferkit.cache import FeatureStore, file_digest
-from transferkit.data.transforms import AUGMENT_PRESETS, Preprocess, eval_transform, train_transform
+from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.features import FeatureExtractor, View
 from transferkit.models.classifier import HeadSpec, new_classifier
+from transferkit.options import AUGMENT_PRESETS
 from transferkit.progress import Reporter
 
 

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from transferkit.config import RECIPES, resolve_config
-from transferkit.data.transforms import AUGMENT_PRESETS, Preprocess, eval_transform, train_transform
+from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.errors import UserError
+from transferkit.options import AUGMENT_PRESETS
 from transferkit.training.optim import build_optimizer, build_scheduler, lr_factor
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import transferkit.cli.export  # noqa: F401  (registers `export` until cli.main imports it itself)
 from tests.conftest import make_class_folders
 from tests.test_cli import fails_with
-from transferkit import api, export
+from transferkit import api, export, parity
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
 from transferkit.export import OnnxPredictor, ProbabilityModel, export_run, load_predictor
@@ -57,7 +57,7 @@ def test_fp32_export_matches_pytorch_with_dynamic_batch(name, request, tmp_path)
     root = request.getfixturevalue(name)
     run = Run(root / "run")
     report = export_run(run.path, out=tmp_path / "m.onnx")
-    assert report.check.max_abs_diff <= export.FP32_TOLERANCE and report.check.agreement == 1.0
+    assert report.check.max_abs_diff <= parity.FP32_TOLERANCE and report.check.agreement == 1.0
 
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["classes"]) == run.classes
@@ -142,7 +142,7 @@ def test_int8_calibration_uses_every_batch(tmp_path):
                                                            ([], "FP32_TOLERANCE", -1.0)])
 def test_export_that_fails_its_check_is_refused_and_not_written(binary, capsys, monkeypatch, tmp_path, flags,
                                                                 threshold, value):
-    monkeypatch.setattr(export, threshold, value)
+    monkeypatch.setattr(parity, threshold, value)
     out = tmp_path / "model.onnx"
     fails_with(capsys, ["export", str(binary / "run"), "--out", str(out), *flags], "refused", "nothing written")
     assert list(tmp_path.iterdir()) == []  # neither the model nor a temp file
@@ -151,7 +151,7 @@ def test_export_that_fails_its_check_is_refused_and_not_written(binary, capsys, 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated upstream
 def test_torchscript_export(binary, tmp_path):
     report = export_run(binary / "run", "torchscript", out=tmp_path / "m.pt")
-    assert report.check.max_abs_diff <= export.FP32_TOLERANCE
+    assert report.check.max_abs_diff <= parity.FP32_TOLERANCE
     extra = {"transferkit.json": ""}
     module = torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
     assert json.loads(extra["transferkit.json"])["classes"] == Run(binary / "run").classes

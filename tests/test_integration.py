@@ -84,3 +84,16 @@ def test_predict_from_the_run_folder_alone(trained, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     correct = sum(Path(r["path"]).parent.name == r["label"] for r in results)
     assert len(results) == 10 and correct >= 8, results
+
+
+def test_int8_export_of_a_real_photo_run_agrees_with_fp32(trained, tmp_path, capsys):
+    # The run the issue saw refused at 90% agreement on a CPU without VNNI: 7-bit weights pass on every CPU.
+    from transferkit.export import OnnxPredictor, export_run
+
+    run, root, _ = trained
+    report = export_run(run.path, int8=True, out=tmp_path / "model.int8.onnx")
+    assert report.check.agreement >= 0.99 and report.check.images >= 8
+    paths = sorted(str(p) for p in (root / "data").rglob("*_[0-9].png"))
+    agree = OnnxPredictor(tmp_path / "model.int8.onnx").probabilities(paths).argmax(1) == run.probabilities(
+        paths).argmax(1)
+    assert agree.mean() >= 0.99

@@ -12,13 +12,9 @@ from typing import Any
 
 import yaml
 
-from transferkit.data.transforms import AUGMENT_PRESETS, Augment
 from transferkit.errors import UserError
-from transferkit.features import ENGINES
 from transferkit.fileio import atomic_write
-from transferkit.models.classifier import HeadSpec
-from transferkit.models.registry import DEFAULT_BACKBONE
-from transferkit.training.compute import DEVICES, PRECISIONS
+from transferkit.options import AUGMENT_PRESETS, DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS, Augment, HeadSpec
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")

@@ -29,14 +29,12 @@ from transferkit.data.transforms import Preprocess
 from transferkit.errors import UserError
 from transferkit.export_check import pixel_batch, pixel_transform, validation_images
 from transferkit.fileio import atomic_path
+from transferkit.parity import PROBES_KEY, Check, compare, make_probes, probe_failure
 from transferkit.progress import print_warning
 from transferkit.run import Run, image_loader
 from transferkit.training.loop import evaluate_logits, probabilities
 
 FORMATS = ("onnx", "torchscript")
-FP32_TOLERANCE = 1e-4  # max |probability difference| from eager PyTorch
-INT8_MIN_AGREEMENT = 0.99  # top-1 (multi-label: per-label decision) agreement with eager PyTorch
-INT8_MAX_ACCURACY_DROP = 0.01  # accuracy may fall by at most 1 point
 CALIBRATION_IMAGES = 256  # int8 ranges settle long before this; more only costs export time
 TIMING_IMAGES = 64
 BATCH_SIZE = 32
@@ -103,51 +101,6 @@ def _outputs(engine: Engine, batches: Batches | torch.Tensor) -> np.ndarray:
 
 
 @dataclass
-class Check:
-    """How the export compares with eager PyTorch on the run's validation images (accuracies need labels)."""
-
-    images: int
-    max_abs_diff: float
-    agreement: float
-    accuracy_torch: float | None
-    accuracy_export: float | None
-    decision: str = "top-1"  # what `agreement` counts: top-1 labels, or per (image, label) decisions ("label")
-
-    def failure(self, int8: bool) -> str | None:
-        """Why the export must be refused, or None: fp32 must match; int8 must agree and keep its accuracy."""
-        if not int8:
-            return None if self.max_abs_diff <= FP32_TOLERANCE else (
-                f"probabilities differ from PyTorch by {self.max_abs_diff:.1e} (allowed {FP32_TOLERANCE:.0e})")
-        if self.agreement < INT8_MIN_AGREEMENT:
-            return (f"int8 {self.decision} agreement with PyTorch {self.agreement:.1%} "
-                    f"(needs >= {INT8_MIN_AGREEMENT:.0%})")
-        labelled = self.accuracy_torch is not None and self.accuracy_export is not None
-        if labelled and self.accuracy_torch - self.accuracy_export > INT8_MAX_ACCURACY_DROP:
-            return (f"int8 accuracy {self.accuracy_export:.4f} vs PyTorch {self.accuracy_torch:.4f} "
-                    f"(may drop by {INT8_MAX_ACCURACY_DROP:.2f} at most)")
-        return None
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
-            thresholds: np.ndarray | None = None) -> Check:
-    """Single-label: top-1 agreement and accuracy. Multi-label (`thresholds`): the same per (image, label)
-    decision, so accuracy is 1 - Hamming loss."""
-    if thresholds is None:
-        decide_ref, decide_cand = reference.argmax(axis=1), candidate.argmax(axis=1)
-    else:
-        decide_ref, decide_cand = multilabel.decide(reference, thresholds), multilabel.decide(candidate, thresholds)
-        labels = None if labels is None else labels > 0.5
-    return Check(
-        images=len(reference),
-        max_abs_diff=float(np.abs(reference - candidate).max()),
-        agreement=float((decide_ref == decide_cand).mean()),
-        accuracy_torch=None if labels is None else float((decide_ref == labels).mean()),
-        accuracy_export=None if labels is None else float((decide_cand == labels).mean()),
-        decision="top-1" if thresholds is None else "label",
-    )
-
-
-@dataclass
 class ExportReport:
     """What `transferkit export` prints (and --json writes): the file, its check, its size and speed."""
 
@@ -194,7 +147,11 @@ def export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def quantize_int8(source: Path, target: Path, pixels: torch.Tensor) -> None:
-    """Static QDQ int8 (per-channel weights, uint8 activations: ORT's advice for x86 CPUs), calibrated on `pixels`."""
+    """Static QDQ int8 (per-channel weights, uint8 activations: ORT's advice for x86 CPUs), calibrated on `pixels`.
+
+    Weights use 7 bits (`reduce_range`): x86 CPUs without VNNI multiply u8 x s8 pairs into saturating int16 sums,
+    which 8-bit weights overflow (wrong answers); 7-bit ones cannot, so one file is right on every CPU (decision
+    0160)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -215,7 +172,7 @@ def quantize_int8(source: Path, target: Path, pixels: torch.Tensor) -> None:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
             nodes_to_exclude=_float_nodes(prepared),
         )
     finally:
@@ -320,11 +277,15 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         notes.append("checked on random pixels instead")
     with atomic_path(target) as tmp:
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
-        check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels, run.thresholds)
+        reference, outputs = _outputs(wrapper, pixels), _outputs(candidate, pixels)
+        check = compare(reference, outputs, labels, run.thresholds)
         if reason := check.failure(int8):
             hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)
+        if int8:
+            probes = make_probes(pixels.numpy(), reference, outputs, run.thresholds)
+            _set_metadata(tmp, {**export_metadata(run, int8), PROBES_KEY: probes})
     size_mb = target.stat().st_size / 2**20
     return ExportReport(str(target), fmt, int8, round(size_mb, 2), check, *speeds, notes=notes)
 
@@ -351,6 +312,9 @@ class OnnxPredictor:
         multi = self.metadata.get("task") == multilabel.TASK
         self.thresholds = multilabel.thresholds_of(json.loads(self.metadata["thresholds"]), self.classes) if multi \
             else None
+        if self.metadata.get("quantization", "none") != "none" and (
+                reason := probe_failure(self.metadata.get(PROBES_KEY), self._session, self.thresholds)):
+            raise UserError(f"{self.path.name} is not safe to use here: {reason}")
 
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
         """(N, classes) probabilities for image files, cropped to `crops` if given (decoded in workers when there
@@ -379,12 +343,13 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
         raise UserError(f"no such run folder: {run_dir}")
     if engine != "auto":
         return _export_predictor(run_dir, engine)
-    for kind in EXPORT_FILES:
-        if (run_dir / EXPORT_FILES[kind]).is_file():
-            try:
-                return _export_predictor(run_dir, kind)
-            except UserError as exc:
-                print_warning("warning:", str(exc))
+    kinds = [kind for kind in EXPORT_FILES if (run_dir / EXPORT_FILES[kind]).is_file()]
+    for position, kind in enumerate(kinds):
+        try:
+            return _export_predictor(run_dir, kind)
+        except UserError as exc:
+            fallback = EXPORT_FILES[kinds[position + 1]] if position + 1 < len(kinds) else "PyTorch"
+            print_warning("warning:", f"{exc}; using {fallback} instead")
     return Run(run_dir)
 
 

@@ -27,7 +27,6 @@ from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.progress import Reporter
 
-ENGINES = ("auto", "openvino", "onnx", "torch")
 ENGINE_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}
 PARITY_TOLERANCE = 1e-3  # max |feature difference| relative to the features' scale
 PARITY_IMAGES = 8  # compared with eager fp32 before a compiled engine is trusted (eager on a full batch costs memory)

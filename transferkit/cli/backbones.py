@@ -4,25 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import timm
-import torch
 import typer
 from rich.table import Table
 
 from transferkit.cli.main import app
 from transferkit.cli.output import JSON, print_json, print_predictions, report_skipped
-from transferkit.models.registry import (
-    BACKBONES,
-    DEFAULT_BACKBONE,
-    count_parameters,
-    create_imagenet_model,
-    get_backbone,
-    has_offline_weights,
-)
+from transferkit.options import DEFAULT_BACKBONE
 from transferkit.progress import console
 
 
 def backbone_rows() -> list[dict]:
+    import timm
+
+    from transferkit.models.registry import BACKBONES, count_parameters, has_offline_weights
+
     rows = []
     for spec in BACKBONES.values():
         model_cfg = timm.models.get_pretrained_cfg(spec.timm_name)
@@ -72,9 +67,11 @@ def imagenet(
     json_out: JSON = False,
 ) -> None:
     """Top-5 ImageNet classes from the untouched pretrained network."""
+    import torch
     from timm.data import ImageNetInfo
 
     from transferkit.data.transforms import Preprocess, eval_transform
+    from transferkit.models.registry import create_imagenet_model, get_backbone
     from transferkit.run import collect_images, infer_logits, top_predictions
 
     paths, skipped = collect_images(images)

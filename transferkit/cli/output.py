@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from transferkit.data.sources import Skipped
 from transferkit.progress import print_warning
+
+if TYPE_CHECKING:  # the CLI's help must not load image decoding
+    from transferkit.data.sources import Skipped
 
 JSON = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from torchvision.transforms import v2 as T
 
-from transferkit.errors import UserError
+from transferkit.options import Augment
 
 
 @dataclass(frozen=True)
@@ -51,38 +51,6 @@ class Preprocess:
     @property
     def interpolation_mode(self) -> T.InterpolationMode:
         return T.InterpolationMode(self.interpolation)
-
-
-@dataclass(frozen=True)
-class Augment:
-    """The Keras ImageDataGenerator knobs the tutorials use, plus the `strong` policy switch."""
-
-    rotation: float = 0.0  # degrees, sampled in [-rotation, rotation]
-    zoom: float = 0.0  # scale sampled in [1 - zoom, 1 + zoom]
-    width_shift: float = 0.0  # fraction of width
-    height_shift: float = 0.0  # fraction of height
-    shear: float = 0.0  # degrees
-    horizontal_flip: bool = False
-    vertical_flip: bool = False
-    samplewise_center: bool = False  # subtract each image's own mean after normalisation
-    policy: str = "none"  # "none" | "trivial" (TrivialAugmentWide + random resized crop)
-
-    @property
-    def is_identity(self) -> bool:
-        return self == Augment(samplewise_center=self.samplewise_center)
-
-
-AUGMENT_PRESETS: dict[str, Augment] = {
-    "none": Augment(),
-    "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
-    "strong": Augment(horizontal_flip=True, policy="trivial"),
-}
-
-
-def augment_preset(name: str) -> Augment:
-    if name not in AUGMENT_PRESETS:
-        raise UserError(f"unknown augmentation '{name}': choose one of {', '.join(AUGMENT_PRESETS)}")
-    return AUGMENT_PRESETS[name]
 
 
 class SamplewiseCenter(torch.nn.Module):

@@ -12,9 +12,9 @@ from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
 from transferkit.doctor import checks
 from transferkit.doctor.mislabel import likely_mislabeled
 from transferkit.errors import UserError
-from transferkit.features import ENGINES, FeatureExtractor, clean_view
+from transferkit.features import FeatureExtractor, clean_view
 from transferkit.models.pretrained import load_backbone
-from transferkit.models.registry import DEFAULT_BACKBONE
+from transferkit.options import DEFAULT_BACKBONE, ENGINES
 from transferkit.progress import Reporter
 
 # Measured with tf_efficientnet_lite0 (README, doctor): re-encoded (JPEG 75-90), brightened (x1.1) and resized

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import timm
 import torch
 from torch import nn
 
 from transferkit.errors import UserError
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """Global average pooling -> dropout -> (dense N, relu, [batch-norm]) x len(hidden) -> output logits."""
-
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-    batchnorm: bool = False
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "hidden": list(self.hidden)}
+from transferkit.options import HeadSpec
 
 
 def build_head(in_features: int, num_outputs: int, spec: HeadSpec) -> nn.Sequential:

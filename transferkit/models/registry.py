@@ -70,7 +70,6 @@ ALIASES = {
     "legacy_xception": "xception",
     "lite0": "tf_efficientnet_lite0",
 }
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
 def get_backbone(name: str) -> BackboneSpec:

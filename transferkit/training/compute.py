@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from transferkit import cpu
 from transferkit.errors import UserError
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from transferkit.progress import print_warning
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,6 +33,9 @@ class Compute:
             self.precision = "fp16" if self.device.type == "cuda" else "fp32"
         if self.precision == "fp16" and self.device.type != "cuda":
             raise UserError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        if self.precision == "bf16" and self.device.type == "cpu" and not cpu.has_bf16():
+            print_warning("warning:", f"this CPU has no bf16 arithmetic ({cpu.isa_summary()}): bf16 is emulated and "
+                          "slower than fp32 here")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -1,0 +1,45 @@
+"""What this CPU can do, read from /proc/cpuinfo: every recorded figure names it, and CPU-dependent choices read it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import cache
+from pathlib import Path
+
+# The instruction sets that change our numbers: AVX-512 and AVX2 speed, VNNI int8 (without it u8 x s8 sums
+# saturate), BF16/AMX bf16 arithmetic in hardware rather than emulated.
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vnni": "AVX-VNNI",
+             "avx512_bf16": "BF16", "amx_bf16": "AMX-BF16"}
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux: nothing known, so nothing assumed
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+
+
+def isa_summary() -> str:
+    """e.g. 'AVX2 AVX-512 VNNI BF16' or 'AVX2': the flags that matter here, in a fixed order."""
+    flags = cpu_flags()
+    return " ".join(name for flag, name in ISA_FLAGS.items() if flag in flags) or "no AVX2"
+
+
+def has_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def describe() -> str:
+    """One line for logs and benchmark tables: model, the flags that matter, usable cores."""
+    return f"{cpu_model()} ({isa_summary()}), {len(os.sched_getaffinity(0))} cores"

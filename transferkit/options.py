@@ -1,0 +1,49 @@
+"""The choices a configuration names, without PyTorch: `config.py`, the CLI's help and its validation import this,
+and the modules that act on a choice import it from here too, so `transferkit --help` loads no torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+ENGINES = ("auto", "openvino", "onnx", "torch")  # what runs the frozen backbone for features
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Global average pooling -> dropout -> (dense N, relu, [batch-norm]) x len(hidden) -> output logits."""
+
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+    batchnorm: bool = False
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "hidden": list(self.hidden)}
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The Keras ImageDataGenerator knobs the tutorials use, plus the `strong` policy switch."""
+
+    rotation: float = 0.0  # degrees, sampled in [-rotation, rotation]
+    zoom: float = 0.0  # scale sampled in [1 - zoom, 1 + zoom]
+    width_shift: float = 0.0  # fraction of width
+    height_shift: float = 0.0  # fraction of height
+    shear: float = 0.0  # degrees
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    samplewise_center: bool = False  # subtract each image's own mean after normalisation
+    policy: str = "none"  # "none" | "trivial" (TrivialAugmentWide + random resized crop)
+
+    @property
+    def is_identity(self) -> bool:
+        return self == Augment(samplewise_center=self.samplewise_center)
+
+
+AUGMENT_PRESETS: dict[str, Augment] = {
+    "none": Augment(),
+    "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
+    "strong": Augment(horizontal_flip=True, policy="trivial"),
+}
