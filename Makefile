@@ -24,4 +24,5 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	bash -n tools/ensure_chromium.sh bench/gpu_check.sh
