@@ -51,7 +51,8 @@ def gather(run: Run) -> dict:
         "title": run.path.resolve().name,
         "classes": run.classes,
         "dataset": dataset_section(run.path, run.classes, metrics, label_set if run.multilabel else None),
-        "training": training_section(run.path),
+        "training": training_section(run.path, run.meta.get("kept")),
+        "notes": evaluation_notes(metrics),
         **(multilabel_sections(metrics) if run.multilabel else single_label_sections(run, metrics)),
         "model": model_section(run),
         "leaderboard": leaderboard_section(run.path),
@@ -98,13 +99,35 @@ def dataset_section(folder: Path, classes: list[str], metrics: dict | None,
             "skipped_total": None if skipped is None else len(skipped)}
 
 
-def training_section(folder: Path) -> dict:
+def training_section(folder: Path, kept: dict | None) -> dict:
+    """Each stage's curves, the kept epoch marked, and in words which weights are the model and why."""
     path = folder / "history.csv"
     history = read_history(path) if path.is_file() else []
     if not history:
         return missing("no training history (history.csv is missing or empty): this run was not trained here")
-    stages = [{"title": STAGE_TITLES.get(stage, stage), "uri": uri} for stage, uri in stage_curves(history)]
-    return {"stages": stages, "history": history}
+    stages = [{"title": STAGE_TITLES.get(stage, stage), "uri": uri} for stage, uri in stage_curves(history, kept)]
+    marked = [{**row, "kept": bool(kept) and (row["stage"], int(row["epoch"])) == (kept["stage"], kept["epoch"])}
+              for row in history]
+    return {"stages": stages, "history": marked, "kept": kept["reason"] if kept else None}
+
+
+def evaluation_notes(metrics: dict | None) -> list[str]:
+    """What the figures are over and what may flatter them: the split's role, copies of training images, an
+    undefined AUC. Lines of text above the metrics table."""
+    if metrics is None:
+        return []
+    notes = [f"evaluated: {metrics['split_note']}"] if metrics.get("split_note") else []
+    leaked = metrics.get("leaked_from_train")
+    if leaked and leaked["count"]:
+        without = "—" if leaked["accuracy_without"] is None else f"{leaked['accuracy_without']:.4f}"
+        notes.append(f"{leaked['count']} of {leaked['of']} {metrics['split']} images are byte-identical copies of "
+                     f"training images: accuracy with them {leaked['accuracy_with']:.4f}, without them {without}"
+                     + (" (left out of the figures here)" if leaked["dropped"] else ""))
+    elif leaked is None and metrics.get("leak_check"):
+        notes.append(f"copies of training images: {metrics['leak_check']}")
+    if metrics.get("auc_note"):
+        notes.append(f"ROC AUC {metrics['auc_note']}")
+    return notes
 
 
 def metrics_section(metrics: dict | None) -> dict:

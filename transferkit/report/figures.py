@@ -41,10 +41,10 @@ def image_uri(image: Image.Image, max_px: int = THUMBNAIL_PX) -> str:
     return data_uri("image/jpeg", buffer.getvalue())
 
 
-def stage_curves(history: list[dict]) -> list[tuple[str, str]]:
-    """(stage, loss-and-accuracy figure) for each stage in training order."""
+def stage_curves(history: list[dict], kept: dict | None = None) -> list[tuple[str, str]]:
+    """(stage, loss-and-accuracy figure) for each stage in training order, the kept epoch marked in its stage."""
     stages = list(dict.fromkeys(row["stage"] for row in history))
-    return [(stage, figure_uri(lambda out, s=stage: plot_curves([r for r in history if r["stage"] == s], out)))
+    return [(stage, figure_uri(lambda out, s=stage: plot_curves([r for r in history if r["stage"] == s], out, kept)))
             for stage in stages]
 
 
