@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transferkit.run import Run
 
 STAGE_TITLES = {"frozen": "Stage 1: the new head on the frozen backbone", "finetune": "Stage 2: fine-tuning"}
+UNDONE = " (undone: the model is the frozen stage's head, see above)"
 SKIPPED_SHOWN = 100
 CONFUSION_TABLE_MAX = 30  # classes; beyond this the figure alone (its cells unlabelled) is readable
 NO_PREDICTIONS = ("no predictions.csv in the run folder: `transferkit report RUN --data DATA` (or `transferkit "
@@ -105,7 +106,9 @@ def training_section(folder: Path, kept: dict | None) -> dict:
     history = read_history(path) if path.is_file() else []
     if not history:
         return missing("no training history (history.csv is missing or empty): this run was not trained here")
-    stages = [{"title": STAGE_TITLES.get(stage, stage), "uri": uri} for stage, uri in stage_curves(history, kept)]
+    stages = [{"title": STAGE_TITLES.get(stage, stage) + (UNDONE if kept and kept["stage"] != stage == "finetune"
+                                                          else ""), "uri": uri}
+              for stage, uri in stage_curves(history, kept)]
     marked = [{**row, "kept": bool(kept) and (row["stage"], int(row["epoch"])) == (kept["stage"], kept["epoch"])}
               for row in history]
     return {"stages": stages, "history": marked, "kept": kept["reason"] if kept else None}
