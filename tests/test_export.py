@@ -232,3 +232,13 @@ def test_auto_engine_prefers_a_current_int8_export(multiclass, tmp_path, capsys)
 def test_bad_input_is_one_line_and_exit_2(binary, capsys, tmp_path, argv, fragment):
     argv = [a.format(tmp=tmp_path, run=binary / "run") for a in argv]
     fails_with(capsys, argv, fragment)
+
+
+def test_a_refused_int8_export_and_predict_point_the_same_way_out(binary, capsys, monkeypatch, tmp_path):
+    """No circle: the refusal and predict's missing-int8 message both name the fp32 export and --engine onnx."""
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)
+    run_dir = shutil.copytree(binary / "run", tmp_path / "run")
+    fails_with(capsys, ["export", str(run_dir), "--int8"], "refused", "does not quantise well", "--engine onnx")
+    message = fails_with(capsys, ["predict", str(run_dir), str(binary / "data"), "--engine", "int8"],
+                         "no model.int8.onnx", "where it was refused", "--engine onnx")
+    assert "first" not in message

@@ -322,7 +322,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
         check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels, run.thresholds)
         if reason := check.failure(int8):
-            hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
+            hint = (f"; this model does not quantise well: `transferkit export {run.path}` (fp32, no --int8) keeps "
+                    "PyTorch's predictions, then predict with --engine onnx") if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)
     size_mb = target.stat().st_size / 2**20
@@ -390,9 +391,13 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
 
 def _export_predictor(run_dir: Path, kind: str) -> OnnxPredictor:
     path = run_dir / EXPORT_FILES[kind]
+    if not path.is_file() and kind == "int8":  # the export may have been refused: never send the user back there
+        raise UserError(f"{run_dir} has no {path.name}: `transferkit export {run_dir} --int8` writes one only if "
+                        f"int8 keeps PyTorch's predictions (>= {INT8_MIN_AGREEMENT:.0%} agreement on the validation "
+                        f"images); where it was refused, use --engine onnx (after `transferkit export {run_dir}`) "
+                        "or --engine torch")
     if not path.is_file():
-        flag = " --int8" if kind == "int8" else ""
-        raise UserError(f"{run_dir} has no {path.name}: run `transferkit export {run_dir}{flag}` first, "
+        raise UserError(f"{run_dir} has no {path.name}: run `transferkit export {run_dir}` first, "
                         "or use --engine torch")
     predictor = OnnxPredictor(path)
     weights = run_dir / "model.safetensors"
