@@ -180,6 +180,7 @@ def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
         "weights_digest": file_digest(run.path / "model.safetensors"),
         "quantization": "int8 static QDQ, per-channel weights" if int8 else "none",
         "input": "float32 NCHW RGB pixels in [0, 1], resized and centre-cropped as in preprocessing",
+        "preprocessing_rule": run.preprocess.rule(),
         "output": "class probabilities (N, classes)",
         **extra,
     }
