@@ -131,3 +131,19 @@ def test_missing_class_makes_auc_null_with_a_reason_and_precision_undefined():
     assert cherry["precision"] is None and cherry["recall"] is None and cherry["support"] == 0
     assert metrics["per_class"]["banana"]["precision"] == pytest.approx(2 / 3)
     assert "auc_note" not in compute_metrics(np.array([0, 1, 2, 2]), probs, classes)
+
+
+def test_train_cli_warns_of_copies_and_says_fine_tuning_was_undone(tmp_path, tiny_weights, capsys):
+    from tests.test_cli import fast_args
+
+    data, _ = leaky_splits(tmp_path / "data")
+    # a fine-tuning rate far too high: stage 2 cannot beat the frozen head, so its weights are undone
+    args = [*fast_args(tiny_weights), "--epochs-frozen", "6", "--lr", "0.03", "--finetune-lr", "5", "--patience", "0"]
+    assert run_cli(["train", str(data), "--out", str(tmp_path / "run"), *args, "--json"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
+    assert f"warning: {LEAKED} of {metrics['n']} test images are copies of training images" in captured.err
+    assert metrics["kept"]["stage"] == "frozen"
+    assert "kept: fine-tuning did not beat the frozen head" in captured.err
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Stage 2: fine-tuning (undone" in page and metrics["kept"]["reason"] in page

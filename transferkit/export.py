@@ -392,14 +392,11 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
 
 def _export_predictor(run_dir: Path, kind: str) -> OnnxPredictor:
     path = run_dir / EXPORT_FILES[kind]
-    if not path.is_file() and kind == "int8":  # the export may have been refused: never send the user back there
-        raise UserError(f"{run_dir} has no {path.name}: `transferkit export {run_dir} --int8` writes one only if "
-                        f"int8 keeps PyTorch's predictions (>= {INT8_MIN_AGREEMENT:.0%} agreement on the validation "
-                        f"images); where it was refused, use --engine onnx (after `transferkit export {run_dir}`) "
-                        "or --engine torch")
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no {path.name}: run `transferkit export {run_dir}` first, "
-                        "or use --engine torch")
+    if not path.is_file():  # an int8 export may have been refused: never send the user back there in a circle
+        how = (f"`transferkit export {run_dir} --int8` writes one only if int8 keeps PyTorch's predictions (>= "
+               f"{INT8_MIN_AGREEMENT:.0%} agreement); where it was refused, use --engine onnx (after `transferkit "
+               f"export {run_dir}`)") if kind == "int8" else f"run `transferkit export {run_dir}` first"
+        raise UserError(f"{run_dir} has no {path.name}: {how}, or use --engine torch")
     predictor = OnnxPredictor(path)
     weights = run_dir / "model.safetensors"
     if weights.is_file() and predictor.metadata.get("weights_digest") not in (None, file_digest(weights)):

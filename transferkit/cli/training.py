@@ -45,6 +45,8 @@ def parse_hidden(value: str | None) -> list[int] | None:
 
 
 def print_metrics_summary(metrics: dict) -> None:
+    if metrics.get("split_note"):  # which images, and what they were to training (a val figure chose the epoch)
+        console.print(f"evaluated: {metrics['split_note']}")
     if metrics.get("task") == "multilabel":
         from transferkit.multilabel import summary_line
 
@@ -56,8 +58,6 @@ def print_metrics_summary(metrics: dict) -> None:
     if metrics.get("auc") is not None:
         parts.append(f"AUC {metrics['auc']:.4f}")
     parts.append(f"loss {metrics['loss']:.4f} (n={metrics['n']})")
-    if metrics.get("split_note"):  # which images, and what they were to training (a val figure chose the epoch)
-        console.print(f"evaluated: {metrics['split_note']}")
     console.print(", ".join(parts))
 
 
