@@ -51,7 +51,8 @@ def choose_scope(index: DatasetIndex, split: str | None, own: bool) -> Scope:
                                             "trained on (--split to score one split of it)")
     split = split or ("test" if index.split("test") else "val")
     if split == "all":
-        return Scope("all", index.samples, f"all {total} images of {index.root}, as asked")
+        whose = ", its training images included" if own else ""
+        return Scope("all", index.samples, f"all {total} images of {index.root}, as asked{whose}")
     samples = index.split(split)
     why = ROLES[split] if own else "as asked; this is not the run's own split of it"
     return Scope(split, samples, f"{split} split, {len(samples)} of {total} images: {why}")
