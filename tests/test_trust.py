@@ -56,6 +56,8 @@ def test_train_counts_test_images_copied_from_training(leaky_run):
     assert leaked["accuracy_without"] == pytest.approx(hits[clean].mean())
     page = (run.path / "report.html").read_text()
     assert f"{LEAKED} of {metrics['n']} test images are byte-identical copies of training images" in page
+    row = f"<tr><th>accuracy without the {LEAKED} copies of training images</th><td>{leaked['accuracy_without']:.4f}"
+    assert row in page
 
 
 def test_drop_leaks_scores_without_the_copies(leaky_run, capsys):

@@ -140,8 +140,9 @@ def metrics_section(metrics: dict | None) -> dict:
     counts = np.asarray(metrics["confusion_matrix"])
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return {
-        "summary": [("accuracy", metrics["accuracy"]), ("top-5 accuracy", metrics.get("top5_accuracy")),
-                    ("ROC AUC", metrics.get("auc")), ("log loss", metrics["loss"])],
+        "summary": [("accuracy", metrics["accuracy"]), *leak_free_row(metrics),
+                    ("top-5 accuracy", metrics.get("top5_accuracy")), ("ROC AUC", metrics.get("auc")),
+                    ("log loss", metrics["loss"])],
         "auc": metrics.get("auc"),
         "n": metrics["n"],
         "split": metrics["split"],
@@ -151,6 +152,14 @@ def metrics_section(metrics: dict | None) -> dict:
         "confusion_tables": len(classes) <= CONFUSION_TABLE_MAX,
         "classes": classes,
     }
+
+
+def leak_free_row(metrics: dict) -> list[tuple[str, float | None]]:
+    """The figure without copies of training images, beside the one with them (none when there are none)."""
+    leaked = metrics.get("leaked_from_train")
+    if not leaked or not leaked["count"] or leaked["dropped"]:
+        return []
+    return [(f"accuracy without the {leaked['count']} copies of training images", leaked["accuracy_without"])]
 
 
 def roc_section(pred: Predictions | None, classes: list[str]) -> dict:

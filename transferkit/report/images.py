@@ -25,6 +25,7 @@ GALLERY_EACH = 6  # correct and wrong images with Grad-CAM: the report's only ba
 TOP_LOSSES = 12
 SIMILARITY_MAX = 24  # images in the heatmap: more cells than this cannot be read
 OVERLAY_PX = 192
+SIMILARITY_PX = 96
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def similarity_section(run: Run, pred: Predictions) -> dict:
     matrix = cosine_matrix(embed_images(run, [pred.paths[i] for i, _ in kept], cache=False, crops=crops))
     labels = numbered([run.classes[pred.y_true[i]] for i, _ in kept])
     uri = figure_uri(lambda out: plot_similarity(matrix, labels, out))
-    thumbnails = [{"uri": image_uri(image, 96), "label": label, "name": Path(pred.paths[i]).name}
+    thumbnails = [{"uri": image_uri(image, SIMILARITY_PX), "label": label, "name": Path(pred.paths[i]).name,
+                   "note": upscale_note(image.size, SIMILARITY_PX)}
                   for (i, image), label in zip(kept, labels, strict=True)]
     omitted = max(0, n_classes - SIMILARITY_MAX)
     return {"uri": uri, "thumbnails": thumbnails, "omitted_classes": omitted, "unreadable": unreadable}
