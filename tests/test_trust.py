@@ -90,6 +90,9 @@ def test_evaluate_on_other_data_scores_every_image(leaky_run, tmp_path, capsys):
     assert run_cli(["evaluate", str(run.path), str(other), "--split", "val", "--json"]) == 0
     subset = json.loads(capsys.readouterr().out)
     assert subset["split"] == "val" and subset["n"] < 19 and "not the run's own split" in subset["split_note"]
+    shutil.rmtree(other / "class_2")
+    assert run_cli(["evaluate", str(run.path), str(other)]) == 0
+    assert "AUC undefined: no class_2 images in the evaluated split" in capsys.readouterr().err
 
 
 def test_evaluate_on_own_data_names_the_role_of_val(tmp_path, dataset, tiny_weights, capsys):

@@ -57,6 +57,8 @@ def print_metrics_summary(metrics: dict) -> None:
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
     if metrics.get("auc") is not None:
         parts.append(f"AUC {metrics['auc']:.4f}")
+    elif metrics.get("auc_note"):
+        parts.append(f"AUC {metrics['auc_note']}")
     parts.append(f"loss {metrics['loss']:.4f} (n={metrics['n']})")
     console.print(", ".join(parts))
 
