@@ -126,7 +126,7 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
     resuming = resume_split is not None
     if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
-        return _evaluate_and_report(Run(out), index) if ranks.main else None
+        return _evaluate_and_report(Run(out), index, cfg.drop_leaks, reporter) if ranks.main else None
     if not resuming and ranks.main:
         prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
@@ -169,18 +169,19 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
             reporter.warn("interrupted: saving the best model so far")
     if not ranks.main:
         return None
-    if keeper.best_epoch:
-        reporter.log(f"best {cfg.monitor} {keeper.best:.4f} at {keeper.best_epoch[0]} epoch {keeper.best_epoch[1]}")
+    kept = kept_weights(keeper, cfg, interrupted)
+    if kept:
+        reporter.log(f"kept: {kept['reason']}")
     save_weights(model.cpu(), out / "model.safetensors")
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
-    meta.update(task_meta(model, index, val_data, pre, cfg))
+    meta.update(task_meta(model, index, val_data, pre, cfg), **({"kept": kept} if kept else {}))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     if interrupted:
         raise KeyboardInterrupt
     checkpoints.remove()
-    return _evaluate_and_report(Run(out), index)
+    return _evaluate_and_report(Run(out), index, cfg.drop_leaks, reporter)
 
 
 def scaled_for(cfg: TrainConfig, ranks: Ranks, reporter: Reporter) -> TrainConfig:
@@ -204,10 +205,37 @@ def _finished_training(out: Path) -> bool:
         return False
 
 
-def _evaluate_and_report(run: Run, index: DatasetIndex) -> Run:
-    run.evaluate(index)
+def _evaluate_and_report(run: Run, index: DatasetIndex, drop_leaks: bool, reporter: Reporter) -> Run:
+    warn_leaks(run.evaluate(index, drop_leaks=drop_leaks), reporter)
     write_report(run)
     return run
+
+
+def warn_leaks(metrics: dict, reporter: Reporter) -> None:
+    """One line when evaluated images are byte-identical copies of training images: the figure flatters the model."""
+    leaked = metrics.get("leaked_from_train")
+    if not leaked or not leaked["count"]:
+        return
+    without = leaked["accuracy_without"]
+    accuracy = f"accuracy without them {without:.4f}" if without is not None else "none is left without them"
+    action = "left out (--drop-leaks)" if leaked["dropped"] else \
+        f"counted; {accuracy}, with them {leaked['accuracy_with']:.4f} (--drop-leaks leaves them out)"
+    reporter.warn(f"{leaked['count']} of {leaked['of']} {metrics['split']} images are copies of training images: "
+                  f"{action}")
+
+
+def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dict | None:
+    """Which epoch of which stage the saved weights are from, and why (meta.json's and metrics.json's `kept`)."""
+    if not keeper.best_epoch:
+        return None
+    stage, epoch = keeper.best_epoch
+    best = f"best {cfg.monitor} {keeper.best:.4f}"
+    if stage == "frozen" and cfg.epochs_finetune and not interrupted:
+        reason = (f"fine-tuning did not beat the frozen head ({best} at frozen epoch {epoch}): the head from frozen "
+                  f"epoch {epoch} was kept")
+    else:
+        reason = f"{best} at {stage} epoch {epoch}: those weights were kept"
+    return {"stage": stage, "epoch": epoch, "monitor": cfg.monitor, "value": keeper.best, "reason": reason}
 
 
 def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig) -> dict:

@@ -75,6 +75,8 @@ class TrainConfig:
     # several processes (accelerate launch): batch_size is per process; the global batch is N times larger
     scale_lr: bool = False  # multiply the learning rates by the number of processes (the linear scaling rule)
     sync_bn: bool = False  # batch-norm statistics over the global batch while fine-tuning them (GPUs only)
+    # evaluation
+    drop_leaks: bool = False  # score held-out images without those byte-identical to a training image
 
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)

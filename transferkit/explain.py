@@ -83,13 +83,18 @@ def model_view(image: Image.Image, pre: Preprocess) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
-def overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Blend a jet-coloured heatmap over the image (red: strongest evidence for the class)."""
+HEAT_MAP = "inferno"  # perceptually ordered (dark to bright yellow); jet's uniform blue wash hid the photo's colours
+
+
+def overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.6) -> Image.Image:
+    """Blend an inferno heatmap over the image, as opaque as the evidence is strong (bright yellow: the strongest),
+    so where the class finds no evidence the photo shows with its own colours."""
     from matplotlib import colormaps
 
-    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+    strength = np.clip(cam, 0, 1)[..., None]
+    heat = colormaps[HEAT_MAP](strength[..., 0])[..., :3]
     base = np.asarray(view.convert("RGB"), dtype=np.float32) / 255
-    mixed = (1 - alpha) * base + alpha * heat
+    mixed = (1 - alpha * strength) * base + alpha * strength * heat
     return Image.fromarray((mixed * 255).round().astype(np.uint8))
 
 

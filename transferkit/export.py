@@ -133,6 +133,7 @@ def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
         "weights_digest": file_digest(run.path / "model.safetensors"),
         "quantization": "int8 static QDQ, per-channel weights" if int8 else "none",
         "input": "float32 NCHW RGB pixels in [0, 1], resized and centre-cropped as in preprocessing",
+        "preprocessing_rule": run.preprocess.rule(),
         "output": "class probabilities (N, classes)",
         **extra,
     }
@@ -280,7 +281,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         reference, outputs = _outputs(wrapper, pixels), _outputs(candidate, pixels)
         check = compare(reference, outputs, labels, run.thresholds)
         if reason := check.failure(int8):
-            hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
+            hint = (f"; this model does not quantise well: `transferkit export {run.path}` (fp32, no --int8) keeps "
+                    "PyTorch's predictions, then predict with --engine onnx") if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)
         if int8:
@@ -355,10 +357,11 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
 
 def _export_predictor(run_dir: Path, kind: str) -> OnnxPredictor:
     path = run_dir / EXPORT_FILES[kind]
-    if not path.is_file():
-        flag = " --int8" if kind == "int8" else ""
-        raise UserError(f"{run_dir} has no {path.name}: run `transferkit export {run_dir}{flag}` first, "
-                        "or use --engine torch")
+    if not path.is_file():  # an int8 export may have been refused: never send the user back there in a circle
+        how = (f"`transferkit export {run_dir} --int8` writes one only if int8 keeps PyTorch's predictions (>= "
+               f"{INT8_MIN_AGREEMENT:.0%} agreement); where it was refused, use --engine onnx (after `transferkit "
+               f"export {run_dir}`)") if kind == "int8" else f"run `transferkit export {run_dir}` first"
+        raise UserError(f"{run_dir} has no {path.name}: {how}, or use --engine torch")
     predictor = OnnxPredictor(path)
     weights = run_dir / "model.safetensors"
     if weights.is_file() and predictor.metadata.get("weights_digest") not in (None, file_digest(weights)):

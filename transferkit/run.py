@@ -26,6 +26,7 @@ from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
 from transferkit.fileio import atomic_path, atomic_write
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
+from transferkit.scope import check_leaks, choose_scope, is_own_data, leak_record
 from transferkit.training.compute import resolve_device
 from transferkit.training.loop import EpochLog, StepLog, evaluate_logits, probabilities
 
@@ -206,29 +207,53 @@ class Run:
         paths, boxes, skipped = collect_inputs(inputs)
         return prediction_records(self, paths, boxes, top_k), skipped
 
-    def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True) -> dict:
-        """Metrics on one split of a dataset (default: test if it has one, else val; "all" for every image);
-        writes metrics.json, predictions.csv and the figures into the run folder."""
+    def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True,
+                 drop_leaks: bool = False) -> dict:
+        """Metrics on the data: one split of the run's own data (default: test if it has one, else val), every
+        image of other data, or what `split` names ("all": every image). Images copied from training are counted
+        (`leaked_from_train`, with the accuracy without them) and left out with `drop_leaks`. Writes
+        metrics.json, predictions.csv and the figures into the run folder."""
         index = data if isinstance(data, DatasetIndex) else scan_dataset(data, **self.meta["data_split"])
-        split = split or ("test" if index.split("test") else "val")
-        samples = index.samples if split == "all" else index.split(split)
-        self._check_labels(index, samples, split)
+        own = is_own_data(self.path, index)
+        scope = choose_scope(index, split, own)
+        self._check_labels(index, scope.samples, scope.split)
+        check_leaks(scope, index, self.path, own)
+        samples = scope.samples
         paths, crops = [s.path for s in samples], crop_regions([s.box for s in samples], self.box_margin)
         probs = self.probabilities(paths, crops)
         y_true = targets_of(samples, index.labels_of, self.classes, self.multilabel).numpy()
-        if self.multilabel:
-            metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
-            predicted = multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
-        else:
-            metrics = compute_metrics(y_true, probs, self.classes)
-            predicted = [self.classes[int(p.argmax())] for p in probs]
-        metrics.update(split=split, skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
+        kept = np.ones(len(samples), dtype=bool)
+        if drop_leaks and scope.leaked:
+            kept[scope.leaked] = False
+            if not kept.any():
+                raise UserError(f"every one of the {len(samples)} evaluated images is a copy of a training image: "
+                                "nothing is left to score without them")
+        metrics, predicted = self._score(y_true[kept], probs[kept])
+        metrics.update(split=scope.split, split_note=scope.note, **leak_record(scope, kept, self._hits(y_true, probs)),
+                       skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
+        if "kept" in self.meta:  # which epoch's weights these are
+            metrics["kept"] = self.meta["kept"]
         if write:
             self.write_metrics(metrics)
-            write_predictions(self.path / "predictions.csv", paths, [s.label for s in samples], predicted, probs,
-                              self.classes, crops)
+            chosen = [s for s, keep in zip(samples, kept, strict=True) if keep]
+            write_predictions(self.path / "predictions.csv", [s.path for s in chosen], [s.label for s in chosen],
+                              predicted, probs[kept], self.classes, [c for c, k in zip(crops, kept, strict=True) if k]
+                              if crops else None)
         self.metrics = metrics
         return metrics
+
+    def _score(self, y_true: np.ndarray, probs: np.ndarray) -> tuple[dict, list[str]]:
+        """Metrics and the predicted label(s) of each image."""
+        if self.multilabel:
+            metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
+            return metrics, multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
+        return compute_metrics(y_true, probs, self.classes), [self.classes[int(p.argmax())] for p in probs]
+
+    def _hits(self, y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Whether each image is right: its top class, or (multi-label) exactly its label set."""
+        if self.multilabel:
+            return (multilabel.decide(probs, self.thresholds) == (y_true > 0.5)).all(axis=1)
+        return probs.argmax(axis=1) == y_true
 
     def _check_labels(self, index: DatasetIndex, samples: list[Sample], split: str) -> None:
         """The data must be of this run's kind (multi-label or not), with only classes it knows, and not empty."""
@@ -246,7 +271,7 @@ class Run:
             plot_confusion(metrics["confusion_matrix"], self.classes, self.path / "confusion.png")
         history_path = self.path / "history.csv"
         if history_path.is_file() and (history := read_history(history_path)):
-            plot_curves(history, self.path / "curves.png")
+            plot_curves(history, self.path / "curves.png", self.meta.get("kept"))
 
 
 def image_loader(paths: list[str], transform, batch_size: int = 32, crops: list[Box | None] | None = None

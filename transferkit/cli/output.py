@@ -25,6 +25,8 @@ BATCH_SIZE = Annotated[int | None, typer.Option(help="Images per step.")]
 VAL_SPLIT = Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")]
 TEST_SPLIT = Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")]
 DEVICE = Annotated[str | None, typer.Option(help="auto (CUDA when available), cpu or cuda.")]
+DROP_LEAKS = Annotated[bool, typer.Option(
+    "--drop-leaks", help="Score held-out images without the byte-identical copies of training images.")]
 OVERWRITE = Annotated[bool, typer.Option(help="Replace an existing run in --out.")]
 ENGINE = Annotated[str, typer.Option(help="auto (the int8 export, else the fp32 one, else torch), int8, onnx, torch.")]
 

@@ -14,6 +14,7 @@ from transferkit.cli.output import (
     CACHE_DIR,
     CONFIG,
     DEVICE,
+    DROP_LEAKS,
     ENGINE,
     IMAGE_SIZE,
     JSON,
@@ -44,6 +45,8 @@ def parse_hidden(value: str | None) -> list[int] | None:
 
 
 def print_metrics_summary(metrics: dict) -> None:
+    if metrics.get("split_note"):  # which images, and what they were to training (a val figure chose the epoch)
+        console.print(f"evaluated: {metrics['split_note']}")
     if metrics.get("task") == "multilabel":
         from transferkit.multilabel import summary_line
 
@@ -54,6 +57,8 @@ def print_metrics_summary(metrics: dict) -> None:
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
     if metrics.get("auc") is not None:
         parts.append(f"AUC {metrics['auc']:.4f}")
+    elif metrics.get("auc_note"):
+        parts.append(f"AUC {metrics['auc_note']}")
     parts.append(f"loss {metrics['loss']:.4f} (n={metrics['n']})")
     console.print(", ".join(parts))
 
@@ -99,6 +104,7 @@ def train(
     accumulate: Annotated[int | None, typer.Option(help="Gradient accumulation: step every N batches.")] = None,
     cache_dir: CACHE_DIR = None,
     no_cache: NO_CACHE = False,
+    drop_leaks: DROP_LEAKS = False,
     overwrite: OVERWRITE = False,
     quiet: QUIET = False,
     json_out: JSON = False,
@@ -134,6 +140,7 @@ def train(
         checkpoint_every=checkpoint_every,
         cache_dir=cache_dir,
         cache=False if no_cache else None,
+        drop_leaks=True if drop_leaks else None,
     )
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         if resume is None:  # bad options and a missing DATA fail here, once, not in every process
@@ -169,18 +176,24 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     data: Annotated[str, typer.Argument(help="Image folder or CSV to evaluate on.")],
-    split: Annotated[str | None, typer.Option(help="train, val, test or all (default: test if any, else val).")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train, val, test or all.", show_default="the run's own data: test if any, else val; other data: all")
+    ] = None,
+    drop_leaks: DROP_LEAKS = False,
     json_out: JSON = False,
 ) -> None:
     """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json, predictions.csv,
     figures and report.html."""
+    from transferkit.api import warn_leaks
+    from transferkit.progress import Reporter
     from transferkit.report import write_report
     from transferkit.run import Run
 
     if split not in (None, "train", "val", "test", "all"):
         raise UserError(f"--split must be train, val, test or all, not '{split}'")
     loaded = Run(run)
-    metrics = loaded.evaluate(data, split)
+    metrics = loaded.evaluate(data, split, drop_leaks=drop_leaks)
+    warn_leaks(metrics, Reporter())
     write_report(loaded)
     report_skipped_dicts(metrics["skipped_files"])
     print_json(metrics) if json_out else print_metrics_summary(metrics)

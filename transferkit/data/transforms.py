@@ -52,6 +52,16 @@ class Preprocess:
     def interpolation_mode(self) -> T.InterpolationMode:
         return T.InterpolationMode(self.interpolation)
 
+    def rule(self) -> str:
+        """eval_transform in words, exactly enough to re-implement with PIL and numpy (docs/preprocessing.md)."""
+        return (f"decode to 8-bit RGB (EXIF orientation applied, transparency composited on white); resize with PIL "
+                f"Image.resize(resample={self.interpolation.upper()}) so the shorter side is "
+                f"R = int({self.image_size} / {self.crop_pct}) = {self.resize_size} px and the longer side "
+                f"int(R * longer / shorter) px (no resize when the size is already that); centre-crop "
+                f"{self.image_size}x{self.image_size} px at left = round((width - {self.image_size}) / 2), "
+                f"top = round((height - {self.image_size}) / 2) (Python's round: halves to even); no padding; "
+                f"float32 pixels / 255 in [0, 1], NCHW; the model subtracts mean and divides by std itself")
+
 
 class SamplewiseCenter(torch.nn.Module):
     """Keras' samplewise_center: each image minus its own mean, removing global brightness."""

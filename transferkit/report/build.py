@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transferkit.run import Run
 
 STAGE_TITLES = {"frozen": "Stage 1: the new head on the frozen backbone", "finetune": "Stage 2: fine-tuning"}
+UNDONE = " (undone: the model is the frozen stage's head, see above)"
 SKIPPED_SHOWN = 100
 CONFUSION_TABLE_MAX = 30  # classes; beyond this the figure alone (its cells unlabelled) is readable
 NO_PREDICTIONS = ("no predictions.csv in the run folder: `transferkit report RUN --data DATA` (or `transferkit "
@@ -51,7 +52,8 @@ def gather(run: Run) -> dict:
         "title": run.path.resolve().name,
         "classes": run.classes,
         "dataset": dataset_section(run.path, run.classes, metrics, label_set if run.multilabel else None),
-        "training": training_section(run.path),
+        "training": training_section(run.path, run.meta.get("kept")),
+        "notes": evaluation_notes(metrics),
         **(multilabel_sections(metrics) if run.multilabel else single_label_sections(run, metrics)),
         "model": model_section(run),
         "leaderboard": leaderboard_section(run.path),
@@ -98,13 +100,37 @@ def dataset_section(folder: Path, classes: list[str], metrics: dict | None,
             "skipped_total": None if skipped is None else len(skipped)}
 
 
-def training_section(folder: Path) -> dict:
+def training_section(folder: Path, kept: dict | None) -> dict:
+    """Each stage's curves, the kept epoch marked, and in words which weights are the model and why."""
     path = folder / "history.csv"
     history = read_history(path) if path.is_file() else []
     if not history:
         return missing("no training history (history.csv is missing or empty): this run was not trained here")
-    stages = [{"title": STAGE_TITLES.get(stage, stage), "uri": uri} for stage, uri in stage_curves(history)]
-    return {"stages": stages, "history": history}
+    stages = [{"title": STAGE_TITLES.get(stage, stage) + (UNDONE if kept and kept["stage"] != stage == "finetune"
+                                                          else ""), "uri": uri}
+              for stage, uri in stage_curves(history, kept)]
+    marked = [{**row, "kept": bool(kept) and (row["stage"], int(row["epoch"])) == (kept["stage"], kept["epoch"])}
+              for row in history]
+    return {"stages": stages, "history": marked, "kept": kept["reason"] if kept else None}
+
+
+def evaluation_notes(metrics: dict | None) -> list[str]:
+    """What the figures are over and what may flatter them: the split's role, copies of training images, an
+    undefined AUC. Lines of text above the metrics table."""
+    if metrics is None:
+        return []
+    notes = [f"evaluated: {metrics['split_note']}"] if metrics.get("split_note") else []
+    leaked = metrics.get("leaked_from_train")
+    if leaked and leaked["count"]:
+        without = "—" if leaked["accuracy_without"] is None else f"{leaked['accuracy_without']:.4f}"
+        notes.append(f"{leaked['count']} of {leaked['of']} {metrics['split']} images are byte-identical copies of "
+                     f"training images: accuracy with them {leaked['accuracy_with']:.4f}, without them {without}"
+                     + (" (left out of the figures here)" if leaked["dropped"] else ""))
+    elif leaked is None and metrics.get("leak_check"):
+        notes.append(f"copies of training images: {metrics['leak_check']}")
+    if metrics.get("auc_note"):
+        notes.append(f"ROC AUC {metrics['auc_note']}")
+    return notes
 
 
 def metrics_section(metrics: dict | None) -> dict:
@@ -114,8 +140,9 @@ def metrics_section(metrics: dict | None) -> dict:
     counts = np.asarray(metrics["confusion_matrix"])
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return {
-        "summary": [("accuracy", metrics["accuracy"]), ("top-5 accuracy", metrics.get("top5_accuracy")),
-                    ("ROC AUC", metrics.get("auc")), ("log loss", metrics["loss"])],
+        "summary": [("accuracy", metrics["accuracy"]), *leak_free_row(metrics),
+                    ("top-5 accuracy", metrics.get("top5_accuracy")), ("ROC AUC", metrics.get("auc")),
+                    ("log loss", metrics["loss"])],
         "auc": metrics.get("auc"),
         "n": metrics["n"],
         "split": metrics["split"],
@@ -125,6 +152,14 @@ def metrics_section(metrics: dict | None) -> dict:
         "confusion_tables": len(classes) <= CONFUSION_TABLE_MAX,
         "classes": classes,
     }
+
+
+def leak_free_row(metrics: dict) -> list[tuple[str, float | None]]:
+    """The figure without copies of training images, beside the one with them (none when there are none)."""
+    leaked = metrics.get("leaked_from_train")
+    if not leaked or not leaked["count"] or leaked["dropped"]:
+        return []
+    return [(f"accuracy without the {leaked['count']} copies of training images", leaked["accuracy_without"])]
 
 
 def roc_section(pred: Predictions | None, classes: list[str]) -> dict:

@@ -32,19 +32,39 @@ def figure_uri(draw: Callable[[BinaryIO], None]) -> str:
     return data_uri("image/png", buffer.getvalue())
 
 
+LETTERBOX = (238, 240, 243)  # the page's card background: the bars read as margin, not as part of the photo
+
+
 def image_uri(image: Image.Image, max_px: int = THUMBNAIL_PX) -> str:
-    """A JPEG data URI of the image shrunk to fit max_px (photos: a fraction of a PNG's size)."""
-    small = image.convert("RGB")
-    small.thumbnail((max_px, max_px))
+    """A JPEG data URI (photos: a fraction of a PNG's size) of the image letterboxed into a max_px square, so
+    cards of wide, tall and square images are the same size."""
     buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=85)
+    letterbox(image, max_px).save(buffer, format="JPEG", quality=85)
     return data_uri("image/jpeg", buffer.getvalue())
 
 
-def stage_curves(history: list[dict]) -> list[tuple[str, str]]:
-    """(stage, loss-and-accuracy figure) for each stage in training order."""
+def letterbox(image: Image.Image, px: int) -> Image.Image:
+    """The whole image fitted into a px x px square, centred on LETTERBOX bars. A smaller image is enlarged with
+    nearest-neighbour, so its pixels show as the blocks they are (see `upscale_note`)."""
+    image = image.convert("RGB")
+    scale = min(px / image.width, px / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    fitted = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (px, px), LETTERBOX)
+    canvas.paste(fitted, ((px - size[0]) // 2, (px - size[1]) // 2))
+    return canvas
+
+
+def upscale_note(size: tuple[int, int], shown_px: int) -> str:
+    """A caption for an image shown (or seen by the network) larger than it is; empty when it is not."""
+    width, height = size
+    return f"enlarged: the image is only {width}x{height} px" if max(width, height) < shown_px else ""
+
+
+def stage_curves(history: list[dict], kept: dict | None = None) -> list[tuple[str, str]]:
+    """(stage, loss-and-accuracy figure) for each stage in training order, the kept epoch marked in its stage."""
     stages = list(dict.fromkeys(row["stage"] for row in history))
-    return [(stage, figure_uri(lambda out, s=stage: plot_curves([r for r in history if r["stage"] == s], out)))
+    return [(stage, figure_uri(lambda out, s=stage: plot_curves([r for r in history if r["stage"] == s], out, kept)))
             for stage in stages]
 
 
