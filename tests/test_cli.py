@@ -252,7 +252,7 @@ def test_help_shows_the_defaults_a_config_fills_in(capsys, command):
     from dataclasses import asdict
 
     from transferkit.config import TrainConfig
-    from transferkit.doctor.report import DoctorOptions
+    from transferkit.doctor.options import DoctorOptions
 
     assert run_cli([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())

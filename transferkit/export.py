@@ -23,13 +23,13 @@ from torch import nn
 
 import transferkit
 from transferkit import multilabel
-from transferkit.cache import file_digest
 from transferkit.data.boxes import Box
+from transferkit.data.content import file_digest
 from transferkit.data.transforms import Preprocess
 from transferkit.errors import UserError
 from transferkit.export_check import pixel_batch, pixel_transform, validation_images
 from transferkit.fileio import atomic_path
-from transferkit.parity import PROBES_KEY, Check, compare, make_probes, probe_failure
+from transferkit.parity import INT8_MIN_AGREEMENT, PROBES_KEY, Check, compare, make_probes, probe_failure
 from transferkit.progress import print_warning
 from transferkit.run import Run, image_loader
 from transferkit.training.loop import evaluate_logits, probabilities

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.cache import file_digest
+from transferkit.data.content import file_digest, group_by_content
 from transferkit.data.members import is_shard_member
 from transferkit.data.sources import SPLITS, DatasetIndex, Sample
 
@@ -81,7 +81,6 @@ def saved_train_paths(run_folder: Path) -> list[str]:
 
 def leaked_rows(evaluated: list[str], train: list[str]) -> list[int]:
     """Rows of `evaluated` with the same content as some file of `train` (doctor's exact-duplicate grouping)."""
-    from transferkit.doctor.checks import group_by_content  # noqa: PLC0415 - doctor's package imports its models
 
     groups = group_by_content([file_digest(path) for path in train + evaluated])
     # train rows come first, so a group holds a training image exactly when its first row is one

@@ -42,10 +42,10 @@ def _register_commands() -> None:
 
 def config_defaults() -> dict[str, dict]:
     """Per command, the defaults of options left None on the command line so a recipe or config file can fill them."""
-    from dataclasses import asdict  # noqa: PLC0415 - only `--help` needs these (config imports torch)
+    from dataclasses import asdict
 
-    from transferkit.config import TrainConfig  # noqa: PLC0415
-    from transferkit.doctor.report import DoctorOptions  # noqa: PLC0415
+    from transferkit.config import TrainConfig
+    from transferkit.doctor.options import DoctorOptions
 
     train = asdict(TrainConfig())
     return {"train": train, "auto": train, "lr-find": train, "doctor": asdict(DoctorOptions())}

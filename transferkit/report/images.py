@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from transferkit.cache import file_digest
 from transferkit.data.boxes import Box
+from transferkit.data.content import file_digest
 from transferkit.data.loader import load_image
 from transferkit.errors import UnreadableImage
 from transferkit.explain import explain_images
