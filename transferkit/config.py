@@ -6,6 +6,8 @@ Recipes reproduce the classic Keras transfer-learning tutorials; `default` is th
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -201,12 +203,45 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _checked(values: dict[str, Any], origin: str) -> dict[str, Any]:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown configuration key(s) in {origin}: {', '.join(unknown)}")
-    return values
+def field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def typed(key: str, value: Any, annotation: str) -> Any:
+    """`value` as the field's type ("int", "float | None", "list[int]", "str", ...), or a UserError."""
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None" and value is None:
+            return None
+        if option == "bool" and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue
+        if option == "int" and isinstance(value, int):
+            return value
+        if option == "float" and isinstance(value, int | float):
+            return float(value)
+        if option == "str" and isinstance(value, str | int | float | os.PathLike):
+            return str(value)  # `unfreeze: 3` reads as a number, and means "3"; a Path is a name
+        if option.startswith("list") and isinstance(value, list) and all(isinstance(v, int) for v in value):
+            return value
+        if option.startswith("dict") and isinstance(value, dict):
+            return value
+    raise UserError(f"configuration key '{key}' expects {annotation}, not {value!r}")
+
+
+def unknown_key(key: str, origin: str) -> UserError:
+    close = difflib.get_close_matches(key, field_types(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (`transferkit config` lists them)"
+    return UserError(f"unknown configuration key '{key}' in {origin}{hint}")
+
+
+def checked(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Known keys only, each value of its field's type."""
+    types = field_types()
+    for key in values:
+        if key not in types:
+            raise unknown_key(key, origin)
+    return {key: typed(key, value, types[key]) for key, value in values.items()}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -219,7 +254,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    return _checked(values, str(path))
+    return checked(values, str(path))
 
 
 def resolve_config(recipe: str | None = None, config_file: str | None = None, **overrides: Any) -> TrainConfig:
@@ -229,7 +264,7 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, **
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe '{recipe}': choose one of {', '.join(RECIPES)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    values = {**RECIPES[recipe], **file_values, **_checked(given, "arguments"), "recipe": recipe}
+    values = {**RECIPES[recipe], **file_values, **checked(given, "arguments"), "recipe": recipe}
     try:
         config = TrainConfig(**values)
     except TypeError as exc:

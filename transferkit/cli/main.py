@@ -28,6 +28,7 @@ def _register_commands() -> None:
     from transferkit.cli import (  # noqa: F401
         auto,
         backbones,
+        config,
         demo,
         doctor,
         export,

@@ -20,6 +20,8 @@ CACHE_DIR = Annotated[str | None, typer.Option(help="Feature cache folder ($TRAN
 NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Compute features afresh; use no cache.")]
 RECIPE = Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")]
 CONFIG = Annotated[str | None, typer.Option(help="YAML file of configuration keys.")]
+SETTINGS = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="Any configuration key, repeatable (`transferkit config` lists them).")]
 IMAGE_SIZE = Annotated[int | None, typer.Option(help="Input size (default: the backbone's).")]
 BATCH_SIZE = Annotated[int | None, typer.Option(help="Images per step.")]
 VAL_SPLIT = Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")]

@@ -22,6 +22,7 @@ from transferkit.cli.output import (
     OVERWRITE,
     QUIET,
     RECIPE,
+    SETTINGS,
     TEST_SPLIT,
     VAL_SPLIT,
     WORKERS,
@@ -30,6 +31,7 @@ from transferkit.cli.output import (
     report_skipped,
 )
 from transferkit.config import resolve_config
+from transferkit.config_keys import parse_settings
 from transferkit.errors import UserError
 from transferkit.progress import console
 
@@ -78,6 +80,7 @@ def train(
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
     recipe: RECIPE = None,
     config: CONFIG = None,
+    settings: SETTINGS = None,
     epochs_frozen: Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")] = None,
     epochs_finetune: Annotated[int | None, typer.Option(help="Epochs fine-tuning after unfreezing.")] = None,
     unfreeze: Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")] = None,
@@ -142,6 +145,7 @@ def train(
         cache=False if no_cache else None,
         drop_leaks=True if drop_leaks else None,
     )
+    options = {**parse_settings(settings), **{key: value for key, value in options.items() if value is not None}}
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         if resume is None:  # bad options and a missing DATA fail here, once, not in every process
             resolve_config(recipe, config, **options)
