@@ -12,17 +12,23 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score  # noqa: E402
 
+from transferkit.calibration import decide, expected_calibration_error  # noqa: E402
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
-    """accuracy, top-5 (5+ classes), ROC AUC (binary; macro one-vs-rest otherwise), loss, per-class, confusion."""
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None = None
+                    ) -> dict:
+    """accuracy, balanced accuracy, top-5 (5+ classes), ROC AUC (binary; macro one-vs-rest otherwise), loss, ECE,
+    per-class, confusion. Decisions are the larger probability's class, or a binary run's `threshold`."""
     labels = list(range(len(classes)))
-    y_pred = probs.argmax(axis=1)
+    y_pred = decide(probs, threshold)
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     metrics = {
         "accuracy": float((y_pred == y_true).mean()),
+        "balanced_accuracy": float(recall[support > 0].mean()),  # scikit-learn's, without its absent-class warning
         "top5_accuracy": _top_k(y_true, probs, 5) if len(classes) >= 5 else None,
         "auc": _auc(y_true, probs, labels),
         "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        "ece": expected_calibration_error(probs, y_true),
         "per_class": {
             name: {
                 "precision": float(precision[i]),

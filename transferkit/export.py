@@ -22,13 +22,14 @@ from PIL import Image
 from torch import nn
 
 import transferkit
-from transferkit import multilabel
+from transferkit import calibration, multilabel
 from transferkit.cache import file_digest
 from transferkit.data.boxes import Box
 from transferkit.data.transforms import Preprocess
 from transferkit.errors import UserError
 from transferkit.export_check import pixel_batch, pixel_transform, validation_images
 from transferkit.fileio import atomic_path
+from transferkit.models.tta import tta_logits
 from transferkit.progress import print_warning
 from transferkit.run import Run, image_loader
 from transferkit.training.loop import evaluate_logits, probabilities
@@ -48,12 +49,14 @@ ORT_BATCH = 2
 
 
 class ProbabilityModel(nn.Module):
-    """The run's classifier with its input and output contract baked in: [0, 1] pixels in, probabilities out."""
+    """The run's classifier with its input and output contract baked in: [0, 1] pixels in, probabilities out, with
+    the run's test-time views batched inside the graph and its calibrating temperature dividing the logits."""
 
     def __init__(self, run: Run) -> None:
         super().__init__()
-        self.model = run.model
+        self.model = run.model  # not wrapped: int8 export tells the classifier's nodes by their "/model/" names
         self.binary, self.multilabel = run.binary, run.multilabel
+        self.tta, self.temperature = run.tta, run.temperature
         self.samplewise_center = bool(run.meta.get("samplewise_center", False))
         self.register_buffer("mean", torch.tensor(run.preprocess.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(run.preprocess.std).view(1, 3, 1, 1))
@@ -62,7 +65,7 @@ class ProbabilityModel(nn.Module):
         images = (pixels - self.mean) / self.std  # the same arithmetic as eval_transform's Normalize
         if self.samplewise_center:
             images = images - images.mean(dim=(1, 2, 3), keepdim=True)
-        return probabilities(self.model(images), self.binary, self.multilabel)
+        return probabilities(tta_logits(self.model, images, self.tta), self.binary, self.multilabel, self.temperature)
 
 
 class _Session:
@@ -129,11 +132,11 @@ class Check:
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
-            thresholds: np.ndarray | None = None) -> Check:
-    """Single-label: top-1 agreement and accuracy. Multi-label (`thresholds`): the same per (image, label)
-    decision, so accuracy is 1 - Hamming loss."""
+            thresholds: np.ndarray | None = None, threshold: float | None = None) -> Check:
+    """Single-label: top-1 (a binary run's `threshold`) agreement and accuracy. Multi-label (`thresholds`): the
+    same per (image, label) decision, so accuracy is 1 - Hamming loss."""
     if thresholds is None:
-        decide_ref, decide_cand = reference.argmax(axis=1), candidate.argmax(axis=1)
+        decide_ref, decide_cand = calibration.decide(reference, threshold), calibration.decide(candidate, threshold)
     else:
         decide_ref, decide_cand = multilabel.decide(reference, thresholds), multilabel.decide(candidate, thresholds)
         labels = None if labels is None else labels > 0.5
@@ -168,9 +171,12 @@ def default_out(run_dir: Path, fmt: str, int8: bool) -> Path:
 def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
     """What a consumer of the file alone needs: classes and preprocessing (and a multi-label run's thresholds and
     a boxed run's margin), plus provenance (weights digest)."""
-    extra = {key: run.meta[key] for key in ("thresholds", "box_margin") if key in run.meta}
+    extra = {key: run.meta[key] for key in ("thresholds", "box_margin", "threshold", "operating_point")
+             if run.meta.get(key) is not None}
     if run.multilabel:
         extra["output"] = "per-label sigmoid probabilities (N, labels); a label applies at or above its threshold"
+    elif run.threshold is not None:
+        extra["output"] = "class probabilities (N, 2); the second class applies at or above `threshold`"
     return {
         "classes": run.classes,
         "preprocessing": run.preprocess.to_dict(),
@@ -181,6 +187,8 @@ def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
         "quantization": "int8 static QDQ, per-channel weights" if int8 else "none",
         "input": "float32 NCHW RGB pixels in [0, 1], resized and centre-cropped as in preprocessing",
         "output": "class probabilities (N, classes)",
+        "tta": run.tta,  # inside the graph already: recorded, not to be applied again
+        "temperature": run.temperature,  # likewise
         **extra,
     }
 
@@ -320,7 +328,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         notes.append("checked on random pixels instead")
     with atomic_path(target) as tmp:
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
-        check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels, run.thresholds)
+        check = compare(_outputs(wrapper, pixels), _outputs(candidate, pixels), labels, run.thresholds, run.threshold)
         if reason := check.failure(int8):
             hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
@@ -351,6 +359,7 @@ class OnnxPredictor:
         multi = self.metadata.get("task") == multilabel.TASK
         self.thresholds = multilabel.thresholds_of(json.loads(self.metadata["thresholds"]), self.classes) if multi \
             else None
+        self.threshold: float | None = json.loads(self.metadata.get("threshold", "null"))  # a binary run's cut
 
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
         """(N, classes) probabilities for image files, cropped to `crops` if given (decoded in workers when there

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 
 import transferkit
 from transferkit import multilabel
+from transferkit.calibration import decide, expected_calibration_error
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.loader import ImageDataset, make_loader, targets_of
 from transferkit.data.members import looks_packed
@@ -25,6 +27,7 @@ from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
 from transferkit.fileio import atomic_path, atomic_write
+from transferkit.models import tta
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
 from transferkit.training.compute import resolve_device
 from transferkit.training.loop import EpochLog, StepLog, evaluate_logits, probabilities
@@ -187,18 +190,30 @@ class Run:
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
         self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
         self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
+        # chosen on validation after training (transferkit.tuning); a run from before them has none
+        self.tta: str = self.meta.get("tta", "none")
+        self.temperature: float = float(self.meta.get("temperature", 1.0))
+        self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
+        self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
         self.metrics: dict | None = None
 
+    def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:
+        """(N, logits) of image files (averaged over the run's test-time views), each cropped to its region in
+        `crops` if given (decoded in workers when there are many)."""
+        batch = max(1, 32 // tta.VIEWS[self.tta])  # the views of a batch go through the model together
+        return infer_logits(self.inference, paths, self.transform, batch, crops=crops)
+
+    def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
+        return probabilities(logits, self.binary, self.multilabel, self.temperature if calibrated else 1.0).numpy()
+
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
-        """(N, classes) probabilities for image files, each cropped to its region in `crops` if given (decoded in
-        workers when there are many)."""
-        return probabilities(infer_logits(self.model, paths, self.transform, crops=crops), self.binary,
-                             self.multilabel).numpy()
+        """(N, classes) calibrated probabilities for image files, each cropped to its region in `crops` if given."""
+        return self.to_probabilities(self.logits(paths, crops))
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         """(N, classes) probabilities for decoded RGB images already in memory (a server's uploads)."""
-        logits, _ = evaluate_logits(self.model, [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))])
-        return probabilities(logits, self.binary, self.multilabel).numpy()
+        batch = [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))]
+        return self.to_probabilities(evaluate_logits(self.inference, batch)[0])
 
     def predict(self, inputs: list[str], top_k: int = 5) -> tuple[list[dict], list[Skipped]]:
         """Labels and probabilities for images, folders of images or dataset CSVs (cropped to their boxes);
@@ -214,14 +229,21 @@ class Run:
         samples = index.samples if split == "all" else index.split(split)
         self._check_labels(index, samples, split)
         paths, crops = [s.path for s in samples], crop_regions([s.box for s in samples], self.box_margin)
-        probs = self.probabilities(paths, crops)
+        begin = time.perf_counter()
+        logits = self.logits(paths, crops)
+        seconds = time.perf_counter() - begin
+        probs = self.to_probabilities(logits)
         y_true = targets_of(samples, index.labels_of, self.classes, self.multilabel).numpy()
         if self.multilabel:
             metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
             predicted = multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
         else:
-            metrics = compute_metrics(y_true, probs, self.classes)
-            predicted = [self.classes[int(p.argmax())] for p in probs]
+            metrics = compute_metrics(y_true, probs, self.classes, self.threshold)
+            metrics.update(ece_uncalibrated=expected_calibration_error(self.to_probabilities(logits, False), y_true),
+                           operating_point=self.meta.get("operating_point", "default"), threshold=self.threshold)
+            predicted = [self.classes[i] for i in decide(probs, self.threshold)]
+        metrics.update(temperature=self.temperature, tta=self.tta, tta_views=tta.VIEWS[self.tta],
+                       seconds_per_image=seconds / len(paths))
         metrics.update(split=split, skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
         if write:
             self.write_metrics(metrics)
@@ -264,16 +286,19 @@ def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size
     return logits
 
 
-def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: list[str], top_k: int) -> list[dict]:
-    """The `predict --json` shape: path, label, probability and the top-k labels with probabilities."""
+def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: list[str], top_k: int,
+                    threshold: float | None = None) -> list[dict]:
+    """The `predict --json` shape: path, label, probability and the top-k labels with probabilities. The label is
+    the decided class: a binary run's `threshold` can pick the less probable one."""
     results = []
-    for path, p in zip(paths, np.asarray(probs), strict=True):
+    probs = np.asarray(probs)
+    for path, p, chosen in zip(paths, probs, decide(probs, threshold), strict=True):
         order = np.argsort(-p)[: max(1, top_k)]
         results.append(
             {
                 "path": path,
-                "label": names[order[0]],
-                "probability": float(p[order[0]]),
+                "label": names[chosen],
+                "probability": float(p[chosen]),
                 "top": [{"label": names[i], "probability": float(p[i])} for i in order],
             }
         )
@@ -303,7 +328,7 @@ def prediction_records(predictor: Run, paths: list[str], boxes: list[Box | None]
     if predictor.thresholds is not None:
         records = multilabel.predictions(paths, probs, predictor.classes, predictor.thresholds)
     else:
-        records = top_predictions(paths, probs, predictor.classes, top_k)
+        records = top_predictions(paths, probs, predictor.classes, top_k, getattr(predictor, "threshold", None))
     for record, box in zip(records, boxes or [], strict=False):
         if box:
             record["box"] = box.to_list()

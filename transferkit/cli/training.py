@@ -87,6 +87,11 @@ def train(
     head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
+    tta: Annotated[str | None, typer.Option(
+        help="Test-time augmentation: auto (chosen on validation), none, flip or dihedral (8 views).")] = None,
+    operating_point: Annotated[str | None, typer.Option(
+        help="Two classes: the decision threshold chosen on validation: default (p >= 0.5), accuracy, balanced, "
+             "recall=R or precision=P.")] = None,
     val_split: VAL_SPLIT = None,
     test_split: TEST_SPLIT = None,
     box_margin: Annotated[
@@ -123,6 +128,8 @@ def train(
         head_dropout=head_dropout,
         label_smoothing=label_smoothing,
         patience=patience,
+        tta=tta,
+        operating_point=operating_point,
         val_split=val_split,
         test_split=test_split,
         box_margin=box_margin,

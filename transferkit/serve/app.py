@@ -165,7 +165,7 @@ def _records(predictor: Predictor, names: list[str], probs: np.ndarray, top_k: i
     """`predict --json`'s records: top-k classes, or a multi-label run's labels above their thresholds."""
     if (thresholds := _thresholds(predictor)) is not None:
         return multilabel.predictions(names, probs, predictor.classes, thresholds)
-    return top_predictions(names, probs, predictor.classes, top_k)
+    return top_predictions(names, probs, predictor.classes, top_k, getattr(predictor, "threshold", None))
 
 
 def _thresholds(predictor: Predictor) -> np.ndarray | None:
@@ -183,6 +183,10 @@ def _model_info(predictor: Predictor, folder: Path | None, limits: Limits) -> di
         "image_size": meta.get("image_size"),
         "task": meta.get("task"),
         "thresholds": None if thresholds is None else dict(zip(predictor.classes, thresholds.tolist(), strict=True)),
+        "threshold": getattr(predictor, "threshold", None),  # a binary run's cut on the second class's probability
+        "operating_point": meta.get("operating_point"),
+        "temperature": meta.get("temperature"),
+        "tta": meta.get("tta"),
         "engine": type(predictor).__name__,
         "metrics": _read_json(folder / "metrics.json") if folder else None,
         "limits": asdict(limits),
