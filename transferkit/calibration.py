@@ -52,8 +52,10 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, kind: str) -> float
 
     low, high = np.log(TEMPERATURE_RANGE)
     found = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
-    # A flat likelihood (e.g. one class only) gives no reason to move: keep the logits as they are.
-    return float(np.exp(found.x)) if found.fun < nll(0.0) else 1.0
+    # No interior minimum (validation images all right, so ever sharper is ever better; or a flat likelihood)
+    # is no evidence for any temperature: keep the logits as they are rather than make them extreme.
+    at_bound = min(found.x - low, high - found.x) < 1e-2
+    return 1.0 if at_bound or found.fun >= nll(0.0) else float(np.exp(found.x))
 
 
 def confidences(probs: np.ndarray, y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,3 +115,12 @@ def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     if threshold is None:
         return probs.argmax(axis=1)
     return (probs[:, 1] >= threshold).astype(int)
+
+
+def rescaled(probs: np.ndarray, factor: float) -> np.ndarray:
+    """Single-label probabilities as they are with every logit multiplied by `factor`: softmax(factor * log p)
+    (for a one-logit binary run too). With the run's temperature, this recovers the uncalibrated probabilities
+    from the calibrated ones in predictions.csv."""
+    scaled = np.log(np.clip(probs, 1e-12, 1.0)) * factor
+    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return scaled / scaled.sum(axis=1, keepdims=True)
