@@ -50,12 +50,18 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, kind: str) -> float
     def nll(log_t: float) -> float:
         return -float(log_likelihoods(logits / np.exp(log_t), targets, kind).mean())
 
-    low, high = np.log(TEMPERATURE_RANGE)
-    found = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
-    # No interior minimum (validation images all right, so ever sharper is ever better; or a flat likelihood)
-    # is no evidence for any temperature: keep the logits as they are rather than make them extreme.
-    at_bound = min(found.x - low, high - found.x) < 1e-2
-    return 1.0 if at_bound or found.fun >= nll(0.0) else float(np.exp(found.x))
+    # Every validation decision right: ever sharper is ever better, with no minimum, which is no evidence for any
+    # temperature; keep the logits as they are rather than make them extreme.
+    if _all_right(np.asarray(logits), targets, kind):
+        return 1.0
+    found = minimize_scalar(nll, bounds=np.log(TEMPERATURE_RANGE), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(found.x)) if found.fun < nll(0.0) else 1.0
+
+
+def _all_right(logits: np.ndarray, targets: np.ndarray, kind: str) -> bool:
+    if kind == "multiclass":
+        return bool((logits.argmax(axis=1) == targets).all())
+    return bool(((logits > 0) == (targets > 0.5).reshape(logits.shape)).all())
 
 
 def confidences(probs: np.ndarray, y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
