@@ -123,3 +123,13 @@ def test_serve_applies_the_threshold(chosen, trained, load):
         info = httpx.get(f"{base}/model").json()
     assert [p["label"] for p in served] == expected[:4]
     assert info["threshold"] == threshold and info["temperature"] == TEMPERATURE and info["tta"] == "dihedral"
+
+
+def test_console_summary_gives_balanced_accuracy_and_recall_per_class(trained, tmp_path, capsys):
+    folder = with_meta(trained / "run", tmp_path / "run")
+    assert run_cli(["evaluate", str(folder), str(trained / "data")]) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    err = capsys.readouterr().err
+    assert f"balanced {metrics['balanced_accuracy']:.4f}" in err and f"ECE {metrics['ece']:.4f}" in err
+    recall = metrics["per_class"]["class_1"]["recall"]
+    assert "recall per class: class_0 " in err and f"class_1 {recall:.3f}" in err

@@ -43,6 +43,9 @@ def parse_hidden(value: str | None) -> list[int] | None:
         raise UserError(f"--head-hidden expects comma-separated layer widths, got '{value}'") from None
 
 
+PER_CLASS_SHOWN = 20  # more classes than this make one unreadable line; metrics.json has them all
+
+
 def print_metrics_summary(metrics: dict) -> None:
     if metrics.get("task") == "multilabel":
         from transferkit.multilabel import summary_line
@@ -50,12 +53,19 @@ def print_metrics_summary(metrics: dict) -> None:
         console.print(summary_line(metrics))
         return
     parts = [f"{metrics['split']} accuracy {metrics['accuracy']:.4f}"]
+    if metrics.get("balanced_accuracy") is not None:
+        parts.append(f"balanced {metrics['balanced_accuracy']:.4f}")
     if metrics.get("top5_accuracy") is not None:
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
     if metrics.get("auc") is not None:
         parts.append(f"AUC {metrics['auc']:.4f}")
     parts.append(f"loss {metrics['loss']:.4f} (n={metrics['n']})")
+    if metrics.get("ece") is not None:
+        parts.append(f"ECE {metrics['ece']:.4f}")
     console.print(", ".join(parts))
+    if len(metrics["per_class"]) <= PER_CLASS_SHOWN:
+        console.print("recall per class: " + ", ".join(f"{name} {m['recall']:.3f}"
+                                                       for name, m in metrics["per_class"].items()))
 
 
 @app.command()
