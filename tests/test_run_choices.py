@@ -21,6 +21,7 @@ from tests.test_serve import serving, upload
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.export import OnnxPredictor, export_run
+from transferkit.report import write_report
 from transferkit.run import Run
 from transferkit.serve.app import create_app
 
@@ -133,3 +134,13 @@ def test_console_summary_gives_balanced_accuracy_and_recall_per_class(trained, t
     assert f"balanced {metrics['balanced_accuracy']:.4f}" in err and f"ECE {metrics['ece']:.4f}" in err
     recall = metrics["per_class"]["class_1"]["recall"]
     assert "recall per class: class_0 " in err and f"class_1 {recall:.3f}" in err
+
+
+def test_report_shows_reliability_and_the_operating_point(chosen, trained, tmp_path):
+    folder = with_meta(chosen[0], tmp_path / "run")
+    run = Run(folder)
+    metrics = run.evaluate(trained / "data", split="all")
+    page = write_report(run).read_text()
+    assert 'alt="reliability diagram"' in page and 'alt="precision-recall curve"' in page
+    assert f"temperature {TEMPERATURE:.3f}" in page and f"before scaling {metrics['ece_uncalibrated']:.4f}" in page
+    assert f"positive at p &ge; {chosen[1]:.4f}" in page

@@ -14,7 +14,7 @@ import jinja2
 import numpy as np
 import yaml
 
-from transferkit.calibration import decide, reliability_bins, rescaled
+from transferkit.calibration import reliability_bins, rescaled
 from transferkit.data.labelsets import label_set
 from transferkit.fileio import atomic_write
 from transferkit.report.figures import confusion_uri, precision_recall_uri, reliability_uri, roc_uri, stage_curves
@@ -64,7 +64,7 @@ def single_label_sections(run: Run, metrics: dict | None) -> dict:
     return {
         "metrics": metrics_section(metrics),
         "calibration": calibration_section(predictions, run.temperature, metrics),
-        "roc": roc_section(predictions, run.classes, run.threshold) if len(run.classes) == 2 else None,
+        "roc": roc_section(predictions, run.classes) if len(run.classes) == 2 else None,
         **prediction_sections(run, predictions),
     }
 
@@ -79,7 +79,9 @@ def missing(message: str) -> dict:
 
 def load_predictions(run: Run) -> Predictions | None:
     path = run.path / "predictions.csv"
-    return Predictions(*read_predictions(path, run.classes), read_prediction_crops(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return Predictions(*read_predictions(path, run.classes), read_prediction_crops(path), run.threshold)
 
 
 def dataset_section(folder: Path, classes: list[str], metrics: dict | None,
@@ -130,7 +132,7 @@ def metrics_section(metrics: dict | None) -> dict:
     }
 
 
-def roc_section(pred: Predictions | None, classes: list[str], threshold: float | None) -> dict:
+def roc_section(pred: Predictions | None, classes: list[str]) -> dict:
     """Binary tasks only: the second class (the logit's) is the positive one; the run's operating point (its
     threshold, or the larger probability) is marked on both curves."""
     if pred is None:
@@ -138,10 +140,10 @@ def roc_section(pred: Predictions | None, classes: list[str], threshold: float |
     is_positive = pred.y_true == 1
     if is_positive.all() or not is_positive.any():
         return missing("the evaluated images are all of one class: a ROC curve needs both")
-    decided = decide(pred.probs, threshold) == 1
+    decided = pred.y_pred == 1
     return {"uri": roc_uri(is_positive, pred.probs[:, 1], decided), "positive": classes[1],
             "pr_uri": precision_recall_uri(is_positive, pred.probs[:, 1], decided),
-            "threshold": 0.5 if threshold is None else threshold}
+            "threshold": 0.5 if pred.threshold is None else pred.threshold}
 
 
 def calibration_section(pred: Predictions | None, temperature: float, metrics: dict | None) -> dict:
