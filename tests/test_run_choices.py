@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_class_folders
+from tests.test_cli import fails_with
 from tests.test_serve import serving, upload
 from transferkit import api
 from transferkit.cli.main import run_cli
@@ -144,3 +145,8 @@ def test_report_shows_reliability_and_the_operating_point(chosen, trained, tmp_p
     assert 'alt="reliability diagram"' in page and 'alt="precision-recall curve"' in page
     assert f"temperature {TEMPERATURE:.3f}" in page and f"before scaling {metrics['ece_uncalibrated']:.4f}" in page
     assert f"positive at p &ge; {chosen[1]:.4f}" in page
+
+
+def test_a_meta_json_with_an_unknown_tta_is_one_line_and_exit_2(trained, tmp_path, capsys):
+    folder = with_meta(trained / "run", tmp_path / "run", tta="sideways")
+    fails_with(capsys, ["predict", str(folder), image_paths(trained)[0], "--engine", "torch"], "unknown tta 'sideways'")

@@ -192,6 +192,8 @@ class Run:
         self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
         # chosen on validation after training (transferkit.tuning); a run from before them has none
         self.tta: str = self.meta.get("tta", "none")
+        if self.tta not in tta.MODES:
+            raise UserError(f"{meta_path} has an unknown tta '{self.tta}': expected one of {', '.join(tta.MODES)}")
         self.temperature: float = float(self.meta.get("temperature", 1.0))
         self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
         self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
@@ -200,8 +202,7 @@ class Run:
     def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:
         """(N, logits) of image files (averaged over the run's test-time views), each cropped to its region in
         `crops` if given (decoded in workers when there are many)."""
-        batch = max(1, 32 // tta.VIEWS[self.tta])  # the views of a batch go through the model together
-        return infer_logits(self.inference, paths, self.transform, batch, crops=crops)
+        return infer_logits(self.inference, paths, self.transform, tta.images_per_batch(tta.VIEWS[self.tta]), crops)
 
     def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
         return probabilities(logits, self.binary, self.multilabel, self.temperature if calibrated else 1.0).numpy()

@@ -17,8 +17,6 @@ from transferkit.progress import Reporter
 from transferkit.run import infer_logits
 from transferkit.training.loop import probabilities
 
-INFERENCE_BATCH = 32  # images (all their views together) per forward pass
-
 
 @dataclass
 class Task:
@@ -39,8 +37,7 @@ def validation_choices(model: torch.nn.Module, val: Labelled, transform, task: T
     task's per-label thresholds)."""
     count = tta.VIEWS["dihedral"] if tta_choice == "auto" else tta.VIEWS[tta_choice]
     begin = time.perf_counter()
-    logits = infer_logits(tta.ViewLogits(model, count), val.paths, transform, max(1, INFERENCE_BATCH // count),
-                          val.crops)
+    logits = infer_logits(tta.ViewLogits(model, count), val.paths, transform, tta.images_per_batch(count), val.crops)
     seconds_per_view = (time.perf_counter() - begin) / max(1, len(val.paths) * count)
     targets = val.targets.numpy()
     candidates = tta.per_mode(logits, tta.MODES if tta_choice == "auto" else (tta_choice,))

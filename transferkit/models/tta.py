@@ -14,6 +14,12 @@ from torch import nn
 MODES = ("none", "flip", "dihedral")
 CHOICES = ("auto", *MODES)
 VIEWS = {"none": 1, "flip": 2, "dihedral": 8}
+INFERENCE_BATCH = 32  # views per forward pass when inferring: all views of an image go through together
+
+
+def images_per_batch(count: int) -> int:
+    """Images per inference batch with `count` views each, so that memory does not grow with the views."""
+    return max(1, INFERENCE_BATCH // count)
 
 
 def views(images: torch.Tensor, count: int) -> torch.Tensor:
