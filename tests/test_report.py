@@ -187,7 +187,7 @@ def test_missing_files_become_lines_and_report_data_brings_them_back(three_class
     assert run_cli(["report", str(folder)]) == 0
     page = page_of(folder)
     assert "no training history" in page and "no metrics.json" in page
-    assert page.count("no predictions.csv") == 3  # gallery, top losses, similarity
+    assert page.count("no predictions.csv") == 4  # calibration, gallery, top losses, similarity
     assert "reasons are recorded in metrics.json" in page
     assert 'class="card' not in page
     data = three_class_run.path.parent / "data"

@@ -29,7 +29,6 @@ from transferkit.run import (
     Run,
     TensorBoardWriter,
     build_meta,
-    infer_logits,
     save_weights,
     write_json,
 )
@@ -38,6 +37,7 @@ from transferkit.training.compute import Compute, resolve_device
 from transferkit.training.distributed import Ranks, current_ranks
 from transferkit.training.loop import BestKeeper, EpochLog, Paused
 from transferkit.training.two_stage import fine_tune
+from transferkit.tuning import Task, validation_choices
 
 
 def seed_everything(seed: int) -> None:
@@ -120,6 +120,9 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     if resume_split is not None and any(split[s] != resume_split.get(s) for s in SPLITS):
         raise UserError(f"the images in {index.root} are not the ones {out} started with (its split.json differs): "
                         "start a new run instead of resuming")
+    if cfg.operating_point != "default" and (len(index.classes) != 2 or index.multilabel):
+        raise UserError(f"operating point '{cfg.operating_point}' needs a two-class task; {index.root} has "
+                        f"{len(index.classes)} {'labels' if index.multilabel else 'classes'}")
     spec = get_backbone(cfg.backbone)
     compute = Compute(ranks.device or resolve_device(cfg.device), cfg.precision, cfg.accumulate)
     seed_everything(cfg.seed)
@@ -176,7 +179,7 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
-    meta.update(task_meta(model, index, val_data, pre, cfg), **({"kept": kept} if kept else {}))
+    meta.update(task_meta(model, index, val_data, pre, cfg, reporter), **({"kept": kept} if kept else {}))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     if interrupted:
         raise KeyboardInterrupt
@@ -238,15 +241,17 @@ def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dic
     return {"stage": stage, "epoch": epoch, "monitor": cfg.monitor, "value": keeper.best, "reason": reason}
 
 
-def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig) -> dict:
-    """meta.json entries beyond a plain classifier's: the margin of boxed data, a multi-label run's task and its
-    per-label thresholds (the F1-best on the validation images)."""
+def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig,
+              reporter: Reporter) -> dict:
+    """meta.json entries beyond a plain classifier's: the margin of boxed data, a multi-label run's task, and what
+    is chosen on the validation images (test-time augmentation, temperature, decision thresholds)."""
     extra: dict = {"box_margin": cfg.box_margin} if any(s.box for s in index.samples) else {}
     if index.multilabel:
-        transform = eval_transform(pre, cfg.augmentation().samplewise_center)
-        probs = torch.sigmoid(infer_logits(model, val.paths, transform, crops=val.crops)).numpy()
-        chosen = multilabel.choose_thresholds(probs, val.targets.numpy())
-        extra.update(task=multilabel.TASK, thresholds=dict(zip(index.classes, chosen.tolist(), strict=True)))
+        extra["task"] = multilabel.TASK
+    binary = model.head[-1].out_features == 1
+    task = Task(binary, index.multilabel, index.classes)
+    transform = eval_transform(pre, cfg.augmentation().samplewise_center)
+    extra.update(validation_choices(model, val, transform, task, cfg.tta, cfg.operating_point, reporter))
     return extra
 
 

@@ -16,7 +16,17 @@ import yaml
 
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_write
-from transferkit.options import AUGMENT_PRESETS, DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS, Augment, HeadSpec
+from transferkit.options import (
+    AUGMENT_PRESETS,
+    DEFAULT_BACKBONE,
+    DEVICES,
+    ENGINES,
+    PRECISIONS,
+    TTA_CHOICES,
+    Augment,
+    HeadSpec,
+    parse_operating_point,
+)
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
@@ -34,6 +44,9 @@ class TrainConfig:
     head_batchnorm: bool = False
     binary_logit: bool = True  # two classes -> one logit + BCE; False -> 2-way softmax
     label_smoothing: float = 0.0
+    # chosen on the validation images after training (transferkit.tuning)
+    tta: str = "none"  # test-time augmentation: auto (lowest val loss) | none | flip | dihedral (8 views)
+    operating_point: str = "default"  # two classes: default (larger p) | accuracy | balanced | recall=R | precision=P
     # data
     image_size: int | None = None  # None: the backbone's pretrained input size
     crop_pct: float | None = None  # None: the backbone's; 1.0 keeps the whole image (no centre crop)
@@ -119,12 +132,17 @@ class TrainConfig:
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (0 <= self.box_margin <= 10, "box_margin must be between 0 and 10 (a fraction of the box's size)"),
         ]
+        checks.append((self.tta in TTA_CHOICES, f"tta must be one of {', '.join(TTA_CHOICES)}"))
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad configuration: {message}")
         unknown = set(self.augment_options) - {f.name for f in fields(Augment)}
         if unknown:
             raise UserError(f"bad configuration: unknown augment_options {', '.join(sorted(unknown))}")
+        try:
+            parse_operating_point(self.operating_point)
+        except UserError as exc:
+            raise UserError(f"bad configuration: {exc}") from None
         self.unfreeze = str(self.unfreeze)
         return self
 

@@ -13,21 +13,27 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score  # noqa: E402
 
+from transferkit.calibration import decide, expected_calibration_error  # noqa: E402
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
-    """accuracy, top-5 (5+ classes), ROC AUC (binary; macro one-vs-rest otherwise), loss, per-class, confusion."""
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None = None
+                    ) -> dict:
+    """accuracy, balanced accuracy, top-5 (5+ classes), ROC AUC (binary; macro one-vs-rest otherwise), loss, ECE,
+    per-class, confusion. Decisions are the larger probability's class, or a binary run's `threshold`."""
     labels = list(range(len(classes)))
-    y_pred = probs.argmax(axis=1)
+    y_pred = decide(probs, threshold)
     # 0/0 (no predictions, or no support) is undefined: NaN here, null in metrics.json, never a misleading 0
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
                                                                      zero_division=np.nan)
     auc, auc_note = _auc(y_true, probs, labels, classes)
     metrics = {
         "accuracy": float((y_pred == y_true).mean()),
+        "balanced_accuracy": float(recall[support > 0].mean()),  # scikit-learn's, without its absent-class warning
         "top5_accuracy": _top_k(y_true, probs, 5) if len(classes) >= 5 else None,
         "auc": auc,
         **({"auc_note": auc_note} if auc_note else {}),
         "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        "ece": expected_calibration_error(probs, y_true),
         "per_class": {
             name: {
                 "precision": _defined(precision[i]),

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from transferkit.calibration import decide
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
@@ -118,7 +119,7 @@ def explain_files(run: Run, paths: list[str], out_dir: Path, target: int | None 
     the class explained."""
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = run.probabilities(paths)
-    predicted = probs.argmax(axis=1)
+    predicted = decide(probs, run.threshold)
     targets = [int(p) if target is None else target for p in predicted]
     written = [out_dir / name for name in overlay_names(paths)]
     for start in range(0, len(paths), BATCH_SIZE):

@@ -29,6 +29,7 @@ from transferkit.data.transforms import Preprocess
 from transferkit.errors import UserError
 from transferkit.export_check import pixel_batch, pixel_transform, validation_images
 from transferkit.fileio import atomic_path
+from transferkit.models.tta import tta_logits
 from transferkit.parity import INT8_MIN_AGREEMENT, PROBES_KEY, Check, compare, make_probes, probe_failure
 from transferkit.progress import print_warning
 from transferkit.run import Run, image_loader
@@ -46,12 +47,14 @@ ORT_BATCH = 2
 
 
 class ProbabilityModel(nn.Module):
-    """The run's classifier with its input and output contract baked in: [0, 1] pixels in, probabilities out."""
+    """The run's classifier with its input and output contract baked in: [0, 1] pixels in, probabilities out, with
+    the run's test-time views batched inside the graph and its calibrating temperature dividing the logits."""
 
     def __init__(self, run: Run) -> None:
         super().__init__()
-        self.model = run.model
+        self.model = run.model  # not wrapped: int8 export tells the classifier's nodes by their "/model/" names
         self.binary, self.multilabel = run.binary, run.multilabel
+        self.tta, self.temperature = run.tta, run.temperature
         self.samplewise_center = bool(run.meta.get("samplewise_center", False))
         self.register_buffer("mean", torch.tensor(run.preprocess.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(run.preprocess.std).view(1, 3, 1, 1))
@@ -60,7 +63,7 @@ class ProbabilityModel(nn.Module):
         images = (pixels - self.mean) / self.std  # the same arithmetic as eval_transform's Normalize
         if self.samplewise_center:
             images = images - images.mean(dim=(1, 2, 3), keepdim=True)
-        return probabilities(self.model(images), self.binary, self.multilabel)
+        return probabilities(tta_logits(self.model, images, self.tta), self.binary, self.multilabel, self.temperature)
 
 
 class _Session:
@@ -101,6 +104,7 @@ def _outputs(engine: Engine, batches: Batches | torch.Tensor) -> np.ndarray:
 
 
 @dataclass
+@dataclass
 class ExportReport:
     """What `transferkit export` prints (and --json writes): the file, its check, its size and speed."""
 
@@ -121,9 +125,12 @@ def default_out(run_dir: Path, fmt: str, int8: bool) -> Path:
 def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
     """What a consumer of the file alone needs: classes and preprocessing (and a multi-label run's thresholds and
     a boxed run's margin), plus provenance (weights digest)."""
-    extra = {key: run.meta[key] for key in ("thresholds", "box_margin") if key in run.meta}
+    extra = {key: run.meta[key] for key in ("thresholds", "box_margin", "threshold", "operating_point")
+             if run.meta.get(key) is not None}
     if run.multilabel:
         extra["output"] = "per-label sigmoid probabilities (N, labels); a label applies at or above its threshold"
+    elif run.threshold is not None:
+        extra["output"] = "class probabilities (N, 2); the second class applies at or above `threshold`"
     return {
         "classes": run.classes,
         "preprocessing": run.preprocess.to_dict(),
@@ -135,6 +142,8 @@ def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
         "input": "float32 NCHW RGB pixels in [0, 1], resized and centre-cropped as in preprocessing",
         "preprocessing_rule": run.preprocess.rule(),
         "output": "class probabilities (N, classes)",
+        "tta": run.tta,  # inside the graph already: recorded, not to be applied again
+        "temperature": run.temperature,  # likewise
         **extra,
     }
 
@@ -279,14 +288,14 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     with atomic_path(target) as tmp:
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
         reference, outputs = _outputs(wrapper, pixels), _outputs(candidate, pixels)
-        check = compare(reference, outputs, labels, run.thresholds)
+        check = compare(reference, outputs, labels, run.thresholds, run.threshold)
         if reason := check.failure(int8):
             hint = (f"; this model does not quantise well: `transferkit export {run.path}` (fp32, no --int8) keeps "
                     "PyTorch's predictions, then predict with --engine onnx") if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)
         if int8:
-            probes = make_probes(pixels.numpy(), reference, outputs, run.thresholds)
+            probes = make_probes(pixels.numpy(), reference, outputs, run.thresholds, run.threshold)
             _set_metadata(tmp, {**export_metadata(run, int8), PROBES_KEY: probes})
     size_mb = target.stat().st_size / 2**20
     return ExportReport(str(target), fmt, int8, round(size_mb, 2), check, *speeds, notes=notes)
@@ -314,8 +323,9 @@ class OnnxPredictor:
         multi = self.metadata.get("task") == multilabel.TASK
         self.thresholds = multilabel.thresholds_of(json.loads(self.metadata["thresholds"]), self.classes) if multi \
             else None
+        self.threshold: float | None = json.loads(self.metadata.get("threshold", "null"))  # a binary run's cut
         if self.metadata.get("quantization", "none") != "none" and (
-                reason := probe_failure(self.metadata.get(PROBES_KEY), self._session, self.thresholds)):
+                reason := probe_failure(self.metadata.get(PROBES_KEY), self._session, self.thresholds, self.threshold)):
             raise UserError(f"{self.path.name} is not safe to use here: {reason}")
 
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:

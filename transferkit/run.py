@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 
 import transferkit
 from transferkit import multilabel
+from transferkit.calibration import decide, expected_calibration_error
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.loader import ImageDataset, make_loader, targets_of
 from transferkit.data.members import looks_packed
@@ -25,6 +27,7 @@ from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
 from transferkit.fileio import atomic_path, atomic_write
+from transferkit.models import tta
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
 from transferkit.scope import check_leaks, choose_scope, is_own_data, leak_record
 from transferkit.training.compute import resolve_device
@@ -188,18 +191,31 @@ class Run:
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
         self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
         self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
+        # chosen on validation after training (transferkit.tuning); a run from before them has none
+        self.tta: str = self.meta.get("tta", "none")
+        if self.tta not in tta.MODES:
+            raise UserError(f"{meta_path} has an unknown tta '{self.tta}': expected one of {', '.join(tta.MODES)}")
+        self.temperature: float = float(self.meta.get("temperature", 1.0))
+        self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
+        self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
         self.metrics: dict | None = None
 
+    def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:
+        """(N, logits) of image files (averaged over the run's test-time views), each cropped to its region in
+        `crops` if given (decoded in workers when there are many)."""
+        return infer_logits(self.inference, paths, self.transform, tta.images_per_batch(tta.VIEWS[self.tta]), crops)
+
+    def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
+        return probabilities(logits, self.binary, self.multilabel, self.temperature if calibrated else 1.0).numpy()
+
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
-        """(N, classes) probabilities for image files, each cropped to its region in `crops` if given (decoded in
-        workers when there are many)."""
-        return probabilities(infer_logits(self.model, paths, self.transform, crops=crops), self.binary,
-                             self.multilabel).numpy()
+        """(N, classes) calibrated probabilities for image files, each cropped to its region in `crops` if given."""
+        return self.to_probabilities(self.logits(paths, crops))
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         """(N, classes) probabilities for decoded RGB images already in memory (a server's uploads)."""
-        logits, _ = evaluate_logits(self.model, [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))])
-        return probabilities(logits, self.binary, self.multilabel).numpy()
+        batch = [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))]
+        return self.to_probabilities(evaluate_logits(self.inference, batch)[0])
 
     def predict(self, inputs: list[str], top_k: int = 5) -> tuple[list[dict], list[Skipped]]:
         """Labels and probabilities for images, folders of images or dataset CSVs (cropped to their boxes);
@@ -220,7 +236,10 @@ class Run:
         check_leaks(scope, index, self.path, own)
         samples = scope.samples
         paths, crops = [s.path for s in samples], crop_regions([s.box for s in samples], self.box_margin)
-        probs = self.probabilities(paths, crops)
+        begin = time.perf_counter()
+        logits = self.logits(paths, crops)
+        seconds = time.perf_counter() - begin
+        probs = self.to_probabilities(logits)
         y_true = targets_of(samples, index.labels_of, self.classes, self.multilabel).numpy()
         kept = np.ones(len(samples), dtype=bool)
         if drop_leaks and scope.leaked:
@@ -229,6 +248,12 @@ class Run:
                 raise UserError(f"every one of the {len(samples)} evaluated images is a copy of a training image: "
                                 "nothing is left to score without them")
         metrics, predicted = self._score(y_true[kept], probs[kept])
+        if not self.multilabel:
+            uncalibrated = self.to_probabilities(logits[torch.from_numpy(kept)], False)
+            metrics.update(ece_uncalibrated=expected_calibration_error(uncalibrated, y_true[kept]),
+                           operating_point=self.meta.get("operating_point", "default"), threshold=self.threshold)
+        metrics.update(temperature=self.temperature, tta=self.tta, tta_views=tta.VIEWS[self.tta],
+                       seconds_per_image=seconds / len(paths))
         metrics.update(split=scope.split, split_note=scope.note, **leak_record(scope, kept, self._hits(y_true, probs)),
                        skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
         if "kept" in self.meta:  # which epoch's weights these are
@@ -247,13 +272,14 @@ class Run:
         if self.multilabel:
             metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
             return metrics, multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
-        return compute_metrics(y_true, probs, self.classes), [self.classes[int(p.argmax())] for p in probs]
+        predicted = [self.classes[i] for i in decide(probs, self.threshold)]
+        return compute_metrics(y_true, probs, self.classes, self.threshold), predicted
 
     def _hits(self, y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """Whether each image is right: its top class, or (multi-label) exactly its label set."""
         if self.multilabel:
             return (multilabel.decide(probs, self.thresholds) == (y_true > 0.5)).all(axis=1)
-        return probs.argmax(axis=1) == y_true
+        return decide(probs, self.threshold) == y_true
 
     def _check_labels(self, index: DatasetIndex, samples: list[Sample], split: str) -> None:
         """The data must be of this run's kind (multi-label or not), with only classes it knows, and not empty."""
@@ -289,16 +315,19 @@ def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size
     return logits
 
 
-def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: list[str], top_k: int) -> list[dict]:
-    """The `predict --json` shape: path, label, probability and the top-k labels with probabilities."""
+def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: list[str], top_k: int,
+                    threshold: float | None = None) -> list[dict]:
+    """The `predict --json` shape: path, label, probability and the top-k labels with probabilities. The label is
+    the decided class: a binary run's `threshold` can pick the less probable one."""
     results = []
-    for path, p in zip(paths, np.asarray(probs), strict=True):
+    probs = np.asarray(probs)
+    for path, p, chosen in zip(paths, probs, decide(probs, threshold), strict=True):
         order = np.argsort(-p)[: max(1, top_k)]
         results.append(
             {
                 "path": path,
-                "label": names[order[0]],
-                "probability": float(p[order[0]]),
+                "label": names[chosen],
+                "probability": float(p[chosen]),
                 "top": [{"label": names[i], "probability": float(p[i])} for i in order],
             }
         )
@@ -328,7 +357,7 @@ def prediction_records(predictor: Run, paths: list[str], boxes: list[Box | None]
     if predictor.thresholds is not None:
         records = multilabel.predictions(paths, probs, predictor.classes, predictor.thresholds)
     else:
-        records = top_predictions(paths, probs, predictor.classes, top_k)
+        records = top_predictions(paths, probs, predictor.classes, top_k, getattr(predictor, "threshold", None))
     for record, box in zip(records, boxes or [], strict=False):
         if box:
             record["box"] = box.to_list()

@@ -46,6 +46,9 @@ def parse_hidden(value: str | None) -> list[int] | None:
         raise UserError(f"--head-hidden expects comma-separated layer widths, got '{value}'") from None
 
 
+PER_CLASS_SHOWN = 20  # more classes than this make one unreadable line; metrics.json has them all
+
+
 def print_metrics_summary(metrics: dict) -> None:
     if metrics.get("split_note"):  # which images, and what they were to training (a val figure chose the epoch)
         console.print(f"evaluated: {metrics['split_note']}")
@@ -55,6 +58,8 @@ def print_metrics_summary(metrics: dict) -> None:
         console.print(summary_line(metrics))
         return
     parts = [f"{metrics['split']} accuracy {metrics['accuracy']:.4f}"]
+    if metrics.get("balanced_accuracy") is not None:
+        parts.append(f"balanced {metrics['balanced_accuracy']:.4f}")
     if metrics.get("top5_accuracy") is not None:
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
     if metrics.get("auc") is not None:
@@ -62,7 +67,12 @@ def print_metrics_summary(metrics: dict) -> None:
     elif metrics.get("auc_note"):
         parts.append(f"AUC {metrics['auc_note']}")
     parts.append(f"loss {metrics['loss']:.4f} (n={metrics['n']})")
+    if metrics.get("ece") is not None:
+        parts.append(f"ECE {metrics['ece']:.4f}")
     console.print(", ".join(parts))
+    if len(metrics["per_class"]) <= PER_CLASS_SHOWN:
+        console.print("recall per class: " + ", ".join(f"{name} {m['recall']:.3f}"
+                                                       for name, m in metrics["per_class"].items()))
 
 
 @app.command()
@@ -95,6 +105,11 @@ def train(
     head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
+    tta: Annotated[str | None, typer.Option(
+        help="Test-time augmentation: auto (chosen on validation), none, flip or dihedral (8 views).")] = None,
+    operating_point: Annotated[str | None, typer.Option(
+        help="Two classes: the decision threshold chosen on validation: default (p >= 0.5), accuracy, balanced, "
+             "recall=R or precision=P.")] = None,
     val_split: VAL_SPLIT = None,
     test_split: TEST_SPLIT = None,
     box_margin: Annotated[
@@ -132,6 +147,8 @@ def train(
         head_dropout=head_dropout,
         label_smoothing=label_smoothing,
         patience=patience,
+        tta=tta,
+        operating_point=operating_point,
         val_split=val_split,
         test_split=test_split,
         box_margin=box_margin,

@@ -14,9 +14,10 @@ import jinja2
 import numpy as np
 import yaml
 
+from transferkit.calibration import reliability_bins, rescaled
 from transferkit.data.labelsets import label_set
 from transferkit.fileio import atomic_write
-from transferkit.report.figures import confusion_uri, roc_uri, stage_curves
+from transferkit.report.figures import confusion_uri, precision_recall_uri, reliability_uri, roc_uri, stage_curves
 from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
 from transferkit.report.multilabel import multilabel_sections
 from transferkit.run import read_history, read_prediction_crops, read_predictions
@@ -64,6 +65,7 @@ def single_label_sections(run: Run, metrics: dict | None) -> dict:
     predictions = load_predictions(run)
     return {
         "metrics": metrics_section(metrics),
+        "calibration": calibration_section(predictions, run.temperature, metrics),
         "roc": roc_section(predictions, run.classes) if len(run.classes) == 2 else None,
         **prediction_sections(run, predictions),
     }
@@ -79,7 +81,9 @@ def missing(message: str) -> dict:
 
 def load_predictions(run: Run) -> Predictions | None:
     path = run.path / "predictions.csv"
-    return Predictions(*read_predictions(path, run.classes), read_prediction_crops(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return Predictions(*read_predictions(path, run.classes), read_prediction_crops(path), run.threshold)
 
 
 def dataset_section(folder: Path, classes: list[str], metrics: dict | None,
@@ -141,8 +145,9 @@ def metrics_section(metrics: dict | None) -> dict:
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return {
         "summary": [("accuracy", metrics["accuracy"]), *leak_free_row(metrics),
+                    ("balanced accuracy", metrics.get("balanced_accuracy")),
                     ("top-5 accuracy", metrics.get("top5_accuracy")), ("ROC AUC", metrics.get("auc")),
-                    ("log loss", metrics["loss"])],
+                    ("log loss", metrics["loss"]), ("expected calibration error", metrics.get("ece"))],
         "auc": metrics.get("auc"),
         "n": metrics["n"],
         "split": metrics["split"],
@@ -163,13 +168,28 @@ def leak_free_row(metrics: dict) -> list[tuple[str, float | None]]:
 
 
 def roc_section(pred: Predictions | None, classes: list[str]) -> dict:
-    """Binary tasks only: the second class (the logit's) is the positive one."""
+    """Binary tasks only: the second class (the logit's) is the positive one; the run's operating point (its
+    threshold, or the larger probability) is marked on both curves."""
     if pred is None:
         return missing(NO_PREDICTIONS)
     is_positive = pred.y_true == 1
     if is_positive.all() or not is_positive.any():
         return missing("the evaluated images are all of one class: a ROC curve needs both")
-    return {"uri": roc_uri(is_positive, pred.probs[:, 1]), "positive": classes[1]}
+    decided = pred.y_pred == 1
+    return {"uri": roc_uri(is_positive, pred.probs[:, 1], decided), "positive": classes[1],
+            "pr_uri": precision_recall_uri(is_positive, pred.probs[:, 1], decided),
+            "threshold": 0.5 if pred.threshold is None else pred.threshold}
+
+
+def calibration_section(pred: Predictions | None, temperature: float, metrics: dict | None) -> dict:
+    """The reliability diagram of the evaluated predictions, and of the same without the run's temperature."""
+    if pred is None or not len(pred.paths):
+        return missing(NO_PREDICTIONS if pred is None else "predictions.csv lists no images")
+    curves = [("calibrated", pred.probs)] if temperature == 1.0 else [
+        ("before temperature scaling", rescaled(pred.probs, temperature)), ("calibrated", pred.probs)]
+    bins = [(label, *reliability_bins(probs, pred.y_true)[:2]) for label, probs in curves]
+    return {"uri": reliability_uri(bins), "temperature": temperature,
+            "ece": (metrics or {}).get("ece"), "ece_uncalibrated": (metrics or {}).get("ece_uncalibrated")}
 
 
 def prediction_sections(run: Run, pred: Predictions | None) -> dict:

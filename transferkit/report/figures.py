@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from transferkit.evaluate import plot_confusion, plot_curves  # noqa: E402
 
@@ -72,18 +72,49 @@ def confusion_uri(matrix: list[list[int]], classes: list[str]) -> str:
     return figure_uri(lambda out: plot_confusion(matrix, classes, out))
 
 
-def roc_uri(is_positive: np.ndarray, positive_probability: np.ndarray) -> str:
-    """The ROC curve of a binary task, the chance diagonal beside it."""
+def roc_uri(is_positive: np.ndarray, positive_probability: np.ndarray, decided: np.ndarray | None = None) -> str:
+    """The ROC curve of a binary task, the chance diagonal beside it, and the point of the run's `decided`
+    positives (its operating point)."""
     fpr, tpr, _ = roc_curve(is_positive, positive_probability)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, label="model")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    if decided is not None:
+        ax.plot(decided[~is_positive].mean(), decided[is_positive].mean(), "o", color="crimson",
+                label="operating point")
+    return _finish(fig, ax, ("false positive rate", "true positive rate"), "lower right")
+
+
+def precision_recall_uri(is_positive: np.ndarray, positive_probability: np.ndarray, decided: np.ndarray) -> str:
+    """The precision-recall curve of a binary task, the positive rate (a guess's precision) and the operating
+    point of the run's `decided` positives."""
+    precision, recall, _ = precision_recall_curve(is_positive, positive_probability)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(recall, precision, label="model")
+    ax.axhline(is_positive.mean(), linestyle="--", color="grey", label="chance")
+    hits = decided & is_positive
+    ax.plot(hits.sum() / is_positive.sum(), hits.sum() / max(decided.sum(), 1), "o", color="crimson",
+            label="operating point")
+    return _finish(fig, ax, ("recall", "precision"), "lower left")
+
+
+def reliability_uri(curves: list[tuple[str, np.ndarray, np.ndarray]]) -> str:
+    """Reliability diagram: accuracy against confidence per bin for each (label, mean confidence, accuracy)
+    curve; a calibrated model lies on the diagonal."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    for label, confidence, accuracy in curves:
+        ax.plot(confidence, accuracy, marker="o", label=label)
+    return _finish(fig, ax, ("confidence (top probability)", "accuracy"), "upper left")
+
+
+def _finish(fig: plt.Figure, ax: plt.Axes, labels: tuple[str, str], legend: str) -> str:
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc=legend)
     fig.tight_layout()
     uri = figure_uri(lambda out: fig.savefig(out, format="png", dpi=100))
     plt.close(fig)

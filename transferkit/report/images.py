@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from transferkit.calibration import decide
 from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
 from transferkit.data.loader import load_image
@@ -36,10 +37,11 @@ class Predictions:
     y_true: np.ndarray
     probs: np.ndarray
     crops: list[Box | None] | None = None  # the region of each image that was evaluated (boxed data)
+    threshold: float | None = None  # a binary run's decision threshold (None: the larger probability)
 
     @property
     def y_pred(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
+        return decide(self.probs, self.threshold)
 
     @property
     def p_true(self) -> np.ndarray:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 import transferkit
 from transferkit import multilabel
+from transferkit.calibration import decide
 from transferkit.export import load_predictor
 from transferkit.run import Run, top_predictions
 from transferkit.serve.batching import Batcher
@@ -146,7 +147,7 @@ def create_app(
         del uploads  # the raw bytes are not needed any more; a batch of big files is a lot of memory
         predictions = [{"filename": r.pop("path"), **r} for r in _records(predictor, names, probs, top_k)]
         if gradcam:
-            targets = [int(np.argmax(p)) for p in probs]  # explain what the model predicted
+            targets = decide(probs, _threshold(predictor)).tolist()  # explain what the model predicted
             pngs = await batcher.run_in_model_thread(explainer.pngs, images, targets)
             for prediction, png in zip(predictions, pngs, strict=True):
                 prediction["gradcam_png"] = png
@@ -165,11 +166,16 @@ def _records(predictor: Predictor, names: list[str], probs: np.ndarray, top_k: i
     """`predict --json`'s records: top-k classes, or a multi-label run's labels above their thresholds."""
     if (thresholds := _thresholds(predictor)) is not None:
         return multilabel.predictions(names, probs, predictor.classes, thresholds)
-    return top_predictions(names, probs, predictor.classes, top_k)
+    return top_predictions(names, probs, predictor.classes, top_k, _threshold(predictor))
 
 
 def _thresholds(predictor: Predictor) -> np.ndarray | None:
     return getattr(predictor, "thresholds", None)
+
+
+def _threshold(predictor: Predictor) -> float | None:
+    """A binary run's cut on the second class's probability (None: the larger probability wins)."""
+    return getattr(predictor, "threshold", None)
 
 
 def _model_info(predictor: Predictor, folder: Path | None, limits: Limits) -> dict:
@@ -183,6 +189,10 @@ def _model_info(predictor: Predictor, folder: Path | None, limits: Limits) -> di
         "image_size": meta.get("image_size"),
         "task": meta.get("task"),
         "thresholds": None if thresholds is None else dict(zip(predictor.classes, thresholds.tolist(), strict=True)),
+        "threshold": _threshold(predictor),
+        "operating_point": meta.get("operating_point"),
+        "temperature": meta.get("temperature"),
+        "tta": meta.get("tta"),
         "engine": type(predictor).__name__,
         "metrics": _read_json(folder / "metrics.json") if folder else None,
         "limits": asdict(limits),
