@@ -23,7 +23,8 @@ from tests.test_cli import fails_with
 from transferkit import api, export, parity
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
-from transferkit.export import OnnxPredictor, ProbabilityModel, export_run, load_predictor
+from transferkit.export import ProbabilityModel, export_run
+from transferkit.predictor import OnnxPredictor, load_predictor
 from transferkit.run import Run
 
 
@@ -158,17 +159,13 @@ def test_torchscript_export(binary, tmp_path):
     assert module(torch.rand(3, 3, 32, 32)).shape == (3, 2)
 
 
-def test_onnx_sessions_use_the_process_thread_budget(multiclass, tmp_path):
-    # serve --workers N gives each process cores/N torch threads; ONNX Runtime must not take every core regardless.
+def test_onnx_sessions_use_the_process_thread_budget(multiclass, tmp_path, monkeypatch):
+    # serve --workers N gives each process cores/N threads; ONNX Runtime must not take every core regardless.
     export_run(multiclass / "run", out=tmp_path / "m.onnx")
-    budget = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            options = OnnxPredictor(tmp_path / "m.onnx")._session.session.get_session_options()
-            assert options.intra_op_num_threads == threads
-    finally:
-        torch.set_num_threads(budget)
+    for threads in (1, 2):
+        monkeypatch.setenv("TRANSFERKIT_THREADS", str(threads))
+        options = OnnxPredictor(tmp_path / "m.onnx")._session.session.get_session_options()
+        assert options.intra_op_num_threads == threads
 
 
 def predict_json(capsys, run_dir: Path, data: Path, engine: str) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Ship a run: export its classifier to ONNX (fp32 or int8) or TorchScript, and predict from the export alone.
+"""Ship a run: export its classifier to ONNX (fp32 or int8) or TorchScript (`transferkit.predictor` predicts from
+the export alone).
 
 The exported graph takes what any image library can produce without knowing the backbone, float32 NCHW pixels in
 [0, 1] after resize + centre crop, and returns class probabilities (N, classes): normalisation, samplewise centring
@@ -18,32 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 import transferkit
-from transferkit import multilabel
-from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
-from transferkit.data.transforms import Preprocess
 from transferkit.errors import UserError
-from transferkit.export_check import pixel_batch, pixel_transform, validation_images
+from transferkit.export_check import validation_images
 from transferkit.fileio import atomic_path
 from transferkit.models.tta import tta_logits
-from transferkit.parity import INT8_MIN_AGREEMENT, PROBES_KEY, Check, compare, make_probes, probe_failure
-from transferkit.progress import print_warning
-from transferkit.run import Run, image_loader
+from transferkit.parity import PROBES_KEY, Check, compare, make_probes
+from transferkit.predictor import OnnxSession
+from transferkit.run import Run
 from transferkit.training.loop import evaluate_logits, probabilities
 
 FORMATS = ("onnx", "torchscript")
 CALIBRATION_IMAGES = 256  # int8 ranges settle long before this; more only costs export time
 TIMING_IMAGES = 64
 BATCH_SIZE = 32
-# Images per ONNX Runtime call. On a CPU the time per image grows with the batch, whose activations leave the
-# caches: Lite0 at 224 px on 2 idle cores, fp32 ran 151-156 img/s at 2 images per call, 135-141 at 1 and 132-136 at
-# 32 (int8: 224-232, 198-217, 206-208); with the cores shared, 32 per call cost 25% more CPU per image than 1 or 2.
-# Batching still pays in the server (one trip to the model thread per batch), just not inside the engine.
-ORT_BATCH = 2
 
 
 class ProbabilityModel(nn.Module):
@@ -66,28 +58,7 @@ class ProbabilityModel(nn.Module):
         return probabilities(tta_logits(self.model, images, self.tta), self.binary, self.multilabel, self.temperature)
 
 
-class _Session:
-    """ONNX Runtime on the CPU, called like a module on a batch of pixels."""
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # No spin-waiting between calls: a server's single requests were ~40% slower with spinning threads.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # The process's one thread budget is torch's: `serve --workers N` divides it, and ONNX Runtime's own default
-        # (every core) would oversubscribe the CPU N times over.
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
-        array = pixels.contiguous().numpy() if isinstance(pixels, torch.Tensor) else pixels
-        return np.concatenate([self.session.run(None, {self.input_name: array[i : i + ORT_BATCH]})[0]
-                               for i in range(0, len(array), ORT_BATCH)])
-
-
-Engine = nn.Module | _Session
+Engine = nn.Module | OnnxSession
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -261,7 +232,7 @@ def _build(fmt: str, int8: bool, run: Run, wrapper: nn.Module, pixels: torch.Ten
     else:
         export_onnx(wrapper, example, tmp)
     _set_metadata(tmp, export_metadata(run, int8))
-    return _Session(tmp)
+    return OnnxSession(tmp)
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: str | Path | None = None,
@@ -299,81 +270,3 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
             _set_metadata(tmp, {**export_metadata(run, int8), PROBES_KEY: probes})
     size_mb = target.stat().st_size / 2**20
     return ExportReport(str(target), fmt, int8, round(size_mb, 2), check, *speeds, notes=notes)
-
-
-class OnnxPredictor:
-    """A classifier from its .onnx file alone: classes and preprocessing come from the file's metadata.
-
-    Offers Run's prediction methods, so a server or `predict` can use either without caring which."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self._session = _Session(self.path)
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for unreadable files
-            raise UserError(f"cannot load {self.path}: {str(exc).splitlines()[0][:200]}") from None
-        self.metadata: dict[str, str] = self._session.session.get_modelmeta().custom_metadata_map
-        if "classes" not in self.metadata or "preprocessing" not in self.metadata:
-            raise UserError(f"{self.path} is not a transferkit export (no classes/preprocessing in its metadata)")
-        self.classes: list[str] = json.loads(self.metadata["classes"])
-        self.preprocess = Preprocess.from_dict(json.loads(self.metadata["preprocessing"]))
-        self.transform = pixel_transform(self.preprocess)
-        self._pixels_of = pixel_batch(self.preprocess)
-        self.box_margin = float(json.loads(self.metadata.get("box_margin", "0")))
-        multi = self.metadata.get("task") == multilabel.TASK
-        self.thresholds = multilabel.thresholds_of(json.loads(self.metadata["thresholds"]), self.classes) if multi \
-            else None
-        self.threshold: float | None = json.loads(self.metadata.get("threshold", "null"))  # a binary run's cut
-        if self.metadata.get("quantization", "none") != "none" and (
-                reason := probe_failure(self.metadata.get(PROBES_KEY), self._session, self.thresholds, self.threshold)):
-            raise UserError(f"{self.path.name} is not safe to use here: {reason}")
-
-    def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
-        """(N, classes) probabilities for image files, cropped to `crops` if given (decoded in workers when there
-        are many)."""
-        return _outputs(self._session, image_loader(paths, self.transform, BATCH_SIZE, crops))
-
-    def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
-        """(N, classes) probabilities for decoded RGB images already in memory (a server's batch: no PyTorch)."""
-        return self._session(self._pixels_of(images))
-
-
-PREDICT_ENGINES = ("auto", "int8", "onnx", "torch")
-EXPORT_FILES = {"int8": "model.int8.onnx", "onnx": "model.onnx"}  # "auto" tries them in this order: fastest first
-
-
-def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredictor:
-    """"auto": the fastest export made from the run's current weights (int8, then fp32 ONNX), else PyTorch.
-
-    An int8 export only exists if it passed its agreement and accuracy check, so preferring it is safe."""
-    if engine not in PREDICT_ENGINES:
-        raise UserError(f"unknown engine '{engine}': choose one of {', '.join(PREDICT_ENGINES)}")
-    run_dir = Path(run_dir)
-    if engine == "torch":
-        return Run(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"no such run folder: {run_dir}")
-    if engine != "auto":
-        return _export_predictor(run_dir, engine)
-    kinds = [kind for kind in EXPORT_FILES if (run_dir / EXPORT_FILES[kind]).is_file()]
-    for position, kind in enumerate(kinds):
-        try:
-            return _export_predictor(run_dir, kind)
-        except UserError as exc:
-            fallback = EXPORT_FILES[kinds[position + 1]] if position + 1 < len(kinds) else "PyTorch"
-            print_warning("warning:", f"{exc}; using {fallback} instead")
-    return Run(run_dir)
-
-
-def _export_predictor(run_dir: Path, kind: str) -> OnnxPredictor:
-    path = run_dir / EXPORT_FILES[kind]
-    if not path.is_file():  # an int8 export may have been refused: never send the user back there in a circle
-        how = (f"`transferkit export {run_dir} --int8` writes one only if int8 keeps PyTorch's predictions (>= "
-               f"{INT8_MIN_AGREEMENT:.0%} agreement); where it was refused, use --engine onnx (after `transferkit "
-               f"export {run_dir}`)") if kind == "int8" else f"run `transferkit export {run_dir}` first"
-        raise UserError(f"{run_dir} has no {path.name}: {how}, or use --engine torch")
-    predictor = OnnxPredictor(path)
-    weights = run_dir / "model.safetensors"
-    if weights.is_file() and predictor.metadata.get("weights_digest") not in (None, file_digest(weights)):
-        raise UserError(f"{path} was exported from other weights: run `transferkit export {run_dir}` again")
-    return predictor

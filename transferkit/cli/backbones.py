@@ -78,7 +78,8 @@ def imagenet(
 
     from transferkit.data.transforms import Preprocess, eval_transform
     from transferkit.models.registry import create_imagenet_model, get_backbone
-    from transferkit.run import collect_images, infer_logits, top_predictions
+    from transferkit.prediction import collect_images, top_predictions
+    from transferkit.run import infer_logits
 
     paths, skipped = collect_images(images)
     report_skipped(skipped)

@@ -236,8 +236,8 @@ def predict(
 ) -> None:
     """Labels and probabilities for images, from the run folder alone (a multi-label run: every label above its
     threshold)."""
-    from transferkit.export import load_predictor
-    from transferkit.run import collect_inputs, prediction_records
+    from transferkit.prediction import collect_inputs, prediction_records
+    from transferkit.predictor import load_predictor
 
     predictor = load_predictor(run, engine)
     paths, boxes, skipped = collect_inputs(images)

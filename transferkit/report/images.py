@@ -13,7 +13,7 @@ from PIL import Image
 from transferkit.calibration import decide
 from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
-from transferkit.data.loader import load_image
+from transferkit.data.images import load_image
 from transferkit.errors import UnreadableImage
 from transferkit.explain import explain_images
 from transferkit.report.figures import THUMBNAIL_PX, figure_uri, image_uri, upscale_note

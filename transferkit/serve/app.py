@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException
 import transferkit
 from transferkit import multilabel
 from transferkit.calibration import decide
-from transferkit.export import load_predictor
-from transferkit.run import Run, top_predictions
+from transferkit.prediction import top_predictions
+from transferkit.predictor import OnnxPredictor, load_predictor
 from transferkit.serve.batching import Batcher
 from transferkit.serve.uploads import FIELD, Limits, UploadError, decode_upload, read_uploads
 
@@ -58,11 +58,12 @@ class GradCam:
     its folder on first use (in the model thread, so no lock is needed)."""
 
     def __init__(self, predictor: Predictor, run_dir: Path | None) -> None:
-        self._run = predictor if isinstance(predictor, Run) else None
+        self._run = None if isinstance(predictor, OnnxPredictor) else predictor  # a Run, or PyTorch is needed
         self._run_dir = run_dir
 
     def pngs(self, images: list[Image.Image], targets: list[int]) -> list[str]:
         from transferkit.explain import explain_images
+        from transferkit.run import Run
 
         if self._run is None:
             if self._run_dir is None:
@@ -232,12 +233,16 @@ def install_error_handlers(app: FastAPI) -> None:
 def app_from_env() -> FastAPI:
     """uvicorn factory for `--workers N`: each worker process builds its own app from the CLI's settings."""
     config = json.loads(os.environ[CONFIG_ENV])
-    import torch
-
     # N processes on C cores: C/N threads each, or they oversubscribe the CPU and all get slower.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config["workers"]))
+    threads = max(1, len(os.sched_getaffinity(0)) // config["workers"])
+    os.environ["TRANSFERKIT_THREADS"] = str(threads)  # ONNX Runtime's sessions (transferkit.predictor)
+    predictor = load_predictor(config["run"], config["engine"])
+    if not isinstance(predictor, OnnxPredictor):
+        import torch
+
+        torch.set_num_threads(threads)
     return create_app(
-        load_predictor(config["run"], config["engine"]),
+        predictor,
         run_dir=config["run"],
         limits=Limits(**config["limits"]),
         max_batch=config["max_batch"],
