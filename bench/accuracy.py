@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean, stdev
@@ -118,7 +119,8 @@ def run_probe(split: Split, cache: Path, seed: int) -> np.ndarray:
     pre = Preprocess.for_model(model.backbone, None, split.settings["crop_pct"])
     x, test_x = features(model, split.train.paths, pre, cache), features(model, split.test.paths, pre, cache)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(C_GRID), cv=folds, max_iter=1000))
+    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(C_GRID), cv=folds, max_iter=1000,
+                                                                 scoring="accuracy"))
     return probe.fit(x, split.train.targets.numpy()).predict_proba(test_x)
 
 
@@ -202,6 +204,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-learn's notices of coming API changes
     every = {**ROWS, **FINETUNE_ROWS}
     names = args.rows.split(",") + (list(FINETUNE_ROWS) if args.finetune else [])
     unknown = [n for n in names if n not in every]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from torch import nn
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
+from transferkit.explain import _activation_and_logits, explain_files
+from transferkit.export import OnnxPredictor, export_run
 from transferkit.models.classifier import Classifier, HeadSpec, build_head, depth_columns, embed_width
 from transferkit.run import Run, image_loader
 from transferkit.training.exact_head import C_GRID, choose_depths, depth_candidates, fit_linear
@@ -158,8 +161,18 @@ def test_fine_tuning_starts_from_the_solved_head_and_works_with_depths(dataset, 
     run = api.train(dataset, tmp_path / "run", **{**fast, "feature_depths": "1,2", "head_fit": "exact"})
     history = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert [row.split(",")[1] for row in history[1:]] == ["frozen", "finetune"]
-    records, _ = Run(tmp_path / "run").predict([str(dataset)])
-    assert run.model.depths == (1, 2) and len(records) == 36
+    loaded = Run(tmp_path / "run")
+    assert loaded.model.depths == (1, 2) and run.model.depths == (1, 2)
+    # export, predict and explain compute the same multi-depth features
+    paths = sorted(str(p) for p in dataset.rglob("*.png"))
+    report = export_run(loaded.path, out=tmp_path / "m.onnx")
+    assert report.check.agreement == 1.0
+    assert np.abs(OnnxPredictor(tmp_path / "m.onnx").probabilities(paths) - loaded.probabilities(paths)).max() <= 1e-4
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.model(pixels)
+    torch.testing.assert_close(_activation_and_logits(loaded.model, pixels)[1].detach(), expected)
+    assert all(Path(m["overlay"]).is_file() for m in explain_files(loaded, paths[:2], tmp_path / "cams"))
 
 
 def test_levels_the_backbone_lacks_are_a_user_error(dataset, tmp_path, fast, tiny_weights):

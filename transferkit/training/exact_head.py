@@ -21,8 +21,9 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-C_GRID = tuple(float(c) for c in np.logspace(-4, 1, 11))  # half-decade steps; the optimum is often 1e-3..1e-2
+C_GRID = tuple(float(c) for c in np.logspace(-4, 0, 9))  # half-decade steps; the optimum is often 1e-3..1e-2
 MAX_ITER = 1000
+PATIENCE = 2  # grid steps the validation loss may rise before the search stops
 
 
 @dataclass(frozen=True)
@@ -42,20 +43,24 @@ class LinearFit:
 
 def fit_linear(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, outputs: int,
                grid: Sequence[float] = C_GRID) -> LinearFit:
-    """The logistic regression with the best validation log-loss over `grid`, as a head with `outputs` logits: one
+    """The logistic regression with the best validation log-loss along `grid` (ascending C, stopped once the loss has
+    risen PATIENCE times in a row past its best), as a head with `outputs` logits: one
     (binary, logit > 0 means class 1), or one per class (softmax; two classes included). Every class must be in
     `train_y`. Deterministic: L-BFGS from zeros, then warm starts along the grid."""
     scaler = StandardScaler().fit(train_x.astype(np.float64))
     train_s, val_s = scaler.transform(train_x.astype(np.float64)), scaler.transform(val_x.astype(np.float64))
     model = LogisticRegression(max_iter=MAX_ITER, warm_start=True)
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+    rises = 0
     with warnings.catch_warnings():  # the weakest regularisations may stop at MAX_ITER; their fit still scores
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in sorted(grid):
             model.set_params(C=c).fit(train_s, train_y)
             loss = log_loss(val_y, model.predict_proba(val_s), labels=model.classes_)
             if best is None or loss < best[0]:
-                best = (loss, c, model.coef_.copy(), model.intercept_.copy())
+                best, rises = (loss, c, model.coef_.copy(), model.intercept_.copy()), 0
+            elif (rises := rises + 1) >= PATIENCE:  # past the minimum: weaker regularisation overfits more, slower
+                break
     loss, c, coef, intercept = best
     if outputs == 2:  # sklearn's binary model has one logit z: a softmax over (-z/2, z/2) gives the same probabilities
         coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
