@@ -181,3 +181,12 @@ def test_levels_the_backbone_lacks_are_a_user_error(dataset, tmp_path, fast, tin
     code = run_cli(["train", str(dataset), "--out", str(tmp_path / "cli"), "--weights", tiny_weights,
                     "--backbone", "test_efficientnet", "--feature-depths", "two", "--quiet"])
     assert code == 2
+
+
+def test_a_paused_run_with_chosen_depths_resumes_to_the_uninterrupted_result(dataset, tmp_path, fast):
+    options = {**fast, "feature_depths": "auto", "epochs_finetune": 2, "patience": 0, "finetune_lr": 1e-2}
+    straight = api.train(dataset, tmp_path / "straight", **options)
+    assert api.train(dataset, tmp_path / "paused", pause_after=1, **options) is None
+    resumed = api.resume(tmp_path / "paused")
+    assert resumed.model.depths == straight.model.depths
+    assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)

@@ -101,6 +101,14 @@ def depth_columns(backbone: nn.Module, computed: Sequence[int], chosen: Sequence
     return np.concatenate(parts + [np.arange(offset, offset + int(backbone.num_features))])
 
 
+def set_depths(model: Classifier, depths: Sequence[int]) -> None:
+    """Give the classifier other feature depths, its head's first layer resized to their width (fresh weights):
+    what stage 1 chose on validation, or what a resumed run had chosen before its checkpoint."""
+    model.depths = tuple(depths)
+    index, first = next((i, m) for i, m in enumerate(model.head) if isinstance(m, nn.Linear))
+    model.head[index] = nn.Linear(embed_width(model.backbone, depths), first.out_features).to(first.weight.device)
+
+
 def new_classifier(imagenet_model: nn.Module, num_classes: int, head_spec: HeadSpec, binary_logit: bool,
                    depths: Sequence[int] = ()) -> Classifier:
     """Drop the ImageNet top (timm's reset_classifier keeps the global pool) and attach a fresh head."""

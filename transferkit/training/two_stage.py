@@ -21,10 +21,10 @@ from transferkit.data.transforms import Preprocess, eval_transform, train_transf
 from transferkit.features import FeatureExtractor, View, clean_view, view_spec
 from transferkit.models.classifier import (
     Classifier,
-    build_head,
     depth_columns,
     depth_levels,
     freeze_backbone,
+    set_depths,
     set_train_mode,
     unfreeze,
 )
@@ -118,11 +118,10 @@ def validated_head(model: Classifier, features: list[FeatureTable], train_y: tor
     if auto:
         computed = model.depths
         columns = {d: depth_columns(model.backbone, computed, d) for d in depth_candidates(computed)}
-        model.depths, fit = choose_depths(columns, x, y, *val, outputs)
-        chosen = columns[model.depths]
+        depths, fit = choose_depths(columns, x, y, *val, outputs)
+        chosen = columns[depths]
         torch.manual_seed(config.seed)  # the new head's initial weights must not depend on what the cache supplied
-        model.head = build_head(len(chosen), outputs, config.head_spec())
-        model.head.to(next(model.backbone.parameters()).device)
+        set_depths(model, depths)
         features, val_x = [ColumnTable(table, chosen) for table in features], val_x[:, chosen]
         ctx.reporter.log(f"feature depths: levels {list(model.depths) or 'none'} + last layer, chosen on validation "
                          f"of {len(columns)} sets")
@@ -263,6 +262,8 @@ def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess
     model.to(memory_format=torch.channels_last)
     freeze_backbone(model)
     resume = checkpoints.position if checkpoints else None
+    if resume:
+        checkpoints.restore_depths(model)
     for name, epochs in (("frozen", config.epochs_frozen), ("finetune", config.epochs_finetune)):
         if not epochs or (resume and resume.after(name)):
             continue
