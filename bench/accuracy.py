@@ -21,6 +21,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean, stdev
@@ -158,7 +159,10 @@ def summary(values: list[float]) -> dict:
     return {"mean": mean(values), "sd": stdev(values) if len(values) > 1 else 0.0, "values": values}
 
 
-def benchmark(datasets: list[str], rows: dict, seeds: int, cache: Path, quick: bool) -> dict:
+def benchmark(datasets: list[str], rows: dict, seeds: int, cache: Path, quick: bool,
+              save: Callable[[dict], None]) -> dict:
+    """Every row on every data set and seed; `save` gets the results after each seed (a long run that is stopped
+    keeps the seeds it finished)."""
     results: dict = {}
     for name in datasets:
         per_row: dict[str, list[dict]] = {row: [] for row in rows}
@@ -170,10 +174,11 @@ def benchmark(datasets: list[str], rows: dict, seeds: int, cache: Path, quick: b
                 per_row[row].append(run_row(row, options, split, cache, seed))
                 print(f"{name} seed {seed} {row}: " + ", ".join(f"{k} {v:.4f}" for k, v in per_row[row][-1].items()),
                       file=sys.stderr, flush=True)
-        results[name] = {"n_test": len(split.test.paths), "n_train": len(split.train.paths),
-                         "n_val": len(split.val.paths), "extraction_seconds": extraction,
-                         "rows": {row: {m: summary([r[m] for r in runs]) for m in METRICS}
-                                  for row, runs in per_row.items()}}
+            results[name] = {"n_test": len(split.test.paths), "n_train": len(split.train.paths),
+                             "n_val": len(split.val.paths), "seeds": seed + 1, "extraction_seconds": extraction,
+                             "rows": {row: {m: summary([r[m] for r in runs]) for m in METRICS}
+                                      for row, runs in per_row.items()}}
+            save(results)
     return results
 
 
@@ -213,17 +218,20 @@ def main() -> int:
         return 2
     datasets, seeds = (["fmnist20"], 2) if args.quick else (args.datasets.split(","), args.seeds)
     out = args.out or Path(__file__).parent / "results" / ("accuracy-quick.json" if args.quick else "accuracy.json")
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "machine": {**machine_info(), **cpu_flags()}, "seeds": seeds}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(results: dict) -> None:
+        out.write_text(json.dumps({**record, "results": results}, indent=1) + "\n")
+
     try:
-        results = benchmark(datasets, {n: every[n] for n in dict.fromkeys(names)}, seeds, args.cache_dir, args.quick)
+        results = benchmark(datasets, {n: every[n] for n in dict.fromkeys(names)}, seeds, args.cache_dir, args.quick,
+                            save)
     except UserError as exc:
         print(f"accuracy.py: {exc}", file=sys.stderr)
         return 2
-    lines = markdown(results)
-    print("\n".join(lines))
-    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "machine": {**machine_info(), **cpu_flags()}, "seeds": seeds, "results": results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    print("\n".join(markdown(results)))
     return 0
 
 
