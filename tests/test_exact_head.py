@@ -15,6 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from tests.test_multilabel import multilabel_csv
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
@@ -190,3 +191,13 @@ def test_a_paused_run_with_chosen_depths_resumes_to_the_uninterrupted_result(dat
     resumed = api.resume(tmp_path / "paused")
     assert resumed.model.depths == straight.model.depths
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
+
+
+def test_multilabel_data_keeps_the_sgd_head_and_needs_named_levels(tmp_path, fast):
+    data = multilabel_csv(tmp_path / "multi")
+    with pytest.raises(UserError, match="name the levels"):
+        api.train(data, tmp_path / "auto", **{**fast, "feature_depths": "auto"})
+    api.train(data, tmp_path / "run", **{**fast, "epochs_finetune": 0, "head_fit": "exact"})
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["head_fit"] == "sgd"
+    assert sum(1 for row in (tmp_path / "run" / "history.csv").read_text().splitlines() if ",frozen," in row) == 3

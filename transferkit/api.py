@@ -132,7 +132,7 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
     one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
     model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two,
-                           checked_depths(imagenet_model, cfg))
+                           checked_depths(imagenet_model, cfg, index.multilabel))
     binary = model.head[-1].out_features == 1
     model.to(compute.device)
 
@@ -177,7 +177,7 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
     meta.update(task_meta(model, index, val_data, pre, cfg), feature_depths=list(model.depths),
-                head_fit=cfg.head_fit if not cfg.head_hidden else "sgd")
+                head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd")
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     if interrupted:
         raise KeyboardInterrupt
@@ -185,8 +185,12 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     return _evaluate_and_report(Run(out), index)
 
 
-def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig) -> tuple[int, ...]:
-    """The intermediate levels `feature_depths` names, each one the backbone has (auto: none until stage 1)."""
+def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig, multilabel_data: bool) -> tuple[int, ...]:
+    """The intermediate levels `feature_depths` names, each one the backbone has (auto: none until stage 1, which
+    chooses with a single-label classifier)."""
+    if cfg.feature_depths == "auto" and multilabel_data:
+        raise UserError("feature_depths auto chooses among single-label heads; for multi-label data name the levels "
+                        "(e.g. --feature-depths 2,3) or use last")
     depths = cfg.depths()
     if cfg.feature_depths != "last":
         levels = depth_levels(backbone)
