@@ -20,7 +20,7 @@ from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.fileio import output_folder
-from transferkit.models.classifier import new_classifier
+from transferkit.models.classifier import depth_levels, new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.report import write_report
@@ -134,7 +134,8 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
         prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
     one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
-    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two)
+    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two,
+                           checked_depths(imagenet_model, cfg, index.multilabel))
     binary = model.head[-1].out_features == 1
     model.to(compute.device)
 
@@ -179,12 +180,28 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
-    meta.update(task_meta(model, index, val_data, pre, cfg, reporter), **({"kept": kept} if kept else {}))
+    meta.update(task_meta(model, index, val_data, pre, cfg, reporter), feature_depths=list(model.depths),
+                head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
+                **({"kept": kept} if kept else {}))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     if interrupted:
         raise KeyboardInterrupt
     checkpoints.remove()
     return _evaluate_and_report(Run(out), index, cfg.drop_leaks, reporter)
+
+
+def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig, multilabel_data: bool) -> tuple[int, ...]:
+    """The intermediate levels `feature_depths` names, each one the backbone has (auto: none until stage 1, which
+    chooses with a single-label classifier)."""
+    if cfg.feature_depths == "auto" and multilabel_data:
+        raise UserError("feature_depths auto chooses among single-label heads; for multi-label data name the levels "
+                        "(e.g. --feature-depths 2,3) or use last")
+    depths = cfg.depths()
+    if cfg.feature_depths != "last":
+        levels = depth_levels(backbone)
+        if any(d not in levels for d in depths):
+            raise UserError(f"feature_depths {cfg.feature_depths}: this backbone has levels {levels[0]}..{levels[-1]}")
+    return depths
 
 
 def scaled_for(cfg: TrainConfig, ranks: Ranks, reporter: Reporter) -> TrainConfig:

@@ -240,6 +240,8 @@ class FeatureExtractor:
             return ArrayTable(rows.array)
         space = {"backbone": self.backbone_digest, "timm": self.model.backbone.default_cfg.get("architecture"),
                  **view.spec}
+        if getattr(self.model, "depths", ()):  # multi-depth features are another space (last-layer keys unchanged)
+            space["depths"] = list(self.model.depths)
         store = FeatureStore(self.cache_root, space, self.reporter)
         first_missing = {d: i for i, d in reversed(list(enumerate(digests))) if d not in store.rows}
         missing = sorted(first_missing.values())  # identical files are computed once

@@ -187,6 +187,7 @@ class Run:
             self.meta["timm_name"],
             1 if self.binary else len(self.classes),
             HeadSpec(tuple(head["hidden"]), head["dropout"], head["batchnorm"]),
+            self.meta.get("feature_depths", ()),
         )
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
         self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
