@@ -20,8 +20,9 @@ from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
 from transferkit.explain import _activation_and_logits, explain_files
-from transferkit.export import OnnxPredictor, export_run
+from transferkit.export import export_run
 from transferkit.models.classifier import Classifier, HeadSpec, build_head, depth_columns, embed_width
+from transferkit.predictor import OnnxPredictor
 from transferkit.run import Run, image_loader
 from transferkit.training.exact_head import C_GRID, choose_depths, depth_candidates, fit_linear
 
