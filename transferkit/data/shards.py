@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferkit import __version__
+from transferkit.data import remote
 from transferkit.data.boxes import Box
 from transferkit.data.images import decode_rgb
 from transferkit.data.members import (
@@ -42,9 +43,11 @@ from transferkit.data.members import (
     STATE_NAME,
     VERSION,
     check_shards,
+    is_shard_folder,
     looks_packed,
     member_ref,
     read_index,
+    shard_path,
 )
 from transferkit.data.sources import SPLITS, DatasetIndex, Sample, Skipped, scan_dataset
 from transferkit.errors import UnreadableImage, UserError
@@ -307,20 +310,23 @@ def _summary(out: Path, index: dict, written: list[str]) -> dict:
 def shard_dataset(folder: str | os.PathLike[str]) -> DatasetIndex:
     """A packed folder as a DatasetIndex (layout "shards", split as packed); missing or truncated shards and an
     unfinished pack are one-line UserErrors."""
-    folder = Path(folder)
-    if not (folder / INDEX_NAME).is_file():
+    folder = folder if remote.is_url(folder) else Path(folder)
+    if not is_shard_folder(folder) and remote.is_url(folder):
+        raise UserError(f"no packed dataset at {folder}: no {INDEX_NAME} there (a URL is read only as `transferkit "
+                        "pack` output)")
+    if not is_shard_folder(folder):
         raise UserError(f"{folder} holds an unfinished pack (no {INDEX_NAME}): run `transferkit pack` again with "
                         "the same arguments to finish it")
     data = read_index(folder)
     try:
         check_shards(folder, data)
-        samples = [Sample(member_ref(folder / shard["name"], s["member"]), s["label"], shard["split"],
+        samples = [Sample(member_ref(shard_path(folder, shard["name"]), s["member"]), s["label"], shard["split"],
                           Box(*s["box"]) if s.get("box") else None)
                    for shard in data["shards"] for s in shard["samples"]]
         skipped = [Skipped(s["path"], s["reason"]) for s in data["skipped"]]
         classes, seed, multilabel = list(data["classes"]), int(data["seed"]), bool(data["multilabel"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{folder / INDEX_NAME} is malformed ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{shard_path(folder, INDEX_NAME)} is malformed ({type(exc).__name__}: {exc})") from None
     if not samples:
         raise UserError(f"no images in the packed dataset {folder}")
     samples.sort(key=lambda s: (SPLITS.index(s.split), s.label, s.path))
