@@ -1,5 +1,6 @@
-"""Packed datasets at a URL: train reads `http://host/shards/` through fsspec (range requests) and ends as the same
-run on the local folder; a URL without a pack, or without the `cloud` extra, is one line and exit 2."""
+"""Packed datasets at a URL: train reads `http://host/shards/` (a local HTTP server) and `s3://bucket/shards/` (moto's
+S3 server) through fsspec and ends as the same run on the local folder; a URL without a pack, or without the `cloud`
+extra, is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -119,3 +120,39 @@ def test_doctor_on_shards_at_a_url_reports_what_it_reports_locally(served: tuple
     assert remote["images"] == here["images"] == 36 and remote["layout"] == "shards"
     assert remote["summary"] == here["summary"]
     assert [s["margin"] for s in remote["mislabeled"]] == [s["margin"] for s in here["mislabeled"]]
+
+
+@pytest.fixture
+def bucket(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """(s3:// URL of the packed dataset, its local folder) on moto's S3 server; credentials and endpoint come from
+    the environment, as a user's would."""
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    pack(dataset, tmp_path / "shards", shard_size_bytes=4000, reporter=Reporter(quiet=True))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    S3FileSystem.clear_instance_cache()
+    try:
+        fs = S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("data")
+        fs.put(str(tmp_path / "shards") + "/", "data/shards/", recursive=True)
+        yield "s3://data/shards/", tmp_path / "shards"
+    finally:
+        S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_train_on_shards_in_a_bucket_matches_the_local_folder(bucket: tuple[str, Path], tmp_path: Path,
+                                                             fast: dict) -> None:
+    url, local = bucket
+    options = {**fast, "epochs_frozen": 1, "epochs_finetune": 1, "unfreeze": "all", "workers": 2}
+    here = api.train(local, tmp_path / "local", **options, cache_dir=str(tmp_path / "cache-local"))
+    there = api.train(url, tmp_path / "remote", **options, cache_dir=str(tmp_path / "cache-remote"))
+    assert there.metrics["loss"] == pytest.approx(here.metrics["loss"], abs=1e-5)
+    assert there.metrics["accuracy"] == here.metrics["accuracy"]
+    assert json.loads((tmp_path / "remote" / "split.json").read_text())["train"][0].startswith(url)
