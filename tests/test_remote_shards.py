@@ -156,3 +156,17 @@ def test_train_on_shards_in_a_bucket_matches_the_local_folder(bucket: tuple[str,
     assert there.metrics["loss"] == pytest.approx(here.metrics["loss"], abs=1e-5)
     assert there.metrics["accuracy"] == here.metrics["accuracy"]
     assert json.loads((tmp_path / "remote" / "split.json").read_text())["train"][0].startswith(url)
+
+
+def test_unreachable_bucket_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                   tmp_path: Path) -> None:
+    from s3fs import S3FileSystem
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+                        "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    S3FileSystem.clear_instance_cache()
+    assert run_cli(["train", "s3://data/shards/", "--out", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("transferkit: error: cannot read s3://data/shards/index.json") and "\n" not in err
