@@ -10,6 +10,7 @@ Layout of ``SHARDS/``:
 - ``index.json``: format tag and version, classes, multilabel flag, counts per split and class, skipped files with
   reasons, and per shard its name, split, size, sha256 and samples (key, member, byte offset of the image data in the
   tar, size, content sha256, label, box, original path). It is written last, atomically: a folder with it is complete.
+- ``{split}.wids.json``: the split's shard list in the format of wids (webdataset's indexed reader).
 
 Within a split the samples are in a seeded order (so a shard mixes classes and a bounded shuffle buffer suffices),
 then cut into shards by size: a shard is filled until the next sample would exceed ``shard_size``. The plan is a pure
@@ -111,6 +112,7 @@ def pack(data: str | os.PathLike[str], out: str | os.PathLike[str], shard_size_b
     try:
         records, written = _write_all(out, shards, reporter)
         result = _index_json(index, shards, records, shard_size_bytes, (val_split, test_split))
+        _write_wids_descriptors(out, result)
         atomic_write(out / INDEX_NAME, json.dumps(result, separators=(",", ":")))
     except OSError as exc:
         raise UserError(f"cannot write to {out}: {exc.strerror or exc}; finished shards are kept, run the same "
@@ -298,6 +300,20 @@ def _index_json(index: DatasetIndex, shards: list[_Shard], records: dict[str, di
         "skipped": sorted(skipped, key=lambda s: s["path"]),
         "shards": ordered,
     }
+
+
+def _write_wids_descriptors(out: Path, index: dict) -> None:
+    """`{split}.wids.json` per split: the shard list in wids' format, so `wids.ShardListDataset` gives indexed
+    access to a split without transferkit (shard URLs are relative: the folder can be moved or served as is)."""
+    for split in SPLITS:
+        shards = [{"url": r["name"], "nsamples": len(r["samples"])} for r in index["shards"] if r["split"] == split]
+        path = out / f"{split}.wids.json"
+        if not shards:
+            path.unlink(missing_ok=True)  # an earlier pack's split that this one does not have
+            continue
+        descriptor = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{out.name}-{split}",
+                      "shardlist": shards}
+        atomic_write(path, json.dumps(descriptor, indent=1))
 
 
 def _summary(out: Path, index: dict, written: list[str]) -> dict:
