@@ -150,7 +150,9 @@ def test_grayscale_is_flagged_among_colour_images_only(tmp_path):
         tile.save(tmp_path / f"colour_{i}.png")
     last.convert("L").save(tmp_path / "gray.png")
     samples = [Sample(str(path), "a", "train") for path in sorted(tmp_path.glob("*.png"))]
-    assert grayscale(image_issues(samples, workers=0)) == [str(tmp_path / "gray.png")]
+    found = image_issues(samples, workers=0)
+    assert grayscale(found) == [str(tmp_path / "gray.png")]
+    assert image_issues(samples, workers=2) == found  # CleanVision's process pool sees the same samples
     for sample in samples:
         Image.open(sample.path).convert("L").save(sample.path)
     assert grayscale(image_issues(samples, workers=0)) == []  # a grayscale dataset is not a dataset of odd images
