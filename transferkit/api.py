@@ -247,12 +247,12 @@ def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, re
                    cached: bool, index: DatasetIndex) -> LogitsOf | None:
     """Logits after training from the feature engine rather than eager PyTorch, through the cache when the backbone
     is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's features are
-    computed once and not kept. None (eager) for data at a URL: the engine's forked decoders and fsspec's I/O thread
-    crashed together there."""
+    computed once and not kept. None (eager) for data at a URL, and the features computed here run in PyTorch:
+    both orders of events crashed the process (decision 0164)."""
     if remote.is_url(str(index.root)):
         return None
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
-    extract = FeatureExtractor(model, cfg.feature_engine, cfg.batch_size, cfg.workers, reporter, cache)
+    extract = FeatureExtractor(model, "torch", cfg.batch_size, cfg.workers, reporter, cache)
     return head_logits(model, clean_view(pre, cfg.augmentation().samplewise_center), extract)
 
 
