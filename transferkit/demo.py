@@ -13,8 +13,8 @@ from pathlib import Path
 from transferkit.errors import UserError
 
 DEFECT_THRESHOLD = 0.5
-# Measured on this data (README): cells fill the frame and cracks reach the edges, so no centre crop; fine-tuning
-# is where the accuracy comes from (the frozen head plateaus near 86% val), so the time goes into stage 2.
+# Cells fill the frame and cracks reach the edges, so no centre crop; fine-tuning is where the accuracy comes from,
+# so the time goes into stage 2 (decision 0224).
 DEMO_SETTINGS = dict(val_split=0.15, test_split=0.2, crop_pct=1.0, feature_views=1, epochs_finetune=5)
 
 

@@ -38,10 +38,8 @@ FORMATS = ("onnx", "torchscript")
 CALIBRATION_IMAGES = 256  # int8 ranges settle long before this; more only costs export time
 TIMING_IMAGES = 64
 BATCH_SIZE = 32
-# Images per ONNX Runtime call. On a CPU the time per image grows with the batch, whose activations leave the
-# caches: Lite0 at 224 px on 2 idle cores, fp32 ran 151-156 img/s at 2 images per call, 135-141 at 1 and 132-136 at
-# 32 (int8: 224-232, 198-217, 206-208); with the cores shared, 32 per call cost 25% more CPU per image than 1 or 2.
-# Batching still pays in the server (one trip to the model thread per batch), just not inside the engine.
+# Images per ONNX Runtime call: on a CPU the time per image grows with the batch, whose activations leave the caches;
+# batching still pays in the server, just not inside the engine (decision 0217).
 ORT_BATCH = 2
 
 
