@@ -1,8 +1,9 @@
 """Frozen-backbone feature extraction on the fastest engine that matches eager PyTorch.
 
 A frozen backbone is pure inference, and on CPU OpenVINO and ONNX Runtime run it several times faster than eager
-PyTorch (decision 0214; figures in BENCHMARKS.md), so `auto` takes the first of OpenVINO, ONNX Runtime and eager PyTorch that is installed and reproduces
-eager fp32 on the first batch. On CUDA, eager PyTorch in channels_last runs it.
+PyTorch (decision 0214; figures in BENCHMARKS.md), so `auto` takes the first of OpenVINO, ONNX Runtime and eager
+PyTorch that is installed and reproduces eager fp32 on the first batch. On CUDA, eager PyTorch in channels_last runs
+it.
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
 
     Fine-tuning comes before augmented views because it is what moves accuracy (decision 0220). Views only vary the
     frozen stage's inputs, and the best weights of both stages are kept, so a view that costs a fine-tuning epoch
-    mostly buys a better start for weights that fine-tuning then replaces. When even the minimum does not fit, the plan is the minimum (no fine-tuning)."""
+    mostly buys a better start for weights that fine-tuning then replaces. When even the minimum does not fit, the
+    plan is the minimum (no fine-tuning)."""
     epoch = epoch_seconds(work, speeds)
     minimum = fixed_seconds(work, speeds, config, 1)
     fitting = max(0, min(MAX_FINETUNE_EPOCHS, math.floor((seconds_left - minimum) / epoch)))
