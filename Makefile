@@ -24,6 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	bash -n tools/ensure_chromium.sh bench/gpu_check.sh
 
 # The docs site (mkdocs.yml) into site/; --strict: broken links and unreadable docstrings fail the build.

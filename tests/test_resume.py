@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -176,29 +176,41 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "from transferkit.cli.main import main; main()", *args]
 
 
-def test_kill_9_at_random_moments_then_resume(dataset: Path, tmp_path: Path, resumable: dict) -> None:
-    """SIGKILL a real training process at random times (fixed seeds), resume it (again and again if need be) and
-    get the uninterrupted run's metrics."""
+def wait_for_checkpoints(process: subprocess.Popen, checkpoint: Path, count: int, timeout: float = 300) -> bool:
+    """Poll until the run has written its checkpoint `count` times (each atomic write shows a new inode or mtime;
+    inodes alone are reused); False if the process ended first."""
+    writes: list[tuple[int, int]] = []
+    deadline = time.monotonic() + timeout
+    while len(writes) < count and process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            status = checkpoint.stat()
+            if not writes or writes[-1] != (status.st_ino, status.st_mtime_ns):
+                writes.append((status.st_ino, status.st_mtime_ns))
+        time.sleep(0.001)
+    return len(writes) >= count
+
+
+def test_kill_9_after_observed_checkpoints_then_resume(dataset: Path, tmp_path: Path, resumable: dict) -> None:
+    """SIGKILL a real training process right after it has written its k-th checkpoint (k differs per round, in both
+    stages), resume it, and get the uninterrupted run's metrics."""
     options = ["--backbone", resumable["backbone"], "--weights", resumable["weights"], "--image-size", "32",
                "--batch-size", "8", "--workers", "0", "--epochs-frozen", "3", "--epochs-finetune", "2",
                "--augment", "light", "--unfreeze", "all", "--checkpoint-every", "1", "--patience", "0", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    started = time.perf_counter()
     subprocess.run(cli_command("train", str(dataset), "--out", str(tmp_path / "straight"), *options),
                    check=True, env=env, capture_output=True)
-    duration = time.perf_counter() - started
     expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    for seed in (1, 2, 3):
-        out = tmp_path / f"killed-{seed}"
+    for writes in (2, 7, 14):  # of ~20: stage 1 early and late, stage 2 (a write per batch and per epoch)
+        out = tmp_path / f"killed-{writes}"
         process = subprocess.Popen(cli_command("train", str(dataset), "--out", str(out), *options), env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(random.Random(seed).uniform(0.3, 0.9) * duration)
+        observed = wait_for_checkpoints(process, out / CHECKPOINT, writes)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        # Killed before its config was written, there is nothing to resume: the user starts it again.
-        again = ["train", "--resume", str(out), "--quiet"] if (out / "config.yaml").exists() else \
-            ["train", str(dataset), "--out", str(out), *options]
-        subprocess.run(cli_command(*again), check=True, env=env, capture_output=True)
+        assert observed, f"the run never wrote {writes} checkpoints"
+        assert not (out / "meta.json").exists(), "the kill came after the run had finished"
+        subprocess.run(cli_command("train", "--resume", str(out), "--quiet"), check=True, env=env,
+                       capture_output=True)
         got = json.loads((out / "metrics.json").read_text())
-        assert got["accuracy"] == expected["accuracy"], seed
-        assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), seed
+        assert got["accuracy"] == expected["accuracy"], writes
+        assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), writes

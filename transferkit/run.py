@@ -1,4 +1,4 @@
-"""The run folder (a contract, see DESIGN.md): writing it during training, loading it to predict and evaluate."""
+"""The run folder (a contract, see docs/design.md): writing it during training, loading it to predict and evaluate."""
 
 from __future__ import annotations
 
