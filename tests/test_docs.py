@@ -67,3 +67,13 @@ def test_every_page_is_in_the_navigation() -> None:
 
     on_disk = {str(page.relative_to(DOCS)) for page in DOCS.rglob("*.md")}
     assert on_disk == pages(nav)
+
+
+def test_the_design_page_lists_the_checked_layer_order() -> None:
+    """docs/design.md's layer table is .importlinter's contract, row for row (the contract is what lint enforces)."""
+    config = (ROOT / ".importlinter").read_text()
+    block = config.split("layers =\n", 1)[1].split("#", 1)[0].split("ignore_imports", 1)[0]
+    contract = [sorted(m.strip().removeprefix("transferkit.") for m in row.split("|")) for row in block.splitlines()
+                if row.strip()]
+    table = re.findall(r"^\| [a-z ]+ \| (`[^|]*`(?: · `[^|]*`)*) \|", (DOCS / "design.md").read_text(), flags=re.M)
+    assert [sorted(re.findall(r"`(\w+)`", row)) for row in table] == contract
