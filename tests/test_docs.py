@@ -77,3 +77,22 @@ def test_the_design_page_lists_the_checked_layer_order() -> None:
                 if row.strip()]
     table = re.findall(r"^\| [a-z ]+ \| (`[^|]*`(?: · `[^|]*`)*) \|", (DOCS / "design.md").read_text(), flags=re.M)
     assert [sorted(re.findall(r"`(\w+)`", row)) for row in table] == contract
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub and mkdocs' toc both make it for plain headings (words, spaces, hyphens)."""
+    return re.sub(r"\s+", "-", re.sub(r"[^\w\s-]", "", heading.strip().lower()))
+
+
+def test_readme_links_reach_existing_pages_and_headings() -> None:
+    """README is read on GitHub, outside the strict mkdocs build: its links are checked here."""
+    broken = []
+    for target in re.findall(r"\]\(([^)#]+)(#[^)]*)?\)", (ROOT / "README.md").read_text()):
+        path, anchor = ROOT / target[0], target[1].lstrip("#")
+        if target[0].startswith("http"):
+            continue
+        if not path.exists():
+            broken.append(target[0])
+        elif anchor and anchor not in {slug(h) for h in re.findall(r"^#+ (.*)$", path.read_text(), flags=re.M)}:
+            broken.append(f"{target[0]}#{anchor}")
+    assert not broken, f"README links to nothing: {broken}"
