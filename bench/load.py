@@ -179,7 +179,8 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 def ensure_export(run: Path, engine: str) -> None:
     """The onnx / int8 engines serve RUN/model.onnx / model.int8.onnx; make it (checked against PyTorch by
     `transferkit export`) if missing."""
-    from transferkit.export import EXPORT_FILES, export_run
+    from transferkit.export import export_run
+    from transferkit.predictor import EXPORT_FILES
 
     if not (run / EXPORT_FILES[engine]).is_file():
         print(f"exporting {run} to ONNX ({engine})...", flush=True)
@@ -205,7 +206,7 @@ def model_speed(run: Path, engine: str, images: list[Path], repeats: int = 5) ->
     """The engine alone, in this process, on decoded images: the ceiling the server's figures are to be read against.
     Medians of `repeats`; it runs after the server has stopped, so the two never overlap."""
     from transferkit.data.images import load_rgb
-    from transferkit.export import load_predictor
+    from transferkit.predictor import load_predictor
 
     predictor = load_predictor(run, engine)
     decoded = [load_rgb(path) for path in images[:32]]

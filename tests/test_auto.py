@@ -143,6 +143,19 @@ def test_lr_find_suggests_a_sane_rate_and_records_the_curve(tmp_path: Path) -> N
         assert image.format == "PNG" and image.size[0] > 100
 
 
+def test_lr_find_plot_names_the_backbone_and_the_rate_used() -> None:
+    from transferkit.auto.range_test import lr_find_figure
+
+    features, labels = blobs()
+    result = lr_find(features, labels, 3, resolve_config())
+    used = result.suggested_lr / 10
+    ax = lr_find_figure(result, used, "tf_efficientnet_lite0").axes[0]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend[1].startswith(f"used {used:.2e}") and legend[0].startswith(f"suggested {result.suggested_lr:.2e}")
+    assert ax.get_title().endswith(": tf_efficientnet_lite0")
+    assert any(line.get_xdata()[0] == used for line in ax.get_lines())
+
+
 def test_lr_find_stops_when_the_loss_explodes() -> None:
     features, labels = blobs()
     result = lr_find(features * 100, labels, 3, resolve_config(optimizer="sgd"))

@@ -13,7 +13,7 @@ from tests.conftest import COLOURS
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.data.boxes import Box, crop_to
-from transferkit.data.loader import load_image
+from transferkit.data.images import load_image
 from transferkit.data.sources import scan_dataset
 from transferkit.export_check import validation_images
 from transferkit.features import FeatureExtractor, View

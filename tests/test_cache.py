@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from transferkit import api
-from transferkit.cache import FeatureStore, file_digest
+from transferkit.cache import FeatureStore
+from transferkit.data.content import file_digest
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.features import FeatureExtractor, View
 from transferkit.models.classifier import HeadSpec, new_classifier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -234,3 +235,31 @@ def test_file_names_that_look_like_markup_print_as_they_are(capsys, dataset, tmp
     assert run_cli(["train", str(dataset), "--out", str(tmp_path / "run"), "--quiet", *fast_args(tiny_weights)]) == 0
     err = capsys.readouterr().err
     assert "[bold] x.png: not an image" in err
+
+
+def test_backbones_names_are_whole_at_80_columns_in_a_pipe(capsys):
+    assert run_cli(["backbones"]) == 0
+    table = capsys.readouterr().err  # captured: not a terminal, rich's 80 columns
+    assert "…" not in table
+    from transferkit.models.registry import BACKBONES
+
+    listed = {line.split()[0].rstrip("*") for line in table.splitlines() if line.strip()}
+    assert set(BACKBONES) <= listed
+
+
+@pytest.mark.parametrize("command", ["train", "doctor", "auto"])
+def test_help_shows_the_defaults_a_config_fills_in(capsys, command):
+    from dataclasses import asdict
+
+    from transferkit.config import TrainConfig
+    from transferkit.doctor.options import DoctorOptions
+
+    assert run_cli([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = asdict(DoctorOptions() if command == "doctor" else TrainConfig())
+    for option in ("seed", "batch-size", "workers"):
+        value = defaults[option.replace("-", "_")]
+        assert re.search(rf"--{option} <int> [^\[]*\[default: {value}\]", text), option
+    if command == "train":
+        assert "Epochs training the head on the frozen base. [default: 30]" in text
+        assert "Epochs fine-tuning after unfreezing. [default: 3]" in text

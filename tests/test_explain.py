@@ -105,8 +105,17 @@ def test_overlay_is_the_model_view_with_heat_on_top(lite0) -> None:
     cam = np.zeros((CANVAS, CANVAS), dtype=np.float32)
     cam[:10, :10] = 1.0
     pixels = np.asarray(overlay(view, cam)).astype(int)
-    # jet: 1.0 is red, 0.0 is blue; the grey canvas corner turns reddish where the heat is, bluish elsewhere.
-    assert pixels[5, 5, 0] > pixels[5, 5, 2] and pixels[200, 200, 2] > pixels[200, 200, 0]
+    # inferno's 1.0 is bright yellow: the grey canvas corner turns yellowish where the heat is
+    assert pixels[5, 5, 0] > pixels[5, 5, 2] + 40 and pixels[5, 5, 1] > pixels[5, 5, 2]
+    # no evidence, no tint: the photo keeps its own colours there (jet washed everything blue)
+    assert np.abs(pixels[200, 200] - np.asarray(view).astype(int)[200, 200]).max() <= 1
+
+
+def test_overlay_keeps_a_green_photo_green_where_the_evidence_is_weak() -> None:
+    green = Image.new("RGB", (64, 64), (60, 160, 50))  # a green pepper
+    cam = np.full((64, 64), 0.15, dtype=np.float32)  # jet tinted this blue-grey
+    r, g, b = np.asarray(overlay(green, cam))[32, 32].astype(int)
+    assert g > r and g > b
 
 
 def patch_image(rng: np.random.Generator, with_patch: bool) -> tuple[Image.Image, tuple[int, int] | None]:

@@ -23,7 +23,8 @@ from tests.test_cli import fails_with
 from transferkit import api, export, parity
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
-from transferkit.export import OnnxPredictor, ProbabilityModel, export_run, load_predictor
+from transferkit.export import ProbabilityModel, export_run
+from transferkit.predictor import OnnxPredictor, load_predictor
 from transferkit.run import Run
 
 
@@ -158,17 +159,13 @@ def test_torchscript_export(binary, tmp_path):
     assert module(torch.rand(3, 3, 32, 32)).shape == (3, 2)
 
 
-def test_onnx_sessions_use_the_process_thread_budget(multiclass, tmp_path):
-    # serve --workers N gives each process cores/N torch threads; ONNX Runtime must not take every core regardless.
+def test_onnx_sessions_use_the_process_thread_budget(multiclass, tmp_path, monkeypatch):
+    # serve --workers N gives each process cores/N threads; ONNX Runtime must not take every core regardless.
     export_run(multiclass / "run", out=tmp_path / "m.onnx")
-    budget = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            options = OnnxPredictor(tmp_path / "m.onnx")._session.session.get_session_options()
-            assert options.intra_op_num_threads == threads
-    finally:
-        torch.set_num_threads(budget)
+    for threads in (1, 2):
+        monkeypatch.setenv("TRANSFERKIT_THREADS", str(threads))
+        options = OnnxPredictor(tmp_path / "m.onnx")._session.session.get_session_options()
+        assert options.intra_op_num_threads == threads
 
 
 def predict_json(capsys, run_dir: Path, data: Path, engine: str) -> list[dict]:
@@ -232,3 +229,42 @@ def test_auto_engine_prefers_a_current_int8_export(multiclass, tmp_path, capsys)
 def test_bad_input_is_one_line_and_exit_2(binary, capsys, tmp_path, argv, fragment):
     argv = [a.format(tmp=tmp_path, run=binary / "run") for a in argv]
     fails_with(capsys, argv, fragment)
+
+
+def test_a_refused_int8_export_and_predict_point_the_same_way_out(binary, capsys, monkeypatch, tmp_path):
+    """No circle: the refusal and predict's missing-int8 message both name the fp32 export and --engine onnx."""
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)
+    run_dir = shutil.copytree(binary / "run", tmp_path / "run")
+    fails_with(capsys, ["export", str(run_dir), "--int8"], "refused", "does not quantise well", "--engine onnx")
+    message = fails_with(capsys, ["predict", str(run_dir), str(binary / "data"), "--engine", "int8"],
+                         "no model.int8.onnx", "where it was refused", "--engine onnx")
+    assert "first" not in message
+
+
+def reproduce_from_metadata(model_path: Path, image_path: Path) -> np.ndarray:
+    """A user's own runtime, written from the export's metadata and docs/preprocessing.md alone: PIL, numpy, ORT."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    pre = json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"])
+    size, resample = pre["image_size"], getattr(Image.Resampling, pre["interpolation"].upper())
+    image = Image.open(image_path).convert("RGB")
+    short = int(size / pre["crop_pct"])
+    width, height = image.size
+    new = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    if new != image.size:
+        image = image.resize(new, resample=resample)
+    left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    return session.run(None, {"pixels": pixels.transpose(2, 0, 1)[None]})[0][0]
+
+
+@pytest.mark.parametrize("shape", [(307, 172), (45, 70), (36, 36)])
+def test_the_documented_preprocessing_reproduces_transferkits_probabilities(multiclass, tmp_path, shape):
+    rng = np.random.default_rng(shape[0])
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, (shape[1], shape[0], 3), dtype=np.uint8)).save(path, quality=90)
+    model = multiclass / "run" / "model.onnx"
+    rule = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert "centre-crop" in rule.custom_metadata_map["preprocessing_rule"]
+    ours = reproduce_from_metadata(model, path)
+    np.testing.assert_allclose(ours, OnnxPredictor(model).probabilities([str(path)])[0], atol=1e-6)
+    np.testing.assert_allclose(ours, Run(multiclass / "run").probabilities([str(path)])[0], atol=1e-5)

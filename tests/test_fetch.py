@@ -25,8 +25,8 @@ from PIL import Image
 
 from tests.conftest import make_image
 from tests.test_cli import fails_with
-from transferkit.cache import file_digest
 from transferkit.cli.main import run_cli
+from transferkit.data.content import file_digest
 from transferkit.data.images import load_rgb
 from transferkit.data.sources import scan_dataset
 from transferkit.fetch import REPORT_NAME, STATE_NAME

@@ -88,7 +88,8 @@ def test_predict_from_the_run_folder_alone(trained, tmp_path, capsys):
 
 def test_int8_export_of_a_real_photo_run_agrees_with_fp32(trained, tmp_path, capsys):
     # The run the issue saw refused at 90% agreement on a CPU without VNNI: 7-bit weights pass on every CPU.
-    from transferkit.export import OnnxPredictor, export_run
+    from transferkit.export import export_run
+    from transferkit.predictor import OnnxPredictor
 
     run, root, _ = trained
     report = export_run(run.path, int8=True, out=tmp_path / "model.int8.onnx")

@@ -134,7 +134,8 @@ def test_evaluating_multilabel_data_with_a_single_label_run_is_refused(multilabe
 
 
 def test_export_writes_per_label_probabilities_with_thresholds(multilabel_run, tmp_path) -> None:
-    from transferkit.export import OnnxPredictor, export_run
+    from transferkit.export import export_run
+    from transferkit.predictor import OnnxPredictor
 
     run, root = multilabel_run
     report = export_run(run.path, out=tmp_path / "m.onnx")

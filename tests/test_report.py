@@ -144,8 +144,9 @@ def test_numbers_on_the_page_are_the_run_folders(three_class_run: Run) -> None:
     assert f"<tr><th>accuracy</th><td>{metrics['accuracy']:.4f}</td></tr>" in page
     assert f"<tr><th>split</th><td>{metrics['split']}</td></tr>" in page and metrics["split"] == "test"
     history = read_history(three_class_run.path / "history.csv")
-    assert page.count("<tr><td>frozen</td>") == sum(h["stage"] == "frozen" for h in history) == 8
-    assert page.count("<tr><td>finetune</td>") == 1
+    assert page.count("<td>frozen</td>") == sum(h["stage"] == "frozen" for h in history) == 8
+    assert page.count("<td>finetune</td>") == 1
+    assert page.count('<tr class="kept-row">') == page.count("★ kept") == 1
     split = json.loads((three_class_run.path / "split.json").read_text())
     assert f"<tr><td>all classes</td><td>{len(split['train'])}</td><td>{len(split['val'])}</td>" in page
     _, y_true, probs = read_predictions(three_class_run.path / "predictions.csv", three_class_run.classes)
@@ -186,7 +187,7 @@ def test_missing_files_become_lines_and_report_data_brings_them_back(three_class
     assert run_cli(["report", str(folder)]) == 0
     page = page_of(folder)
     assert "no training history" in page and "no metrics.json" in page
-    assert page.count("no predictions.csv") == 3  # gallery, top losses, similarity
+    assert page.count("no predictions.csv") == 4  # calibration, gallery, top losses, similarity
     assert "reasons are recorded in metrics.json" in page
     assert 'class="card' not in page
     data = three_class_run.path.parent / "data"

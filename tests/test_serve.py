@@ -33,7 +33,7 @@ from tests.conftest import make_class_folders
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.data.images import load_rgb
-from transferkit.export_check import pixel_batch, pixel_transform
+from transferkit.export_check import pixel_transform
 from transferkit.run import Run
 from transferkit.serve import Limits, create_app
 
@@ -232,7 +232,7 @@ def test_onnx_batch_pixels_equal_the_run_transform_bit_for_bit(tiny_run: Run, im
     decoded = [load_rgb(p) for p in images[:3]] + [Image.new("RGB", (61, 45), (9, 200, 77))]  # one needs a resize
     transform = pixel_transform(tiny_run.preprocess)
     expected = np.stack([transform(image).numpy() for image in decoded])
-    assert np.array_equal(pixel_batch(tiny_run.preprocess)(decoded), expected)
+    assert np.array_equal(tiny_run.preprocess.pixels(decoded), expected)
 
 
 class Wrapped:

@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_class_folders, make_image
-from transferkit.cache import file_digest
 from transferkit.cli.main import run_cli
 from transferkit.cli.pack import parse_size
 from transferkit.data import shards
-from transferkit.data.loader import labelled_split, load_image
+from transferkit.data.content import file_digest
+from transferkit.data.images import load_image
+from transferkit.data.loader import labelled_split
 from transferkit.data.members import INDEX_NAME, is_shard_member, read_member, split_ref
 from transferkit.data.sources import scan_dataset
 from transferkit.data.stream import ShardStream, is_sharded, stream_loader

@@ -243,7 +243,16 @@ def test_no_images(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("x")
     message = _user_error(tmp_path)
-    assert message.startswith(f"no images found in {tmp_path}") and ".png" in message and "1 entries skipped" in message
+    assert message.startswith(f"no images found in {tmp_path}") and ".png" in message
+    assert "class subfolders" in message and "1 other entries passed over" in message
+
+
+def test_a_flat_folder_of_images_is_told_the_layout(tmp_path: Path) -> None:
+    for i in range(3):
+        _image(tmp_path / "group_A" / f"photo_{i}.png")
+    message = _user_error(tmp_path / "group_A")
+    assert message.startswith(f"no images in class subfolders of {tmp_path / 'group_A'}: 3 images lie directly in it")
+    assert str(tmp_path / "group_A" / "CLASS" / "image.jpg") in message and "skipped" not in message
 
 
 def test_class_with_too_few_usable_images(tmp_path: Path) -> None:

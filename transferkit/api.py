@@ -29,7 +29,6 @@ from transferkit.run import (
     Run,
     TensorBoardWriter,
     build_meta,
-    infer_logits,
     save_weights,
     write_json,
 )
@@ -38,6 +37,7 @@ from transferkit.training.compute import Compute, resolve_device
 from transferkit.training.distributed import Ranks, current_ranks
 from transferkit.training.loop import BestKeeper, EpochLog, Paused
 from transferkit.training.two_stage import fine_tune
+from transferkit.tuning import Task, validation_choices
 
 
 def seed_everything(seed: int) -> None:
@@ -120,13 +120,16 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     if resume_split is not None and any(split[s] != resume_split.get(s) for s in SPLITS):
         raise UserError(f"the images in {index.root} are not the ones {out} started with (its split.json differs): "
                         "start a new run instead of resuming")
+    if cfg.operating_point != "default" and (len(index.classes) != 2 or index.multilabel):
+        raise UserError(f"operating point '{cfg.operating_point}' needs a two-class task; {index.root} has "
+                        f"{len(index.classes)} {'labels' if index.multilabel else 'classes'}")
     spec = get_backbone(cfg.backbone)
     compute = Compute(ranks.device or resolve_device(cfg.device), cfg.precision, cfg.accumulate)
     seed_everything(cfg.seed)
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
     resuming = resume_split is not None
     if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
-        return _evaluate_and_report(Run(out), index) if ranks.main else None
+        return _evaluate_and_report(Run(out), index, cfg.drop_leaks, reporter) if ranks.main else None
     if not resuming and ranks.main:
         prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
@@ -169,18 +172,19 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
             reporter.warn("interrupted: saving the best model so far")
     if not ranks.main:
         return None
-    if keeper.best_epoch:
-        reporter.log(f"best {cfg.monitor} {keeper.best:.4f} at {keeper.best_epoch[0]} epoch {keeper.best_epoch[1]}")
+    kept = kept_weights(keeper, cfg, interrupted)
+    if kept:
+        reporter.log(f"kept: {kept['reason']}")
     save_weights(model.cpu(), out / "model.safetensors")
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
-    meta.update(task_meta(model, index, val_data, pre, cfg))
+    meta.update(task_meta(model, index, val_data, pre, cfg, reporter), **({"kept": kept} if kept else {}))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     if interrupted:
         raise KeyboardInterrupt
     checkpoints.remove()
-    return _evaluate_and_report(Run(out), index)
+    return _evaluate_and_report(Run(out), index, cfg.drop_leaks, reporter)
 
 
 def scaled_for(cfg: TrainConfig, ranks: Ranks, reporter: Reporter) -> TrainConfig:
@@ -204,21 +208,50 @@ def _finished_training(out: Path) -> bool:
         return False
 
 
-def _evaluate_and_report(run: Run, index: DatasetIndex) -> Run:
-    run.evaluate(index)
+def _evaluate_and_report(run: Run, index: DatasetIndex, drop_leaks: bool, reporter: Reporter) -> Run:
+    warn_leaks(run.evaluate(index, drop_leaks=drop_leaks), reporter)
     write_report(run)
     return run
 
 
-def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig) -> dict:
-    """meta.json entries beyond a plain classifier's: the margin of boxed data, a multi-label run's task and its
-    per-label thresholds (the F1-best on the validation images)."""
+def warn_leaks(metrics: dict, reporter: Reporter) -> None:
+    """One line when evaluated images are byte-identical copies of training images: the figure flatters the model."""
+    leaked = metrics.get("leaked_from_train")
+    if not leaked or not leaked["count"]:
+        return
+    without = leaked["accuracy_without"]
+    accuracy = f"accuracy without them {without:.4f}" if without is not None else "none is left without them"
+    action = "left out (--drop-leaks)" if leaked["dropped"] else \
+        f"counted; {accuracy}, with them {leaked['accuracy_with']:.4f} (--drop-leaks leaves them out)"
+    reporter.warn(f"{leaked['count']} of {leaked['of']} {metrics['split']} images are copies of training images: "
+                  f"{action}")
+
+
+def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dict | None:
+    """Which epoch of which stage the saved weights are from, and why (meta.json's and metrics.json's `kept`)."""
+    if not keeper.best_epoch:
+        return None
+    stage, epoch = keeper.best_epoch
+    best = f"best {cfg.monitor} {keeper.best:.4f}"
+    if stage == "frozen" and cfg.epochs_finetune and not interrupted:
+        reason = (f"fine-tuning did not beat the frozen head ({best} at frozen epoch {epoch}): the head from frozen "
+                  f"epoch {epoch} was kept")
+    else:
+        reason = f"{best} at {stage} epoch {epoch}: those weights were kept"
+    return {"stage": stage, "epoch": epoch, "monitor": cfg.monitor, "value": keeper.best, "reason": reason}
+
+
+def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig,
+              reporter: Reporter) -> dict:
+    """meta.json entries beyond a plain classifier's: the margin of boxed data, a multi-label run's task, and what
+    is chosen on the validation images (test-time augmentation, temperature, decision thresholds)."""
     extra: dict = {"box_margin": cfg.box_margin} if any(s.box for s in index.samples) else {}
     if index.multilabel:
-        transform = eval_transform(pre, cfg.augmentation().samplewise_center)
-        probs = torch.sigmoid(infer_logits(model, val.paths, transform, crops=val.crops)).numpy()
-        chosen = multilabel.choose_thresholds(probs, val.targets.numpy())
-        extra.update(task=multilabel.TASK, thresholds=dict(zip(index.classes, chosen.tolist(), strict=True)))
+        extra["task"] = multilabel.TASK
+    binary = model.head[-1].out_features == 1
+    task = Task(binary, index.multilabel, index.classes)
+    transform = eval_transform(pre, cfg.augmentation().samplewise_center)
+    extra.update(validation_choices(model, val, transform, task, cfg.tta, cfg.operating_point, reporter))
     return extra
 
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from transferkit.data.members import is_shard_member, member_digest
+from transferkit.data.content import file_digest
 from transferkit.fileio import atomic_path, atomic_write
 from transferkit.progress import Reporter
 
@@ -39,17 +39,6 @@ def cache_root(enabled: bool, folder: str | Path | None) -> Path | None:
     if not enabled:
         return None
     return Path(folder) if folder else default_cache_dir()
-
-
-def file_digest(path: str | Path) -> str:
-    """The content digest of a file (or of a packed dataset's member: the same one its bytes have as a file)."""
-    if is_shard_member(path):
-        return member_digest(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:32]
 
 
 def module_digest(module: torch.nn.Module) -> str:

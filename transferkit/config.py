@@ -6,6 +6,8 @@ Recipes reproduce the classic Keras transfer-learning tutorials; `default` is th
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,17 @@ import yaml
 
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_write
-from transferkit.options import AUGMENT_PRESETS, DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS, Augment, HeadSpec
+from transferkit.options import (
+    AUGMENT_PRESETS,
+    DEFAULT_BACKBONE,
+    DEVICES,
+    ENGINES,
+    PRECISIONS,
+    TTA_CHOICES,
+    Augment,
+    HeadSpec,
+    parse_operating_point,
+)
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
@@ -32,6 +44,9 @@ class TrainConfig:
     head_batchnorm: bool = False
     binary_logit: bool = True  # two classes -> one logit + BCE; False -> 2-way softmax
     label_smoothing: float = 0.0
+    # chosen on the validation images after training (transferkit.tuning)
+    tta: str = "none"  # test-time augmentation: auto (lowest val loss) | none | flip | dihedral (8 views)
+    operating_point: str = "default"  # two classes: default (larger p) | accuracy | balanced | recall=R | precision=P
     # data
     image_size: int | None = None  # None: the backbone's pretrained input size
     crop_pct: float | None = None  # None: the backbone's; 1.0 keeps the whole image (no centre crop)
@@ -75,6 +90,8 @@ class TrainConfig:
     # several processes (accelerate launch): batch_size is per process; the global batch is N times larger
     scale_lr: bool = False  # multiply the learning rates by the number of processes (the linear scaling rule)
     sync_bn: bool = False  # batch-norm statistics over the global batch while fine-tuning them (GPUs only)
+    # evaluation
+    drop_leaks: bool = False  # score held-out images without those byte-identical to a training image
 
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)
@@ -115,12 +132,17 @@ class TrainConfig:
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (0 <= self.box_margin <= 10, "box_margin must be between 0 and 10 (a fraction of the box's size)"),
         ]
+        checks.append((self.tta in TTA_CHOICES, f"tta must be one of {', '.join(TTA_CHOICES)}"))
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad configuration: {message}")
         unknown = set(self.augment_options) - {f.name for f in fields(Augment)}
         if unknown:
             raise UserError(f"bad configuration: unknown augment_options {', '.join(sorted(unknown))}")
+        try:
+            parse_operating_point(self.operating_point)
+        except UserError as exc:
+            raise UserError(f"bad configuration: {exc}") from None
         self.unfreeze = str(self.unfreeze)
         return self
 
@@ -199,12 +221,45 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _checked(values: dict[str, Any], origin: str) -> dict[str, Any]:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown configuration key(s) in {origin}: {', '.join(unknown)}")
-    return values
+def field_types() -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
+def typed(key: str, value: Any, annotation: str) -> Any:
+    """`value` as the field's type ("int", "float | None", "list[int]", "str", ...), or a UserError."""
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None" and value is None:
+            return None
+        if option == "bool" and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue
+        if option == "int" and isinstance(value, int):
+            return value
+        if option == "float" and isinstance(value, int | float):
+            return float(value)
+        if option == "str" and isinstance(value, str | int | float | os.PathLike):
+            return str(value)  # `unfreeze: 3` reads as a number, and means "3"; a Path is a name
+        if option.startswith("list") and isinstance(value, list) and all(isinstance(v, int) for v in value):
+            return value
+        if option.startswith("dict") and isinstance(value, dict):
+            return value
+    raise UserError(f"configuration key '{key}' expects {annotation}, not {value!r}")
+
+
+def unknown_key(key: str, origin: str) -> UserError:
+    close = difflib.get_close_matches(key, field_types(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (`transferkit config` lists them)"
+    return UserError(f"unknown configuration key '{key}' in {origin}{hint}")
+
+
+def checked(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Known keys only, each value of its field's type."""
+    types = field_types()
+    for key in values:
+        if key not in types:
+            raise unknown_key(key, origin)
+    return {key: typed(key, value, types[key]) for key, value in values.items()}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -217,7 +272,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of keys to values")
-    return _checked(values, str(path))
+    return checked(values, str(path))
 
 
 def resolve_config(recipe: str | None = None, config_file: str | None = None, **overrides: Any) -> TrainConfig:
@@ -227,7 +282,7 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, **
     if recipe not in RECIPES:
         raise UserError(f"unknown recipe '{recipe}': choose one of {', '.join(RECIPES)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    values = {**RECIPES[recipe], **file_values, **_checked(given, "arguments"), "recipe": recipe}
+    values = {**RECIPES[recipe], **file_values, **checked(given, "arguments"), "recipe": recipe}
     try:
         config = TrainConfig(**values)
     except TypeError as exc:

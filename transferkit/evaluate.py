@@ -10,24 +10,35 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score  # noqa: E402
 
+from transferkit.calibration import decide, expected_calibration_error  # noqa: E402
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
-    """accuracy, top-5 (5+ classes), ROC AUC (binary; macro one-vs-rest otherwise), loss, per-class, confusion."""
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None = None
+                    ) -> dict:
+    """accuracy, balanced accuracy, top-5 (5+ classes), ROC AUC (binary; macro one-vs-rest otherwise), loss, ECE,
+    per-class, confusion. Decisions are the larger probability's class, or a binary run's `threshold`."""
     labels = list(range(len(classes)))
-    y_pred = probs.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    y_pred = decide(probs, threshold)
+    # 0/0 (no predictions, or no support) is undefined: NaN here, null in metrics.json, never a misleading 0
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                     zero_division=np.nan)
+    auc, auc_note = _auc(y_true, probs, labels, classes)
     metrics = {
         "accuracy": float((y_pred == y_true).mean()),
+        "balanced_accuracy": float(recall[support > 0].mean()),  # scikit-learn's, without its absent-class warning
         "top5_accuracy": _top_k(y_true, probs, 5) if len(classes) >= 5 else None,
-        "auc": _auc(y_true, probs, labels),
+        "auc": auc,
+        **({"auc_note": auc_note} if auc_note else {}),
         "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        "ece": expected_calibration_error(probs, y_true),
         "per_class": {
             name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
+                "precision": _defined(precision[i]),
+                "recall": _defined(recall[i]),
+                "f1": _defined(f1[i]),
                 "support": int(support[i]),
             }
             for i, name in enumerate(classes)
@@ -44,28 +55,40 @@ def _top_k(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
     return float((top == y_true[:, None]).any(axis=1).mean())
 
 
-def _auc(y_true: np.ndarray, probs: np.ndarray, labels: list[int]) -> float | None:
-    """None when undefined (a class missing from the evaluated split), rather than a misleading number."""
-    present = np.unique(y_true)
-    if len(present) < 2:
-        return None
+def _defined(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def _auc(y_true: np.ndarray, probs: np.ndarray, labels: list[int], classes: list[str]) -> tuple[float | None, str]:
+    """(AUC, "") or, when it is undefined, (None, why): a class missing from the evaluated split has no ROC curve,
+    and a number over the others would not be comparable."""
+    present = set(np.unique(y_true).tolist())
+    absent = [classes[i] for i in labels if i not in present]
+    if len(present) < 2 or (len(labels) > 2 and absent):
+        return None, f"undefined: no {', '.join(absent)} images in the evaluated split"
     if len(labels) == 2:
-        return float(roc_auc_score(y_true, probs[:, 1]))
-    if len(present) < len(labels):
-        return None
-    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
+        return float(roc_auc_score(y_true, probs[:, 1])), ""
+    return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels)), ""
 
 
-def plot_curves(history: list[dict], path: Path | BinaryIO) -> None:
-    """Loss and accuracy per epoch, train and val, with a line where fine-tuning starts."""
+def plot_curves(history: list[dict], path: Path | BinaryIO, kept: dict | None = None) -> None:
+    """Loss and accuracy per epoch (integer ticks), train and val, with a line where fine-tuning starts and a star
+    on the epoch whose weights were kept (`kept`: meta.json's record, when that epoch is in `history`)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(1, len(history) + 1)
+    stages = [h["stage"] for h in history]
+    kept_at = [i for i, h in enumerate(history) if kept and (h["stage"], int(h["epoch"])) == (kept["stage"],
+                                                                                                kept["epoch"])]
     for ax, metric in zip(axes, ("loss", "acc"), strict=True):
         ax.plot(x, [h[f"train_{metric}"] for h in history], marker="o", label=f"train {metric}")
-        ax.plot(x, [h[f"val_{metric}"] for h in history], marker="o", label=f"val {metric}")
-        stages = [h["stage"] for h in history]
+        val = [h[f"val_{metric}"] for h in history]
+        ax.plot(x, val, marker="o", label=f"val {metric}")
         if "finetune" in stages and "frozen" in stages:
             ax.axvline(stages.index("finetune") + 0.5, color="grey", linestyle="--", label="start fine-tuning")
+        for i in kept_at:
+            ax.plot(x[i], val[i], marker="*", markersize=16, color="#d9a400", markeredgecolor="black", linestyle="",
+                    label=f"kept: {kept['stage']} epoch {kept['epoch']}", zorder=5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.25 ticks on short runs
         ax.set_xlabel("epoch")
         ax.set_title("loss" if metric == "loss" else "accuracy")
         ax.grid(alpha=0.3)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from transferkit.calibration import decide
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
@@ -83,13 +84,18 @@ def model_view(image: Image.Image, pre: Preprocess) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
-def overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Blend a jet-coloured heatmap over the image (red: strongest evidence for the class)."""
+HEAT_MAP = "inferno"  # perceptually ordered (dark to bright yellow); jet's uniform blue wash hid the photo's colours
+
+
+def overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.6) -> Image.Image:
+    """Blend an inferno heatmap over the image, as opaque as the evidence is strong (bright yellow: the strongest),
+    so where the class finds no evidence the photo shows with its own colours."""
     from matplotlib import colormaps
 
-    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+    strength = np.clip(cam, 0, 1)[..., None]
+    heat = colormaps[HEAT_MAP](strength[..., 0])[..., :3]
     base = np.asarray(view.convert("RGB"), dtype=np.float32) / 255
-    mixed = (1 - alpha) * base + alpha * heat
+    mixed = (1 - alpha * strength) * base + alpha * strength * heat
     return Image.fromarray((mixed * 255).round().astype(np.uint8))
 
 
@@ -113,7 +119,7 @@ def explain_files(run: Run, paths: list[str], out_dir: Path, target: int | None 
     the class explained."""
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = run.probabilities(paths)
-    predicted = probs.argmax(axis=1)
+    predicted = decide(probs, run.threshold)
     targets = [int(p) if target is None else target for p in predicted]
     written = [out_dir / name for name in overlay_names(paths)]
     for start in range(0, len(paths), BATCH_SIZE):

@@ -1,4 +1,5 @@
-"""Ship a run: export its classifier to ONNX (fp32 or int8) or TorchScript, and predict from the export alone.
+"""Ship a run: export its classifier to ONNX (fp32 or int8) or TorchScript (`transferkit.predictor` predicts from
+the export alone).
 
 The exported graph takes what any image library can produce without knowing the backbone, float32 NCHW pixels in
 [0, 1] after resize + centre crop, and returns class probabilities (N, classes): normalisation, samplewise centring
@@ -18,38 +19,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 import transferkit
-from transferkit import multilabel
-from transferkit.cache import file_digest
-from transferkit.data.boxes import Box
-from transferkit.data.transforms import Preprocess
+from transferkit.data.content import file_digest
 from transferkit.errors import UserError
-from transferkit.export_check import pixel_batch, pixel_transform, validation_images
+from transferkit.export_check import validation_images
 from transferkit.fileio import atomic_path
-from transferkit.parity import PROBES_KEY, Check, compare, make_probes, probe_failure
-from transferkit.progress import print_warning
-from transferkit.run import Run, image_loader
+from transferkit.models.tta import tta_logits
+from transferkit.parity import PROBES_KEY, Check, compare, make_probes
+from transferkit.predictor import OnnxSession
+from transferkit.run import Run
 from transferkit.training.loop import evaluate_logits, probabilities
 
 FORMATS = ("onnx", "torchscript")
 CALIBRATION_IMAGES = 256  # int8 ranges settle long before this; more only costs export time
 TIMING_IMAGES = 64
 BATCH_SIZE = 32
-# Images per ONNX Runtime call: on a CPU the time per image grows with the batch, whose activations leave the caches;
-# batching still pays in the server, just not inside the engine (decision 0217).
-ORT_BATCH = 2
 
 
 class ProbabilityModel(nn.Module):
-    """The run's classifier with its input and output contract baked in: [0, 1] pixels in, probabilities out."""
+    """The run's classifier with its input and output contract baked in: [0, 1] pixels in, probabilities out, with
+    the run's test-time views batched inside the graph and its calibrating temperature dividing the logits."""
 
     def __init__(self, run: Run) -> None:
         super().__init__()
-        self.model = run.model
+        self.model = run.model  # not wrapped: int8 export tells the classifier's nodes by their "/model/" names
         self.binary, self.multilabel = run.binary, run.multilabel
+        self.tta, self.temperature = run.tta, run.temperature
         self.samplewise_center = bool(run.meta.get("samplewise_center", False))
         self.register_buffer("mean", torch.tensor(run.preprocess.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(run.preprocess.std).view(1, 3, 1, 1))
@@ -58,31 +55,10 @@ class ProbabilityModel(nn.Module):
         images = (pixels - self.mean) / self.std  # the same arithmetic as eval_transform's Normalize
         if self.samplewise_center:
             images = images - images.mean(dim=(1, 2, 3), keepdim=True)
-        return probabilities(self.model(images), self.binary, self.multilabel)
+        return probabilities(tta_logits(self.model, images, self.tta), self.binary, self.multilabel, self.temperature)
 
 
-class _Session:
-    """ONNX Runtime on the CPU, called like a module on a batch of pixels."""
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # No spin-waiting between calls: a server's single requests were ~40% slower with spinning threads.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # The process's one thread budget is torch's: `serve --workers N` divides it, and ONNX Runtime's own default
-        # (every core) would oversubscribe the CPU N times over.
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
-        array = pixels.contiguous().numpy() if isinstance(pixels, torch.Tensor) else pixels
-        return np.concatenate([self.session.run(None, {self.input_name: array[i : i + ORT_BATCH]})[0]
-                               for i in range(0, len(array), ORT_BATCH)])
-
-
-Engine = nn.Module | _Session
+Engine = nn.Module | OnnxSession
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -98,6 +74,7 @@ def _outputs(engine: Engine, batches: Batches | torch.Tensor) -> np.ndarray:
     return np.concatenate([engine(images) for images, _ in batches])
 
 
+@dataclass
 @dataclass
 class ExportReport:
     """What `transferkit export` prints (and --json writes): the file, its check, its size and speed."""
@@ -119,9 +96,12 @@ def default_out(run_dir: Path, fmt: str, int8: bool) -> Path:
 def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
     """What a consumer of the file alone needs: classes and preprocessing (and a multi-label run's thresholds and
     a boxed run's margin), plus provenance (weights digest)."""
-    extra = {key: run.meta[key] for key in ("thresholds", "box_margin") if key in run.meta}
+    extra = {key: run.meta[key] for key in ("thresholds", "box_margin", "threshold", "operating_point")
+             if run.meta.get(key) is not None}
     if run.multilabel:
         extra["output"] = "per-label sigmoid probabilities (N, labels); a label applies at or above its threshold"
+    elif run.threshold is not None:
+        extra["output"] = "class probabilities (N, 2); the second class applies at or above `threshold`"
     return {
         "classes": run.classes,
         "preprocessing": run.preprocess.to_dict(),
@@ -131,7 +111,10 @@ def export_metadata(run: Run, int8: bool) -> dict[str, str | list | dict]:
         "weights_digest": file_digest(run.path / "model.safetensors"),
         "quantization": "int8 static QDQ, per-channel weights" if int8 else "none",
         "input": "float32 NCHW RGB pixels in [0, 1], resized and centre-cropped as in preprocessing",
+        "preprocessing_rule": run.preprocess.rule(),
         "output": "class probabilities (N, classes)",
+        "tta": run.tta,  # inside the graph already: recorded, not to be applied again
+        "temperature": run.temperature,  # likewise
         **extra,
     }
 
@@ -249,7 +232,7 @@ def _build(fmt: str, int8: bool, run: Run, wrapper: nn.Module, pixels: torch.Ten
     else:
         export_onnx(wrapper, example, tmp)
     _set_metadata(tmp, export_metadata(run, int8))
-    return _Session(tmp)
+    return OnnxSession(tmp)
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: str | Path | None = None,
@@ -276,89 +259,14 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
     with atomic_path(target) as tmp:
         candidate = _build(fmt, int8, run, wrapper, pixels, tmp)
         reference, outputs = _outputs(wrapper, pixels), _outputs(candidate, pixels)
-        check = compare(reference, outputs, labels, run.thresholds)
+        check = compare(reference, outputs, labels, run.thresholds, run.threshold)
         if reason := check.failure(int8):
-            hint = "; the fp32 export (without --int8) keeps PyTorch's predictions" if int8 else ""
+            hint = (f"; this model does not quantise well: `transferkit export {run.path}` (fp32, no --int8) keeps "
+                    "PyTorch's predictions, then predict with --engine onnx") if int8 else ""
             raise UserError(f"export refused, nothing written: {reason} on {check.images} validation images{hint}")
         speeds = images_per_second([candidate, wrapper], pixels)
         if int8:
-            probes = make_probes(pixels.numpy(), reference, outputs, run.thresholds)
+            probes = make_probes(pixels.numpy(), reference, outputs, run.thresholds, run.threshold)
             _set_metadata(tmp, {**export_metadata(run, int8), PROBES_KEY: probes})
     size_mb = target.stat().st_size / 2**20
     return ExportReport(str(target), fmt, int8, round(size_mb, 2), check, *speeds, notes=notes)
-
-
-class OnnxPredictor:
-    """A classifier from its .onnx file alone: classes and preprocessing come from the file's metadata.
-
-    Offers Run's prediction methods, so a server or `predict` can use either without caring which."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self._session = _Session(self.path)
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for unreadable files
-            raise UserError(f"cannot load {self.path}: {str(exc).splitlines()[0][:200]}") from None
-        self.metadata: dict[str, str] = self._session.session.get_modelmeta().custom_metadata_map
-        if "classes" not in self.metadata or "preprocessing" not in self.metadata:
-            raise UserError(f"{self.path} is not a transferkit export (no classes/preprocessing in its metadata)")
-        self.classes: list[str] = json.loads(self.metadata["classes"])
-        self.preprocess = Preprocess.from_dict(json.loads(self.metadata["preprocessing"]))
-        self.transform = pixel_transform(self.preprocess)
-        self._pixels_of = pixel_batch(self.preprocess)
-        self.box_margin = float(json.loads(self.metadata.get("box_margin", "0")))
-        multi = self.metadata.get("task") == multilabel.TASK
-        self.thresholds = multilabel.thresholds_of(json.loads(self.metadata["thresholds"]), self.classes) if multi \
-            else None
-        if self.metadata.get("quantization", "none") != "none" and (
-                reason := probe_failure(self.metadata.get(PROBES_KEY), self._session, self.thresholds)):
-            raise UserError(f"{self.path.name} is not safe to use here: {reason}")
-
-    def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
-        """(N, classes) probabilities for image files, cropped to `crops` if given (decoded in workers when there
-        are many)."""
-        return _outputs(self._session, image_loader(paths, self.transform, BATCH_SIZE, crops))
-
-    def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
-        """(N, classes) probabilities for decoded RGB images already in memory (a server's batch: no PyTorch)."""
-        return self._session(self._pixels_of(images))
-
-
-PREDICT_ENGINES = ("auto", "int8", "onnx", "torch")
-EXPORT_FILES = {"int8": "model.int8.onnx", "onnx": "model.onnx"}  # "auto" tries them in this order: fastest first
-
-
-def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredictor:
-    """"auto": the fastest export made from the run's current weights (int8, then fp32 ONNX), else PyTorch.
-
-    An int8 export only exists if it passed its agreement and accuracy check, so preferring it is safe."""
-    if engine not in PREDICT_ENGINES:
-        raise UserError(f"unknown engine '{engine}': choose one of {', '.join(PREDICT_ENGINES)}")
-    run_dir = Path(run_dir)
-    if engine == "torch":
-        return Run(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"no such run folder: {run_dir}")
-    if engine != "auto":
-        return _export_predictor(run_dir, engine)
-    kinds = [kind for kind in EXPORT_FILES if (run_dir / EXPORT_FILES[kind]).is_file()]
-    for position, kind in enumerate(kinds):
-        try:
-            return _export_predictor(run_dir, kind)
-        except UserError as exc:
-            fallback = EXPORT_FILES[kinds[position + 1]] if position + 1 < len(kinds) else "PyTorch"
-            print_warning("warning:", f"{exc}; using {fallback} instead")
-    return Run(run_dir)
-
-
-def _export_predictor(run_dir: Path, kind: str) -> OnnxPredictor:
-    path = run_dir / EXPORT_FILES[kind]
-    if not path.is_file():
-        flag = " --int8" if kind == "int8" else ""
-        raise UserError(f"{run_dir} has no {path.name}: run `transferkit export {run_dir}{flag}` first, "
-                        "or use --engine torch")
-    predictor = OnnxPredictor(path)
-    weights = run_dir / "model.safetensors"
-    if weights.is_file() and predictor.metadata.get("weights_digest") not in (None, file_digest(weights)):
-        raise UserError(f"{path} was exported from other weights: run `transferkit export {run_dir}` again")
-    return predictor

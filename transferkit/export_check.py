@@ -4,18 +4,16 @@ to their boxes, as in training) and their labels (class indices, or a multi-labe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2 as T
 
 from transferkit.data.boxes import Box, crop_regions
-from transferkit.data.images import image_file_exists
+from transferkit.data.images import image_file_exists, load_image
 from transferkit.data.labelsets import label_set
-from transferkit.data.loader import load_image, targets_of
+from transferkit.data.loader import targets_of
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.run import Run
 
@@ -26,24 +24,6 @@ CHECK_IMAGES = 512  # held in memory as pixels (~300 MB at 224 px); enough to se
 def pixel_transform(pre: Preprocess) -> T.Compose:
     """eval_transform minus Normalize (the graph normalises): exactly the pixels the run was evaluated on."""
     return T.Compose([step for step in eval_transform(pre).transforms if not isinstance(step, T.Normalize)])
-
-
-def pixel_batch(pre: Preprocess) -> Callable[[list[Image.Image]], np.ndarray]:
-    """pixel_transform for decoded images in memory, as one float32 NCHW array made without PyTorch: its geometry
-    (Pillow resize + crop) per image, then ToImage + ToDtype's arithmetic (uint8 * float32(1/255), bit for bit)
-    once for the whole batch in numpy. A server's ONNX engine calls this for every batch: torch's per-image tensor
-    ops woke its OpenMP threads, whose spin-waiting more than doubled the model thread's CPU time per image (10 ->
-    22 ms with Lite0) on 2 cores shared with other processes."""
-    geometry = T.Compose([step for step in pixel_transform(pre).transforms
-                          if not isinstance(step, (T.ToImage, T.ToDtype))])
-
-    def to_pixels(images: list[Image.Image]) -> np.ndarray:
-        hwc = np.stack([np.asarray(geometry(image)) for image in images])
-        pixels = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2), dtype=np.float32)
-        pixels *= np.float32(1 / 255)
-        return pixels
-
-    return to_pixels
 
 
 def validation_images(run: Run) -> tuple[torch.Tensor, np.ndarray | None, list[str]]:

@@ -3,16 +3,20 @@ chosen on the validation set (the one maximising that label's F1), since a rare 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from sklearn.metrics import average_precision_score, hamming_loss, precision_recall_fscore_support
-from torch.nn import functional as F
+
+if TYPE_CHECKING:  # training needs torch and metrics need scikit-learn; deciding labels (predict, serve) neither
+    import torch
 
 TASK = "multilabel"
 
 
 def loss(label_smoothing: float = 0.0):
     """BCE-with-logits over every (image, label) pair; smoothing pulls each target towards 0.5."""
+
+    from torch.nn import functional as F
 
     def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         soft = targets.float() * (1 - label_smoothing) + 0.5 * label_smoothing
@@ -58,6 +62,8 @@ def label_names(decisions: np.ndarray, classes: list[str]) -> list[str]:
 def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str], thresholds: np.ndarray) -> dict:
     """mAP (macro average precision, over labels present in the split), subset accuracy, Hamming loss, BCE loss and
     per-label precision / recall / F1 / support / AP at the run's thresholds."""
+    from sklearn.metrics import average_precision_score, hamming_loss, precision_recall_fscore_support
+
     truth, decisions = targets > 0.5, decide(probs, thresholds)
     precision, recall, f1, support = precision_recall_fscore_support(truth, decisions, average=None, zero_division=0)
     present = truth.any(axis=0)

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from transferkit.errors import UserError
+
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 ENGINES = ("auto", "openvino", "onnx", "torch")  # what runs the frozen backbone for features
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTA_MODES = ("none", "flip", "dihedral")  # test-time views: 1, 2 or 8
+TTA_CHOICES = ("auto", *TTA_MODES)
+OPERATING_POINTS = ("default", "accuracy", "balanced", "recall=R", "precision=P")
 
 
 @dataclass(frozen=True)
@@ -47,3 +52,18 @@ AUGMENT_PRESETS: dict[str, Augment] = {
     "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
     "strong": Augment(horizontal_flip=True, policy="trivial"),
 }
+
+
+def parse_operating_point(value: str) -> tuple[str, float | None]:
+    """'accuracy' -> ('accuracy', None); 'recall=0.9' -> ('recall', 0.9). Anything else is a UserError."""
+    name, _, target = str(value).partition("=")
+    if name in ("default", "accuracy", "balanced") and not target:
+        return name, None
+    if name in ("recall", "precision") and target:
+        try:
+            number = float(target)
+        except ValueError:
+            number = -1.0
+        if 0 < number <= 1:
+            return name, number
+    raise UserError(f"operating point must be one of {', '.join(OPERATING_POINTS)} (R, P in (0, 1]), not '{value}'")

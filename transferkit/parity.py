@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from transferkit.calibration import decide
+
 FP32_TOLERANCE = 1e-4  # max |probability difference| from eager PyTorch
 INT8_MIN_AGREEMENT = 0.99  # top-1 (multi-label: per-label decision) agreement with eager PyTorch
 INT8_MAX_ACCURACY_DROP = 0.01  # accuracy may fall by at most 1 point
@@ -51,16 +53,17 @@ class Check:
         return None
 
 
-def decisions(probs: np.ndarray, thresholds: np.ndarray | None) -> np.ndarray:
-    """Top-1 labels, or a multi-label run's per (image, label) decisions at its thresholds."""
-    return probs.argmax(axis=1) if thresholds is None else probs >= thresholds
+def decisions(probs: np.ndarray, thresholds: np.ndarray | None, threshold: float | None = None) -> np.ndarray:
+    """The decided labels (a binary run's at its operating `threshold`), or a multi-label run's per (image, label)
+    decisions at its `thresholds`."""
+    return decide(probs, threshold) if thresholds is None else probs >= thresholds
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
-            thresholds: np.ndarray | None = None) -> Check:
-    """Single-label: top-1 agreement and accuracy. Multi-label (`thresholds`): the same per (image, label)
-    decision, so accuracy is 1 - Hamming loss."""
-    decide_ref, decide_cand = decisions(reference, thresholds), decisions(candidate, thresholds)
+            thresholds: np.ndarray | None = None, threshold: float | None = None) -> Check:
+    """Single-label: agreement of the decided labels (top-1, or a binary run's `threshold`) and accuracy.
+    Multi-label (`thresholds`): the same per (image, label) decision, so accuracy is 1 - Hamming loss."""
+    decide_ref, decide_cand = decisions(reference, thresholds, threshold), decisions(candidate, thresholds, threshold)
     if thresholds is not None and labels is not None:
         labels = labels > 0.5
     return Check(
@@ -74,11 +77,12 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
 
 
 def make_probes(pixels: np.ndarray, reference: np.ndarray, candidate: np.ndarray,
-                thresholds: np.ndarray | None) -> str:
+                thresholds: np.ndarray | None, threshold: float | None = None) -> str:
     """The self-check to store in an int8 file: up to PROBE_IMAGES validation images on which int8 and fp32 agreed
     here, as uint8 pixels (exact: the pipeline's pixels are uint8 / 255), with fp32's probabilities and the largest
     drift int8 showed on them."""
-    agreed = np.flatnonzero(np.all((decisions(reference, thresholds) == decisions(candidate, thresholds))
+    agreed = np.flatnonzero(np.all((decisions(reference, thresholds, threshold) ==
+                                    decisions(candidate, thresholds, threshold))
                                    .reshape(len(reference), -1), axis=1))
     chosen = agreed[np.linspace(0, len(agreed) - 1, min(PROBE_IMAGES, len(agreed))).round().astype(int)]
     drift = float(np.abs(reference[chosen] - candidate[chosen]).max()) if len(chosen) else 0.0
@@ -89,7 +93,7 @@ def make_probes(pixels: np.ndarray, reference: np.ndarray, candidate: np.ndarray
 
 
 def probe_failure(stored: str | None, run: Callable[[np.ndarray], np.ndarray],
-                  thresholds: np.ndarray | None) -> str | None:
+                  thresholds: np.ndarray | None, threshold: float | None = None) -> str | None:
     """Why this int8 file must not be used on this machine, or None when its stored images still agree with fp32."""
     if stored is None:
         return "it carries no self-check images (exported by an older transferkit): export it again"
@@ -100,7 +104,7 @@ def probe_failure(stored: str | None, run: Callable[[np.ndarray], np.ndarray],
     if not len(pixels):
         return "it carries no self-check images: export it again"
     outputs = run(pixels)
-    changed = decisions(reference, thresholds) != decisions(outputs, thresholds)
+    changed = decisions(reference, thresholds, threshold) != decisions(outputs, thresholds, threshold)
     drift = float(np.abs(reference - outputs).max())
     allowed = 2 * probes["drift"] + PROBE_SLACK
     if changed.any() or drift > allowed:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,15 +18,18 @@ from torch.utils.data import DataLoader
 
 import transferkit
 from transferkit import multilabel
+from transferkit.calibration import decide, expected_calibration_error
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.loader import ImageDataset, make_loader, targets_of
-from transferkit.data.members import looks_packed
-from transferkit.data.sources import DatasetIndex, Sample, Skipped, image_problems, list_image_files, scan_dataset
+from transferkit.data.sources import DatasetIndex, Sample, Skipped, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
 from transferkit.fileio import atomic_path, atomic_write
+from transferkit.models import tta
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
+from transferkit.prediction import collect_inputs, prediction_records
+from transferkit.scope import check_leaks, choose_scope, is_own_data, leak_record
 from transferkit.training.compute import resolve_device
 from transferkit.training.loop import EpochLog, StepLog, evaluate_logits, probabilities
 
@@ -187,18 +191,31 @@ class Run:
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
         self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
         self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
+        # chosen on validation after training (transferkit.tuning); a run from before them has none
+        self.tta: str = self.meta.get("tta", "none")
+        if self.tta not in tta.MODES:
+            raise UserError(f"{meta_path} has an unknown tta '{self.tta}': expected one of {', '.join(tta.MODES)}")
+        self.temperature: float = float(self.meta.get("temperature", 1.0))
+        self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
+        self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
         self.metrics: dict | None = None
 
+    def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:
+        """(N, logits) of image files (averaged over the run's test-time views), each cropped to its region in
+        `crops` if given (decoded in workers when there are many)."""
+        return infer_logits(self.inference, paths, self.transform, tta.images_per_batch(tta.VIEWS[self.tta]), crops)
+
+    def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
+        return probabilities(logits, self.binary, self.multilabel, self.temperature if calibrated else 1.0).numpy()
+
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
-        """(N, classes) probabilities for image files, each cropped to its region in `crops` if given (decoded in
-        workers when there are many)."""
-        return probabilities(infer_logits(self.model, paths, self.transform, crops=crops), self.binary,
-                             self.multilabel).numpy()
+        """(N, classes) calibrated probabilities for image files, each cropped to its region in `crops` if given."""
+        return self.to_probabilities(self.logits(paths, crops))
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         """(N, classes) probabilities for decoded RGB images already in memory (a server's uploads)."""
-        logits, _ = evaluate_logits(self.model, [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))])
-        return probabilities(logits, self.binary, self.multilabel).numpy()
+        batch = [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))]
+        return self.to_probabilities(evaluate_logits(self.inference, batch)[0])
 
     def predict(self, inputs: list[str], top_k: int = 5) -> tuple[list[dict], list[Skipped]]:
         """Labels and probabilities for images, folders of images or dataset CSVs (cropped to their boxes);
@@ -206,29 +223,63 @@ class Run:
         paths, boxes, skipped = collect_inputs(inputs)
         return prediction_records(self, paths, boxes, top_k), skipped
 
-    def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True) -> dict:
-        """Metrics on one split of a dataset (default: test if it has one, else val; "all" for every image);
-        writes metrics.json, predictions.csv and the figures into the run folder."""
+    def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True,
+                 drop_leaks: bool = False) -> dict:
+        """Metrics on the data: one split of the run's own data (default: test if it has one, else val), every
+        image of other data, or what `split` names ("all": every image). Images copied from training are counted
+        (`leaked_from_train`, with the accuracy without them) and left out with `drop_leaks`. Writes
+        metrics.json, predictions.csv and the figures into the run folder."""
         index = data if isinstance(data, DatasetIndex) else scan_dataset(data, **self.meta["data_split"])
-        split = split or ("test" if index.split("test") else "val")
-        samples = index.samples if split == "all" else index.split(split)
-        self._check_labels(index, samples, split)
+        own = is_own_data(self.path, index)
+        scope = choose_scope(index, split, own)
+        self._check_labels(index, scope.samples, scope.split)
+        check_leaks(scope, index, self.path, own)
+        samples = scope.samples
         paths, crops = [s.path for s in samples], crop_regions([s.box for s in samples], self.box_margin)
-        probs = self.probabilities(paths, crops)
+        begin = time.perf_counter()
+        logits = self.logits(paths, crops)
+        seconds = time.perf_counter() - begin
+        probs = self.to_probabilities(logits)
         y_true = targets_of(samples, index.labels_of, self.classes, self.multilabel).numpy()
-        if self.multilabel:
-            metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
-            predicted = multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
-        else:
-            metrics = compute_metrics(y_true, probs, self.classes)
-            predicted = [self.classes[int(p.argmax())] for p in probs]
-        metrics.update(split=split, skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
+        kept = np.ones(len(samples), dtype=bool)
+        if drop_leaks and scope.leaked:
+            kept[scope.leaked] = False
+            if not kept.any():
+                raise UserError(f"every one of the {len(samples)} evaluated images is a copy of a training image: "
+                                "nothing is left to score without them")
+        metrics, predicted = self._score(y_true[kept], probs[kept])
+        if not self.multilabel:
+            uncalibrated = self.to_probabilities(logits[torch.from_numpy(kept)], False)
+            metrics.update(ece_uncalibrated=expected_calibration_error(uncalibrated, y_true[kept]),
+                           operating_point=self.meta.get("operating_point", "default"), threshold=self.threshold)
+        metrics.update(temperature=self.temperature, tta=self.tta, tta_views=tta.VIEWS[self.tta],
+                       seconds_per_image=seconds / len(paths))
+        metrics.update(split=scope.split, split_note=scope.note, **leak_record(scope, kept, self._hits(y_true, probs)),
+                       skipped_files=[{"path": s.path, "reason": s.reason} for s in index.skipped])
+        if "kept" in self.meta:  # which epoch's weights these are
+            metrics["kept"] = self.meta["kept"]
         if write:
             self.write_metrics(metrics)
-            write_predictions(self.path / "predictions.csv", paths, [s.label for s in samples], predicted, probs,
-                              self.classes, crops)
+            chosen = [s for s, keep in zip(samples, kept, strict=True) if keep]
+            write_predictions(self.path / "predictions.csv", [s.path for s in chosen], [s.label for s in chosen],
+                              predicted, probs[kept], self.classes, [c for c, k in zip(crops, kept, strict=True) if k]
+                              if crops else None)
         self.metrics = metrics
         return metrics
+
+    def _score(self, y_true: np.ndarray, probs: np.ndarray) -> tuple[dict, list[str]]:
+        """Metrics and the predicted label(s) of each image."""
+        if self.multilabel:
+            metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
+            return metrics, multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
+        predicted = [self.classes[i] for i in decide(probs, self.threshold)]
+        return compute_metrics(y_true, probs, self.classes, self.threshold), predicted
+
+    def _hits(self, y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Whether each image is right: its top class, or (multi-label) exactly its label set."""
+        if self.multilabel:
+            return (multilabel.decide(probs, self.thresholds) == (y_true > 0.5)).all(axis=1)
+        return decide(probs, self.threshold) == y_true
 
     def _check_labels(self, index: DatasetIndex, samples: list[Sample], split: str) -> None:
         """The data must be of this run's kind (multi-label or not), with only classes it knows, and not empty."""
@@ -246,7 +297,7 @@ class Run:
             plot_confusion(metrics["confusion_matrix"], self.classes, self.path / "confusion.png")
         history_path = self.path / "history.csv"
         if history_path.is_file() and (history := read_history(history_path)):
-            plot_curves(history, self.path / "curves.png")
+            plot_curves(history, self.path / "curves.png", self.meta.get("kept"))
 
 
 def image_loader(paths: list[str], transform, batch_size: int = 32, crops: list[Box | None] | None = None
@@ -262,68 +313,3 @@ def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size
     """Logits for a list of readable images, in order."""
     logits, _ = evaluate_logits(model, image_loader(paths, transform, batch_size, crops))
     return logits
-
-
-def top_predictions(paths: list[str], probs: np.ndarray | torch.Tensor, names: list[str], top_k: int) -> list[dict]:
-    """The `predict --json` shape: path, label, probability and the top-k labels with probabilities."""
-    results = []
-    for path, p in zip(paths, np.asarray(probs), strict=True):
-        order = np.argsort(-p)[: max(1, top_k)]
-        results.append(
-            {
-                "path": path,
-                "label": names[order[0]],
-                "probability": float(p[order[0]]),
-                "top": [{"label": names[i], "probability": float(p[i])} for i in order],
-            }
-        )
-    return results
-
-
-def collect_inputs(inputs: list[str]) -> tuple[list[str], list[Box | None] | None, list[Skipped]]:
-    """Like collect_images, plus dataset CSVs and packed datasets (`transferkit pack`): their images with their boxes
-    (None where no input has any)."""
-    tables = [item for item in inputs if (item.lower().endswith(".csv") and Path(item).is_file())
-              or (Path(item).is_dir() and looks_packed(item))]
-    images = [item for item in inputs if item not in tables]
-    paths, skipped = collect_images(images) if images else ([], [])
-    boxes: list[Box | None] = [None] * len(paths)
-    for table in tables:
-        index = scan_dataset(table, trainable=False)  # labels are not needed to predict, nor enough of them to train
-        paths += [s.path for s in index.samples]
-        boxes += [s.box for s in index.samples]
-        skipped += index.skipped
-    return paths, boxes if any(boxes) else None, skipped
-
-
-def prediction_records(predictor: Run, paths: list[str], boxes: list[Box | None] | None, top_k: int) -> list[dict]:
-    """`predict --json` records from a Run or an export: top-k classes, or a multi-label run's labels above their
-    thresholds; an image cropped to a box says which."""
-    probs = predictor.probabilities(paths, crop_regions(boxes, predictor.box_margin) if boxes else None)
-    if predictor.thresholds is not None:
-        records = multilabel.predictions(paths, probs, predictor.classes, predictor.thresholds)
-    else:
-        records = top_predictions(paths, probs, predictor.classes, top_k)
-    for record, box in zip(records, boxes or [], strict=False):
-        if box:
-            record["box"] = box.to_list()
-    return records
-
-
-def collect_images(inputs: list[str]) -> tuple[list[str], list[Skipped]]:
-    """Files and folders (recursively) -> readable image paths in a stable order, plus what was skipped and why."""
-    candidates, skipped = [], []
-    for item in inputs:
-        target = Path(item)
-        if not target.exists():
-            raise UserError(f"no such file or folder: {item}")
-        found, passed_over = list_image_files(target.resolve()) if target.is_dir() else ([str(target.resolve())], [])
-        candidates += found
-        skipped += passed_over
-    problems = image_problems(candidates)
-    paths = [path for path, problem in zip(candidates, problems, strict=True) if problem is None]
-    skipped += [Skipped(path, problem) for path, problem in zip(candidates, problems, strict=True) if problem]
-    if not paths:
-        detail = f": {skipped[0].path}: {skipped[0].reason}" if skipped else ""
-        raise UserError(f"no readable images in {' '.join(inputs)}{detail}")
-    return paths, skipped

@@ -30,8 +30,9 @@ from transferkit.features import FeatureExtractor, View, clean_view  # noqa: E40
 from transferkit.fileio import atomic_write  # noqa: E402
 from transferkit.models.classifier import Classifier  # noqa: E402
 from transferkit.models.registry import create_imagenet_model, get_backbone  # noqa: E402
+from transferkit.prediction import collect_images  # noqa: E402
 from transferkit.progress import Reporter  # noqa: E402
-from transferkit.run import Run, collect_images  # noqa: E402
+from transferkit.run import Run  # noqa: E402
 
 BATCH_SIZE = 32
 # Decoding workers and an ONNX export (with its parity check) each cost seconds before the first image; they are

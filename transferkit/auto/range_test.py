@@ -142,17 +142,27 @@ def batches(features: np.ndarray, targets: np.ndarray, batch_size: int, steps: i
             yield inputs[chunk], labels[chunk]
 
 
-def plot_lr_find(result: LRFind, path: Path) -> None:
-    """Loss against learning rate (log scale), the suggestion marked."""
+def plot_lr_find(result: LRFind, path: Path, used: float | None = None, backbone: str | None = None) -> None:
+    """Loss against learning rate (log scale), the suggestion marked, and the rate training used where it differs
+    (auto picks among fractions of the suggestion), titled with the backbone."""
+    fig = lr_find_figure(result, used, backbone)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def lr_find_figure(result: LRFind, used: float | None = None, backbone: str | None = None) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(result.lrs, result.losses, color="#1f64b4")
     ax.axvline(result.suggested_lr, color="#c0392b", linestyle="--",
-               label=f"suggested {result.suggested_lr:.1e} (steepest descent)")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title="learning-rate range test")
+               label=f"suggested {result.suggested_lr:.2e} (steepest descent)")
+    if used is not None:
+        ax.axvline(used, color="#1e8449", linewidth=2,
+                   label=f"used {used:.2e} (best held-out loss of the rates tried)")
+    title = "learning-rate range test" + (f": {backbone}" if backbone else "")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed training loss", title=title)
     finite = [loss for loss in result.losses if math.isfinite(loss)]
     ax.set_ylim(min(finite) * 0.95, min(max(finite), EXPLODED * min(finite)) * 1.05)  # the explosion off-scale
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return fig

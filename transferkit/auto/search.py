@@ -176,7 +176,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
         chosen = finalists[0]
     leaderboard = leaderboard_rows(list(probed.values()), chosen.name, laps)
     write_leaderboard(out / "leaderboard.csv", leaderboard)
-    plot_lr_find(chosen.found, out / "lr_find.png")
+    plot_lr_find(chosen.found, out / "lr_find.png", chosen.choices["lr"], chosen.name)
     if laps:
         run = finish(next(lap for lap in laps if lap.name == chosen.name), index, out, quiet)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from transferkit.cli.main import app
@@ -44,10 +45,14 @@ def backbones(json_out: JSON = False) -> None:
     if json_out:
         print_json(rows)
         return
-    table = Table("name", "params (M)", "size MB", "input", "offline weights", "ImageNet top-1")
+    # names are what users type: never cut or wrapped, whatever the width (80 columns, a pipe); the rest is narrow
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) + 1 for row in rows))
+    for header in ("params M", "MB", "input", "offline", "top-1"):
+        table.add_column(header, justify="right" if header != "offline" else "left", no_wrap=True)
     for row in rows:
         table.add_row(
-            row["name"] + (" (default)" if row["default"] else ""),
+            row["name"] + ("*" if row["default"] else ""),
             f"{row['parameters'] / 1e6:.1f}",
             f"{row['size_mb']:.0f}",
             str(row["input_size"]),
@@ -55,6 +60,7 @@ def backbones(json_out: JSON = False) -> None:
             f"{row['imagenet_top1']:.1f}" if row["imagenet_top1"] else "-",
         )
     console.print(table)
+    console.print("* the default. offline: ImageNet weights installed here; top-1: ImageNet accuracy (%).")
     console.print("Any other timm model name works too, with hub weights when online or --weights FILE.")
 
 
@@ -72,7 +78,8 @@ def imagenet(
 
     from transferkit.data.transforms import Preprocess, eval_transform
     from transferkit.models.registry import create_imagenet_model, get_backbone
-    from transferkit.run import collect_images, infer_logits, top_predictions
+    from transferkit.prediction import collect_images, top_predictions
+    from transferkit.run import infer_logits
 
     paths, skipped = collect_images(images)
     report_skipped(skipped)

@@ -39,7 +39,7 @@ def embedder(source: EmbeddingSource, cache_dir: str | None, no_cache: bool) -> 
 
 def readable_images(inputs: list[str]) -> list[str]:
     """Images from files and folders; unreadable ones are reported and left out (none at all: a UserError)."""
-    from transferkit.run import collect_images
+    from transferkit.prediction import collect_images
 
     paths, skipped = collect_images(inputs)
     report_skipped(skipped)

@@ -28,6 +28,7 @@ def _register_commands() -> None:
     from transferkit.cli import (  # noqa: F401
         auto,
         backbones,
+        config,
         demo,
         doctor,
         export,
@@ -38,6 +39,26 @@ def _register_commands() -> None:
         serve,
         training,
     )
+
+
+def config_defaults() -> dict[str, dict]:
+    """Per command, the defaults of options left None on the command line so a recipe or config file can fill them."""
+    from dataclasses import asdict
+
+    from transferkit.config import TrainConfig
+    from transferkit.doctor.options import DoctorOptions
+
+    train = asdict(TrainConfig())
+    return {"train": train, "auto": train, "lr-find": train, "doctor": asdict(DoctorOptions())}
+
+
+def show_config_defaults(group: typer.core.TyperGroup) -> None:
+    """`--help` shows every default, also of the None-default options whose value comes from the config."""
+    for name, defaults in config_defaults().items():
+        for param in group.commands[name].params:
+            value = defaults.get(param.name)
+            if param.default is None and value not in (None, [], {}) and "default" not in (param.help or ""):
+                param.help = f"{param.help or ''}  [default: {value}]"  # as click writes its own, unbracketed
 
 
 def fail(message: str) -> int:
@@ -54,8 +75,11 @@ def run_cli(argv: list[str] | None = None) -> int:
     INVOCATION[:] = sys.argv[1:] if argv is None else argv
     _register_commands()
     try:
+        command = typer.main.get_command(app)
+        if "--help" in (sys.argv[1:] if argv is None else argv):
+            show_config_defaults(command)
         # Without standalone mode a command's typer.Exit(n) comes back as the return value, not as an exception.
-        code = app(args=argv, prog_name="transferkit", standalone_mode=False)
+        code = command.main(args=argv, prog_name="transferkit", standalone_mode=False)
     except UserError as exc:
         return fail(str(exc).replace("\n", " "))
     except click_errors.NoArgsIsHelpError as exc:

@@ -20,11 +20,15 @@ CACHE_DIR = Annotated[str | None, typer.Option(help="Feature cache folder ($TRAN
 NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Compute features afresh; use no cache.")]
 RECIPE = Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")]
 CONFIG = Annotated[str | None, typer.Option(help="YAML file of configuration keys.")]
+SETTINGS = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="Any configuration key, repeatable (`transferkit config` lists them).")]
 IMAGE_SIZE = Annotated[int | None, typer.Option(help="Input size (default: the backbone's).")]
 BATCH_SIZE = Annotated[int | None, typer.Option(help="Images per step.")]
 VAL_SPLIT = Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")]
 TEST_SPLIT = Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")]
 DEVICE = Annotated[str | None, typer.Option(help="auto (CUDA when available), cpu or cuda.")]
+DROP_LEAKS = Annotated[bool, typer.Option(
+    "--drop-leaks", help="Score held-out images without the byte-identical copies of training images.")]
 OVERWRITE = Annotated[bool, typer.Option(help="Replace an existing run in --out.")]
 ENGINE = Annotated[str, typer.Option(help="auto (the int8 export, else the fp32 one, else torch), int8, onnx, torch.")]
 

@@ -49,7 +49,7 @@ def serve(
     """Serve a run: POST /predict, GET /health, /model, the web page at /, API docs at /docs."""
     import uvicorn
 
-    from transferkit.export import load_predictor
+    from transferkit.predictor import load_predictor
     from transferkit.serve.app import CONFIG_ENV, create_app
     from transferkit.serve.uploads import MB, Limits
 

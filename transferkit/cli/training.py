@@ -14,6 +14,7 @@ from transferkit.cli.output import (
     CACHE_DIR,
     CONFIG,
     DEVICE,
+    DROP_LEAKS,
     ENGINE,
     IMAGE_SIZE,
     JSON,
@@ -21,6 +22,7 @@ from transferkit.cli.output import (
     OVERWRITE,
     QUIET,
     RECIPE,
+    SETTINGS,
     TEST_SPLIT,
     VAL_SPLIT,
     WORKERS,
@@ -29,6 +31,7 @@ from transferkit.cli.output import (
     report_skipped,
 )
 from transferkit.config import resolve_config
+from transferkit.config_keys import parse_settings
 from transferkit.errors import UserError
 from transferkit.progress import console
 
@@ -43,19 +46,33 @@ def parse_hidden(value: str | None) -> list[int] | None:
         raise UserError(f"--head-hidden expects comma-separated layer widths, got '{value}'") from None
 
 
+PER_CLASS_SHOWN = 20  # more classes than this make one unreadable line; metrics.json has them all
+
+
 def print_metrics_summary(metrics: dict) -> None:
+    if metrics.get("split_note"):  # which images, and what they were to training (a val figure chose the epoch)
+        console.print(f"evaluated: {metrics['split_note']}")
     if metrics.get("task") == "multilabel":
         from transferkit.multilabel import summary_line
 
         console.print(summary_line(metrics))
         return
     parts = [f"{metrics['split']} accuracy {metrics['accuracy']:.4f}"]
+    if metrics.get("balanced_accuracy") is not None:
+        parts.append(f"balanced {metrics['balanced_accuracy']:.4f}")
     if metrics.get("top5_accuracy") is not None:
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
     if metrics.get("auc") is not None:
         parts.append(f"AUC {metrics['auc']:.4f}")
+    elif metrics.get("auc_note"):
+        parts.append(f"AUC {metrics['auc_note']}")
     parts.append(f"loss {metrics['loss']:.4f} (n={metrics['n']})")
+    if metrics.get("ece") is not None:
+        parts.append(f"ECE {metrics['ece']:.4f}")
     console.print(", ".join(parts))
+    if len(metrics["per_class"]) <= PER_CLASS_SHOWN:
+        console.print("recall per class: " + ", ".join(f"{name} {m['recall']:.3f}"
+                                                       for name, m in metrics["per_class"].items()))
 
 
 @app.command()
@@ -73,6 +90,7 @@ def train(
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
     recipe: RECIPE = None,
     config: CONFIG = None,
+    settings: SETTINGS = None,
     epochs_frozen: Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")] = None,
     epochs_finetune: Annotated[int | None, typer.Option(help="Epochs fine-tuning after unfreezing.")] = None,
     unfreeze: Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")] = None,
@@ -87,6 +105,11 @@ def train(
     head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
+    tta: Annotated[str | None, typer.Option(
+        help="Test-time augmentation: auto (chosen on validation), none, flip or dihedral (8 views).")] = None,
+    operating_point: Annotated[str | None, typer.Option(
+        help="Two classes: the decision threshold chosen on validation: default (p >= 0.5), accuracy, balanced, "
+             "recall=R or precision=P.")] = None,
     val_split: VAL_SPLIT = None,
     test_split: TEST_SPLIT = None,
     box_margin: Annotated[
@@ -99,6 +122,7 @@ def train(
     accumulate: Annotated[int | None, typer.Option(help="Gradient accumulation: step every N batches.")] = None,
     cache_dir: CACHE_DIR = None,
     no_cache: NO_CACHE = False,
+    drop_leaks: DROP_LEAKS = False,
     overwrite: OVERWRITE = False,
     quiet: QUIET = False,
     json_out: JSON = False,
@@ -123,6 +147,8 @@ def train(
         head_dropout=head_dropout,
         label_smoothing=label_smoothing,
         patience=patience,
+        tta=tta,
+        operating_point=operating_point,
         val_split=val_split,
         test_split=test_split,
         box_margin=box_margin,
@@ -134,7 +160,9 @@ def train(
         checkpoint_every=checkpoint_every,
         cache_dir=cache_dir,
         cache=False if no_cache else None,
+        drop_leaks=True if drop_leaks else None,
     )
+    options = {**parse_settings(settings), **{key: value for key, value in options.items() if value is not None}}
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         if resume is None:  # bad options and a missing DATA fail here, once, not in every process
             resolve_config(recipe, config, **options)
@@ -169,18 +197,24 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     data: Annotated[str, typer.Argument(help="Image folder or CSV to evaluate on.")],
-    split: Annotated[str | None, typer.Option(help="train, val, test or all (default: test if any, else val).")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train, val, test or all.", show_default="the run's own data: test if any, else val; other data: all")
+    ] = None,
+    drop_leaks: DROP_LEAKS = False,
     json_out: JSON = False,
 ) -> None:
     """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json, predictions.csv,
     figures and report.html."""
+    from transferkit.api import warn_leaks
+    from transferkit.progress import Reporter
     from transferkit.report import write_report
     from transferkit.run import Run
 
     if split not in (None, "train", "val", "test", "all"):
         raise UserError(f"--split must be train, val, test or all, not '{split}'")
     loaded = Run(run)
-    metrics = loaded.evaluate(data, split)
+    metrics = loaded.evaluate(data, split, drop_leaks=drop_leaks)
+    warn_leaks(metrics, Reporter())
     write_report(loaded)
     report_skipped_dicts(metrics["skipped_files"])
     print_json(metrics) if json_out else print_metrics_summary(metrics)
@@ -202,8 +236,8 @@ def predict(
 ) -> None:
     """Labels and probabilities for images, from the run folder alone (a multi-label run: every label above its
     threshold)."""
-    from transferkit.export import load_predictor
-    from transferkit.run import collect_inputs, prediction_records
+    from transferkit.prediction import collect_inputs, prediction_records
+    from transferkit.predictor import load_predictor
 
     predictor = load_predictor(run, engine)
     paths, boxes, skipped = collect_inputs(images)

@@ -15,6 +15,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transferkit.data.boxes import Box, crop_to
 from transferkit.data.members import is_shard_member, member_exists, read_member
 from transferkit.errors import UnreadableImage
 
@@ -168,3 +169,8 @@ def _full_scale(data: np.ndarray, floating: bool) -> float:
     peak = float(data.max()) if data.size else 0.0
     candidates = ((1.0,) if floating else ()) + _NOMINAL_RANGES
     return next((c for c in candidates if peak <= c), peak)
+
+
+def load_image(path: str, region: Box | None = None) -> Image.Image:
+    """The decoded image, cropped to `region` when it has one: what every consumer of a dataset image sees."""
+    return crop_to(load_rgb(path), region)

@@ -6,17 +6,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from transferkit.data.boxes import Box, crop_regions, crop_to
-from transferkit.data.images import load_rgb
+from transferkit.data.boxes import Box, crop_regions
+from transferkit.data.images import load_image
 from transferkit.data.sources import DatasetIndex, Sample
-
-
-def load_image(path: str, region: Box | None = None) -> Image.Image:
-    """The decoded image, cropped to `region` when it has one: what every consumer of a dataset image sees."""
-    return crop_to(load_rgb(path), region)
 
 
 class ImageDataset(Dataset):

@@ -1,5 +1,5 @@
 """Images inside WebDataset tar shards, addressed like files: the low-level reader behind `load_rgb` and
-`cache.file_digest`, so every consumer of a sample path (training, evaluation, reports, Grad-CAM, the feature cache,
+`content.file_digest`, so every consumer of a sample path (training, evaluation, reports, Grad-CAM, the feature cache,
 doctor) reads packed datasets unchanged.
 
 A member reference is ``<absolute shard path>::<member name>``, e.g. ``/data/shards/train-00000.tar::00000123.jpg``:
@@ -166,7 +166,7 @@ def read_member(ref: str) -> bytes:
 
 
 def member_digest(ref: str) -> str:
-    """`cache.file_digest` of a member: the same digest its bytes have as a loose file, without reading them."""
+    """`content.file_digest` of a member: the same digest its bytes have as a loose file, without reading them."""
     return locate(ref).sha256[:32]
 
 

@@ -131,7 +131,7 @@ def scan_dataset(
     entries, bad = _verify(found.entries, max_pixels) if verify else (found.entries, [])
     skipped = sorted(found.skipped + bad, key=lambda s: s.path)
     labels_of = label_set if found.multilabel else lambda label: (label,)
-    _check_classes(root, entries, found.declared, len(skipped), trainable, labels_of)
+    _check_classes(root, entries, found.declared, skipped, trainable, labels_of)
     fractions = (0.0 if "val" in found.explicit else val_split, 0.0 if "test" in found.explicit else test_split)
     samples = _assign_splits(entries, *fractions, seed)
     samples.sort(key=lambda s: (SPLITS.index(s.split), s.label, s.path))
@@ -268,6 +268,22 @@ def _csv_row_problem(raw_path: str, label: str, full: str, key: tuple, seen: set
     return None if has_image_extension(full) else "not an image extension"
 
 
+def _no_images_message(root: Path, skipped: list[Skipped]) -> str:
+    """Why nothing was found, in terms of the layout expected: images lying loose in the folder are not "skipped"
+    as broken, they are in the wrong place."""
+    if root.is_file():  # a CSV: every row was unusable
+        return f"no images found in {root} ({len(skipped)} rows skipped" + \
+            (f", e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ")")
+    layout = f"put each class's images in a subfolder named after it ({root / 'CLASS' / 'image.jpg'}), or in " \
+             "train/CLASS/, val/CLASS/ [test/CLASS/]"
+    loose = sum(s.reason == "not in a class folder" and has_image_extension(s.path) for s in skipped)
+    if loose:
+        return f"no images in class subfolders of {root}: {loose} images lie directly in it; {layout}"
+    exts = " ".join(sorted(IMAGE_EXTENSIONS))
+    return f"no images found in {root} (looked for {exts} files in class subfolders; {layout})" + \
+        (f"; {len(skipped)} other entries passed over" if skipped else "")
+
+
 def _verify(entries: list[_Entry], max_pixels: int) -> tuple[list[_Entry], list[Skipped]]:
     reasons = image_problems([e.path for e in entries], max_pixels, [e.box for e in entries])
     kept = [e for e, r in zip(entries, reasons, strict=True) if r is None]
@@ -304,13 +320,12 @@ def list_image_files(folder: Path) -> tuple[list[str], list[Skipped]]:
     return paths, skipped
 
 
-def _check_classes(root: Path, entries: list[_Entry], declared: set[str], n_skipped: int, trainable: bool,
+def _check_classes(root: Path, entries: list[_Entry], declared: set[str], skipped: list[Skipped], trainable: bool,
                    labels_of: Callable[[str], tuple[str, ...]]) -> None:
     """Fail early, naming the problem, when the data cannot train a classifier (not ``trainable``: has no images).
     ``labels_of`` gives an entry's classes: one, or a multi-label entry's set."""
     if not entries:
-        exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise UserError(f"no images found in {root} (looked for {exts} files by class; {n_skipped} entries skipped)")
+        raise UserError(_no_images_message(root, skipped))
     if not trainable:
         return
     if len(declared) == 1:

@@ -2,55 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-
 import torch
 from torchvision.transforms import v2 as T
 
+from transferkit.data.preprocess import Preprocess
 from transferkit.options import Augment
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What the pretrained network expects; stored in meta.json so predict never retypes it."""
-
-    image_size: int
-    interpolation: str
-    crop_pct: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_timm_config(cls, cfg: dict) -> Preprocess:
-        return cls(
-            image_size=int(cfg["input_size"][-1]),
-            interpolation=str(cfg.get("interpolation", "bilinear")),
-            crop_pct=float(cfg.get("crop_pct", 0.875)),
-            mean=tuple(float(v) for v in cfg["mean"]),
-            std=tuple(float(v) for v in cfg["std"]),
-        )
-
-    @classmethod
-    def for_model(cls, model, image_size: int | None = None, crop_pct: float | None = None) -> Preprocess:
-        """A timm model's own preprocessing, with the image size and crop overridden where given."""
-        pre = cls.from_timm_config(model.pretrained_cfg)
-        return replace(pre, image_size=image_size or pre.image_size, crop_pct=crop_pct or pre.crop_pct)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocess:
-        values = {f.name: data[f.name] for f in fields(cls)}
-        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @property
-    def resize_size(self) -> int:
-        return int(self.image_size / self.crop_pct)
-
-    @property
-    def interpolation_mode(self) -> T.InterpolationMode:
-        return T.InterpolationMode(self.interpolation)
 
 
 class SamplewiseCenter(torch.nn.Module):
@@ -67,7 +23,7 @@ def _normalize(pre: Preprocess) -> list:
 def eval_transform(pre: Preprocess, samplewise_center: bool = False) -> T.Compose:
     """Resize the short side to size/crop_pct, centre-crop: exactly what the pretrained model was evaluated with."""
     steps = [
-        T.Resize(pre.resize_size, interpolation=pre.interpolation_mode, antialias=True),
+        T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation), antialias=True),
         T.CenterCrop(pre.image_size),
     ]
     steps += _normalize(pre)
@@ -80,7 +36,7 @@ def train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
     """The eval pipeline with random geometry first, so an un-augmented view equals the eval view."""
     if aug.is_identity:
         return eval_transform(pre, aug.samplewise_center)
-    interp = pre.interpolation_mode
+    interp = T.InterpolationMode(pre.interpolation)
     if aug.policy == "trivial":
         steps: list = [
             T.RandomResizedCrop(pre.image_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),

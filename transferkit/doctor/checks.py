@@ -26,14 +26,6 @@ def skipped_files(skipped: Sequence[Skipped]) -> list[dict]:
     return [{"path": s.path, "reason": s.reason} for s in skipped]
 
 
-def group_by_content(digests: Sequence[str]) -> list[list[int]]:
-    """Rows with identical bytes together, in first-seen order: one entry per distinct image."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for row, digest in enumerate(digests):
-        groups[digest].append(row)
-    return list(groups.values())
-
-
 def exact_duplicates(samples: Sequence[Sample], contents: Sequence[list[int]]) -> list[dict]:
     """Groups of files with identical content, largest first."""
     found = [{"files": [file_entry(samples[row]) for row in rows]} for rows in contents if len(rows) > 1]

@@ -37,7 +37,7 @@ EXTENSION_BY_FORMAT = _extension_by_format()
 
 
 def content_digest(data: bytes) -> str:
-    """A stored image's name: the digest `cache.file_digest` gives for a file holding these bytes."""
+    """A stored image's name: the digest `data.content.file_digest` gives for a file holding these bytes."""
     return hashlib.sha256(data).hexdigest()[:32]
 
 

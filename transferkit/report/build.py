@@ -14,9 +14,10 @@ import jinja2
 import numpy as np
 import yaml
 
+from transferkit.calibration import reliability_bins, rescaled
 from transferkit.data.labelsets import label_set
 from transferkit.fileio import atomic_write
-from transferkit.report.figures import confusion_uri, roc_uri, stage_curves
+from transferkit.report.figures import confusion_uri, precision_recall_uri, reliability_uri, roc_uri, stage_curves
 from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
 from transferkit.report.multilabel import multilabel_sections
 from transferkit.run import read_history, read_prediction_crops, read_predictions
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from transferkit.run import Run
 
 STAGE_TITLES = {"frozen": "Stage 1: the new head on the frozen backbone", "finetune": "Stage 2: fine-tuning"}
+UNDONE = " (undone: the model is the frozen stage's head, see above)"
 SKIPPED_SHOWN = 100
 CONFUSION_TABLE_MAX = 30  # classes; beyond this the figure alone (its cells unlabelled) is readable
 NO_PREDICTIONS = ("no predictions.csv in the run folder: `transferkit report RUN --data DATA` (or `transferkit "
@@ -51,7 +53,8 @@ def gather(run: Run) -> dict:
         "title": run.path.resolve().name,
         "classes": run.classes,
         "dataset": dataset_section(run.path, run.classes, metrics, label_set if run.multilabel else None),
-        "training": training_section(run.path),
+        "training": training_section(run.path, run.meta.get("kept")),
+        "notes": evaluation_notes(metrics),
         **(multilabel_sections(metrics) if run.multilabel else single_label_sections(run, metrics)),
         "model": model_section(run),
         "leaderboard": leaderboard_section(run.path),
@@ -62,6 +65,7 @@ def single_label_sections(run: Run, metrics: dict | None) -> dict:
     predictions = load_predictions(run)
     return {
         "metrics": metrics_section(metrics),
+        "calibration": calibration_section(predictions, run.temperature, metrics),
         "roc": roc_section(predictions, run.classes) if len(run.classes) == 2 else None,
         **prediction_sections(run, predictions),
     }
@@ -77,7 +81,9 @@ def missing(message: str) -> dict:
 
 def load_predictions(run: Run) -> Predictions | None:
     path = run.path / "predictions.csv"
-    return Predictions(*read_predictions(path, run.classes), read_prediction_crops(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return Predictions(*read_predictions(path, run.classes), read_prediction_crops(path), run.threshold)
 
 
 def dataset_section(folder: Path, classes: list[str], metrics: dict | None,
@@ -98,13 +104,37 @@ def dataset_section(folder: Path, classes: list[str], metrics: dict | None,
             "skipped_total": None if skipped is None else len(skipped)}
 
 
-def training_section(folder: Path) -> dict:
+def training_section(folder: Path, kept: dict | None) -> dict:
+    """Each stage's curves, the kept epoch marked, and in words which weights are the model and why."""
     path = folder / "history.csv"
     history = read_history(path) if path.is_file() else []
     if not history:
         return missing("no training history (history.csv is missing or empty): this run was not trained here")
-    stages = [{"title": STAGE_TITLES.get(stage, stage), "uri": uri} for stage, uri in stage_curves(history)]
-    return {"stages": stages, "history": history}
+    stages = [{"title": STAGE_TITLES.get(stage, stage) + (UNDONE if kept and kept["stage"] != stage == "finetune"
+                                                          else ""), "uri": uri}
+              for stage, uri in stage_curves(history, kept)]
+    marked = [{**row, "kept": bool(kept) and (row["stage"], int(row["epoch"])) == (kept["stage"], kept["epoch"])}
+              for row in history]
+    return {"stages": stages, "history": marked, "kept": kept["reason"] if kept else None}
+
+
+def evaluation_notes(metrics: dict | None) -> list[str]:
+    """What the figures are over and what may flatter them: the split's role, copies of training images, an
+    undefined AUC. Lines of text above the metrics table."""
+    if metrics is None:
+        return []
+    notes = [f"evaluated: {metrics['split_note']}"] if metrics.get("split_note") else []
+    leaked = metrics.get("leaked_from_train")
+    if leaked and leaked["count"]:
+        without = "—" if leaked["accuracy_without"] is None else f"{leaked['accuracy_without']:.4f}"
+        notes.append(f"{leaked['count']} of {leaked['of']} {metrics['split']} images are byte-identical copies of "
+                     f"training images: accuracy with them {leaked['accuracy_with']:.4f}, without them {without}"
+                     + (" (left out of the figures here)" if leaked["dropped"] else ""))
+    elif leaked is None and metrics.get("leak_check"):
+        notes.append(f"copies of training images: {metrics['leak_check']}")
+    if metrics.get("auc_note"):
+        notes.append(f"ROC AUC {metrics['auc_note']}")
+    return notes
 
 
 def metrics_section(metrics: dict | None) -> dict:
@@ -114,8 +144,10 @@ def metrics_section(metrics: dict | None) -> dict:
     counts = np.asarray(metrics["confusion_matrix"])
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     return {
-        "summary": [("accuracy", metrics["accuracy"]), ("top-5 accuracy", metrics.get("top5_accuracy")),
-                    ("ROC AUC", metrics.get("auc")), ("log loss", metrics["loss"])],
+        "summary": [("accuracy", metrics["accuracy"]), *leak_free_row(metrics),
+                    ("balanced accuracy", metrics.get("balanced_accuracy")),
+                    ("top-5 accuracy", metrics.get("top5_accuracy")), ("ROC AUC", metrics.get("auc")),
+                    ("log loss", metrics["loss"]), ("expected calibration error", metrics.get("ece"))],
         "auc": metrics.get("auc"),
         "n": metrics["n"],
         "split": metrics["split"],
@@ -127,14 +159,37 @@ def metrics_section(metrics: dict | None) -> dict:
     }
 
 
+def leak_free_row(metrics: dict) -> list[tuple[str, float | None]]:
+    """The figure without copies of training images, beside the one with them (none when there are none)."""
+    leaked = metrics.get("leaked_from_train")
+    if not leaked or not leaked["count"] or leaked["dropped"]:
+        return []
+    return [(f"accuracy without the {leaked['count']} copies of training images", leaked["accuracy_without"])]
+
+
 def roc_section(pred: Predictions | None, classes: list[str]) -> dict:
-    """Binary tasks only: the second class (the logit's) is the positive one."""
+    """Binary tasks only: the second class (the logit's) is the positive one; the run's operating point (its
+    threshold, or the larger probability) is marked on both curves."""
     if pred is None:
         return missing(NO_PREDICTIONS)
     is_positive = pred.y_true == 1
     if is_positive.all() or not is_positive.any():
         return missing("the evaluated images are all of one class: a ROC curve needs both")
-    return {"uri": roc_uri(is_positive, pred.probs[:, 1]), "positive": classes[1]}
+    decided = pred.y_pred == 1
+    return {"uri": roc_uri(is_positive, pred.probs[:, 1], decided), "positive": classes[1],
+            "pr_uri": precision_recall_uri(is_positive, pred.probs[:, 1], decided),
+            "threshold": 0.5 if pred.threshold is None else pred.threshold}
+
+
+def calibration_section(pred: Predictions | None, temperature: float, metrics: dict | None) -> dict:
+    """The reliability diagram of the evaluated predictions, and of the same without the run's temperature."""
+    if pred is None or not len(pred.paths):
+        return missing(NO_PREDICTIONS if pred is None else "predictions.csv lists no images")
+    curves = [("calibrated", pred.probs)] if temperature == 1.0 else [
+        ("before temperature scaling", rescaled(pred.probs, temperature)), ("calibrated", pred.probs)]
+    bins = [(label, *reliability_bins(probs, pred.y_true)[:2]) for label, probs in curves]
+    return {"uri": reliability_uri(bins), "temperature": temperature,
+            "ece": (metrics or {}).get("ece"), "ece_uncalibrated": (metrics or {}).get("ece_uncalibrated")}
 
 
 def prediction_sections(run: Run, pred: Predictions | None) -> dict:

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from transferkit.evaluate import plot_confusion, plot_curves  # noqa: E402
 
@@ -32,19 +32,39 @@ def figure_uri(draw: Callable[[BinaryIO], None]) -> str:
     return data_uri("image/png", buffer.getvalue())
 
 
+LETTERBOX = (238, 240, 243)  # the page's card background: the bars read as margin, not as part of the photo
+
+
 def image_uri(image: Image.Image, max_px: int = THUMBNAIL_PX) -> str:
-    """A JPEG data URI of the image shrunk to fit max_px (photos: a fraction of a PNG's size)."""
-    small = image.convert("RGB")
-    small.thumbnail((max_px, max_px))
+    """A JPEG data URI (photos: a fraction of a PNG's size) of the image letterboxed into a max_px square, so
+    cards of wide, tall and square images are the same size."""
     buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=85)
+    letterbox(image, max_px).save(buffer, format="JPEG", quality=85)
     return data_uri("image/jpeg", buffer.getvalue())
 
 
-def stage_curves(history: list[dict]) -> list[tuple[str, str]]:
-    """(stage, loss-and-accuracy figure) for each stage in training order."""
+def letterbox(image: Image.Image, px: int) -> Image.Image:
+    """The whole image fitted into a px x px square, centred on LETTERBOX bars. A smaller image is enlarged with
+    nearest-neighbour, so its pixels show as the blocks they are (see `upscale_note`)."""
+    image = image.convert("RGB")
+    scale = min(px / image.width, px / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    fitted = image.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (px, px), LETTERBOX)
+    canvas.paste(fitted, ((px - size[0]) // 2, (px - size[1]) // 2))
+    return canvas
+
+
+def upscale_note(size: tuple[int, int], shown_px: int) -> str:
+    """A caption for an image shown (or seen by the network) larger than it is; empty when it is not."""
+    width, height = size
+    return f"enlarged: the image is only {width}x{height} px" if max(width, height) < shown_px else ""
+
+
+def stage_curves(history: list[dict], kept: dict | None = None) -> list[tuple[str, str]]:
+    """(stage, loss-and-accuracy figure) for each stage in training order, the kept epoch marked in its stage."""
     stages = list(dict.fromkeys(row["stage"] for row in history))
-    return [(stage, figure_uri(lambda out, s=stage: plot_curves([r for r in history if r["stage"] == s], out)))
+    return [(stage, figure_uri(lambda out, s=stage: plot_curves([r for r in history if r["stage"] == s], out, kept)))
             for stage in stages]
 
 
@@ -52,18 +72,49 @@ def confusion_uri(matrix: list[list[int]], classes: list[str]) -> str:
     return figure_uri(lambda out: plot_confusion(matrix, classes, out))
 
 
-def roc_uri(is_positive: np.ndarray, positive_probability: np.ndarray) -> str:
-    """The ROC curve of a binary task, the chance diagonal beside it."""
+def roc_uri(is_positive: np.ndarray, positive_probability: np.ndarray, decided: np.ndarray | None = None) -> str:
+    """The ROC curve of a binary task, the chance diagonal beside it, and the point of the run's `decided`
+    positives (its operating point)."""
     fpr, tpr, _ = roc_curve(is_positive, positive_probability)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, label="model")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    if decided is not None:
+        ax.plot(decided[~is_positive].mean(), decided[is_positive].mean(), "o", color="crimson",
+                label="operating point")
+    return _finish(fig, ax, ("false positive rate", "true positive rate"), "lower right")
+
+
+def precision_recall_uri(is_positive: np.ndarray, positive_probability: np.ndarray, decided: np.ndarray) -> str:
+    """The precision-recall curve of a binary task, the positive rate (a guess's precision) and the operating
+    point of the run's `decided` positives."""
+    precision, recall, _ = precision_recall_curve(is_positive, positive_probability)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(recall, precision, label="model")
+    ax.axhline(is_positive.mean(), linestyle="--", color="grey", label="chance")
+    hits = decided & is_positive
+    ax.plot(hits.sum() / is_positive.sum(), hits.sum() / max(decided.sum(), 1), "o", color="crimson",
+            label="operating point")
+    return _finish(fig, ax, ("recall", "precision"), "lower left")
+
+
+def reliability_uri(curves: list[tuple[str, np.ndarray, np.ndarray]]) -> str:
+    """Reliability diagram: accuracy against confidence per bin for each (label, mean confidence, accuracy)
+    curve; a calibrated model lies on the diagonal."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    for label, confidence, accuracy in curves:
+        ax.plot(confidence, accuracy, marker="o", label=label)
+    return _finish(fig, ax, ("confidence (top probability)", "accuracy"), "upper left")
+
+
+def _finish(fig: plt.Figure, ax: plt.Axes, labels: tuple[str, str], legend: str) -> str:
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc=legend)
     fig.tight_layout()
     uri = figure_uri(lambda out: fig.savefig(out, format="png", dpi=100))
     plt.close(fig)

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from transferkit.calibration import decide
 from transferkit.data.boxes import Box
-from transferkit.data.loader import load_image
+from transferkit.data.content import file_digest
+from transferkit.data.images import load_image
 from transferkit.errors import UnreadableImage
 from transferkit.explain import explain_images
-from transferkit.report.figures import figure_uri, image_uri
+from transferkit.report.figures import THUMBNAIL_PX, figure_uri, image_uri, upscale_note
 from transferkit.similarity import cosine_matrix, embed_images, plot_similarity
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ GALLERY_EACH = 6  # correct and wrong images with Grad-CAM: the report's only ba
 TOP_LOSSES = 12
 SIMILARITY_MAX = 24  # images in the heatmap: more cells than this cannot be read
 OVERLAY_PX = 192
+SIMILARITY_PX = 96
 
 
 @dataclass(frozen=True)
@@ -34,10 +37,11 @@ class Predictions:
     y_true: np.ndarray
     probs: np.ndarray
     crops: list[Box | None] | None = None  # the region of each image that was evaluated (boxed data)
+    threshold: float | None = None  # a binary run's decision threshold (None: the larger probability)
 
     @property
     def y_pred(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
+        return decide(self.probs, self.threshold)
 
     @property
     def p_true(self) -> np.ndarray:
@@ -53,10 +57,32 @@ class Predictions:
         return wrong[np.argsort(self.p_true[wrong], kind="stable")]
 
     def best_of_each_class(self, per_class: int, max_classes: int) -> np.ndarray:
-        """Per class (up to max_classes), its images with the highest probability of their true class."""
+        """Per class (up to max_classes), its distinct images with the highest probability of their true class."""
         order = np.argsort(-self.p_true, kind="stable")
         classes = np.unique(self.y_true)[:max_classes]
-        return np.concatenate([order[self.y_true[order] == c][:per_class] for c in classes])
+        return np.concatenate([self.distinct(order[self.y_true[order] == c], per_class) for c in classes])
+
+    def distinct(self, indices: np.ndarray, count: int | None = None) -> np.ndarray:
+        """The first `count` of `indices` (all: None) whose region of their file is not a byte-identical copy of
+        one before: a picture shown twice side by side says nothing more and hides another."""
+        seen, chosen = set(), []
+        for i in indices.tolist():
+            if count is not None and len(chosen) == count:
+                break
+            crop = self.crops[i].to_list() if self.crops and self.crops[i] else None
+            key = (content_key(self.paths[i]), str(crop))
+            if key not in seen:
+                seen.add(key)
+                chosen.append(i)
+        return np.array(chosen, dtype=int)
+
+
+def content_key(path: str) -> str:
+    """The file's content digest; its path when it cannot be read (it is then left out when loaded, not here)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return path
 
 
 def load_chosen(pred: Predictions, chosen: list[int]) -> tuple[list[tuple[int, Image.Image]], int]:
@@ -82,28 +108,31 @@ def spread_over_classes(indices: np.ndarray, labels: np.ndarray, count: int) -> 
     return chosen
 
 
-def card(pred: Predictions, i: int, classes: list[str], uri: str) -> dict:
+def card(pred: Predictions, i: int, classes: list[str], uri: str, note: str = "") -> dict:
     predicted = int(pred.y_pred[i])
     return {"uri": uri, "name": Path(pred.paths[i]).name, "path": pred.paths[i], "true": classes[pred.y_true[i]],
             "predicted": classes[predicted], "probability": float(pred.probs[i, predicted]),
-            "p_true": float(pred.p_true[i])}
+            "p_true": float(pred.p_true[i]), "note": note}
 
 
 def gallery_section(run: Run, pred: Predictions) -> dict:
     """The most confident correct images (spread over classes) and mistakes, with the Grad-CAM overlay of the
     predicted class: one batch through the model."""
-    correct = spread_over_classes(pred.correct_most_confident(), pred.y_true, GALLERY_EACH)
-    kept, unreadable = load_chosen(pred, correct + [int(i) for i in pred.wrong_largest_loss()[:GALLERY_EACH]])
+    correct = spread_over_classes(pred.distinct(pred.correct_most_confident()), pred.y_true, GALLERY_EACH)
+    wrong = pred.distinct(pred.wrong_largest_loss(), GALLERY_EACH)
+    kept, unreadable = load_chosen(pred, correct + [int(i) for i in wrong])
     overlays = explain_images(run, [image for _, image in kept], [int(pred.y_pred[i]) for i, _ in kept]) if kept else []
-    cards = [card(pred, i, run.classes, image_uri(overlay, OVERLAY_PX))
-             for (i, _), overlay in zip(kept, overlays, strict=True)]
+    # the overlay is the network's view: note an image the network saw enlarged
+    network_px = run.preprocess.image_size
+    cards = [card(pred, i, run.classes, image_uri(overlay, OVERLAY_PX), upscale_note(image.size, network_px))
+             for (i, image), overlay in zip(kept, overlays, strict=True)]
     return {"correct": [c for c in cards if c["true"] == c["predicted"]],
             "wrong": [c for c in cards if c["true"] != c["predicted"]], "unreadable": unreadable}
 
 
 def top_losses_section(pred: Predictions, classes: list[str]) -> dict:
-    kept, unreadable = load_chosen(pred, [int(i) for i in pred.wrong_largest_loss()[:TOP_LOSSES]])
-    cards = [card(pred, i, classes, image_uri(image)) for i, image in kept]
+    kept, unreadable = load_chosen(pred, [int(i) for i in pred.distinct(pred.wrong_largest_loss(), TOP_LOSSES)])
+    cards = [card(pred, i, classes, image_uri(image), upscale_note(image.size, THUMBNAIL_PX)) for i, image in kept]
     return {"cards": cards, "wrong": int((pred.y_pred != pred.y_true).sum()), "unreadable": unreadable}
 
 
@@ -120,7 +149,8 @@ def similarity_section(run: Run, pred: Predictions) -> dict:
     matrix = cosine_matrix(embed_images(run, [pred.paths[i] for i, _ in kept], cache=False, crops=crops))
     labels = numbered([run.classes[pred.y_true[i]] for i, _ in kept])
     uri = figure_uri(lambda out: plot_similarity(matrix, labels, out))
-    thumbnails = [{"uri": image_uri(image, 96), "label": label, "name": Path(pred.paths[i]).name}
+    thumbnails = [{"uri": image_uri(image, SIMILARITY_PX), "label": label, "name": Path(pred.paths[i]).name,
+                   "note": upscale_note(image.size, SIMILARITY_PX)}
                   for (i, image), label in zip(kept, labels, strict=True)]
     omitted = max(0, n_classes - SIMILARITY_MAX)
     return {"uri": uri, "thumbnails": thumbnails, "omitted_classes": omitted, "unreadable": unreadable}

@@ -28,8 +28,9 @@ from starlette.exceptions import HTTPException
 
 import transferkit
 from transferkit import multilabel
-from transferkit.export import load_predictor
-from transferkit.run import Run, top_predictions
+from transferkit.calibration import decide
+from transferkit.prediction import top_predictions
+from transferkit.predictor import OnnxPredictor, load_predictor
 from transferkit.serve.batching import Batcher
 from transferkit.serve.uploads import FIELD, Limits, UploadError, decode_upload, read_uploads
 
@@ -57,11 +58,12 @@ class GradCam:
     its folder on first use (in the model thread, so no lock is needed)."""
 
     def __init__(self, predictor: Predictor, run_dir: Path | None) -> None:
-        self._run = predictor if isinstance(predictor, Run) else None
+        self._run = None if isinstance(predictor, OnnxPredictor) else predictor  # a Run, or PyTorch is needed
         self._run_dir = run_dir
 
     def pngs(self, images: list[Image.Image], targets: list[int]) -> list[str]:
         from transferkit.explain import explain_images
+        from transferkit.run import Run
 
         if self._run is None:
             if self._run_dir is None:
@@ -146,7 +148,7 @@ def create_app(
         del uploads  # the raw bytes are not needed any more; a batch of big files is a lot of memory
         predictions = [{"filename": r.pop("path"), **r} for r in _records(predictor, names, probs, top_k)]
         if gradcam:
-            targets = [int(np.argmax(p)) for p in probs]  # explain what the model predicted
+            targets = decide(probs, _threshold(predictor)).tolist()  # explain what the model predicted
             pngs = await batcher.run_in_model_thread(explainer.pngs, images, targets)
             for prediction, png in zip(predictions, pngs, strict=True):
                 prediction["gradcam_png"] = png
@@ -165,11 +167,16 @@ def _records(predictor: Predictor, names: list[str], probs: np.ndarray, top_k: i
     """`predict --json`'s records: top-k classes, or a multi-label run's labels above their thresholds."""
     if (thresholds := _thresholds(predictor)) is not None:
         return multilabel.predictions(names, probs, predictor.classes, thresholds)
-    return top_predictions(names, probs, predictor.classes, top_k)
+    return top_predictions(names, probs, predictor.classes, top_k, _threshold(predictor))
 
 
 def _thresholds(predictor: Predictor) -> np.ndarray | None:
     return getattr(predictor, "thresholds", None)
+
+
+def _threshold(predictor: Predictor) -> float | None:
+    """A binary run's cut on the second class's probability (None: the larger probability wins)."""
+    return getattr(predictor, "threshold", None)
 
 
 def _model_info(predictor: Predictor, folder: Path | None, limits: Limits) -> dict:
@@ -183,6 +190,10 @@ def _model_info(predictor: Predictor, folder: Path | None, limits: Limits) -> di
         "image_size": meta.get("image_size"),
         "task": meta.get("task"),
         "thresholds": None if thresholds is None else dict(zip(predictor.classes, thresholds.tolist(), strict=True)),
+        "threshold": _threshold(predictor),
+        "operating_point": meta.get("operating_point"),
+        "temperature": meta.get("temperature"),
+        "tta": meta.get("tta"),
         "engine": type(predictor).__name__,
         "metrics": _read_json(folder / "metrics.json") if folder else None,
         "limits": asdict(limits),
@@ -222,12 +233,16 @@ def install_error_handlers(app: FastAPI) -> None:
 def app_from_env() -> FastAPI:
     """uvicorn factory for `--workers N`: each worker process builds its own app from the CLI's settings."""
     config = json.loads(os.environ[CONFIG_ENV])
-    import torch
-
     # N processes on C cores: C/N threads each, or they oversubscribe the CPU and all get slower.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config["workers"]))
+    threads = max(1, len(os.sched_getaffinity(0)) // config["workers"])
+    os.environ["TRANSFERKIT_THREADS"] = str(threads)  # ONNX Runtime's sessions (transferkit.predictor)
+    predictor = load_predictor(config["run"], config["engine"])
+    if not isinstance(predictor, OnnxPredictor):
+        import torch
+
+        torch.set_num_threads(threads)
     return create_app(
-        load_predictor(config["run"], config["engine"]),
+        predictor,
         run_dir=config["run"],
         limits=Limits(**config["limits"]),
         max_batch=config["max_batch"],

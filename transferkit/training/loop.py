@@ -64,9 +64,12 @@ def loss_fn(binary: bool, label_smoothing: float = 0.0) -> Callable[[torch.Tenso
     return lambda logits, targets: F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-def probabilities(logits: torch.Tensor, binary: bool, multilabel: bool = False) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, binary: bool, multilabel: bool = False, temperature: float = 1.0
+                  ) -> torch.Tensor:
     """Per-class probabilities, (N, C) for every task, so everything downstream is task-agnostic; a multi-label
-    run's are independent (one sigmoid per label), the others' sum to 1."""
+    run's are independent (one sigmoid per label), the others' sum to 1. `temperature`: the run's calibration
+    (transferkit.calibration), dividing every logit."""
+    logits = logits.float() / temperature
     if multilabel:
         return torch.sigmoid(logits.float())
     if binary:
