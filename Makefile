@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench docs
+.PHONY: demo test test-fast lint bench docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash tools/ensure_chromium.sh
 	$(PY) -m pytest -q
+
+# About a minute: what is neither slow, nor a browser test, nor several processes (markers in pyproject.toml).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not browser and not distributed and not cuda"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

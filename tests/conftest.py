@@ -11,6 +11,19 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+# Test tiers: `make test` runs everything; `make test-fast` (about a minute) leaves out `slow`, `browser` and
+# `distributed` tests. A module is slow unless listed here, so a new module never slows the fast tier by accident.
+FAST_MODULES = {"test_boxes", "test_calibration", "test_config", "test_cpu", "test_docs", "test_fetch", "test_fileio",
+                "test_images", "test_offline_weights", "test_prefix", "test_setup", "test_sources", "test_startup",
+                "test_tta"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 # Each class is a coloured square on noise: learnable by a tiny random network from pooled features.
 COLOURS = [(230, 30, 30), (30, 200, 30), (40, 40, 230), (230, 230, 40), (200, 40, 200), (40, 220, 220)]
 

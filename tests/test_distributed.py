@@ -19,6 +19,8 @@ from transferkit.data.shards import pack
 from transferkit.progress import Reporter
 from transferkit.training.distributed import Ranks
 
+pytestmark = pytest.mark.distributed
+
 RANK_DIGEST = """
 import hashlib, os, sys
 from transferkit import api

@@ -233,7 +233,7 @@ def test_bad_input_is_one_line_and_exit_2(binary, capsys, tmp_path, argv, fragme
 
 def test_a_refused_int8_export_and_predict_point_the_same_way_out(binary, capsys, monkeypatch, tmp_path):
     """No circle: the refusal and predict's missing-int8 message both name the fp32 export and --engine onnx."""
-    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)
+    monkeypatch.setattr(parity, "INT8_MIN_AGREEMENT", 1.01)
     run_dir = shutil.copytree(binary / "run", tmp_path / "run")
     fails_with(capsys, ["export", str(run_dir), "--int8"], "refused", "does not quantise well", "--engine onnx")
     message = fails_with(capsys, ["predict", str(run_dir), str(binary / "data"), "--engine", "int8"],

@@ -112,6 +112,7 @@ def visible_report(path: Path, problems: list[str], requests: list[str]):
     return playwright, browser, page
 
 
+@pytest.mark.browser
 def test_page_renders_in_chromium_from_disk_without_a_network(any_run: Run) -> None:
     # A skip would hide a broken page: CI installs chromium (.ci/run), so a missing browser is a failure.
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"

@@ -76,6 +76,7 @@ def mixed_shapes_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str
 
 
 @pytest.mark.parametrize("gallery", ["gallery", "top-losses"])
+@pytest.mark.browser
 def test_cards_of_a_gallery_are_all_the_same_size_in_chromium(mixed_shapes_run, gallery):
     run = mixed_shapes_run
     problems, requests = [], []

@@ -300,6 +300,7 @@ def test_cli_serve_refuses_a_folder_that_is_not_a_run(tmp_path: Path, capsys) ->
     assert len(err) == 1 and "not a complete run folder" in err[0]
 
 
+@pytest.mark.browser
 def test_page_in_chromium_matches_the_cli(base: str, tiny_run: Run, images: list[Path], capsys) -> None:
     # A skip would hide a broken page: CI installs chromium (.ci/run), so a missing browser is a failure.
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium"

@@ -53,6 +53,7 @@ def test_multilabel_run_exports_to_int8_and_both_engines_serve_label_sets_like_p
             assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
 
 
+@pytest.mark.browser
 def test_page_shows_a_multilabel_runs_label_sets_with_thresholds(multilabel_run) -> None:
     from playwright.sync_api import expect, sync_playwright
 

@@ -71,8 +71,9 @@ def print_metrics_summary(metrics: dict) -> None:
         parts.append(f"ECE {metrics['ece']:.4f}")
     console.print(", ".join(parts))
     if len(metrics["per_class"]) <= PER_CLASS_SHOWN:
-        console.print("recall per class: " + ", ".join(f"{name} {m['recall']:.3f}"
-                                                       for name, m in metrics["per_class"].items()))
+        console.print("recall per class: " + ", ".join(
+            f"{name} {m['recall']:.3f}" if m["recall"] is not None else f"{name} undefined (no images)"
+            for name, m in metrics["per_class"].items()))
 
 
 @app.command()
