@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from tests.conftest import make_class_folders, make_image
 from transferkit import api
@@ -21,11 +21,12 @@ from transferkit.cli.main import run_cli
 from transferkit.data.sources import Sample
 from transferkit.doctor import DoctorOptions, diagnose
 from transferkit.doctor.checks import class_balance, leakage, near_duplicates
-from transferkit.doctor.mislabel import confident_suspects, likely_mislabeled
+from transferkit.doctor.mislabel import label_issues, likely_mislabeled
+from transferkit.doctor.quality import image_issues
 
 PHOTOS = {"cat": skimage.data.chelsea, "coffee": skimage.data.coffee, "astronaut": skimage.data.astronaut}
 CLEAN_FINDINGS = {"skipped": 0, "exact_duplicates": 0, "near_duplicates": 0, "leakage": 0, "tiny_images": 0,
-                  "mislabeled": 0, "class_imbalance": 0, "findings": 0}
+                  "image_issues": 0, "mislabeled": 0, "class_imbalance": 0, "findings": 0}
 
 
 def photo_tiles(photo: np.ndarray, count: int, side: int, rng: np.random.Generator) -> list[Image.Image]:
@@ -64,6 +65,8 @@ def plant_problems(root: Path) -> dict[str, str]:
         "near": val / "astronaut" / "photo_small.jpg",
         "tiny": train / "cat" / "tiny.png",
         "broken": train / "coffee" / "broken.jpg",
+        "blurred": train / "coffee" / "blurred.png",
+        "dark": val / "cat" / "dark.png",
     }
     shutil.copy(train / "cat" / "cat_0.png", planted["exact"])
     shutil.copy(train / "coffee" / "coffee_1.png", planted["leak"])
@@ -72,6 +75,11 @@ def plant_problems(root: Path) -> dict[str, str]:
     planted["near"].write_bytes(reencoded(photo, 0.75, 85))  # resized to 384 px and JPEG re-encoded
     Image.open(train / "cat" / "cat_2.png").resize((16, 16)).save(planted["tiny"])
     planted["broken"].write_bytes(b"not a jpeg")
+    # the whole coffee photo at tile size, blurred: CleanVision's blur score needs edges to lose (a blurred flat tile
+    # of the cup scores as sharp as before: decision 0240)
+    whole = Image.fromarray(skimage.data.coffee()).resize((96, 96), Image.Resampling.BICUBIC)
+    whole.filter(ImageFilter.GaussianBlur(4)).save(planted["blurred"])
+    Image.eval(Image.open(train / "cat" / "cat_4.png"), lambda value: value // 8).save(planted["dark"])
     return {name: str(path) for name, path in planted.items()}
 
 
@@ -122,6 +130,34 @@ def test_planted_tiny_and_unreadable_files_are_found(lite0_reports):
     assert report["skipped"] == [{"path": planted["broken"], "reason": "not an image"}]
 
 
+def test_planted_blurred_and_darkened_images_are_found(lite0_reports):
+    _, report, planted, _ = lite0_reports
+    issues = {f["path"]: f["issues"] for f in report["image_issues"]}
+    assert "blurry" in issues[planted["blurred"]]
+    assert "dark" in issues[planted["dark"]]
+    assert set(issues) <= set(planted.values())  # no clean tile is flagged
+    assert report["summary"]["image_issues"] == len(issues)
+
+
+def grayscale(found: list[dict]) -> list[str]:
+    return [f["path"] for f in found if "grayscale" in f["issues"]]
+
+
+def test_grayscale_is_flagged_among_colour_images_only(tmp_path):
+    rng = np.random.default_rng(0)
+    *colour, last = photo_tiles(skimage.data.chelsea(), 7, 64, rng)
+    for i, tile in enumerate(colour):
+        tile.save(tmp_path / f"colour_{i}.png")
+    last.convert("L").save(tmp_path / "gray.png")
+    samples = [Sample(str(path), "a", "train") for path in sorted(tmp_path.glob("*.png"))]
+    found = image_issues(samples, workers=0)
+    assert grayscale(found) == [str(tmp_path / "gray.png")]
+    assert image_issues(samples, workers=2) == found  # CleanVision's process pool sees the same samples
+    for sample in samples:
+        Image.open(sample.path).convert("L").save(sample.path)
+    assert grayscale(image_issues(samples, workers=0)) == []  # a grayscale dataset is not a dataset of odd images
+
+
 @pytest.fixture
 def tiny_options(tiny_weights: str) -> dict:
     return dict(backbone="test_efficientnet", weights=tiny_weights, image_size=32, workers=0, engine="torch",
@@ -148,12 +184,17 @@ def test_planted_wrong_label_is_the_top_suspect(squares, tiny_options):
     assert [s["margin"] for s in suspects] == sorted((s["margin"] for s in suspects), reverse=True)
 
 
-def test_confident_learning_rule():
-    # class thresholds (mean self-confidence): class 0 (0.9 + 0.8 + 0.2) / 3 = 0.633, class 1 (0.9 + 0.7) / 2 = 0.8
-    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7]])
-    given = np.array([0, 0, 0, 1, 1])
-    # row 2: class 1 at 0.8 reaches its threshold and beats 0.2; row 4: class 0 at 0.3 is below 0.633
-    assert confident_suspects(probs, given) == [(2, 1)]
+def test_cleanlab_flags_contradicted_labels_and_suggests_the_likeliest_other_class():
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], 20)
+    probs = np.full((60, 3), 0.05)
+    probs[np.arange(60), truth] = 0.9
+    probs = probs + rng.uniform(0, 0.02, probs.shape)
+    probs /= probs.sum(axis=1, keepdims=True)
+    given = truth.copy()
+    given[[3, 45]] = [2, 1]  # two flipped labels: a 0 labelled 2, a 2 labelled 1
+    assert label_issues(probs, given) == [(3, 0), (45, 2)]
+    assert label_issues(probs, truth) == []
 
 
 def test_mislabel_check_leaves_out_classes_too_small_for_cross_validation():

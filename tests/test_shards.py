@@ -158,6 +158,25 @@ def test_webdataset_reads_our_shards(tmp_path: Path) -> None:
         assert int(sample["cls"]) == classes.index(recorded[key]["label"]) == classes.index(original.parent.name)
 
 
+def test_wids_gives_indexed_access_to_each_split(tmp_path: Path) -> None:
+    import wids
+
+    data = _folders(tmp_path / "data")
+    out, summary = _packed(tmp_path, data)
+    index = json.loads((out / INDEX_NAME).read_text())
+    for split in ("train", "val"):
+        recorded = [s for shard in index["shards"] if shard["split"] == split for s in shard["samples"]]
+        dataset = wids.ShardListDataset(str(out / f"{split}.wids.json"), transformations=[],
+                                        cache_dir=str(tmp_path / "wids-cache"))
+        assert len(dataset) == summary["images"][split] == len(recorded) > 0
+        for i in (0, len(dataset) - 1):
+            sample = dataset[i]
+            ext = "." + recorded[i]["member"].rsplit(".", 1)[1]
+            assert sample["__key__"] == recorded[i]["key"]
+            assert sample[ext].read() == (Path(index["source"]) / recorded[i]["path"]).read_bytes()
+    assert not (out / "test.wids.json").exists()  # no test split, no descriptor
+
+
 def _stream_dataset(tmp_path: Path) -> tuple[Path, Counter]:
     """A packed dataset (24 images, 18 of them in train, about 6 train shards) and its train split's
     (pixels, target) multiset."""

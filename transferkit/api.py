@@ -14,13 +14,15 @@ import numpy as np
 import torch
 
 from transferkit import multilabel
+from transferkit.cache import cache_root
 from transferkit.config import TrainConfig, resolve_config, write_config
 from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
+from transferkit.features import FeatureExtractor, clean_view, head_logits
 from transferkit.fileio import output_folder
-from transferkit.models.classifier import new_classifier
+from transferkit.models.classifier import depth_levels, new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.report import write_report
@@ -37,7 +39,7 @@ from transferkit.training.compute import Compute, resolve_device
 from transferkit.training.distributed import Ranks, current_ranks
 from transferkit.training.loop import BestKeeper, EpochLog, Paused
 from transferkit.training.two_stage import fine_tune
-from transferkit.tuning import Task, validation_choices
+from transferkit.tuning import LogitsOf, Task, validation_choices
 
 
 def seed_everything(seed: int) -> None:
@@ -129,12 +131,13 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
     resuming = resume_split is not None
     if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
-        return _evaluate_and_report(Run(out), index, cfg.drop_leaks, reporter) if ranks.main else None
+        return _evaluate_and_report(Run(out), index, cfg, reporter) if ranks.main else None
     if not resuming and ranks.main:
         prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
     one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
-    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two)
+    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two,
+                           checked_depths(imagenet_model, cfg, index.multilabel))
     binary = model.head[-1].out_features == 1
     model.to(compute.device)
 
@@ -179,12 +182,29 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
-    meta.update(task_meta(model, index, val_data, pre, cfg, reporter), **({"kept": kept} if kept else {}))
+    fast_logits = feature_logits(model, pre, cfg, reporter, pretrained_backbone(cfg, kept))
+    meta.update(task_meta(model, index, val_data, pre, cfg, reporter, fast_logits), feature_depths=list(model.depths),
+                head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
+                **({"kept": kept} if kept else {}))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     if interrupted:
         raise KeyboardInterrupt
     checkpoints.remove()
-    return _evaluate_and_report(Run(out), index, cfg.drop_leaks, reporter)
+    return _evaluate_and_report(Run(out), index, cfg, reporter)
+
+
+def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig, multilabel_data: bool) -> tuple[int, ...]:
+    """The intermediate levels `feature_depths` names, each one the backbone has (auto: none until stage 1, which
+    chooses with a single-label classifier)."""
+    if cfg.feature_depths == "auto" and multilabel_data:
+        raise UserError("feature_depths auto chooses among single-label heads; for multi-label data name the levels "
+                        "(e.g. --feature-depths 2,3) or use last")
+    depths = cfg.depths()
+    if cfg.feature_depths != "last":
+        levels = depth_levels(backbone)
+        if any(d not in levels for d in depths):
+            raise UserError(f"feature_depths {cfg.feature_depths}: this backbone has levels {levels[0]}..{levels[-1]}")
+    return depths
 
 
 def scaled_for(cfg: TrainConfig, ranks: Ranks, reporter: Reporter) -> TrainConfig:
@@ -208,10 +228,28 @@ def _finished_training(out: Path) -> bool:
         return False
 
 
-def _evaluate_and_report(run: Run, index: DatasetIndex, drop_leaks: bool, reporter: Reporter) -> Run:
-    warn_leaks(run.evaluate(index, drop_leaks=drop_leaks), reporter)
+def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter) -> Run:
+    run.plain_logits = feature_logits(run.model, run.preprocess, cfg, reporter,
+                                      pretrained_backbone(cfg, run.meta.get("kept")))
+    warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
     return run
+
+
+def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
+    """Whether the saved backbone is the pretrained one (no fine-tuning, or its epochs were undone): then stage 1's
+    cached features are its features."""
+    return cfg.epochs_finetune == 0 or (kept is not None and kept["stage"] == "frozen")
+
+
+def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, reporter: Reporter,
+                   cached: bool) -> LogitsOf:
+    """Logits after training from the feature engine rather than eager PyTorch, through the cache when the backbone
+    is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's features are
+    computed once and not kept."""
+    cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
+    extract = FeatureExtractor(model, cfg.feature_engine, cfg.batch_size, cfg.workers, reporter, cache)
+    return head_logits(model, clean_view(pre, cfg.augmentation().samplewise_center), extract)
 
 
 def warn_leaks(metrics: dict, reporter: Reporter) -> None:
@@ -242,7 +280,7 @@ def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dic
 
 
 def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig,
-              reporter: Reporter) -> dict:
+              reporter: Reporter, plain_logits: LogitsOf | None = None) -> dict:
     """meta.json entries beyond a plain classifier's: the margin of boxed data, a multi-label run's task, and what
     is chosen on the validation images (test-time augmentation, temperature, decision thresholds)."""
     extra: dict = {"box_margin": cfg.box_margin} if any(s.box for s in index.samples) else {}
@@ -251,7 +289,8 @@ def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: P
     binary = model.head[-1].out_features == 1
     task = Task(binary, index.multilabel, index.classes)
     transform = eval_transform(pre, cfg.augmentation().samplewise_center)
-    extra.update(validation_choices(model, val, transform, task, cfg.tta, cfg.operating_point, reporter))
+    extra.update(validation_choices(model, val, transform, task, cfg.tta, cfg.operating_point, reporter,
+                                    plain_logits))
     return extra
 
 

@@ -73,6 +73,19 @@ class ArrayTable:
         return self.rows[indices]
 
 
+class ColumnTable:
+    """Some columns of another table's rows: features of a depth set chosen among those computed."""
+
+    def __init__(self, table: FeatureTable, columns: np.ndarray) -> None:
+        self.table, self.columns = table, columns
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.table.take(indices)[:, self.columns])
+
+
 class ShardTable:
     """Rows that stay in their shard files and are read on demand with pread, so a batch costs its own bytes.
 

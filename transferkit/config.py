@@ -31,6 +31,7 @@ from transferkit.options import (
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
 MONITORS = ("val_loss", "val_acc")
+HEAD_FITS = ("sgd", "exact")
 
 
 @dataclass
@@ -53,6 +54,9 @@ class TrainConfig:
     augment: str = "light"
     augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
     feature_views: int = 3  # views per training image in the frozen stage (features computed once): 1 clean + augmented
+    # last | auto | levels like "2,3,4": features also pooled from intermediate levels (timm forward_intermediates
+    # indices); auto chooses the set on validation
+    feature_depths: str = "last"
     feature_engine: str = "auto"  # auto | openvino | onnx | torch: what runs the frozen backbone for features
     cache: bool = True  # reuse frozen-backbone features across runs (keyed by weights, preprocessing, content)
     cache_dir: str | None = None  # None: $TRANSFERKIT_CACHE, else the user cache folder
@@ -64,6 +68,7 @@ class TrainConfig:
     workers: int = 2
     # stage 1: frozen backbone, head only
     epochs_frozen: int = 30
+    head_fit: str = "sgd"  # sgd: epochs_frozen epochs of the optimizer; exact: a linear head solved (L-BFGS), C on val
     lr: float = 1e-3
     optimizer: str = "adamw"
     # stage 2: fine-tune
@@ -96,6 +101,12 @@ class TrainConfig:
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)
 
+    def depths(self) -> tuple[int, ...]:
+        """The fixed intermediate levels of `feature_depths` (none for last, and for auto until stage 1 chooses)."""
+        if self.feature_depths in ("last", "auto"):
+            return ()
+        return tuple(sorted({int(level) for level in self.feature_depths.split(",")}))
+
     def augmentation(self) -> Augment:
         return dataclasses.replace(AUGMENT_PRESETS[self.augment], **self.augment_options)
 
@@ -103,6 +114,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
+        self.feature_depths = str(self.feature_depths).replace(" ", "")  # YAML reads `feature_depths: 3` as a number
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (
@@ -125,6 +137,9 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.accumulate >= 1, "accumulate must be at least 1"),
+            (self.head_fit in HEAD_FITS, f"head_fit must be one of {', '.join(HEAD_FITS)}"),
+            (self.feature_depths in ("last", "auto") or all(p.isdigit() for p in self.feature_depths.split(",")),
+             "feature_depths must be last, auto or levels like 2,3,4"),
             (self.feature_engine in ENGINES, f"feature_engine must be one of {', '.join(ENGINES)}"),
             (self.workers >= 0, "workers must be 0 or more"),
             (self.checkpoint_every >= 0, "checkpoint_every must be 0 (per epoch only) or more steps"),

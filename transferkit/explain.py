@@ -60,11 +60,12 @@ def _activation_and_logits(model: Classifier, inputs: torch.Tensor) -> tuple[tor
     if layer is None:
         # The map is forward_features' output: the backbone below it runs without autograd, so the backward
         # pass is only pooling + head (cheap enough for a server to do per request).
+        # Multi-depth features' intermediate levels enter the head as constants: the map explains the last layer's part.
         with torch.no_grad():
-            features = backbone.forward_features(inputs)
+            features, intermediates = model.maps(inputs)
         features = features.detach().requires_grad_(True)
         with torch.enable_grad():
-            return features, model.head(backbone.forward_head(features, pre_logits=True))
+            return features, model.head(model.pool(features, intermediates))
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _module, _args, output: captured.append(output))
     try:

@@ -10,6 +10,7 @@ import numpy as np
 
 from transferkit import multilabel
 from transferkit.calibration import decide
+from transferkit.data import remote
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.members import looks_packed
 from transferkit.data.sources import Skipped, image_problems, list_image_files, scan_dataset
@@ -50,7 +51,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[str], list[Box | None] | Non
     """Like collect_images, plus dataset CSVs and packed datasets (`transferkit pack`): their images with their boxes
     (None where no input has any)."""
     tables = [item for item in inputs if (item.lower().endswith(".csv") and Path(item).is_file())
-              or (Path(item).is_dir() and looks_packed(item))]
+              or (Path(item).is_dir() and looks_packed(item)) or remote.is_url(item)]
     images = [item for item in inputs if item not in tables]
     paths, skipped = collect_images(images) if images else ([], [])
     boxes: list[Box | None] = [None] * len(paths)

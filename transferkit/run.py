@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -187,6 +188,7 @@ class Run:
             self.meta["timm_name"],
             1 if self.binary else len(self.classes),
             HeadSpec(tuple(head["hidden"]), head["dropout"], head["batchnorm"]),
+            self.meta.get("feature_depths", ()),
         )
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
         self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
@@ -198,11 +200,15 @@ class Run:
         self.temperature: float = float(self.meta.get("temperature", 1.0))
         self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
         self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
+        # one view's logits without an eager pass (the feature engine: transferkit.features.head_logits), if given
+        self.plain_logits: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
         self.metrics: dict | None = None
 
     def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:
         """(N, logits) of image files (averaged over the run's test-time views), each cropped to its region in
         `crops` if given (decoded in workers when there are many)."""
+        if self.plain_logits is not None and self.tta == "none":
+            return self.plain_logits(paths, crops)
         return infer_logits(self.inference, paths, self.transform, tta.images_per_batch(tta.VIEWS[self.tta]), crops)
 
     def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:

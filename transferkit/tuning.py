@@ -5,6 +5,7 @@ consumer of the run (evaluate, predict, serve, export) applies it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ from transferkit.models import tta
 from transferkit.progress import Reporter
 from transferkit.run import infer_logits
 from transferkit.training.loop import probabilities
+
+LogitsOf = Callable[[Sequence[str], Sequence | None], torch.Tensor]
 
 
 @dataclass
@@ -32,12 +35,16 @@ class Task:
 
 
 def validation_choices(model: torch.nn.Module, val: Labelled, transform, task: Task, tta_choice: str,
-                       operating_point: str, reporter: Reporter) -> dict:
+                       operating_point: str, reporter: Reporter, plain_logits: LogitsOf | None = None) -> dict:
     """meta.json entries: tta, temperature, and a binary task's operating point and threshold (a multi-label
-    task's per-label thresholds)."""
+    task's per-label thresholds). `plain_logits` gives the logits of one view without an eager pass (features)."""
     count = tta.VIEWS["dihedral"] if tta_choice == "auto" else tta.VIEWS[tta_choice]
     begin = time.perf_counter()
-    logits = infer_logits(tta.ViewLogits(model, count), val.paths, transform, tta.images_per_batch(count), val.crops)
+    if count == 1 and plain_logits is not None:
+        logits = plain_logits(val.paths, val.crops).unsqueeze(1)  # (N, 1 view, classes)
+    else:
+        logits = infer_logits(tta.ViewLogits(model, count), val.paths, transform, tta.images_per_batch(count),
+                              val.crops)
     seconds_per_view = (time.perf_counter() - begin) / max(1, len(val.paths) * count)
     targets = val.targets.numpy()
     candidates = tta.per_mode(logits, tta.MODES if tta_choice == "auto" else (tta_choice,))

@@ -55,7 +55,8 @@ def doctor(
     json_out: JSON = False,
 ) -> None:
     """Check a dataset before training: unreadable files, exact and near duplicates, train/val leakage, class
-    imbalance, tiny images, likely mislabeled images. Exit code 0 whatever it finds."""
+    imbalance, tiny images, blurry / dark / light / low-information / odd-sized / grayscale images, likely
+    mislabeled images. Exit code 0 whatever it finds."""
     from transferkit.doctor import DoctorOptions, diagnose
     from transferkit.run import write_json
 
@@ -88,6 +89,8 @@ def print_report(report: dict) -> None:
     _print_balance(report["class_balance"])
     show(report["tiny_images"], f"tiny images (a side below {settings['min_side']} px)", "image",
          lambda f: f"{_rel(f['path'], root)}: {f['width']}x{f['height']}")
+    show(report["image_issues"], "image quality (CleanVision)", "image",
+         lambda f: f"{_rel(f['path'], root)}: {', '.join(f['issues'])}")
     show(report["mislabeled"], "likely mislabeled", "image",
          lambda s: f"{_rel(s['path'], root)}: labelled {s['label']} ({s['label_probability']:.2f}), "
                    f"looks like {s['suggested']} ({s['probability']:.2f})")
@@ -133,7 +136,7 @@ def _common_folder(report: dict) -> str:
     """The data folder, or for a CSV the folder holding every listed file: shorter lines, same meaning."""
     if os.path.isdir(report["data"]):
         return report["data"]
-    listed = [f["path"] for key in ("skipped", "tiny_images", "mislabeled") for f in report[key]]
+    listed = [f["path"] for key in ("skipped", "tiny_images", "image_issues", "mislabeled") for f in report[key]]
     listed += [f["path"] for key in ("exact_duplicates", "near_duplicates") for g in report[key] for f in g["files"]]
     return os.path.commonpath([os.path.dirname(path) for path in listed or [report["data"]]])
 

@@ -104,6 +104,10 @@ def train(
     image_size: IMAGE_SIZE = None,
     head_hidden: Annotated[str | None, typer.Option(help="Hidden dense layers, e.g. 1024,512.")] = None,
     head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
+    head_fit: Annotated[str | None, typer.Option(
+        help="Frozen-stage linear head: sgd (optimizer epochs) or exact (solved, C chosen on validation).")] = None,
+    feature_depths: Annotated[str | None, typer.Option(
+        help="last, auto (chosen on validation) or levels like 2,3,4: features also from intermediate depths.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
     tta: Annotated[str | None, typer.Option(
@@ -146,6 +150,8 @@ def train(
         image_size=image_size,
         head_hidden=parse_hidden(head_hidden),
         head_dropout=head_dropout,
+        head_fit=head_fit,
+        feature_depths=feature_depths,
         label_smoothing=label_smoothing,
         patience=patience,
         tta=tta,

@@ -5,9 +5,10 @@ doctor) reads packed datasets unchanged.
 A member reference is ``<absolute shard path>::<member name>``, e.g. ``/data/shards/train-00000.tar::00000123.jpg``:
 the shard file, ``::``, and the name of the image's member in the tar. The shard folder's ``index.json`` (written by
 `transferkit pack`) holds each member's byte offset, size and content sha256, so an image is one ``pread`` and its
-content digest needs no read at all. The index is loaded once per folder per process (again when it changes), shard
-files stay open for the process's lifetime (``pread`` has no shared file position, so forked loader workers can use
-inherited descriptors).
+content digest needs no read at all. A folder at a URL (`https://host/shards/`) is read the same way through
+fsspec (`transferkit.data.remote`): one range request per image. The index is loaded once per folder per process
+(again when it changes), shard files stay open for the process's lifetime (``pread`` has no shared file position,
+so forked loader workers can use inherited descriptors).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferkit.data import remote
 from transferkit.errors import UnreadableImage, UserError
 
 INDEX_NAME = "index.json"
@@ -49,11 +51,15 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 def is_shard_folder(path: str | os.PathLike[str]) -> bool:
     """A folder written by `transferkit pack` (it holds our index.json)."""
+    if remote.is_url(path):
+        return remote.exists(remote.join(os.fspath(path), INDEX_NAME))
     return os.path.isfile(os.path.join(os.fspath(path), INDEX_NAME))
 
 
 def looks_packed(path: str | os.PathLike[str]) -> bool:
     """A complete pack, or an unfinished one (its state file but no index yet)."""
+    if remote.is_url(path):
+        return is_shard_folder(path)
     return is_shard_folder(path) or os.path.isfile(os.path.join(os.fspath(path), STATE_NAME))
 
 
@@ -69,9 +75,9 @@ class Location:
 
 def read_index(folder: str | os.PathLike[str]) -> dict:
     """The parsed index.json of a shard folder; an unreadable or foreign file is a one-line UserError."""
-    path = Path(folder) / INDEX_NAME
+    path = remote.join(os.fspath(folder), INDEX_NAME) if remote.is_url(folder) else Path(folder) / INDEX_NAME
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(remote.read_text(path) if isinstance(path, str) else path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"cannot read shard index {path}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -85,15 +91,20 @@ def check_shards(folder: str | os.PathLike[str], index: dict) -> None:
     """Every shard the index lists exists with its recorded size, else one UserError naming the first that does
     not (missing, truncated or replaced): a damaged dataset fails when opened, not mid-epoch."""
     for shard in index["shards"]:
-        path = Path(folder) / shard["name"]
+        path = shard_path(folder, shard["name"])
         try:
-            size = path.stat().st_size
+            size = remote.size(path) if isinstance(path, str) else path.stat().st_size
         except OSError as exc:
-            raise UserError(f"shard {path} listed in {INDEX_NAME} is missing ({exc.strerror}); "
+            raise UserError(f"shard {path} listed in {INDEX_NAME} is missing ({exc.strerror or exc}); "
                             "re-run `transferkit pack` on the source data to rewrite it") from None
         if size != shard["size"]:
             raise UserError(f"shard {path} is {size} bytes but {INDEX_NAME} says {shard['size']} (truncated or "
                             "replaced); re-run `transferkit pack` on the source data to rewrite it")
+
+
+def shard_path(folder: str | os.PathLike[str], name: str) -> str | Path:
+    """A shard of a folder: a Path, or a URL string for a folder at a URL."""
+    return remote.join(os.fspath(folder), name) if remote.is_url(folder) else Path(folder) / name
 
 
 class _Folder:
@@ -119,12 +130,9 @@ _LOCK = threading.Lock()  # decoding threads (image_problems) may open the same 
 
 
 def _folder(folder: str) -> _Folder:
-    """The cached locations of a folder, reloaded when its index.json changed (a re-pack)."""
-    try:
-        st = os.stat(os.path.join(folder, INDEX_NAME))
-    except OSError as exc:
-        raise UnreadableImage(f"cannot read: no {INDEX_NAME} in {folder} ({exc.strerror})") from None
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    """The cached locations of a folder, reloaded when its index.json changed (a re-pack); a folder at a URL is
+    read once per process."""
+    stamp = (0, 0, 0) if remote.is_url(folder) else _local_stamp(folder)
     with _LOCK:
         cached = _FOLDERS.get(folder)
         if cached is None or cached.stamp != stamp:
@@ -132,6 +140,14 @@ def _folder(folder: str) -> _Folder:
                 cached.close()
             _FOLDERS[folder] = cached = _Folder(folder, stamp)
         return cached
+
+
+def _local_stamp(folder: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(os.path.join(folder, INDEX_NAME))
+    except OSError as exc:
+        raise UnreadableImage(f"cannot read: no {INDEX_NAME} in {folder} ({exc.strerror})") from None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _lookup(ref: str) -> tuple[_Folder, Location]:
@@ -152,6 +168,11 @@ def locate(ref: str) -> Location:
 def read_member(ref: str) -> bytes:
     """The member's bytes, by one pread at its recorded offset."""
     folder, where = _lookup(ref)
+    if remote.is_url(where.shard):
+        data = remote.read_range(where.shard, where.offset, where.size)
+        if len(data) != where.size:
+            raise UnreadableImage(f"cannot read: shard {where.shard} is truncated")
+        return data
     try:
         with _LOCK:
             fd = folder.files.get(where.shard)
@@ -173,6 +194,7 @@ def member_digest(ref: str) -> str:
 def member_exists(ref: str) -> bool:
     """The member is in its folder's index and its shard file is there."""
     try:
-        return os.path.isfile(locate(ref).shard)
+        shard = locate(ref).shard
+        return remote.exists(shard) if remote.is_url(shard) else os.path.isfile(shard)
     except (UnreadableImage, UserError):
         return False

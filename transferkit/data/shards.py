@@ -10,6 +10,7 @@ Layout of ``SHARDS/``:
 - ``index.json``: format tag and version, classes, multilabel flag, counts per split and class, skipped files with
   reasons, and per shard its name, split, size, sha256 and samples (key, member, byte offset of the image data in the
   tar, size, content sha256, label, box, original path). It is written last, atomically: a folder with it is complete.
+- ``{split}.wids.json``: the split's shard list in the format of wids (webdataset's indexed reader).
 
 Within a split the samples are in a seeded order (so a shard mixes classes and a bounded shuffle buffer suffices),
 then cut into shards by size: a shard is filled until the next sample would exceed ``shard_size``. The plan is a pure
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferkit import __version__
+from transferkit.data import remote
 from transferkit.data.boxes import Box
 from transferkit.data.images import decode_rgb
 from transferkit.data.members import (
@@ -42,9 +44,11 @@ from transferkit.data.members import (
     STATE_NAME,
     VERSION,
     check_shards,
+    is_shard_folder,
     looks_packed,
     member_ref,
     read_index,
+    shard_path,
 )
 from transferkit.data.sources import SPLITS, DatasetIndex, Sample, Skipped, scan_dataset
 from transferkit.errors import UnreadableImage, UserError
@@ -108,6 +112,7 @@ def pack(data: str | os.PathLike[str], out: str | os.PathLike[str], shard_size_b
     try:
         records, written = _write_all(out, shards, reporter)
         result = _index_json(index, shards, records, shard_size_bytes, (val_split, test_split))
+        _write_wids_descriptors(out, result)
         atomic_write(out / INDEX_NAME, json.dumps(result, separators=(",", ":")))
     except OSError as exc:
         raise UserError(f"cannot write to {out}: {exc.strerror or exc}; finished shards are kept, run the same "
@@ -297,6 +302,20 @@ def _index_json(index: DatasetIndex, shards: list[_Shard], records: dict[str, di
     }
 
 
+def _write_wids_descriptors(out: Path, index: dict) -> None:
+    """`{split}.wids.json` per split: the shard list in wids' format, so `wids.ShardListDataset` gives indexed
+    access to a split without transferkit (shard URLs are relative: the folder can be moved or served as is)."""
+    for split in SPLITS:
+        shards = [{"url": r["name"], "nsamples": len(r["samples"])} for r in index["shards"] if r["split"] == split]
+        path = out / f"{split}.wids.json"
+        if not shards:
+            path.unlink(missing_ok=True)  # an earlier pack's split that this one does not have
+            continue
+        descriptor = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{out.name}-{split}",
+                      "shardlist": shards}
+        atomic_write(path, json.dumps(descriptor, indent=1))
+
+
 def _summary(out: Path, index: dict, written: list[str]) -> dict:
     names = [s["name"] for s in index["shards"]]
     return {"out": str(out), "shards": len(names), "images": index["images"], "bytes": index["bytes"],
@@ -307,20 +326,23 @@ def _summary(out: Path, index: dict, written: list[str]) -> dict:
 def shard_dataset(folder: str | os.PathLike[str]) -> DatasetIndex:
     """A packed folder as a DatasetIndex (layout "shards", split as packed); missing or truncated shards and an
     unfinished pack are one-line UserErrors."""
-    folder = Path(folder)
-    if not (folder / INDEX_NAME).is_file():
+    folder = folder if remote.is_url(folder) else Path(folder)
+    if not is_shard_folder(folder) and remote.is_url(folder):
+        raise UserError(f"no packed dataset at {folder}: no {INDEX_NAME} there (a URL is read only as `transferkit "
+                        "pack` output)")
+    if not is_shard_folder(folder):
         raise UserError(f"{folder} holds an unfinished pack (no {INDEX_NAME}): run `transferkit pack` again with "
                         "the same arguments to finish it")
     data = read_index(folder)
     try:
         check_shards(folder, data)
-        samples = [Sample(member_ref(folder / shard["name"], s["member"]), s["label"], shard["split"],
+        samples = [Sample(member_ref(shard_path(folder, shard["name"]), s["member"]), s["label"], shard["split"],
                           Box(*s["box"]) if s.get("box") else None)
                    for shard in data["shards"] for s in shard["samples"]]
         skipped = [Skipped(s["path"], s["reason"]) for s in data["skipped"]]
         classes, seed, multilabel = list(data["classes"]), int(data["seed"]), bool(data["multilabel"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{folder / INDEX_NAME} is malformed ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{shard_path(folder, INDEX_NAME)} is malformed ({type(exc).__name__}: {exc})") from None
     if not samples:
         raise UserError(f"no images in the packed dataset {folder}")
     samples.sort(key=lambda s: (SPLITS.index(s.split), s.label, s.path))

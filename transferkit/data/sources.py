@@ -15,6 +15,7 @@ from itertools import groupby
 from operator import attrgetter
 from pathlib import Path
 
+from transferkit.data import remote
 from transferkit.data.boxes import BOX_COLUMNS, Box, has_box_columns, parse_box
 from transferkit.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, has_image_extension, load_rgb
 from transferkit.data.labelsets import canonical_label_set, is_label_set, label_set
@@ -120,6 +121,10 @@ def scan_dataset(
     only "no images at all" is then an error.
     """
     _check_fractions(val_split, test_split)
+    if remote.is_url(path):  # only packed datasets live at a URL: their index lists every image
+        from transferkit.data.shards import shard_dataset  # noqa: PLC0415 - shards builds on this module
+
+        return shard_dataset(os.fspath(path).rstrip("/"))
     root = Path(os.path.abspath(os.path.expanduser(path)))
     if not root.exists():
         raise UserError(f"path does not exist: {root}")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from transferkit.data import remote
 from transferkit.data.boxes import crop_to
 from transferkit.data.images import decode_rgb
 from transferkit.data.loader import Labelled, labelled_split
@@ -161,6 +162,8 @@ class ShardStream(IterableDataset):
                 handle.close()
 
     def _open(self, shard: int):
+        if remote.is_url(self.shard_paths[shard]):
+            return remote.open_stream(self.shard_paths[shard])
         try:
             return open(self.shard_paths[shard], "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed by _read
         except OSError as exc:

@@ -1,8 +1,8 @@
-"""Likely mislabeled images: confident learning (Northcutt et al., 2021) on out-of-fold predicted probabilities.
+"""Likely mislabeled images: cleanlab's confident learning (Northcutt et al., 2021) on out-of-fold probabilities.
 
-A linear model on the frozen backbone's embeddings predicts each image from folds that did not see it. Class k's
-threshold is its mean self-confidence (the average probability of k over images labelled k); an image is suspect
-when another class reaches its own threshold and beats the probability of the given label.
+A linear model on the frozen backbone's embeddings predicts each image from folds that did not see it; cleanlab's
+`find_label_issues` (the reference implementation of the paper) decides which given labels those probabilities
+contradict.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def likely_mislabeled(samples: Sequence[Sample], vectors: np.ndarray, seed: int)
     given = np.array([names.index(samples[i].label) for i in kept])
     probs = out_of_fold_probabilities(vectors[kept], given, seed)
     suspects = []
-    for row, rival in confident_suspects(probs, given):
+    for row, rival in label_issues(probs, given):
         sample = samples[kept[row]]
         suspects.append({
             "path": sample.path,
@@ -53,7 +53,10 @@ def likely_mislabeled(samples: Sequence[Sample], vectors: np.ndarray, seed: int)
 
 
 def out_of_fold_probabilities(vectors: np.ndarray, given: np.ndarray, seed: int) -> np.ndarray:
-    """Each row predicted by a model fitted without it; K folds, fewer when the smallest class is smaller."""
+    """Each row predicted by a model fitted without it; K folds, fewer when the smallest class is smaller.
+
+    Ours rather than cleanlab's `estimate_cv_predicted_probabilities`: that one keeps 5 folds even when a class has
+    2 images, so a fold can train without a class."""
     folds = min(MAX_FOLDS, int(np.bincount(given).min()))
     model = make_pipeline(Normalizer(), LogisticRegression(C=INVERSE_REGULARISATION, max_iter=2000))
     with warnings.catch_warnings():
@@ -63,11 +66,14 @@ def out_of_fold_probabilities(vectors: np.ndarray, given: np.ndarray, seed: int)
                                  method="predict_proba")
 
 
-def confident_suspects(probs: np.ndarray, given: np.ndarray) -> list[tuple[int, int]]:
-    """(row, suggested class) for each row where another class is confidently more likely than the given one."""
-    rows = np.arange(len(given))
-    thresholds = np.array([probs[given == k, k].mean() for k in range(probs.shape[1])])
-    own = probs[rows, given]
-    rivals = (probs >= thresholds) & (probs > own[:, None])
-    suggested = np.where(rivals, probs, -1.0).argmax(axis=1)
-    return [(int(row), int(suggested[row])) for row in np.nonzero(rivals.any(axis=1))[0]]
+def label_issues(probs: np.ndarray, given: np.ndarray) -> list[tuple[int, int]]:
+    """(row, suggested class) for each row cleanlab finds mislabeled; the suggestion is the likeliest other class."""
+    from cleanlab.filter import find_label_issues  # imports pandas: only when the check runs
+
+    with warnings.catch_warnings():
+        # small sets make cleanlab warn about classes with few examples; the check still ranks what it can
+        warnings.simplefilter("ignore")
+        flagged = find_label_issues(given, probs, filter_by="prune_by_noise_rate", n_jobs=1)
+    rivals = probs.copy()
+    rivals[np.arange(len(given)), given] = -1.0
+    return [(int(row), int(rivals[row].argmax())) for row in np.nonzero(flagged)[0]]

@@ -12,6 +12,7 @@ from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
 from transferkit.doctor import checks
 from transferkit.doctor.mislabel import likely_mislabeled
 from transferkit.doctor.options import ALIKE_SHARE, DoctorOptions
+from transferkit.doctor.quality import image_issues
 from transferkit.features import FeatureExtractor, clean_view
 from transferkit.models.pretrained import load_backbone
 from transferkit.progress import Reporter
@@ -43,6 +44,7 @@ def diagnose(data: str | os.PathLike[str], options: DoctorOptions | None = None)
         "leakage": checks.leakage(exact, near),
         "class_balance": checks.class_balance(index.samples, index.classes, options.max_imbalance),
         "tiny_images": checks.tiny_images(index.samples, min_side),
+        "image_issues": image_issues(index.samples, options.workers),
         "mislabeled": mislabeled,
         "notes": notes + _alike_note(near, len(index.samples), options.near_threshold) + _split_note(index, options),
     }
@@ -53,7 +55,8 @@ def diagnose(data: str | os.PathLike[str], options: DoctorOptions | None = None)
 def summarize(report: dict) -> dict:
     """How many findings of each kind; `findings` is their total (0: nothing to fix)."""
     counts = {key: len(report[key]) for key in
-              ("skipped", "exact_duplicates", "near_duplicates", "leakage", "tiny_images", "mislabeled")}
+              ("skipped", "exact_duplicates", "near_duplicates", "leakage", "tiny_images", "image_issues",
+                          "mislabeled")}
     counts["class_imbalance"] = int(report["class_balance"]["flagged"])
     return {**counts, "findings": sum(counts.values())}
 

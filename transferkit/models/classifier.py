@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -28,36 +31,85 @@ def num_outputs(num_classes: int, binary_logit: bool) -> int:
 
 
 class Classifier(nn.Module):
-    """`embed` gives the pooled backbone features; `forward` the class logits."""
+    """`embed` gives the pooled backbone features; `forward` the class logits.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    With `depths` (multi-depth features, Head2Toe-style) the features are the pooled outputs of those
+    intermediate levels (timm's `forward_intermediates` indices) followed by the usual pooled last-layer features:
+    every consumer (feature cache, predict, export, serve, embeddings) goes through `embed`, so all compute them."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, depths: Sequence[int] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.depths = tuple(int(d) for d in depths)
 
     @property
     def num_features(self) -> int:
-        return int(self.backbone.num_features)
+        return embed_width(self.backbone, self.depths)
+
+    def maps(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last feature map, and the intermediate maps of `depths` (none without them)."""
+        if not self.depths:
+            return self.backbone.forward_features(images), []
+        final, intermediates = self.backbone.forward_intermediates(images, indices=list(self.depths))
+        return final, list(intermediates)
+
+    def pool(self, final: torch.Tensor, intermediates: Sequence[torch.Tensor]) -> torch.Tensor:
+        pooled = self.backbone.forward_head(final, pre_logits=True)
+        return torch.cat([m.mean(dim=(2, 3)) for m in intermediates] + [pooled], dim=1) if intermediates else pooled
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.forward_features(images)
-        return self.backbone.forward_head(features, pre_logits=True)
+        return self.pool(*self.maps(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images))
 
 
-def new_classifier(imagenet_model: nn.Module, num_classes: int, head_spec: HeadSpec, binary_logit: bool) -> Classifier:
+def depth_levels(backbone: nn.Module) -> tuple[int, ...]:
+    """Every intermediate level multi-depth features can come from (timm's feature_info, stem to top)."""
+    info = getattr(backbone, "feature_info", None)
+    if not hasattr(backbone, "forward_intermediates") or not info:
+        raise UserError(f"multi-depth features need a timm backbone with forward_intermediates; "
+                        f"{type(backbone).__name__} has none: use feature_depths: last")
+    return tuple(range(len(info)))
+
+
+def embed_width(backbone: nn.Module, depths: Sequence[int]) -> int:
+    """How many features `embed` gives: the channels of each chosen level, then the pooled last layer's."""
+    return sum(int(backbone.feature_info[d]["num_chs"]) for d in depths) + int(backbone.num_features)
+
+
+def depth_columns(backbone: nn.Module, computed: Sequence[int], chosen: Sequence[int]) -> np.ndarray:
+    """Which columns of features computed with `computed` depths are the features with `chosen` depths (a subset),
+    so one extraction at every level serves every choice."""
+    starts, offset = {}, 0
+    for d in computed:
+        starts[d], offset = offset, offset + int(backbone.feature_info[d]["num_chs"])
+    parts = [np.arange(starts[d], starts[d] + int(backbone.feature_info[d]["num_chs"])) for d in chosen]
+    return np.concatenate(parts + [np.arange(offset, offset + int(backbone.num_features))])
+
+
+def set_depths(model: Classifier, depths: Sequence[int]) -> None:
+    """Give the classifier other feature depths, its head's first layer resized to their width (fresh weights):
+    what stage 1 chose on validation, or what a resumed run had chosen before its checkpoint."""
+    model.depths = tuple(depths)
+    index, first = next((i, m) for i, m in enumerate(model.head) if isinstance(m, nn.Linear))
+    model.head[index] = nn.Linear(embed_width(model.backbone, depths), first.out_features).to(first.weight.device)
+
+
+def new_classifier(imagenet_model: nn.Module, num_classes: int, head_spec: HeadSpec, binary_logit: bool,
+                   depths: Sequence[int] = ()) -> Classifier:
     """Drop the ImageNet top (timm's reset_classifier keeps the global pool) and attach a fresh head."""
     imagenet_model.reset_classifier(0)
-    head = build_head(int(imagenet_model.num_features), num_outputs(num_classes, binary_logit), head_spec)
-    return Classifier(imagenet_model, head)
+    head = build_head(embed_width(imagenet_model, depths), num_outputs(num_classes, binary_logit), head_spec)
+    return Classifier(imagenet_model, head, depths)
 
 
-def empty_classifier(timm_name: str, num_outputs_: int, head_spec: HeadSpec) -> Classifier:
+def empty_classifier(timm_name: str, num_outputs_: int, head_spec: HeadSpec, depths: Sequence[int] = ()
+                     ) -> Classifier:
     """The architecture alone, for loading a saved run: no ImageNet weights are needed to predict."""
     backbone = timm.create_model(timm_name, pretrained=False, num_classes=0)
-    return Classifier(backbone, build_head(int(backbone.num_features), num_outputs_, head_spec))
+    return Classifier(backbone, build_head(embed_width(backbone, depths), num_outputs_, head_spec), depths)
 
 
 def backbone_groups(backbone: nn.Module) -> list[list[nn.Parameter]]:

@@ -29,6 +29,7 @@ import torch
 
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
+from transferkit.models.classifier import Classifier, set_depths
 from transferkit.training.loop import BestKeeper, EpochLog, FitContext, Position, Running, Stage
 
 CHECKPOINT = "checkpoint.pt"
@@ -79,6 +80,7 @@ class Checkpoints:
             "format": FORMAT,
             "position": asdict(position),
             "model": _trained_part(ctx.model.state_dict(), stage),
+            "depths": list(ctx.model.depths),  # chosen on validation (feature_depths auto): the head's width
             "optimizer": stage.optimizer.state_dict(),
             "scheduler": stage.scheduler.state_dict(),
             "scaler": ctx.compute.scaler.state_dict(),
@@ -90,6 +92,13 @@ class Checkpoints:
         }
         with atomic_path(self.path) as tmp:  # a full disk: one line, and the previous checkpoint stays whole
             torch.save(state, tmp)
+
+    def restore_depths(self, model: Classifier) -> None:
+        """The feature depths stage 1 chose before the checkpoint, so the head has their width (before anything is
+        built around the model: stage 2's engine, the optimizer)."""
+        depths = tuple(self.saved.get("depths", ())) if self.saved else ()
+        if depths != model.depths:
+            set_depths(model, depths)
 
     def restore_model(self, ctx: FitContext) -> None:
         """The saved weights, early-stopping state and RNG states, before the stage's own states are loaded."""

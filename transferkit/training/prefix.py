@@ -78,8 +78,9 @@ class FrozenPrefixClassifier(nn.Module):
 
 def with_frozen_prefix(model: Classifier, engine: str, reporter: Reporter) -> nn.Module:
     """What stage 2's batches go through: the classifier with its frozen prefix compiled when there is one to
-    compile (CPU, EfficientNet family, top blocks unfrozen, engine not `torch`), else the classifier itself."""
+    compile (CPU, EfficientNet family, top blocks unfrozen, engine not `torch`, last-layer features only), else the
+    classifier itself."""
     blocks = frozen_blocks(model.backbone)
-    if blocks == 0 or engine == "torch" or next(model.parameters()).is_cuda:
+    if blocks == 0 or model.depths or engine == "torch" or next(model.parameters()).is_cuda:
         return model
     return FrozenPrefixClassifier(model, blocks, engine, reporter)

@@ -13,17 +13,26 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferkit import multilabel
-from transferkit.cache import ArrayTable, FeatureTable, cache_root
+from transferkit.cache import ArrayTable, ColumnTable, FeatureTable, cache_root
 from transferkit.config import TrainConfig
 from transferkit.data.loader import ImageDataset, Labelled, make_loader
 from transferkit.data.stream import is_sharded, stream_loader
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.features import FeatureExtractor, View, clean_view, view_spec
-from transferkit.models.classifier import Classifier, freeze_backbone, set_train_mode, unfreeze
+from transferkit.models.classifier import (
+    Classifier,
+    depth_columns,
+    depth_levels,
+    freeze_backbone,
+    set_depths,
+    set_train_mode,
+    unfreeze,
+)
 from transferkit.progress import Reporter
 from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute
 from transferkit.training.distributed import Ranks, sync_batchnorm
+from transferkit.training.exact_head import choose_depths, depth_candidates, fit_linear
 from transferkit.training.loop import (
     Batches,
     BestKeeper,
@@ -43,8 +52,11 @@ from transferkit.training.prefix import with_frozen_prefix
 
 
 def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess,
-                 transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext) -> Stage:
-    """Stage 1: the backbone's features never change, so compute them once per view and train the head on them."""
+                 transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext) -> Stage | None:
+    """Stage 1: the backbone's features never change, so compute them once per view and train the head on them.
+    None when the head was solved exactly (head_fit exact): nothing is left to train."""
+    if config.feature_depths == "auto":  # every level extracted once; the set is chosen on validation below
+        model.depths = depth_levels(model.backbone)
     augmented = transforms[1]
     augment = config.augmentation()
     n_views = 1 if augment.is_identity else config.feature_views
@@ -63,6 +75,11 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     ctx.reporter.log(f"features: {extract.computed} images through the backbone{who}, the rest from the cache "
                      f"({seconds:.1f} s)" if cache else
                      f"features: {extract.computed} images through the backbone{who} (no cache, {seconds:.1f} s)")
+    features, val_features, solved = validated_head(model, features, train.targets, val_features, val.targets,
+                                                    config, ctx)
+    if solved:
+        record_solved_head(model, features, train.targets, (val_features, val.targets), ctx, begin)
+        return None
     # replicated on every rank (see training.distributed), each taking the global batch
     n_train, batch = len(train.paths), config.batch_size * ctx.ranks.world
 
@@ -82,6 +99,55 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
     return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, n_train, validate,
                  config.epochs_frozen, steps)
+
+
+def validated_head(model: Classifier, features: list[FeatureTable], train_y: torch.Tensor, val_x: torch.Tensor,
+                   val_y: torch.Tensor, config: TrainConfig, ctx: FitContext
+                   ) -> tuple[list[FeatureTable], torch.Tensor, bool]:
+    """The choices stage 1 makes on the validation images: the depth set (feature_depths auto, Head2Toe-style) and
+    the exact linear head (head_fit exact, single-label only; hidden layers keep SGD). Returns the training tables
+    and validation features of the chosen depths, and whether the head is solved."""
+    exact = config.head_fit == "exact" and not config.head_hidden and train_y.dim() == 1
+    auto = config.feature_depths == "auto"
+    if not (exact or auto):
+        return features, val_x, False
+    # every view's rows train the head (the augmented views are more examples of the same image)
+    x = np.concatenate([table.take(np.arange(len(table))) for table in features])
+    y, val = np.tile(train_y.numpy(), len(features)), (val_x.numpy(), val_y.numpy())
+    outputs = model.head[-1].out_features
+    if auto:
+        computed = model.depths
+        columns = {d: depth_columns(model.backbone, computed, d) for d in depth_candidates(computed)}
+        depths, fit = choose_depths(columns, x, y, *val, outputs)
+        chosen = columns[depths]
+        torch.manual_seed(config.seed)  # the new head's initial weights must not depend on what the cache supplied
+        set_depths(model, depths)
+        features, val_x = [ColumnTable(table, chosen) for table in features], val_x[:, chosen]
+        ctx.reporter.log(f"feature depths: levels {list(model.depths) or 'none'} + last layer, chosen on validation "
+                         f"of {len(columns)} sets")
+    elif exact:
+        fit = fit_linear(x, y, *val, outputs)
+    if exact:
+        fit.load_into(model.head[-1])
+        ctx.reporter.log(f"frozen head: exact logistic regression on standardised features, C = {fit.C:g} "
+                         "(lowest validation loss)")
+    return features, val_x, exact
+
+
+def record_solved_head(model: Classifier, features: list[FeatureTable], train_y: torch.Tensor,
+                       val: tuple[torch.Tensor, torch.Tensor], ctx: FitContext, begin: float) -> None:
+    """One history row for the solved head (its loss and accuracy on the clean training view and on validation),
+    which early stopping keeps as the best so far: fine-tuning must beat it to replace it."""
+    clean = torch.from_numpy(features[0].take(np.arange(len(features[0]))))
+    train_loss, train_acc = loss_and_accuracy(*evaluate_logits(model.head, [(clean, train_y)]), ctx.criterion,
+                                              ctx.hits)
+    val_loss, val_acc = loss_and_accuracy(*evaluate_logits(model.head, [val]), ctx.criterion, ctx.hits)
+    log = EpochLog(1, "frozen", train_loss, train_acc, val_loss, val_acc, 0.0, time.perf_counter() - begin)
+    ctx.on_epoch(log)
+    ctx.reporter.log(f"frozen head solved: loss {train_loss:.4f} acc {train_acc:.3f} | val loss {val_loss:.4f} "
+                     f"acc {val_acc:.3f}")
+    ctx.keeper.start_stage()
+    ctx.keeper.update(log, ctx.model)
 
 
 def shared_tables(extract: FeatureExtractor, ranks: Ranks, paths: list[str], views: list[View], description: str,
@@ -196,6 +262,8 @@ def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess
     model.to(memory_format=torch.channels_last)
     freeze_backbone(model)
     resume = checkpoints.position if checkpoints else None
+    if resume:
+        checkpoints.restore_depths(model)
     for name, epochs in (("frozen", config.epochs_frozen), ("finetune", config.epochs_finetune)):
         if not epochs or (resume and resume.after(name)):
             continue
@@ -209,6 +277,8 @@ def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess
             # Re-seed after feature extraction: the global RNG (dropout) must not depend on how many images the
             # cache supplied, so cached and uncached runs train the same head.
             torch.manual_seed(config.seed)
+            if stage is None:  # solved exactly
+                continue
         else:
             stage = finetune_stage(model, train, val, transforms, config, ctx)
         if resuming:

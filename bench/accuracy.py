@@ -1,0 +1,239 @@
+"""Accuracy benchmark: training configurations side by side on real data, mean ± sd over seeded splits.
+
+Every row trains on the same cached Lite0 features (transferkit's own feature engine and cache), so the rows differ
+only in what they make of them: the linear-probe anchor (scikit-learn logistic regression on standardised
+features, C by 5-fold cross-validation on the training split), stage 1 as it runs in transferkit with each head
+and depth option, and (--finetune, slow on CPU) both stages. Metrics on the test split: accuracy, balanced
+accuracy, ROC AUC (macro one-vs-rest for several classes), log-loss, expected calibration error (15 bins), and the
+wall time of the row (features come from the cache, warmed first; the extraction time is reported apart).
+
+    python bench/accuracy.py                        # elpv, fmnist20, fmnist100; 3 seeds; frozen rows + probe
+    python bench/accuracy.py --quick                # smoke test: fmnist20, 2 seeds, 500 test images
+    python bench/accuracy.py --finetune --datasets elpv
+
+Fashion-MNIST needs Debian's `dataset-fashion-mnist` package (the script says so when it is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import mean, stdev
+
+import numpy as np
+import torch
+from accuracy_data import Split, load_split  # bench/: run as a script, no package
+from measure import machine_info, table
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from transferkit.cache import default_cache_dir
+from transferkit.config import resolve_config
+from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.errors import UserError
+from transferkit.features import FeatureExtractor, clean_view
+from transferkit.models.classifier import Classifier, depth_columns, depth_levels, new_classifier
+from transferkit.models.registry import create_imagenet_model, get_backbone
+from transferkit.progress import Reporter
+from transferkit.run import infer_logits
+from transferkit.training.compute import Compute
+from transferkit.training.exact_head import C_GRID
+from transferkit.training.loop import BestKeeper, probabilities
+from transferkit.training.two_stage import fine_tune
+
+BACKBONE = "tf_efficientnet_lite0"
+QUIET = Reporter(quiet=True)
+# TrainConfig values of each row (on top of the data set's preprocessing, one clean feature view as in the demo)
+ROWS: dict[str, dict | None] = {
+    "probe": None,  # the anchor: scikit-learn on the features, outside transferkit's training
+    "frozen-sgd": {"head_fit": "sgd"},
+    "frozen-exact": {"head_fit": "exact"},
+    "depths-sgd": {"head_fit": "sgd", "feature_depths": "auto"},
+    "depths-exact": {"head_fit": "exact", "feature_depths": "auto"},
+}
+FINETUNE_ROWS = {
+    "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
+    "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
+}
+METRICS = ("accuracy", "balanced_accuracy", "auc", "log_loss", "ece", "seconds")
+ECE_BINS = 15
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label ECE: the confidence-weighted gap between confidence and accuracy over equal-width bins."""
+    confidence, right = probs.max(1), probs.argmax(1) == y
+    edges = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(right[edges == b].mean() - confidence[edges == b].mean()) * (edges == b).mean()
+                     for b in range(bins) if (edges == b).any()))
+
+
+def scores(y: np.ndarray, probs: np.ndarray, seconds: float) -> dict[str, float]:
+    probs = probs / probs.sum(1, keepdims=True)
+    auc = roc_auc_score(y, probs[:, 1]) if probs.shape[1] == 2 else roc_auc_score(y, probs, multi_class="ovr")
+    return {"accuracy": accuracy_score(y, probs.argmax(1)), "balanced_accuracy": balanced_accuracy_score(
+        y, probs.argmax(1)), "auc": auc, "log_loss": log_loss(y, probs, labels=range(probs.shape[1])),
+        "ece": expected_calibration_error(y, probs), "seconds": seconds}
+
+
+def fresh_model(classes: int, options: dict, seed: int) -> Classifier:
+    """A new Lite0 classifier (offline weights), its head seeded as `api.train` seeds it."""
+    torch.manual_seed(seed)
+    imagenet, _ = create_imagenet_model(get_backbone(BACKBONE))
+    config = resolve_config(None, None, backbone=BACKBONE, **options)
+    return new_classifier(imagenet, classes, config.head_spec(), config.binary_logit, config.depths())
+
+
+def features(model: Classifier, paths: list[str], pre: Preprocess, cache: Path, depths: tuple[int, ...] = ()
+             ) -> np.ndarray:
+    """The cached clean-view features of `paths` for the model with `depths` (the model's own are restored)."""
+    own, model.depths = model.depths, depths
+    try:
+        [t] = FeatureExtractor(model, "auto", 32, 2, QUIET, cache).tables(paths, [clean_view(pre)], "features")
+        return t.take(np.arange(len(t)))
+    finally:
+        model.depths = own
+
+
+def warm_cache(split: Split, cache: Path) -> float:
+    """Extract (or find) every image's last-layer and all-level features once; the seconds it took."""
+    start = time.perf_counter()
+    model = fresh_model(len(split.classes), split.settings, 0)
+    pre = Preprocess.for_model(model.backbone, None, split.settings["crop_pct"])
+    paths = split.train.paths + split.val.paths + split.test.paths
+    for depths in ((), depth_levels(model.backbone)):
+        features(model, paths, pre, cache, depths)
+    return time.perf_counter() - start
+
+
+def run_probe(split: Split, cache: Path, seed: int) -> np.ndarray:
+    """Test probabilities of the cross-validated logistic regression on the standardised last-layer features."""
+    model = fresh_model(len(split.classes), split.settings, seed)
+    pre = Preprocess.for_model(model.backbone, None, split.settings["crop_pct"])
+    x, test_x = features(model, split.train.paths, pre, cache), features(model, split.test.paths, pre, cache)
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=list(C_GRID), cv=folds, max_iter=1000,
+                                                                 scoring="accuracy"))
+    return probe.fit(x, split.train.targets.numpy()).predict_proba(test_x)
+
+
+def run_transferkit(split: Split, options: dict, cache: Path, seed: int) -> np.ndarray:
+    """Test probabilities of a model trained by transferkit's two stages with `options` (stage 1 only unless they
+    fine-tune); a frozen-only model's test features come from the cache, a fine-tuned one's from its backbone."""
+    values = {"epochs_finetune": 0, **split.settings, **options, "feature_views": 1, "seed": seed,
+              "cache_dir": str(cache), "workers": 2}
+    config = resolve_config(None, None, backbone=BACKBONE, **values)
+    model = fresh_model(len(split.classes), values, seed)
+    pre = Preprocess.for_model(model.backbone, None, config.crop_pct)
+    binary = model.head[-1].out_features == 1
+    keeper = BestKeeper(config.monitor, config.patience)
+    fine_tune(model, split.train, split.val, pre, config, keeper, QUIET, lambda log: None,
+              Compute(torch.device("cpu")))
+    if config.epochs_finetune:
+        logits = infer_logits(model, split.test.paths, eval_transform(pre))
+    else:
+        computed = depth_levels(model.backbone) if config.feature_depths == "auto" else model.depths
+        x = features(model, split.test.paths, pre, cache, computed)
+        if computed != model.depths:
+            x = x[:, depth_columns(model.backbone, computed, model.depths)]
+        with torch.no_grad():
+            logits = model.head.eval()(torch.from_numpy(x))
+    return probabilities(logits, binary).numpy()
+
+
+def run_row(row: str, options: dict | None, split: Split, cache: Path, seed: int) -> dict[str, float]:
+    start = time.perf_counter()
+    probs = run_probe(split, cache, seed) if options is None else run_transferkit(split, options, cache, seed)
+    return scores(split.test.targets.numpy(), probs, time.perf_counter() - start)
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": mean(values), "sd": stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def benchmark(datasets: list[str], rows: dict, seeds: int, cache: Path, quick: bool,
+              save: Callable[[dict], None]) -> dict:
+    """Every row on every data set and seed; `save` gets the results after each seed (a long run that is stopped
+    keeps the seeds it finished)."""
+    results: dict = {}
+    for name in datasets:
+        per_row: dict[str, list[dict]] = {row: [] for row in rows}
+        extraction = []
+        for seed in range(seeds):
+            split = load_split(name, cache, seed, quick)
+            extraction.append(warm_cache(split, cache))
+            for row, options in rows.items():
+                per_row[row].append(run_row(row, options, split, cache, seed))
+                print(f"{name} seed {seed} {row}: " + ", ".join(f"{k} {v:.4f}" for k, v in per_row[row][-1].items()),
+                      file=sys.stderr, flush=True)
+            results[name] = {"n_test": len(split.test.paths), "n_train": len(split.train.paths),
+                             "n_val": len(split.val.paths), "seeds": seed + 1, "extraction_seconds": extraction,
+                             "rows": {row: {m: summary([r[m] for r in runs]) for m in METRICS}
+                                      for row, runs in per_row.items()}}
+            save(results)
+    return results
+
+
+def markdown(results: dict) -> list[str]:
+    header = ["data", "row", *METRICS]
+    lines = []
+    for name, result in results.items():
+        for row, metrics in result["rows"].items():
+            digits = {"seconds": 1}
+            lines.append([f"{name} (test n={result['n_test']})", row] + [
+                f"{metrics[m]['mean']:.{digits.get(m, 4)}f} ± {metrics[m]['sd']:.{digits.get(m, 4)}f}"
+                for m in METRICS])
+    return table(header, lines)
+
+
+def cpu_flags() -> dict:
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return {"avx512_vnni": "avx512_vnni" in flags.split(), "avx2": "avx2" in flags.split()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="elpv,fmnist20,fmnist100", help="elpv, fmnistK (K per class)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join([*ROWS, *FINETUNE_ROWS])}")
+    parser.add_argument("--finetune", action="store_true", help="add the fine-tuning rows (slow on CPU)")
+    parser.add_argument("--quick", action="store_true", help="fmnist20, 2 seeds, 50 test images per class")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-learn's notices of coming API changes
+    every = {**ROWS, **FINETUNE_ROWS}
+    names = args.rows.split(",") + (list(FINETUNE_ROWS) if args.finetune else [])
+    unknown = [n for n in names if n not in every]
+    if unknown or args.seeds < 2:
+        print(f"accuracy.py: unknown rows {unknown} or fewer than 2 seeds", file=sys.stderr)
+        return 2
+    datasets, seeds = (["fmnist20"], 2) if args.quick else (args.datasets.split(","), args.seeds)
+    out = args.out or Path(__file__).parent / "results" / ("accuracy-quick.json" if args.quick else "accuracy.json")
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "machine": {**machine_info(), **cpu_flags()}, "seeds": seeds}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(results: dict) -> None:
+        out.write_text(json.dumps({**record, "results": results}, indent=1) + "\n")
+
+    try:
+        results = benchmark(datasets, {n: every[n] for n in dict.fromkeys(names)}, seeds, args.cache_dir, args.quick,
+                            save)
+    except UserError as exc:
+        print(f"accuracy.py: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(markdown(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

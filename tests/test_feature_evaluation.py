@@ -1,0 +1,32 @@
+"""After training, evaluation and the validation choices read the features (engine and cache) instead of running
+the network eagerly: the metrics must be the eager ones, for a frozen and for a fine-tuned backbone."""
+
+from __future__ import annotations
+
+import pytest
+
+from transferkit import api, tuning
+from transferkit import run as run_module
+from transferkit.run import Run
+
+
+@pytest.mark.parametrize("epochs_finetune", [0, 1])
+def test_evaluation_from_features_equals_evaluation_from_images(dataset, tmp_path, fast, epochs_finetune,
+                                                                 monkeypatch):
+    options = {**fast, "epochs_finetune": epochs_finetune, "lr": 3e-2, "finetune_lr": 1e-2, "test_split": 0.25}
+
+    def no_eager_pass(*_args, **_kwargs):
+        raise AssertionError("an eager pass over images after training")
+
+    with monkeypatch.context() as patched:
+        for module in (run_module, tuning):
+            patched.setattr(module, "infer_logits", no_eager_pass)
+        trained = api.train(dataset, tmp_path / "run", **options)
+    from_features = trained.metrics
+    eager = Run(tmp_path / "run")  # a fresh load has no feature path: every image through PyTorch
+    assert eager.plain_logits is None
+    from_images = eager.evaluate(dataset, write=False)
+    assert from_features["split"] == from_images["split"] == "test"
+    assert from_features["accuracy"] == from_images["accuracy"]
+    assert from_features["confusion_matrix"] == from_images["confusion_matrix"]
+    assert from_features["loss"] == pytest.approx(from_images["loss"], abs=1e-4)

@@ -1,0 +1,80 @@
+"""Image-level problems through CleanVision (Cleanlab's image auditor): blurry, too dark or too light, little
+information, an odd aspect ratio or size, and grayscale images among colour ones."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Sequence
+
+from PIL import Image
+
+from transferkit.data.images import load_rgb, open_image_file
+from transferkit.data.sources import Sample
+from transferkit.errors import UnreadableImage
+
+# CleanVision's names, in the order the summary lists an image's problems; its default thresholds throughout.
+ISSUE_TYPES = ("blurry", "dark", "light", "low_information", "odd_aspect_ratio", "odd_size", "grayscale")
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+# Grayscale is a problem when a few images lack the colour the rest have; a grayscale dataset (ELPV's solar cells)
+# would otherwise flag every image.
+GRAYSCALE_MINORITY = 0.5
+# CleanVision pickles its dataset into every task it hands its process pool (~5,000 tasks), so a dataset that
+# pickled its sample list cost O(N^2): on the 2,624 ELPV cells 2 processes took 45 s against 20 s for one (decision
+# 0240). Samples are left here before the pool forks, and each task carries only a key.
+_SHARED: dict[int, list[Sample]] = {}
+
+
+def image_issues(samples: Sequence[Sample], workers: int) -> list[dict]:
+    """One entry per image with a problem: its file and the CleanVision issue types it has."""
+    from cleanvision import Imagelab  # imports pandas: only when the check runs
+
+    images = SampleImages(samples)
+    lab = Imagelab(torchvision_dataset=images, verbose=False)
+    # forked processes see _SHARED as it was at the fork; other start methods would not, so they get one process
+    processes = max(1, workers) if multiprocessing.get_start_method() == "fork" else 1
+    _SHARED[images.key] = images.samples
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            # CleanVision prints to stdout (doctor's --json goes there) and draws its own progress bar on stderr
+            lab.find_issues({name: {} for name in ISSUE_TYPES}, n_jobs=processes, verbose=False)
+    finally:
+        del _SHARED[images.key]
+    flags = {name: lab.issues[f"is_{name}_issue"].to_numpy(copy=True) for name in ISSUE_TYPES}
+    if flags["grayscale"].mean() >= GRAYSCALE_MINORITY:
+        flags["grayscale"][:] = False
+    found = []
+    for row, sample in enumerate(samples):
+        issues = [name for name in ISSUE_TYPES if flags[name][row]]
+        if issues:
+            found.append({"path": sample.path, "label": sample.label, "split": sample.split, "issues": issues})
+    return found
+
+
+class SampleImages:
+    """The samples as the (image, label) pairs CleanVision reads from a torchvision dataset: decoded by transferkit
+    (shard members, EXIF orientation, any bit depth), grayscale files kept grayscale so CleanVision can tell them."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = list(samples)
+        self.key = id(self)
+
+    def __getstate__(self) -> dict:
+        return {"key": self.key}  # the samples travel through _SHARED (see there)
+
+    def __setstate__(self, state: dict) -> None:
+        self.key, self.samples = state["key"], _SHARED[state["key"]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image | None, str]:
+        sample = self.samples[index]
+        try:
+            with open_image_file(sample.path) as handle, Image.open(handle) as header:
+                gray = header.mode in GRAY_MODES
+            image = load_rgb(sample.path)
+        except (OSError, UnreadableImage):
+            return None, sample.label  # CleanVision leaves an image it cannot read out of every check
+        return (image.convert("L") if gray else image), sample.label
