@@ -16,6 +16,7 @@ import torch
 from transferkit import multilabel
 from transferkit.cache import cache_root
 from transferkit.config import TrainConfig, resolve_config, write_config
+from transferkit.data import remote
 from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
@@ -182,7 +183,7 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
     meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
                       cfg.augmentation().samplewise_center, data_split, interrupted)
-    fast_logits = feature_logits(model, pre, cfg, reporter, pretrained_backbone(cfg, kept))
+    fast_logits = feature_logits(model, pre, cfg, reporter, pretrained_backbone(cfg, kept), index)
     meta.update(task_meta(model, index, val_data, pre, cfg, reporter, fast_logits), feature_depths=list(model.depths),
                 head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
                 **({"kept": kept} if kept else {}))
@@ -230,7 +231,7 @@ def _finished_training(out: Path) -> bool:
 
 def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter) -> Run:
     run.plain_logits = feature_logits(run.model, run.preprocess, cfg, reporter,
-                                      pretrained_backbone(cfg, run.meta.get("kept")))
+                                      pretrained_backbone(cfg, run.meta.get("kept")), index)
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
     return run
@@ -243,10 +244,13 @@ def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
 
 
 def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, reporter: Reporter,
-                   cached: bool) -> LogitsOf:
+                   cached: bool, index: DatasetIndex) -> LogitsOf | None:
     """Logits after training from the feature engine rather than eager PyTorch, through the cache when the backbone
     is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's features are
-    computed once and not kept."""
+    computed once and not kept. None (eager) for data at a URL: the engine's forked decoders and fsspec's I/O thread
+    crashed together there."""
+    if remote.is_url(str(index.root)):
+        return None
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
     extract = FeatureExtractor(model, cfg.feature_engine, cfg.batch_size, cfg.workers, reporter, cache)
     return head_logits(model, clean_view(pre, cfg.augmentation().samplewise_center), extract)

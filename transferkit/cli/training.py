@@ -179,7 +179,7 @@ def train(
 
         raise typer.Exit(launch_processes(num_processes, INVOCATION))
     if resume is not None:
-        machine = {name: options.pop(name) for name in api.RESUME_OPTIONS}
+        machine = {name: options.pop(name, None) for name in api.RESUME_OPTIONS}
         given = [name for name, value in {**options, "recipe": recipe, "config": config, "out": out}.items()
                  if value is not None] + (["overwrite"] if overwrite else [])
         if given:

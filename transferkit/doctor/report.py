@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from transferkit.cache import cache_root
-from transferkit.data.content import file_digest
+from transferkit.data.content import file_digest, group_by_content
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
 from transferkit.doctor import checks
 from transferkit.doctor.mislabel import likely_mislabeled
@@ -24,7 +24,7 @@ def diagnose(data: str | os.PathLike[str], options: DoctorOptions | None = None)
     reporter = Reporter(options.quiet)
     index = scan_dataset(data, options.val_split, options.test_split, options.seed, trainable=False)
     vectors, backbone = embed(index.samples, options, reporter)
-    contents = checks.group_by_content([file_digest(s.path) for s in index.samples])
+    contents = group_by_content([file_digest(s.path) for s in index.samples])
     exact = checks.exact_duplicates(index.samples, contents)
     near = checks.near_duplicates(index.samples, contents, vectors, options.near_threshold)
     min_side = max(options.min_size, backbone["image_size"] // 4)

@@ -58,7 +58,7 @@ class GradCam:
     its folder on first use (in the model thread, so no lock is needed)."""
 
     def __init__(self, predictor: Predictor, run_dir: Path | None) -> None:
-        self._run = None if isinstance(predictor, OnnxPredictor) else predictor  # a Run, or PyTorch is needed
+        self._run = predictor if getattr(predictor, "model", None) is not None else None  # a Run has its model
         self._run_dir = run_dir
 
     def pngs(self, images: list[Image.Image], targets: list[int]) -> list[str]:
