@@ -25,7 +25,6 @@ from transferkit.data.loader import ImageDataset, make_loader, targets_of
 from transferkit.data.sources import DatasetIndex, Sample, Skipped, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
-from transferkit.evaluate import compute_metrics, plot_confusion, plot_curves
 from transferkit.fileio import atomic_path, atomic_write
 from transferkit.models import tta
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
@@ -278,6 +277,8 @@ class Run:
         if self.multilabel:
             metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
             return metrics, multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
+        from transferkit.evaluate import compute_metrics  # scikit-learn and matplotlib: evaluation alone needs them
+
         predicted = [self.classes[i] for i in decide(probs, self.threshold)]
         return compute_metrics(y_true, probs, self.classes, self.threshold), predicted
 
@@ -298,6 +299,8 @@ class Run:
             raise UserError(f"the '{split}' split of {index.root} has no images")
 
     def write_metrics(self, metrics: dict) -> None:
+        from transferkit.evaluate import plot_confusion, plot_curves
+
         write_json(self.path / "metrics.json", metrics)
         if not self.multilabel:  # several labels per image: no single confusion matrix
             plot_confusion(metrics["confusion_matrix"], self.classes, self.path / "confusion.png")
