@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 # Test tiers: `make test` runs everything; `make test-fast` (about a minute) leaves out `slow`, `browser` and
 # `distributed` tests. A module is slow unless listed here, so a new module never slows the fast tier by accident.
-FAST_MODULES = {"test_boxes", "test_calibration", "test_config", "test_cpu", "test_fetch", "test_fileio", "test_images",
-                "test_offline_weights", "test_prefix", "test_setup", "test_sources", "test_startup",
+FAST_MODULES = {"test_boxes", "test_calibration", "test_config", "test_cpu", "test_docs", "test_fetch", "test_fileio",
+                "test_images", "test_offline_weights", "test_prefix", "test_setup", "test_sources", "test_startup",
                 "test_tta"}
 
 

@@ -14,7 +14,7 @@ from transferkit.errors import UserError
 
 DEFECT_THRESHOLD = 0.5
 # Cells fill the frame and cracks reach the edges, so no centre crop; fine-tuning is where the accuracy comes from,
-# so the time goes into stage 2: 4 epochs keep the demo within 10 minutes on a 2-core AVX2 CPU (decision 0163).
+# so the time goes into stage 2: 4 epochs keep the demo within 10 minutes on a 2-core AVX2 CPU (decisions 0224, 0163).
 DEMO_SETTINGS = dict(val_split=0.15, test_split=0.2, crop_pct=1.0, feature_views=1, epochs_finetune=4)
 
 

@@ -1,9 +1,9 @@
 """Frozen-backbone feature extraction on the fastest engine that matches eager PyTorch.
 
-A frozen backbone is pure inference. On CPU, OpenVINO runs EfficientNet-Lite0 about 1.3x faster than ONNX Runtime
-from files, and ONNX Runtime about twice as fast as eager channels_last PyTorch (bench/ and README have the
-figures), so `auto` takes the first of OpenVINO, ONNX Runtime and eager PyTorch that is installed and reproduces
-eager fp32 on the first batch. On CUDA, eager PyTorch in channels_last runs it.
+A frozen backbone is pure inference, and on CPU OpenVINO and ONNX Runtime run it several times faster than eager
+PyTorch (decision 0214; figures in BENCHMARKS.md), so `auto` takes the first of OpenVINO, ONNX Runtime and eager
+PyTorch that is installed and reproduces eager fp32 on the first batch. On CUDA, eager PyTorch in channels_last runs
+it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ENGINE_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorc
 PARITY_TOLERANCE = 1e-3  # max |feature difference| relative to the features' scale
 PARITY_IMAGES = 8  # compared with eager fp32 before a compiled engine is trusted (eager on a full batch costs memory)
 ORT_BATCH = 8  # images per ONNX Runtime call (see _onnx)
-OPENVINO_BATCH = 4  # images per OpenVINO request: 4 and 8 measured alike, 32 slower (see _openvino)
+OPENVINO_BATCH = 4  # images per OpenVINO request: small requests keep the streams busy (decision 0214)
 
 Engine = Callable[[torch.Tensor], torch.Tensor]
 
@@ -83,14 +83,12 @@ def _onnx(module: nn.Module, example: torch.Tensor) -> Engine:
 
     with _exported(module, example) as path:
         options = ort.SessionOptions()
-        # Spin-waiting threads hold the cores between batches, which the loader's decoding workers need: measured
-        # 39 -> 80 img/s from JPEG files on 2 cores with spinning off.
+        # Spin-waiting threads hold the cores between batches, which the loader's decoding workers need (decision 0214).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor) -> torch.Tensor:
-        # ONNX Runtime's arena grows to the largest batch it has seen (~800 MB for 32 images at 224 px) while small
-        # batches run as fast: feed it a few images at a time.
+        # ONNX Runtime's arena grows to the largest batch it has seen while small batches run as fast (decision 0214).
         chunks = images.contiguous().numpy()
         return torch.from_numpy(np.concatenate([session.run(None, {"images": chunks[i : i + ORT_BATCH]})[0]
                                                 for i in range(0, len(chunks), ORT_BATCH)]))
@@ -102,10 +100,8 @@ def _openvino(module: nn.Module, example: torch.Tensor) -> Engine:
     import openvino as ov
 
     with _exported(module, example) as path:
-        # f32 explicitly: on CPUs with bf16 support OpenVINO would otherwise run in bf16 (measured here: 1.5x faster
-        # from files, but features off by up to 9% of their scale). The throughput hint runs parallel streams
-        # (2 on 2 cores, one thread each), which keeps depthwise convolutions busier than one stream on both
-        # cores: 185 vs 150 img/s for Lite0 on this machine.
+        # f32 explicitly: on CPUs with bf16 OpenVINO would run in bf16, faster but off fp32's features; the throughput
+        # hint's parallel streams keep depthwise convolutions busier than one stream on all cores (decision 0214).
         compiled = ov.Core().compile_model(path, "CPU", {
             "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32",
             "INFERENCE_NUM_THREADS": torch.get_num_threads()})

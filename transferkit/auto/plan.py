@@ -14,24 +14,16 @@ from transferkit.models.classifier import Classifier, backbone_groups, freeze_ba
 from transferkit.progress import Reporter
 from transferkit.training.prefix import with_frozen_prefix
 
-# Fewer training images than N -> unfreeze the top K coarse blocks: with little data, fine-tuning more of the
-# network overfits it (the Keras guide's advice), with more data the lower blocks can adapt too. From 500 images on,
-# 3 (the default recipe's): on ELPV (1,706 training images) Lite1 with its top 3 blocks reached a lower validation
-# loss than with 2 (0.2915 vs 0.299), as did the default's Lite0 with 3 (0.276).
+# Fewer training images than N -> unfreeze the top K coarse blocks: little data overfits a deeply fine-tuned network
+# (decision 0220, as are the three constants below).
 UNFREEZE_BY_TRAIN_IMAGES = ((500, 1), (10000, 3), (50000, 5))
-# The most fine-tuning epochs a plan buys. The cosine schedule anneals over the epochs planned, and on ELPV the
-# validation loss bottoms out as it anneals: Lite0 planned for 5 epochs reached 0.277 at its 4th; planned for 10,
-# Lite0 reached 0.2735 (epoch 4) and Lite1 at 300 px 0.294 (epoch 3), then overfitted (0.303, 0.320, 0.331) while
-# the rate was still high, and early stopping spent 5 more epochs to find out.
+# The most fine-tuning epochs a plan buys: the validation loss bottoms out as the cosine schedule anneals, and a
+# longer plan overfits while its rate is still high.
 MAX_FINETUNE_EPOCHS = 5
-# Fine-tuning epochs that probing one more backbone may not eat into. On ELPV the first fine-tuning epochs raise the
-# validation loss above the frozen head's (0.31 -> 0.36 for Lite0) and the default recipe passed its frozen head only
-# in its fourth epoch (0.276); Lite1's 4 epochs (2 or 3 blocks) did not pass it. Fewer epochs buy nothing.
+# Fine-tuning epochs that probing one more backbone may not eat into: fewer do not get past the frozen head's loss.
 RESERVED_EPOCHS = 4
-# Fine-tuning epochs each of the two finalists trains before the cut (auto.race). Both run the same schedule, so
-# their scores compare. On ELPV fine-tuning first climbs above the frozen head's validation loss (Lite0: 0.311 ->
-# 0.368, 0.357, then 0.310, 0.277) and two epochs were a noisy signal: Lite0 at 300 px went 0.375 -> 0.396 and
-# lost a 2-epoch race to Lite1, whose best then stayed at 0.294. Three of at most five show where it is going.
+# Fine-tuning epochs each of the two finalists trains before the cut (auto.race), on the same schedule so their
+# scores compare: fine-tuning first climbs above the frozen head's loss, and two epochs were noise.
 RACE_EPOCHS = 3
 SAFETY = 1.25  # estimates leave out image decoding and Python overhead: plan with a quarter more time
 REPORT_SECONDS = 10.0  # report.html: Grad-CAM and similarity on a few images
@@ -123,11 +115,10 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
     report), then fine-tuning epochs up to MAX_FINETUNE_EPOCHS, then, only from what is left after those, augmented
     feature views (up to the config's).
 
-    Fine-tuning comes before augmented views because it is what moves accuracy: on ELPV the frozen head plateaus
-    near 0.87 val however its features are augmented, and the default recipe's edge over it is its 5 fine-tuning
-    epochs. Views only vary the frozen stage's inputs, and the best weights of both stages are kept, so a view that
-    costs a fine-tuning epoch (on ELPV two views cost about one epoch) mostly buys a better start for weights that
-    fine-tuning then replaces. When even the minimum does not fit, the plan is the minimum (no fine-tuning)."""
+    Fine-tuning comes before augmented views because it is what moves accuracy (decision 0220). Views only vary the
+    frozen stage's inputs, and the best weights of both stages are kept, so a view that costs a fine-tuning epoch
+    mostly buys a better start for weights that fine-tuning then replaces. When even the minimum does not fit, the
+    plan is the minimum (no fine-tuning)."""
     epoch = epoch_seconds(work, speeds)
     minimum = fixed_seconds(work, speeds, config, 1)
     fitting = max(0, min(MAX_FINETUNE_EPOCHS, math.floor((seconds_left - minimum) / epoch)))

@@ -127,9 +127,8 @@ def choose_head(features: np.ndarray, labels: np.ndarray, seed: int, linear: Sco
     about `cap` seconds; the hidden layer must clearly beat the linear head, whose parameters are fewer.
 
     The linear score is the winner's backbone probe (the same estimator on the same features and folds), so it costs
-    nothing. The MLP's folds cost far more (lbfgs, 256 units: ~2 minutes of a 10-minute budget on ELPV on a busy
-    2-core machine) and did not pay there: 0.819 against the linear head's 0.863. So it is cross-validated only
-    while the cap allows: before each fold, the fold's cost is estimated (first from a CALIBRATION_ITERS-iteration
+    nothing. The MLP's folds cost far more and rarely pay (decision 0221), so it is cross-validated only while the
+    cap allows: before each fold, the fold's cost is estimated (first from a CALIBRATION_ITERS-iteration
     fit, then from the slowest fold so far), and when it would pass the cap the MLP is not compared and the linear
     head is kept. The cap is exceeded only by a fold that runs slower than its estimate."""
     dim, classes = features.shape[1], len(np.unique(labels))

@@ -5,8 +5,7 @@ END_LR; the loss is smoothed (exponential moving average, debiased) and the test
 suggestion is the steepest descent: the learning rate where the smoothed loss falls fastest per decade, before its
 minimum. The other classic rule, the minimum's learning rate / 10, fails for a head on frozen features: with fewer
 images than feature dimensions the classes are separable, the loss never explodes, and its minimum is the last
-rate tried (it suggested 1.0 on 160 LFW faces; the steepest descent 1.5e-2, and 1.2e-2 on ELPV, where 1e-2 trains
-the best head).
+rate tried (decision 0222).
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ def best_rate(features: np.ndarray, targets: np.ndarray, num_classes: int, confi
               suggestion: float) -> tuple[float, dict[float, float]]:
     """The rate, among the range test's suggestion and fractions of it, whose head reaches the lowest held-out loss
     in the frozen stage's epochs. The suggestion alone is where the loss falls fastest over a hundred steps, which
-    can be too fast for thirty epochs (on ELPV, Lite1: 3.8e-2, best after one epoch, then worse)."""
+    can be too fast for thirty epochs (decision 0222)."""
     train, held_out = holdout_split(targets, config.seed)
     losses = {}
     for rate in (suggestion * f for f in RATE_FRACTIONS):

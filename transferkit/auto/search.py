@@ -230,11 +230,10 @@ def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sampl
     """Probe each candidate in turn (the first always) while less than PROBE_SHARE of the budget is spent and
     probing one more, if it takes as long as the slowest probe so far, still leaves the reserve: the plan's minimum
     and RESERVED_EPOCHS of fine-tuning, timed on the first backbone probed. Fine-tuning is worth more than the
-    runners-up's probes (on ELPV on a busy machine three cold probes took 331 s of 600 and left no fine-tuning
-    epoch). When the reserve is out of reach already (a slow machine, a small budget), it protects nothing and
-    probing goes on to PROBE_SHARE: a better backbone is then the best use of the time. A backbone whose weights
-    cannot be had is left out with a warning. `clock` is (start, budget) in seconds; returns the probes and the
-    reserve."""
+    runners-up's probes (decision 0220). When the reserve is out of reach already (a slow machine, a small budget),
+    it protects nothing and probing goes on to PROBE_SHARE: a better backbone is then the best use of the time. A
+    backbone whose weights cannot be had is left out with a warning. `clock` is (start, budget) in seconds; returns
+    the probes and the reserve."""
     start, budget = clock
     probed: dict[str, Probed] = {}
     reserve = 0.0

@@ -20,8 +20,8 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Compute:
-    """AMP (fp16 + loss scaling) on CUDA by default; fp32 on CPU by default, where bf16 autocast measured no
-    faster for the default partial fine-tune (README) — `bf16` stays available for full fine-tunes."""
+    """AMP (fp16 + loss scaling) on CUDA by default; fp32 on CPU by default, where bf16 autocast is no faster for
+    the default partial fine-tune (decision 0219) — `bf16` stays available for full fine-tunes."""
 
     device: torch.device
     precision: str = "auto"
