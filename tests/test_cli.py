@@ -12,7 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from tests.conftest import make_class_folders
+from tests.conftest import make_class_folders, make_image
 from transferkit.cli.main import run_cli
 
 
@@ -263,3 +263,16 @@ def test_help_shows_the_defaults_a_config_fills_in(capsys, command):
     if command == "train":
         assert "Epochs training the head on the frozen base. [default: 30]" in text
         assert "Epochs fine-tuning after unfreezing. [default: 3]" in text
+
+
+def test_training_data_that_leaves_no_validation_image_is_one_line(tmp_path, capsys, tiny_weights):
+    # One train row per class must stay in train: nothing is left for validation, which training cannot do without.
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for c, name in enumerate("ab"):
+        for i in range(3):
+            make_image(c, rng).save(tmp_path / f"{name}{i}.png")
+            rows.append(f"{name}{i}.png,{name},{'train' if i == 0 else 'test'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    argv = ["train", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "run"), *fast_args(tiny_weights)]
+    fails_with(capsys, argv, "no validation images")

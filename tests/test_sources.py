@@ -132,6 +132,14 @@ def test_csv_with_splits_relative_and_absolute_paths(tmp_path: Path) -> None:
     assert index.skipped == [Skipped(str(imgs / "gone.png"), "file not found")]
 
 
+def test_csv_with_train_and_test_rows_carves_val_from_train_like_folders(tmp_path: Path) -> None:
+    rows = [(str(_image(tmp_path / f"{c}{i}.png")), c, "test" if i < 2 else "train") for c in "ab" for i in range(12)]
+    index = scan_dataset(_write_csv(tmp_path / "labels.csv", rows), val_split=0.2, test_split=0.3)
+    assert index.counts() == {"train": {"a": 8, "b": 8}, "val": {"a": 2, "b": 2}, "test": {"a": 2, "b": 2}}
+    named_test = {path for path, _, split in rows if split == "test"}
+    assert {s.path for s in index.split("test")} == named_test
+
+
 def test_csv_without_split_column_matches_the_folder_split(tmp_path: Path) -> None:
     root = _classes(tmp_path / "data", {"a": 6, "b": 5})
     folder = scan_dataset(root, seed=5)

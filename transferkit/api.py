@@ -123,6 +123,9 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     if resume_split is not None and any(split[s] != resume_split.get(s) for s in SPLITS):
         raise UserError(f"the images in {index.root} are not the ones {out} started with (its split.json differs): "
                         "start a new run instead of resuming")
+    if not index.split("val"):  # early stopping, the kept weights and every choice made after training need them
+        raise UserError(f"no validation images in {index.root}: name some (a val/ folder, or 'val' in a CSV's split "
+                        "column) or leave some images unsplit for --val-split to take")
     if cfg.operating_point != "default" and (len(index.classes) != 2 or index.multilabel):
         raise UserError(f"operating point '{cfg.operating_point}' needs a two-class task; {index.root} has "
                         f"{len(index.classes)} {'labels' if index.multilabel else 'classes'}")

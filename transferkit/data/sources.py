@@ -10,7 +10,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from operator import attrgetter
 from pathlib import Path
@@ -241,6 +241,10 @@ def _read_csv(csv_path: Path) -> _Found:
             raise UserError(f"{where}: unknown split '{split}' (use train, val, valid, validation or test)")
         seen.add((full, box))
         found.entries.append(_Entry(full, label, SPLIT_ALIASES.get(split.lower()), box))
+    named = {e.split for e in found.entries if e.split}
+    if "train" in named and "val" not in named:  # as a train/ folder without val/: validation comes from train rows
+        found.entries = [replace(e, split=None) if e.split == "train" else e for e in found.entries]
+        found.explicit = named - {"train"}
     return found
 
 
