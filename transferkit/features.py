@@ -285,7 +285,7 @@ def head_logits(model: nn.Module, view: View, extract: FeatureExtractor
     already cached them. Evaluation after training and the choices made on validation use it."""
 
     def logits(paths: Sequence[str], crops: Sequence[Box | None] | None = None) -> torch.Tensor:
-        [features] = extract(paths, [view], "features", crops)
+        [features] = extract(paths, [view], "evaluation", crops)
         with torch.no_grad():
             return model.head.eval()(features)
 
