@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from transferkit import multilabel
 from transferkit.calibration import decide
 
 FP32_TOLERANCE = 1e-4  # max |probability difference| from eager PyTorch
@@ -56,7 +57,7 @@ class Check:
 def decisions(probs: np.ndarray, thresholds: np.ndarray | None, threshold: float | None = None) -> np.ndarray:
     """The decided labels (a binary run's at its operating `threshold`), or a multi-label run's per (image, label)
     decisions at its `thresholds`."""
-    return decide(probs, threshold) if thresholds is None else probs >= thresholds
+    return decide(probs, threshold) if thresholds is None else multilabel.decide(probs, thresholds)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
