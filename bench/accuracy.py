@@ -36,19 +36,19 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from transferkit.cache import default_cache_dir
 from transferkit.config import resolve_config
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
-from transferkit.features import FeatureExtractor, clean_view
+from transferkit.features.cache import default_cache_dir
+from transferkit.features.extract import FeatureExtractor, clean_view
 from transferkit.models.classifier import Classifier, depth_columns, depth_levels, new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
-from transferkit.run import infer_logits
+from transferkit.runs.run import infer_logits
+from transferkit.task.kinds import task_for
 from transferkit.training.compute import Compute
 from transferkit.training.exact_head import C_GRID
-from transferkit.training.loop import BestKeeper, probabilities
-from transferkit.training.two_stage import fine_tune
+from transferkit.training.trainer import Trainer
 
 BACKBONE = "tf_efficientnet_lite0"
 QUIET = Reporter(quiet=True)
@@ -89,7 +89,8 @@ def fresh_model(classes: int, options: dict, seed: int) -> Classifier:
     torch.manual_seed(seed)
     imagenet, _ = create_imagenet_model(get_backbone(BACKBONE))
     config = resolve_config(None, None, backbone=BACKBONE, **options)
-    return new_classifier(imagenet, classes, config.head_spec(), config.binary_logit, config.depths())
+    return new_classifier(imagenet, task_for([str(c) for c in range(classes)], False, config.binary_logit).outputs,
+                          config.head_spec(), config.depths())
 
 
 def features(model: Classifier, paths: list[str], pre: Preprocess, cache: Path, depths: tuple[int, ...] = ()
@@ -133,10 +134,8 @@ def run_transferkit(split: Split, options: dict, cache: Path, seed: int) -> np.n
     config = resolve_config(None, None, backbone=BACKBONE, **values)
     model = fresh_model(len(split.classes), values, seed)
     pre = Preprocess.for_model(model.backbone, None, config.crop_pct)
-    binary = model.head[-1].out_features == 1
-    keeper = BestKeeper(config.monitor, config.patience)
-    fine_tune(model, split.train, split.val, pre, config, keeper, QUIET, lambda log: None,
-              Compute(torch.device("cpu")))
+    task = task_for(split.classes, False, config.binary_logit)
+    Trainer(model, config, task, Compute(torch.device("cpu")), QUIET).fine_tune(split.train, split.val, pre)
     if config.epochs_finetune:
         logits = infer_logits(model, split.test.paths, eval_transform(pre))
     else:
@@ -146,7 +145,7 @@ def run_transferkit(split: Split, options: dict, cache: Path, seed: int) -> np.n
             x = x[:, depth_columns(model.backbone, computed, model.depths)]
         with torch.no_grad():
             logits = model.head.eval()(torch.from_numpy(x))
-    return probabilities(logits, binary).numpy()
+    return task.probabilities(logits).numpy()
 
 
 def run_row(row: str, options: dict | None, split: Split, cache: Path, seed: int) -> dict[str, float]:

@@ -84,7 +84,7 @@ def measure(args: argparse.Namespace, folder: Path) -> list[dict]:
     device = torch.device(args.device)
     spec = get_backbone("tf_efficientnet_lite0")
     imagenet, _ = create_imagenet_model(spec)
-    model = new_classifier(imagenet, 2, HeadSpec(), binary_logit=True).to(device)
+    model = new_classifier(imagenet, 1, HeadSpec()).to(device)
     unfreeze(model, 3)
     paths, labels = write_images(folder, args.images, 256, ".jpg")
     pre = Preprocess.for_model(imagenet)

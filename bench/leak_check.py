@@ -20,8 +20,8 @@ from pathlib import Path
 import elpv_dataset
 
 import transferkit.doctor.checks  # noqa: F401 - loaded by the check on first use; not what is measured
-import transferkit.run  # noqa: F401 - loaded by train and evaluate already
-from transferkit.scope import leaked_rows
+import transferkit.runs.run  # noqa: F401 - loaded by train and evaluate already
+from transferkit.runs.scope import leaked_rows
 
 
 def cpu_name() -> str:

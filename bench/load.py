@@ -179,7 +179,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 def ensure_export(run: Path, engine: str) -> None:
     """The onnx / int8 engines serve RUN/model.onnx / model.int8.onnx; make it (checked against PyTorch by
     `transferkit export`) if missing."""
-    from transferkit.export import export_run
+    from transferkit.export.onnx import export_run
     from transferkit.predictor import EXPORT_FILES
 
     if not (run / EXPORT_FILES[engine]).is_file():

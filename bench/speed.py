@@ -30,19 +30,20 @@ from measure import cpu_seconds, machine_info, peak_rss_mb, table, write_images 
 
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform
-from transferkit.export import export_onnx, quantize_int8
-from transferkit.features import ENGINE_NAMES, FeatureExtractor, View, feature_engine
+from transferkit.export.onnx import export_onnx, quantize_int8
+from transferkit.features.extract import ENGINE_NAMES, FeatureExtractor, View, feature_engine
 from transferkit.models.classifier import HeadSpec, freeze_backbone, new_classifier, set_train_mode, unfreeze
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
-from transferkit.training.loop import loss_fn, predicted_class
+from transferkit.task.kinds import Binary
 from transferkit.training.prefix import with_frozen_prefix
 
 BACKBONE = "tf_efficientnet_lite0"
 BATCH = 32
 HEAD_EPOCHS = 20
 QUIET = Reporter(quiet=True)
-CRITERION = loss_fn(binary=True)
+TASK = Binary(["0", "1"])
+CRITERION = TASK.loss()
 FINETUNE_VARIANTS = {
     "plain": "eager fp32 NCHW, all layers trainable, BN train mode",
     "channels_last": "channels_last, all layers trainable, BN train mode",
@@ -56,7 +57,7 @@ def build_model() -> tuple[torch.nn.Module, Callable]:
     imagenet, _ = create_imagenet_model(get_backbone(BACKBONE))
     transform = eval_transform(Preprocess.from_timm_config(imagenet.pretrained_cfg))
     torch.manual_seed(0)  # every copy gets the same head
-    return new_classifier(imagenet, 2, HeadSpec(), binary_logit=True), transform
+    return new_classifier(imagenet, 1, HeadSpec()), transform
 
 
 def interleaved(jobs: dict[str, Callable[[], object]], repeats: int, warmup: int = 0):
@@ -156,7 +157,7 @@ def train_head(head, optimizer, features: torch.Tensor, targets: torch.Tensor, e
 
 def accuracy(head, features: torch.Tensor, targets: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((predicted_class(head(features), binary=True) == targets).float().mean())
+        return float((TASK.predicted(head(features)) == targets).float().mean())
 
 
 def tutorial_stage1(model, train, val, transform: Callable) -> tuple[float, float]:

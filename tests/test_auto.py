@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import make_class_folders
-from transferkit.auto import lr_find, plot_lr_find, probe, search
+from transferkit.auto import lr_find, orchestrate, plot_lr_find, probe
 from transferkit.auto.plan import (
     MAX_FINETUNE_EPOCHS,
     SAFETY,
@@ -326,17 +326,17 @@ def test_probing_stops_before_it_eats_the_fine_tuning_reserve(reserve: float, ex
     (300 s) is spent."""
     clock = FakeClock()
 
-    def fake_probe(candidate: search.Candidate, *args: object) -> SimpleNamespace:
+    def fake_probe(candidate: orchestrate.Candidate, *args: object) -> SimpleNamespace:
         clock.now += 50.0
         return SimpleNamespace(seconds=50.0, backbone=None)
 
-    monkeypatch.setattr(search, "time", clock)
-    monkeypatch.setattr(search, "probe", fake_probe)
-    monkeypatch.setattr(search, "load_or_skip", lambda candidate, cfg, reporter: SimpleNamespace())
-    monkeypatch.setattr(search, "reserve_for", lambda backbone, cfg, work: reserve)
+    monkeypatch.setattr(orchestrate, "time", clock)
+    monkeypatch.setattr(orchestrate, "probe", fake_probe)
+    monkeypatch.setattr(orchestrate, "load_or_skip", lambda candidate, cfg, reporter: SimpleNamespace())
+    monkeypatch.setattr(orchestrate, "reserve_for", lambda backbone, cfg, work: reserve)
     reporter = Warnings()
-    candidates = [search.Candidate(name) for name in "abcdefghij"]
-    probed, kept = search.probe_all(candidates, resolve_config(), [], np.array([]), reporter, (0.0, 600.0), ELPV)
+    candidates = [orchestrate.Candidate(name) for name in "abcdefghij"]
+    probed, kept = orchestrate.probe_all(candidates, resolve_config(), [], np.array([]), reporter, (0.0, 600.0), ELPV)
     assert "".join(probed) == expected and kept == reserve
     assert len(reporter.lines) == 10 - len(expected)
     out_of_reach = reserve == 560.0
@@ -361,7 +361,7 @@ def test_auto_bad_input(args: list[str], message: str, dataset: Path, tmp_path: 
 
 def test_auto_without_any_weights(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("transferkit.auto.search.has_offline_weights", lambda spec: False)
+    monkeypatch.setattr("transferkit.auto.orchestrate.has_offline_weights", lambda spec: False)
     assert run_cli(["auto", str(dataset), "--out", str(tmp_path / "run"), *FAST]) == 2
     assert_one_line(capsys, "no backbone has ImageNet weights available")
 

@@ -15,9 +15,9 @@ from transferkit.cli.main import run_cli
 from transferkit.data.boxes import Box, crop_to
 from transferkit.data.images import load_image
 from transferkit.data.sources import scan_dataset
-from transferkit.export_check import validation_images
-from transferkit.features import FeatureExtractor, View
-from transferkit.run import read_prediction_crops, read_predictions
+from transferkit.export.check import validation_images
+from transferkit.features.extract import FeatureExtractor, View
+from transferkit.runs.files import read_prediction_crops, read_predictions
 
 GREY = (128, 128, 128)
 BOX = (10, 20, 30, 44)  # x1, y1, x2, y2 inside a 48x64 (width x height) image
@@ -116,7 +116,7 @@ def test_the_cache_tells_two_boxes_of_one_file_apart(tmp_path: Path, tiny_weight
     Image.fromarray(pixels).save(path)
     backbone = timm.create_model("test_efficientnet", pretrained=False)
     backbone.load_state_dict(load_file(tiny_weights))
-    model = new_classifier(backbone, 2, HeadSpec(), True).eval()
+    model = new_classifier(backbone, 1, HeadSpec()).eval()
     pre = Preprocess(32, "bilinear", 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     view = View(0, eval_transform(pre), {"preprocess": pre.to_dict(), "view": 0})
     crops = [Box(0, 0, 32, 64), Box(32, 0, 64, 64)]
@@ -173,8 +173,8 @@ def test_predict_from_the_dataset_csv_uses_the_crops(boxed_run, capsys) -> None:
 
 def test_the_report_similarity_compares_the_evaluated_crops(boxed_run, monkeypatch) -> None:
     import transferkit.report.images as report_images
+    from transferkit.insight.similarity import embed_images
     from transferkit.report.images import Predictions, similarity_section
-    from transferkit.similarity import embed_images
 
     run, _ = boxed_run
     paths, y_true, probs = read_predictions(run.path / "predictions.csv", run.classes)

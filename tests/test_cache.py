@@ -1,4 +1,4 @@
-"""The feature cache: same head with and without it, content-keyed invalidation, corrupt shards rebuilt."""
+"""The feature cache: same head with and without it, content-keyed invalidation, corrupt segments rebuilt."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from transferkit import api
-from transferkit.cache import FeatureStore
 from transferkit.data.content import file_digest
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
-from transferkit.features import FeatureExtractor, View
+from transferkit.features.cache import FeatureStore
+from transferkit.features.extract import FeatureExtractor, View
 from transferkit.models.classifier import HeadSpec, new_classifier
 from transferkit.options import AUGMENT_PRESETS
 from transferkit.progress import Reporter
@@ -25,7 +25,7 @@ from transferkit.progress import Reporter
 
 def extractor(cache_root: Path | None) -> FeatureExtractor:
     torch.manual_seed(0)
-    model = new_classifier(timm.create_model("test_efficientnet"), 3, HeadSpec(), True).eval()
+    model = new_classifier(timm.create_model("test_efficientnet"), 3, HeadSpec()).eval()
     return FeatureExtractor(model, "torch", 8, 0, Reporter(quiet=True), cache_root)
 
 
@@ -67,13 +67,13 @@ def test_editing_one_image_recomputes_only_that_image(dataset, tmp_path):
     assert again.computed == 2 * 2  # the edited and the added image, in both views
 
 
-def test_corrupt_shard_is_detected_and_rebuilt(dataset, tmp_path):
+def test_corrupt_segment_is_detected_and_rebuilt(dataset, tmp_path):
     paths = image_paths(dataset)
     [clean] = extractor(tmp_path / "cache")(paths, views()[:1], "x")
-    [shard] = list((tmp_path / "cache").rglob("*.npy"))
-    data = bytearray(shard.read_bytes())
+    [segment] = list((tmp_path / "cache").rglob("*.npy"))
+    data = bytearray(segment.read_bytes())
     data[-8:] = b"\x7f" * 8  # flip the last feature values
-    shard.write_bytes(bytes(data))
+    segment.write_bytes(bytes(data))
     rebuilt = extractor(tmp_path / "cache")
     [again] = rebuilt(paths, views()[:1], "x")
     assert rebuilt.computed == len(paths)
@@ -111,7 +111,7 @@ def test_shard_rows_are_read_back_exactly_in_any_order(tmp_path):
     assert np.array_equal(table.take(np.arange(len(table))), all_rows)
 
 
-def test_interrupted_extraction_leaves_no_shard(dataset, tmp_path, monkeypatch):
+def test_interrupted_extraction_leaves_no_segment(dataset, tmp_path, monkeypatch):
     paths = image_paths(dataset)
     broken = extractor(tmp_path / "cache")
     calls = []

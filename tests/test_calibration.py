@@ -1,4 +1,4 @@
-"""Temperature scaling, expected calibration error and binary operating points (transferkit.calibration), on
+"""Temperature scaling, expected calibration error and binary operating points (transferkit.task.calibration), on
 synthetic logits whose right answer is known, and the flags' refusals."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from scipy.special import expit, softmax
 
 from tests.conftest import make_class_folders
 from tests.test_cli import fails_with
-from transferkit.calibration import (
+from transferkit.errors import UserError
+from transferkit.task.calibration import (
     choose_threshold,
     decide,
     expected_calibration_error,
@@ -18,7 +19,6 @@ from transferkit.calibration import (
     parse_operating_point,
     rescaled,
 )
-from transferkit.errors import UserError
 
 OVERCONFIDENCE = 4.0
 

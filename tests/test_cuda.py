@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from transferkit import api
-from transferkit.run import Run
+from transferkit.runs.run import Run
 
 pytestmark = pytest.mark.cuda
 

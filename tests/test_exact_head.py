@@ -19,11 +19,12 @@ from tests.test_multilabel import multilabel_csv
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
-from transferkit.explain import _activation_and_logits, explain_files
-from transferkit.export import export_run
+from transferkit.export.onnx import export_run
+from transferkit.insight.explain import _activation_and_logits, explain_files
 from transferkit.models.classifier import Classifier, HeadSpec, build_head, depth_columns, embed_width
 from transferkit.predictor import OnnxPredictor
-from transferkit.run import Run, image_loader
+from transferkit.runs.run import Run, image_loader
+from transferkit.training.callbacks import PauseAfter
 from transferkit.training.exact_head import C_GRID, choose_depths, depth_candidates, fit_linear
 
 
@@ -188,7 +189,7 @@ def test_levels_the_backbone_lacks_are_a_user_error(dataset, tmp_path, fast, tin
 def test_a_paused_run_with_chosen_depths_resumes_to_the_uninterrupted_result(dataset, tmp_path, fast):
     options = {**fast, "feature_depths": "auto", "epochs_finetune": 2, "patience": 0, "finetune_lr": 1e-2}
     straight = api.train(dataset, tmp_path / "straight", **options)
-    assert api.train(dataset, tmp_path / "paused", pause_after=1, **options) is None
+    assert api.train(dataset, tmp_path / "paused", callbacks=[PauseAfter(1)], **options) is None
     resumed = api.resume(tmp_path / "paused")
     assert resumed.model.depths == straight.model.depths
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)

@@ -20,10 +20,10 @@ from tests.conftest import make_class_folders
 from transferkit import api
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
-from transferkit.explain import explain_files, gradcam, model_view, overlay
+from transferkit.insight.explain import explain_files, gradcam, model_view, overlay
 from transferkit.models.classifier import Classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone, gradcam_layer
-from transferkit.run import Run
+from transferkit.runs.run import Run
 
 TABBY = 281
 CANVAS = 224

@@ -20,12 +20,13 @@ from safetensors.torch import load_file, save_file
 import transferkit.cli.export  # noqa: F401  (registers `export` until cli.main imports it itself)
 from tests.conftest import make_class_folders
 from tests.test_cli import fails_with
-from transferkit import api, export, parity
+from transferkit import api, parity
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
-from transferkit.export import ProbabilityModel, export_run
+from transferkit.export import onnx as export
+from transferkit.export.onnx import ProbabilityModel, export_run
 from transferkit.predictor import OnnxPredictor, load_predictor
-from transferkit.run import Run
+from transferkit.runs.run import Run
 
 
 def train_run(root: Path, classes: int, tiny_weights: str) -> Path:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from transferkit import api, tuning
-from transferkit import run as run_module
-from transferkit.run import Run
+from transferkit.runs import run as run_module
+from transferkit.runs.run import Run
 
 
 @pytest.mark.parametrize("epochs_finetune", [0, 1])

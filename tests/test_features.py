@@ -7,15 +7,16 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from transferkit import api, features
-from transferkit.features import feature_engine
+from transferkit import api
+from transferkit.features import extract as features
+from transferkit.features.extract import feature_engine
 from transferkit.models.classifier import HeadSpec, new_classifier
 from transferkit.progress import Reporter
 
 
 def tiny_classifier():
     torch.manual_seed(0)
-    return new_classifier(timm.create_model("test_efficientnet"), 3, HeadSpec(), True).eval()
+    return new_classifier(timm.create_model("test_efficientnet"), 3, HeadSpec()).eval()
 
 
 def disagreeing(model, example):

@@ -18,8 +18,7 @@ from tests.conftest import make_class_folders
 from tests.test_cli import fails_with
 from transferkit import api
 from transferkit.cli.main import run_cli
-from transferkit.run import Run
-from transferkit.similarity import (
+from transferkit.insight.similarity import (
     Embedder,
     backbone_source,
     cosine_matrix,
@@ -29,6 +28,7 @@ from transferkit.similarity import (
     run_source,
     short_names,
 )
+from transferkit.runs.run import Run
 
 PER_CLASS = 4  # images per class that the similarity tests compare
 

@@ -16,9 +16,9 @@ from tests.test_export import image_paths, train_run
 from transferkit import parity
 from transferkit.cli.main import run_cli
 from transferkit.errors import UserError
-from transferkit.export import export_run
+from transferkit.export.onnx import export_run
 from transferkit.predictor import OnnxPredictor, load_predictor
-from transferkit.run import Run
+from transferkit.runs.run import Run
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from transferkit import api
 from transferkit.cli.main import run_cli
-from transferkit.run import Run
+from transferkit.runs.run import Run
 
 PHOTOS = {"cat": skimage.data.chelsea, "coffee": skimage.data.coffee, "astronaut": skimage.data.astronaut,
           "rocket": skimage.data.rocket, "camera": skimage.data.camera}
@@ -88,7 +88,7 @@ def test_predict_from_the_run_folder_alone(trained, tmp_path, capsys):
 
 def test_int8_export_of_a_real_photo_run_agrees_with_fp32(trained, tmp_path, capsys):
     # The run the issue saw refused at 90% agreement on a CPU without VNNI: 7-bit weights pass on every CPU.
-    from transferkit.export import export_run
+    from transferkit.export.onnx import export_run
     from transferkit.predictor import OnnxPredictor
 
     run, root, _ = trained

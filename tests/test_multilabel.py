@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
-from transferkit import api, multilabel
+from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.data.sources import scan_dataset
+from transferkit.task import multilabel
 
 RED, BLUE = (230, 30, 30), (40, 40, 230)
 COMBINATIONS = {"red": (RED,), "blue": (BLUE,), "red|blue": (RED, BLUE)}
@@ -134,7 +135,7 @@ def test_evaluating_multilabel_data_with_a_single_label_run_is_refused(multilabe
 
 
 def test_export_writes_per_label_probabilities_with_thresholds(multilabel_run, tmp_path) -> None:
-    from transferkit.export import export_run
+    from transferkit.export.onnx import export_run
     from transferkit.predictor import OnnxPredictor
 
     run, root = multilabel_run

@@ -14,8 +14,8 @@ from PIL import Image
 
 from tests.test_export import train_run
 from transferkit.data.preprocess import Preprocess
-from transferkit.export import export_run
-from transferkit.export_check import pixel_transform
+from transferkit.export.check import pixel_transform
+from transferkit.export.onnx import export_run
 
 PROBE = """
 import json, sys

@@ -14,10 +14,11 @@ from tests.conftest import make_class_folders
 from tests.test_auto import ELPV, ELPV_SPEEDS, run_and_capture
 from tests.test_resume import history
 from transferkit import api
-from transferkit.auto import race, search
+from transferkit.auto import orchestrate, race
 from transferkit.auto.plan import RACE_EPOCHS, RESERVED_EPOCHS, Speeds, plan_race, plan_training
 from transferkit.config import resolve_config
 from transferkit.data.sources import scan_dataset
+from transferkit.training.callbacks import PauseAfter
 from transferkit.training.checkpoint import CHECKPOINT
 
 
@@ -29,7 +30,7 @@ def racing(fast: dict) -> dict:
 
 def test_a_paused_run_resumes_to_the_uninterrupted_result(dataset: Path, tmp_path: Path, racing: dict) -> None:
     straight = api.train(dataset, tmp_path / "straight", **racing)
-    assert api.train(dataset, tmp_path / "paused", pause_after=1, **racing) is None
+    assert api.train(dataset, tmp_path / "paused", callbacks=[PauseAfter(1)], **racing) is None
     paused = tmp_path / "paused"
     assert (paused / CHECKPOINT).is_file() and not (paused / "meta.json").exists()
     assert [row[1] for row in history(paused)[1:]] == ["frozen"] * 4 + ["finetune"]  # stopped after 1 epoch
@@ -39,7 +40,7 @@ def test_a_paused_run_resumes_to_the_uninterrupted_result(dataset: Path, tmp_pat
 
 
 def test_a_run_that_ends_within_the_pause_is_finished(dataset: Path, tmp_path: Path, racing: dict) -> None:
-    run = api.train(dataset, tmp_path / "short", pause_after=RACE_EPOCHS + 2, **racing)
+    run = api.train(dataset, tmp_path / "short", callbacks=[PauseAfter(RACE_EPOCHS + 2)], **racing)
     assert run is not None and (tmp_path / "short" / "metrics.json").is_file()
 
 
@@ -84,13 +85,13 @@ def test_the_winner_must_beat_the_probes_pick_by_more_than_a_standard_error() ->
 def test_auto_follows_the_race_not_the_probe(tmp_path: Path, tiny_weights: str, crippled_weights: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """With the race's scores turned around, the backbone the probe ranks last is the one trained and recorded."""
-    real_race = search.race
+    real_race = orchestrate.race
 
     def rigged(*args, **kwargs):
         return [replace(lap, val_loss=1.0 if lap.name == "test_efficientnet" else 0.1)
                 for lap in real_race(*args, **kwargs)]
 
-    monkeypatch.setattr(search, "race", rigged)
+    monkeypatch.setattr(orchestrate, "race", rigged)
     data = make_class_folders(tmp_path / "data", classes=3, per_class=12)
     config = tmp_path / "fast.yaml"
     config.write_text("augment: none\nepochs_frozen: 3\n")

@@ -17,7 +17,8 @@ from tests.test_serve import CHROMIUM, CHROMIUM_ARGS
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.report import write_report
-from transferkit.run import Run, read_history, read_predictions
+from transferkit.runs.files import read_history, read_predictions
+from transferkit.runs.run import Run
 
 # Markup and quotes in class and file names: the page must show them as text, never run or parse them.
 NASTY_CLASSES = ["<i onmouseover=alert(1)>x", "a&b \"c\" 'd'"]

@@ -13,9 +13,9 @@ from PIL import Image
 from tests.conftest import make_class_folders
 from tests.test_report import visible_report
 from transferkit import api
-from transferkit.evaluate import plot_curves
 from transferkit.report.figures import LETTERBOX, letterbox, upscale_note
 from transferkit.report.images import Predictions, top_losses_section
+from transferkit.runs.evaluate import plot_curves
 
 
 def test_letterbox_keeps_the_whole_picture_in_a_fixed_square() -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from transferkit import api
 from transferkit.cli.main import run_cli
-from transferkit.run import TensorBoardWriter
+from transferkit.training.callbacks import Callback
 from transferkit.training.checkpoint import CHECKPOINT
 
 
@@ -30,18 +30,18 @@ def resumable(fast: dict) -> dict:
             "checkpoint_every": 1, "patience": 0}
 
 
-def crash_at_step(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
-    """Make the `calls`-th training batch (counted over both stages) crash the run after its checkpoint."""
-    seen = {"n": 0}
-    original = TensorBoardWriter.step
+class RaiseAtBatch(Callback):
+    """Raises `error` at the `calls`-th training batch (counted over both stages), after its checkpoint."""
 
-    def step(self, log):
-        original(self, log)
-        seen["n"] += 1
-        if seen["n"] == calls:
-            raise Crash
+    order = 25
 
-    monkeypatch.setattr(TensorBoardWriter, "step", step)
+    def __init__(self, calls: int, error: type[BaseException]) -> None:
+        self.calls, self.error, self.seen = calls, error, 0
+
+    def after_batch(self, trainer, batch) -> None:
+        self.seen += 1
+        if self.seen == self.calls:
+            raise self.error
 
 
 def history(run_folder: Path) -> list[list[str]]:
@@ -56,11 +56,9 @@ def history(run_folder: Path) -> list[list[str]]:
 def test_resumed_run_ends_as_the_uninterrupted_one(dataset: Path, tmp_path: Path, resumable: dict,
                                                    monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
     straight = api.train(dataset, tmp_path / "straight", **resumable)
-    crash_at_step(monkeypatch, calls)
     with pytest.raises(Crash):
-        api.train(dataset, tmp_path / "crashed", **resumable)
+        api.train(dataset, tmp_path / "crashed", callbacks=[RaiseAtBatch(calls, Crash)], **resumable)
     assert (tmp_path / "crashed" / CHECKPOINT).is_file() and not (tmp_path / "crashed" / "meta.json").exists()
-    monkeypatch.undo()
     resumed = api.resume(tmp_path / "crashed")
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
@@ -71,19 +69,8 @@ def test_resumed_run_ends_as_the_uninterrupted_one(dataset: Path, tmp_path: Path
 def test_resume_after_ctrl_c_continues_training(dataset: Path, tmp_path: Path, resumable: dict,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     straight = api.train(dataset, tmp_path / "straight", **resumable)
-    seen = {"n": 0}
-    original = TensorBoardWriter.step
-
-    def interrupt(self, log):
-        original(self, log)
-        seen["n"] += 1
-        if seen["n"] == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TensorBoardWriter, "step", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        api.train(dataset, tmp_path / "stopped", **resumable)
-    monkeypatch.undo()
+        api.train(dataset, tmp_path / "stopped", callbacks=[RaiseAtBatch(5, KeyboardInterrupt)], **resumable)
     assert json.loads((tmp_path / "stopped" / "meta.json").read_text())["interrupted"]
     resumed = api.resume(tmp_path / "stopped")
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
@@ -100,9 +87,8 @@ def test_resume_of_a_finished_run_changes_nothing(dataset: Path, tmp_path: Path,
 def test_a_half_written_or_foreign_checkpoint_is_never_loaded(dataset: Path, tmp_path: Path, resumable: dict,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture) -> None:
-    crash_at_step(monkeypatch, 4)
     with pytest.raises(Crash):
-        api.train(dataset, tmp_path / "run", **resumable)
+        api.train(dataset, tmp_path / "run", callbacks=[RaiseAtBatch(4, Crash)], **resumable)
     checkpoint = tmp_path / "run" / CHECKPOINT
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])  # as a torn write would
     assert run_cli(["train", "--resume", str(tmp_path / "run")]) == 2
@@ -120,9 +106,8 @@ def test_resume_refuses_bad_requests(dataset: Path, tmp_path: Path, capsys: pyte
 
 def test_resume_refuses_changed_data(dataset: Path, tmp_path: Path, resumable: dict,
                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    crash_at_step(monkeypatch, 4)
     with pytest.raises(Crash):
-        api.train(dataset, tmp_path / "run", **resumable)
+        api.train(dataset, tmp_path / "run", callbacks=[RaiseAtBatch(4, Crash)], **resumable)
     next(dataset.glob("class_0/*.png")).unlink()
     assert run_cli(["train", "--resume", str(tmp_path / "run")]) == 2
     assert "start a new run" in capsys.readouterr().err
@@ -152,14 +137,14 @@ def test_full_disk_when_saving_the_model_then_resume_finishes_the_run(
         capsys: pytest.CaptureFixture) -> None:
     import errno
 
-    import transferkit.run
+    import transferkit.runs.files
 
     straight = api.train(dataset, tmp_path / "straight", **resumable)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(transferkit.run, "save_file", full)
+    monkeypatch.setattr(transferkit.runs.files, "save_file", full)
     args = ["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", resumable["backbone"],
             "--weights", resumable["weights"], "--image-size", "32", "--batch-size", "8", "--workers", "0",
             "--epochs-frozen", "3", "--epochs-finetune", "2", "--unfreeze", "all", "--checkpoint-every", "1",

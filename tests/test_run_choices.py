@@ -21,10 +21,10 @@ from tests.test_cli import fails_with
 from tests.test_serve import serving, upload
 from transferkit import api
 from transferkit.cli.main import run_cli
-from transferkit.export import export_run
+from transferkit.export.onnx import export_run
 from transferkit.predictor import OnnxPredictor
 from transferkit.report import write_report
-from transferkit.run import Run
+from transferkit.runs.run import Run
 from transferkit.serve.app import create_app
 
 TEMPERATURE = 2.5

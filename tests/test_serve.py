@@ -33,8 +33,8 @@ from tests.conftest import make_class_folders
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.data.images import load_rgb
-from transferkit.export_check import pixel_transform
-from transferkit.run import Run
+from transferkit.export.check import pixel_transform
+from transferkit.runs.run import Run
 from transferkit.serve import Limits, create_app
 
 CHROMIUM = "/usr/bin/chromium"

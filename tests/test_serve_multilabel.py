@@ -15,7 +15,7 @@ from tests.test_serve import CHROMIUM, CHROMIUM_ARGS, serving, upload
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.predictor import load_predictor
-from transferkit.run import Run
+from transferkit.runs.run import Run
 from transferkit.serve import create_app
 
 

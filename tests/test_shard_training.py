@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import transferkit.training.two_stage as two_stage
-from tests.test_resume import Crash, crash_at_step
+from tests.test_resume import Crash, RaiseAtBatch
 from transferkit import api
 from transferkit.data.shards import pack
 from transferkit.progress import Reporter
@@ -42,10 +42,9 @@ def test_fine_tuning_streams_packed_shards_and_resumes_exactly(packed: Path, tmp
     assert [row.split(",")[1] for row in rows[1:]] == ["frozen", "frozen", "finetune", "finetune"]
 
     monkeypatch.undo()
-    crash_at_step(monkeypatch, 11)  # 30 train images / 8: 4 batches per epoch; batch 11 is fine-tune epoch 1
+    # 30 train images / 8: 4 batches per epoch; batch 11 is fine-tune epoch 1
     with pytest.raises(Crash):
-        api.train(packed, tmp_path / "crashed", **options)
-    monkeypatch.undo()
+        api.train(packed, tmp_path / "crashed", callbacks=[RaiseAtBatch(11, Crash)], **options)
     resumed = api.resume(tmp_path / "crashed")
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]

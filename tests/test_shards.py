@@ -325,7 +325,8 @@ def test_pack_cli_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_train_on_shards_shares_the_feature_cache(tmp_path: Path, fast: dict, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from transferkit import api, features
+    from transferkit import api
+    from transferkit.features import extract as features
 
     data = make_class_folders(tmp_path / "data", classes=2, per_class=8)
     out, _ = _packed(tmp_path, data)

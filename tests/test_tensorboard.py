@@ -13,8 +13,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from transferkit import api
-from transferkit import run as run_module
-from transferkit.run import read_history
+from transferkit.runs.files import read_history
+from transferkit.training.callbacks import Callback
 
 STAGES = ("frozen", "finetune")
 
@@ -65,19 +65,21 @@ def test_events_match_history_per_step_and_per_epoch(dataset: Path, tmp_path: Pa
                 assert weighted == pytest.approx(row[epoch_tag], rel=1e-5)
 
 
-def test_writer_is_closed_and_events_kept_when_training_is_interrupted(dataset: Path, tmp_path: Path, fast: dict,
-                                                         monkeypatch) -> None:
-    original_call = run_module.HistoryWriter.__call__
+class InterruptBeforeEpochLog(Callback):
+    """Ctrl-C as epoch 2 ends, before any other callback has logged it."""
 
-    def interrupt_at_epoch_2(self, log):
+    order = -1
+
+    def after_epoch(self, trainer, log) -> None:
         if log.epoch == 2:
             raise KeyboardInterrupt
-        original_call(self, log)
 
-    monkeypatch.setattr(run_module.HistoryWriter, "__call__", interrupt_at_epoch_2)
+
+def test_writer_is_closed_and_events_kept_when_training_is_interrupted(dataset: Path, tmp_path: Path,
+                                                                       fast: dict) -> None:
     writers_before = event_writer_threads()
     with pytest.raises(KeyboardInterrupt):
-        api.train(dataset, tmp_path / "run", **fast)
+        api.train(dataset, tmp_path / "run", callbacks=[InterruptBeforeEpochLog()], **fast)
     assert event_writer_threads() == writers_before  # closed: its queue drained to disk, its thread ended
     logged = scalars(tmp_path / "run")
     # Epoch 1 was logged; epoch 2's batches ran before its end was interrupted.

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from transferkit import api
 from transferkit.models.registry import load_weights_file
-from transferkit.run import Run, read_history
+from transferkit.runs.files import read_history
+from transferkit.runs.run import Run
+from transferkit.training.callbacks import Callback
 
 
 def backbone_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -131,7 +133,7 @@ def test_binary_logit_sign_decides_the_class(binary_dataset, tmp_path, fast):
     run = api.train(binary_dataset, tmp_path / "run", **fast)
     assert run.model.head[-1].out_features == 1 and run.meta["task"] == "binary"
     paths = json.loads((run.path / "split.json").read_text())["val"]
-    from transferkit.run import infer_logits
+    from transferkit.runs.run import infer_logits
 
     logits = infer_logits(run.model, paths, run.transform)[:, 0]
     results, _ = run.predict(paths)
@@ -167,24 +169,25 @@ def test_head_spec_is_built_and_saved(dataset, tmp_path, fast):
     assert run.meta["head"] == {"hidden": [16, 8], "dropout": 0.3, "batchnorm": True}
 
 
-def test_interrupt_keeps_the_best_model_so_far(dataset, tmp_path, fast, monkeypatch):
-    from transferkit import run as run_module
+class InterruptAtEpoch(Callback):
+    """Ctrl-C once the `epoch`-th epoch is logged (history.csv has its row: the folder's callbacks come first)."""
 
-    calls = []
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.logs = epoch, []
 
-    def interrupting_append(self, log):
-        calls.append(log)
-        original_call(self, log)
-        if len(calls) == 2:
+    def after_epoch(self, trainer, log) -> None:
+        self.logs.append(log)
+        if len(self.logs) == self.epoch:
             raise KeyboardInterrupt
 
-    original_call = run_module.HistoryWriter.__call__
-    monkeypatch.setattr(run_module.HistoryWriter, "__call__", interrupting_append)
+
+def test_interrupt_keeps_the_best_model_so_far(dataset, tmp_path, fast):
+    interrupt = InterruptAtEpoch(2)
     with pytest.raises(KeyboardInterrupt):
-        api.train(dataset, tmp_path / "run", **{**fast, "epochs_frozen": 10})
+        api.train(dataset, tmp_path / "run", callbacks=[interrupt], **{**fast, "epochs_frozen": 10})
     saved = Run(tmp_path / "run")
     assert saved.meta["interrupted"] is True
-    assert len(calls) == 2
+    assert len(interrupt.logs) == 2 and len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 3
     results, _ = saved.predict([str(dataset)])
     assert len(results) == 36
 

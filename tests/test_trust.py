@@ -15,9 +15,10 @@ from tests.test_report import train_tiny
 from transferkit.api import kept_weights
 from transferkit.cli.main import run_cli
 from transferkit.config import TrainConfig
-from transferkit.evaluate import compute_metrics
-from transferkit.run import Run, read_history, read_predictions
-from transferkit.training.loop import BestKeeper
+from transferkit.runs.evaluate import compute_metrics
+from transferkit.runs.files import read_history, read_predictions
+from transferkit.runs.run import Run
+from transferkit.training.state import BestKeeper
 
 LEAKED = 3
 

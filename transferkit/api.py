@@ -6,41 +6,38 @@ import dataclasses
 import json
 import random
 import shutil
-from contextlib import ExitStack, closing
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from transferkit import multilabel
-from transferkit.cache import cache_root
 from transferkit.config import TrainConfig, resolve_config, write_config
 from transferkit.data import remote
 from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
-from transferkit.features import FeatureExtractor, clean_view, head_logits
+from transferkit.features.cache import cache_root
+from transferkit.features.extract import FeatureExtractor, clean_view, head_logits
 from transferkit.fileio import output_folder
-from transferkit.models.classifier import depth_levels, new_classifier
-from transferkit.models.registry import create_imagenet_model, get_backbone
+from transferkit.models.classifier import Classifier, depth_levels, new_classifier
+from transferkit.models.device import resolve_device
+from transferkit.models.registry import BackboneSpec, create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.report import write_report
-from transferkit.run import (
-    HistoryWriter,
-    Run,
-    TensorBoardWriter,
-    build_meta,
-    save_weights,
-    write_json,
-)
+from transferkit.runs.files import build_meta, save_weights, write_json
+from transferkit.runs.run import Run
+from transferkit.task.kinds import Task, task_for
+from transferkit.training.callbacks import Callback, History, TensorBoard
 from transferkit.training.checkpoint import Checkpoints
-from transferkit.training.compute import Compute, resolve_device
+from transferkit.training.compute import Compute
 from transferkit.training.distributed import Ranks, current_ranks
-from transferkit.training.loop import BestKeeper, EpochLog, Paused
-from transferkit.training.two_stage import fine_tune
-from transferkit.tuning import LogitsOf, Task, validation_choices
+from transferkit.training.state import BestKeeper, Paused
+from transferkit.training.trainer import Trainer
+from transferkit.tuning import LogitsOf, validation_choices
 
 
 def seed_everything(seed: int) -> None:
@@ -66,7 +63,7 @@ def train(
     quiet: bool = False,
     recipe: str | None = None,
     config: str | None = None,
-    pause_after: int | None = None,
+    callbacks: Sequence[Callback] = (),
     **options: Any,
 ) -> Run | None:
     """Scan the data, build the pretrained classifier, run both stages, save the run, evaluate it, write its report.
@@ -74,11 +71,11 @@ def train(
     `options` are TrainConfig fields (e.g. backbone="resnet50", epochs_frozen=5); None means "not given".
     Returns the loaded Run; `run.metrics` holds the evaluation (test split if there is one, else val). Under
     `accelerate launch` with several processes, ranks other than 0 return None (rank 0 saves and evaluates).
-    `pause_after=N`: stop after N fine-tuning epochs, leaving a run folder that `resume` finishes (returns None;
-    a run that ended sooner, by its epochs or early stopping, is finished as usual).
+    `callbacks`: more `training.callbacks.Callback`s for the Trainer; one that raises Paused (`PauseAfter(N)`)
+    leaves a run folder that `resume` finishes, and train returns None.
     """
     cfg: TrainConfig = resolve_config(recipe, config, **options)
-    return _train(data, Path(out), cfg, Reporter(quiet), overwrite=overwrite, pause_after=pause_after)
+    return _train(data, Path(out), cfg, Reporter(quiet), overwrite=overwrite, callbacks=callbacks)
 
 
 # What may differ when a run is resumed (on another machine, say): where it computes, never what it computes.
@@ -112,10 +109,50 @@ def resume(out: str | Path, data: str | Path | DatasetIndex | None = None, quiet
 
 
 def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool = False,
-           resume_split: dict | None = None, pause_after: int | None = None) -> Run | None:
+           resume_split: dict | None = None, callbacks: Sequence[Callback] = ()) -> Run | None:
     ranks = current_ranks(cfg.device)
     if not ranks.main:  # rank 0 alone reports and writes
         reporter = Reporter(quiet=True)
+    index = checked_data(data, out, cfg, reporter, resume_split)
+    resuming = resume_split is not None
+    if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
+        return _evaluate_and_report(Run(out), index, cfg, reporter) if ranks.main else None
+    built = Built.for_data(index, cfg, ranks)
+    if not resuming and ranks.main:
+        prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
+    if ranks.main:
+        write_json(out / "split.json", {**index.split_json(), "root": index.root})
+        write_config(cfg, out / "config.yaml")  # last: a folder with both can be resumed
+    reporter.log(f"{len(index.classes)} classes, { {s: len(index.split(s)) for s in SPLITS} } images; backbone "
+                 f"{built.spec.name} ({built.weights_source}); {built.pre.image_size}px; "
+                 f"{built.compute.device.type}, {built.compute.precision}")
+    if ranks.distributed:
+        cfg = scaled_for(cfg, ranks, reporter)
+    checkpoints = Checkpoints(out, cfg.checkpoint_every, resume=resuming, writes=ranks.main)
+    folder = [History(out / "history.csv", checkpoints.history), TensorBoard(out / "tb", fresh=not resuming)]
+    trainer = Trainer(built.model, cfg, built.task, built.compute, reporter, ranks, checkpoints,
+                      [*(folder if ranks.main else []), *callbacks])
+    val_data = labelled_split(index, "val", cfg.box_margin)
+    try:
+        trainer.fine_tune(labelled_split(index, "train", cfg.box_margin), val_data, built.pre)
+    except Paused:  # checkpoint, config and split are written: `resume` goes on from there
+        return None
+    except KeyboardInterrupt:
+        trainer.keeper.restore(built.model)
+        reporter.warn("interrupted: saving the best model so far")
+        if ranks.main:
+            save_run(out, built, trainer, index, val_data, interrupted=True)
+        raise
+    if not ranks.main:
+        return None
+    save_run(out, built, trainer, index, val_data, interrupted=False)
+    checkpoints.remove()
+    return _evaluate_and_report(Run(out), index, cfg, reporter)
+
+
+def checked_data(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter,
+                 resume_split: dict | None) -> DatasetIndex:
+    """The scanned data, once it is known to be trainable as configured (and, resuming, the run's own images)."""
     index = data if isinstance(data, DatasetIndex) else scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed)
     for skipped in index.skipped:
         reporter.warn(f"skipped {skipped.path}: {skipped.reason}")
@@ -129,72 +166,48 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     if cfg.operating_point != "default" and (len(index.classes) != 2 or index.multilabel):
         raise UserError(f"operating point '{cfg.operating_point}' needs a two-class task; {index.root} has "
                         f"{len(index.classes)} {'labels' if index.multilabel else 'classes'}")
-    spec = get_backbone(cfg.backbone)
-    compute = Compute(ranks.device or resolve_device(cfg.device), cfg.precision, cfg.accumulate)
-    seed_everything(cfg.seed)
-    imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
-    resuming = resume_split is not None
-    if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
-        return _evaluate_and_report(Run(out), index, cfg, reporter) if ranks.main else None
-    if not resuming and ranks.main:
-        prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
-    pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
-    one_logit_for_two = cfg.binary_logit and not index.multilabel  # a multi-label head has a logit per label
-    model = new_classifier(imagenet_model, len(index.classes), cfg.head_spec(), one_logit_for_two,
-                           checked_depths(imagenet_model, cfg, index.multilabel))
-    binary = model.head[-1].out_features == 1
-    model.to(compute.device)
+    return index
 
-    if ranks.main:
-        write_json(out / "split.json", split)
-        write_config(cfg, out / "config.yaml")  # last: a folder with both can be resumed
-    counts = {split: len(index.split(split)) for split in SPLITS}
-    reporter.log(f"{len(index.classes)} classes, {counts} images; backbone {spec.name} ({weights_source}); "
-                 f"{pre.image_size}px; {compute.device.type}, {compute.precision}")
-    if ranks.distributed:
-        cfg = scaled_for(cfg, ranks, reporter)
 
-    train_data, val_data = (labelled_split(index, split, cfg.box_margin) for split in ("train", "val"))
-    keeper = BestKeeper(cfg.monitor, cfg.patience)
-    checkpoints = Checkpoints(out, cfg.checkpoint_every, resume=resuming, writes=ranks.main)
-    interrupted = False
-    with ExitStack() as logs:  # the TensorBoard writer is closed (flushed) however training ends
-        history = HistoryWriter(out / "history.csv", checkpoints.history) if ranks.main else None
-        board = logs.enter_context(closing(TensorBoardWriter(out / "tb", fresh=not resuming))) if ranks.main else None
+@dataclass
+class Built:
+    """What a run trains: the pretrained backbone with its new head, the task, preprocessing and compute."""
 
-        def on_epoch(log: EpochLog) -> None:
-            checkpoints.history.append(log)
-            if history and board:
-                history(log)
-                board.epoch(log)
+    spec: BackboneSpec
+    weights_source: str
+    model: Classifier
+    task: Task
+    pre: Preprocess
+    compute: Compute
 
-        try:
-            fine_tune(model, train_data, val_data, pre, cfg, keeper, reporter, on_epoch, compute,
-                      board.step if board else None, index.multilabel, checkpoints, ranks, pause_after)
-        except Paused:  # checkpoint, config and split are written: `resume` goes on from there
-            return None
-        except KeyboardInterrupt:
-            interrupted = True
-            keeper.restore(model)
-            reporter.warn("interrupted: saving the best model so far")
-    if not ranks.main:
-        return None
-    kept = kept_weights(keeper, cfg, interrupted)
+    @classmethod
+    def for_data(cls, index: DatasetIndex, cfg: TrainConfig, ranks: Ranks) -> Built:
+        spec = get_backbone(cfg.backbone)
+        compute = Compute(ranks.device or resolve_device(cfg.device), cfg.precision, cfg.accumulate)
+        seed_everything(cfg.seed)
+        imagenet_model, weights_source = create_imagenet_model(spec, cfg.weights)
+        pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
+        task = task_for(index.classes, index.multilabel, cfg.binary_logit)
+        model = new_classifier(imagenet_model, task.outputs, cfg.head_spec(),
+                               checked_depths(imagenet_model, cfg, index.multilabel))
+        return cls(spec, weights_source, model.to(compute.device), task, pre, compute)
+
+
+def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val: Labelled, interrupted: bool
+             ) -> None:
+    """model.safetensors, then meta.json (last: it marks the run as trained), with what was chosen on validation."""
+    cfg, model = trainer.config, built.model
+    kept = kept_weights(trainer.keeper, cfg, interrupted)
     if kept:
-        reporter.log(f"kept: {kept['reason']}")
+        trainer.reporter.log(f"kept: {kept['reason']}")
     save_weights(model.cpu(), out / "model.safetensors")
-    data_split = {"val_split": cfg.val_split, "test_split": cfg.test_split, "seed": cfg.seed}
-    meta = build_meta(spec.name, spec.timm_name, weights_source, index.classes, binary, pre, cfg.head_spec(),
-                      cfg.augmentation().samplewise_center, data_split, interrupted)
-    fast_logits = feature_logits(model, pre, cfg, reporter, pretrained_backbone(cfg, kept), index)
-    meta.update(task_meta(model, index, val_data, pre, cfg, reporter, fast_logits), feature_depths=list(model.depths),
+    meta = build_meta(cfg, built.spec, built.weights_source, built.task, built.pre, interrupted)
+    fast_logits = feature_logits(model, built.pre, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index)
+    meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
+                feature_depths=list(model.depths),
                 head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
                 **({"kept": kept} if kept else {}))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
-    if interrupted:
-        raise KeyboardInterrupt
-    checkpoints.remove()
-    return _evaluate_and_report(Run(out), index, cfg, reporter)
 
 
 def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig, multilabel_data: bool) -> tuple[int, ...]:
@@ -286,15 +299,11 @@ def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dic
     return {"stage": stage, "epoch": epoch, "monitor": cfg.monitor, "value": keeper.best, "reason": reason}
 
 
-def task_meta(model: torch.nn.Module, index: DatasetIndex, val: Labelled, pre: Preprocess, cfg: TrainConfig,
-              reporter: Reporter, plain_logits: LogitsOf | None = None) -> dict:
-    """meta.json entries beyond a plain classifier's: the margin of boxed data, a multi-label run's task, and what
-    is chosen on the validation images (test-time augmentation, temperature, decision thresholds)."""
+def task_meta(model: torch.nn.Module, task: Task, index: DatasetIndex, val: Labelled, pre: Preprocess,
+              cfg: TrainConfig, reporter: Reporter, plain_logits: LogitsOf | None = None) -> dict:
+    """meta.json entries beyond a plain classifier's: the margin of boxed data, and what is chosen on the
+    validation images (test-time augmentation, temperature, decision thresholds)."""
     extra: dict = {"box_margin": cfg.box_margin} if any(s.box for s in index.samples) else {}
-    if index.multilabel:
-        extra["task"] = multilabel.TASK
-    binary = model.head[-1].out_features == 1
-    task = Task(binary, index.multilabel, index.classes)
     transform = eval_transform(pre, cfg.augmentation().samplewise_center)
     extra.update(validation_choices(model, val, transform, task, cfg.tta, cfg.operating_point, reporter,
                                     plain_logits))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from transferkit import multilabel
-from transferkit.calibration import decide
+from transferkit.task import multilabel
+from transferkit.task.calibration import decide
 
 FP32_TOLERANCE = 1e-4  # max |probability difference| from eager PyTorch
 INT8_MIN_AGREEMENT = 0.99  # top-1 (multi-label: per-label decision) agreement with eager PyTorch

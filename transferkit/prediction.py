@@ -8,13 +8,13 @@ from typing import Protocol
 
 import numpy as np
 
-from transferkit import multilabel
-from transferkit.calibration import decide
 from transferkit.data import remote
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.members import looks_packed
 from transferkit.data.sources import Skipped, image_problems, list_image_files, scan_dataset
 from transferkit.errors import UserError
+from transferkit.task import multilabel
+from transferkit.task.calibration import decide
 
 
 class Predictor(Protocol):

@@ -1,6 +1,6 @@
 """Predict from a run folder with the fastest engine it allows: its ONNX export (int8, then fp32) through ONNX
 Runtime, numpy and Pillow alone, so `predict` and `serve` start without importing PyTorch or timm; else the run's
-PyTorch model (`transferkit.run.Run`, imported only then)."""
+PyTorch model (`transferkit.runs.run.Run`, imported only then)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from transferkit import multilabel
 from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
 from transferkit.data.images import load_image
@@ -21,9 +20,10 @@ from transferkit.data.preprocess import Preprocess
 from transferkit.errors import UserError
 from transferkit.parity import INT8_MIN_AGREEMENT, PROBES_KEY, probe_failure
 from transferkit.progress import print_warning
+from transferkit.task import multilabel
 
 if TYPE_CHECKING:
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
 PREDICT_ENGINES = ("auto", "int8", "onnx", "torch")
 EXPORT_FILES = {"int8": "model.int8.onnx", "onnx": "model.onnx"}  # "auto" tries them in this order: fastest first
@@ -124,7 +124,7 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
 
 
 def _torch_run(run_dir: Path) -> Run:
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
     return Run(run_dir)
 

@@ -6,32 +6,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from transferkit import calibration, multilabel
 from transferkit.data.loader import Labelled
 from transferkit.models import tta
 from transferkit.progress import Reporter
-from transferkit.run import infer_logits
-from transferkit.training.loop import probabilities
+from transferkit.runs.run import infer_logits
+from transferkit.task import calibration, multilabel
+from transferkit.task.kinds import Task
 
 LogitsOf = Callable[[Sequence[str], Sequence | None], torch.Tensor]
-
-
-@dataclass
-class Task:
-    """What kind of logits the model makes, for the likelihood and the decision."""
-
-    binary: bool  # one logit for two classes
-    multilabel: bool
-    classes: list[str]
-
-    @property
-    def kind(self) -> str:
-        return "multilabel" if self.multilabel else "binary" if self.binary else "multiclass"
 
 
 def validation_choices(model: torch.nn.Module, val: Labelled, transform, task: Task, tta_choice: str,
@@ -56,7 +42,7 @@ def validation_choices(model: torch.nn.Module, val: Labelled, transform, task: T
     meta: dict = {"tta": mode, "temperature": temperature}
     if tta_choice == "auto":
         meta["tta_selection"] = {"val_loss": losses, "seconds_per_view": seconds_per_view}
-    probs = probabilities(candidates[mode], task.binary, task.multilabel, temperature).numpy()
+    probs = task.probabilities(candidates[mode], temperature).numpy()
     if task.multilabel:
         chosen = multilabel.choose_thresholds(probs, targets)
         meta["thresholds"] = dict(zip(task.classes, chosen.tolist(), strict=True))

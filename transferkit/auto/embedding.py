@@ -7,14 +7,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from transferkit.cache import cache_root
 from transferkit.config import TrainConfig
 from transferkit.data.boxes import crop_regions
 from transferkit.data.sources import Sample
-from transferkit.features import FeatureExtractor, clean_view
+from transferkit.features.cache import cache_root
+from transferkit.features.extract import FeatureExtractor, clean_view
+from transferkit.models.device import resolve_device
 from transferkit.models.pretrained import Backbone, load_backbone
 from transferkit.progress import Reporter
-from transferkit.training.compute import resolve_device
 
 
 def load_candidate(name: str, weights: str | None, config: TrainConfig) -> Backbone:

@@ -19,7 +19,8 @@ from transferkit import api
 from transferkit.auto.plan import RACE_EPOCHS
 from transferkit.data.sources import DatasetIndex
 from transferkit.report import write_report
-from transferkit.run import Run
+from transferkit.runs.run import Run
+from transferkit.training.callbacks import PauseAfter
 
 RACE_FOLDER = "race"  # inside the run folder while the race lasts: RUN/race/BACKBONE/
 
@@ -62,8 +63,8 @@ def race(finalists: dict[str, dict[str, Any]], index: DatasetIndex, out: Path, q
     laps = []
     for name, choices in finalists.items():
         start = time.perf_counter()
-        run = api.train(index, out / RACE_FOLDER / name, overwrite=True, quiet=quiet, pause_after=RACE_EPOCHS,
-                        **{**options, **choices})
+        run = api.train(index, out / RACE_FOLDER / name, overwrite=True, quiet=quiet,
+                        callbacks=[PauseAfter(RACE_EPOCHS)], **{**options, **choices})
         laps.append(read_lap(name, out / RACE_FOLDER / name, time.perf_counter() - start, run is not None))
     return laps
 

@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from transferkit.config import TrainConfig  # noqa: E402
 from transferkit.fileio import atomic_path  # noqa: E402
-from transferkit.models.classifier import build_head, num_outputs  # noqa: E402
-from transferkit.training.loop import loss_fn  # noqa: E402
+from transferkit.models.classifier import build_head  # noqa: E402
+from transferkit.task.kinds import task_for  # noqa: E402
 from transferkit.training.optim import build_optimizer  # noqa: E402
 
 START_LR, END_LR, STEPS = 1e-7, 10.0, 100
@@ -50,10 +50,10 @@ class LRFind:
 def new_head(dim: int, num_classes: int, config: TrainConfig, lr: float):
     """A fresh head of the config's shape, its loss and its optimizer at `lr` (seeded: every call starts alike)."""
     torch.manual_seed(config.seed)
-    outputs = num_outputs(num_classes, config.binary_logit)
-    head = build_head(dim, outputs, config.head_spec()).train()
+    task = task_for([str(c) for c in range(num_classes)], False, config.binary_logit)
+    head = build_head(dim, task.outputs, config.head_spec()).train()
     optimizer = build_optimizer(config.optimizer, [{"params": head.parameters(), "lr": lr}], config)
-    return head, loss_fn(outputs == 1, config.label_smoothing), optimizer
+    return head, task.loss(config.label_smoothing), optimizer
 
 
 def lr_find(features: np.ndarray, targets: np.ndarray, num_classes: int, config: TrainConfig,

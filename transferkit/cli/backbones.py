@@ -79,7 +79,7 @@ def imagenet(
     from transferkit.data.transforms import Preprocess, eval_transform
     from transferkit.models.registry import create_imagenet_model, get_backbone
     from transferkit.prediction import collect_images, top_predictions
-    from transferkit.run import infer_logits
+    from transferkit.runs.run import infer_logits
 
     paths, skipped = collect_images(images)
     report_skipped(skipped)

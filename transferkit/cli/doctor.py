@@ -58,7 +58,7 @@ def doctor(
     imbalance, tiny images, blurry / dark / light / low-information / odd-sized / grayscale images, likely
     mislabeled images. Exit code 0 whatever it finds."""
     from transferkit.doctor import DoctorOptions, diagnose
-    from transferkit.run import write_json
+    from transferkit.runs.files import write_json
 
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'doctor.json'}")

@@ -39,7 +39,7 @@ def export(
     """Export the classifier ([0, 1] pixels in, probabilities out); refused unless it matches PyTorch."""
     from dataclasses import asdict
 
-    from transferkit.export import export_run
+    from transferkit.export.onnx import export_run
 
     report = asdict(export_run(run, format_, int8, out, log=console.print))
     print_json(report) if json_out else print_report(report)

@@ -14,15 +14,15 @@ from transferkit.fileio import output_folder
 from transferkit.progress import console
 
 if TYPE_CHECKING:
-    from transferkit.run import Run
-    from transferkit.similarity import Embedder, EmbeddingSource
+    from transferkit.insight.similarity import Embedder, EmbeddingSource
+    from transferkit.runs.run import Run
 
 RUN = Annotated[Path, typer.Argument(help="Run folder.")]
 CLASS = Annotated[str | None, typer.Option("--class", help="Class to explain (default: the predicted one).")]
 
 
 def load_run(path: Path) -> Run:
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
     if not path.exists():
         raise UserError(f"no such run folder: {path}")
@@ -30,9 +30,9 @@ def load_run(path: Path) -> Run:
 
 
 def embedder(source: EmbeddingSource, cache_dir: str | None, no_cache: bool) -> Embedder:
-    from transferkit.cache import cache_root
+    from transferkit.features.cache import cache_root
+    from transferkit.insight.similarity import Embedder
     from transferkit.progress import Reporter
-    from transferkit.similarity import Embedder
 
     return Embedder(source, cache_root(not no_cache, cache_dir), Reporter())
 
@@ -55,7 +55,7 @@ def explain(
     json_out: JSON = False,
 ) -> None:
     """Grad-CAM overlays: where in each image the evidence for a class lies."""
-    from transferkit.explain import class_index, explain_files
+    from transferkit.insight.explain import class_index, explain_files
 
     model = load_run(run)
     target = class_index(model, class_name) if class_name is not None else None
@@ -72,7 +72,7 @@ def explain(
 
 def embedding_source(inputs: list[str], backbone: str | None, weights: str | None) -> tuple[EmbeddingSource, list]:
     """RUN IMG... or, with --backbone, IMG... alone: the network to embed with, and the image arguments."""
-    from transferkit.similarity import backbone_source, run_source
+    from transferkit.insight.similarity import backbone_source, run_source
 
     if backbone is None:
         if weights is not None:
@@ -96,7 +96,7 @@ def similarity(
     json_out: JSON = False,
 ) -> None:
     """Cosine similarity between the images' embeddings, as a matrix and an annotated heatmap."""
-    from transferkit.similarity import cosine_matrix, plot_similarity
+    from transferkit.insight.similarity import cosine_matrix, plot_similarity
 
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, not '{out.name}'")
@@ -120,7 +120,7 @@ def embed(
     no_cache: NO_CACHE = False,
 ) -> None:
     """Embeddings of every image with its path and label, for your own analysis (UMAP, kNN, deduplication)."""
-    from transferkit.similarity import check_embeddings_path, labelled_images, run_source, write_embeddings
+    from transferkit.insight.similarity import check_embeddings_path, labelled_images, run_source, write_embeddings
 
     check_embeddings_path(out)
     source = run_source(load_run(run))
@@ -143,7 +143,7 @@ def search(
     json_out: JSON = False,
 ) -> None:
     """The gallery images most similar to a query image (cosine of embeddings); gallery embeddings are cached."""
-    from transferkit.similarity import nearest, run_source
+    from transferkit.insight.similarity import nearest, run_source
 
     if Path(query).is_dir():
         raise UserError(f"the query must be one image file, not a folder: {query}")

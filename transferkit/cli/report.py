@@ -21,7 +21,7 @@ def report(
     """One self-contained HTML page: data, curves, metrics, confusion, ROC, Grad-CAM, top losses, similarity."""
     from transferkit.cli.training import print_metrics_summary, report_skipped_dicts
     from transferkit.report import write_report
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
     loaded = Run(run)
     if data is not None:

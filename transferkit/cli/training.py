@@ -53,7 +53,7 @@ def print_metrics_summary(metrics: dict) -> None:
     if metrics.get("split_note"):  # which images, and what they were to training (a val figure chose the epoch)
         console.print(f"evaluated: {metrics['split_note']}")
     if metrics.get("task") == "multilabel":
-        from transferkit.multilabel import summary_line
+        from transferkit.task.multilabel import summary_line
 
         console.print(summary_line(metrics))
         return
@@ -215,7 +215,7 @@ def evaluate(
     from transferkit.api import warn_leaks
     from transferkit.progress import Reporter
     from transferkit.report import write_report
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
     if split not in (None, "train", "val", "test", "all"):
         raise UserError(f"--split must be train, val, test or all, not '{split}'")

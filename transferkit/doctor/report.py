@@ -6,14 +6,14 @@ import os
 
 import numpy as np
 
-from transferkit.cache import cache_root
 from transferkit.data.content import file_digest, group_by_content
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
 from transferkit.doctor import checks
 from transferkit.doctor.mislabel import likely_mislabeled
 from transferkit.doctor.options import ALIKE_SHARE, DoctorOptions
 from transferkit.doctor.quality import image_issues
-from transferkit.features import FeatureExtractor, clean_view
+from transferkit.features.cache import cache_root
+from transferkit.features.extract import FeatureExtractor, clean_view
 from transferkit.models.pretrained import load_backbone
 from transferkit.progress import Reporter
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import timm
@@ -23,11 +23,6 @@ def build_head(in_features: int, num_outputs: int, spec: HeadSpec) -> nn.Sequent
         width = units
     layers.append(nn.Linear(width, num_outputs))
     return nn.Sequential(*layers)
-
-
-def num_outputs(num_classes: int, binary_logit: bool) -> int:
-    """Two classes get one logit (BCE, logit < 0 means the first class) unless a 2-way softmax is asked for."""
-    return 1 if num_classes == 2 and binary_logit else num_classes
 
 
 class Classifier(nn.Module):
@@ -97,11 +92,12 @@ def set_depths(model: Classifier, depths: Sequence[int]) -> None:
     model.head[index] = nn.Linear(embed_width(model.backbone, depths), first.out_features).to(first.weight.device)
 
 
-def new_classifier(imagenet_model: nn.Module, num_classes: int, head_spec: HeadSpec, binary_logit: bool,
-                   depths: Sequence[int] = ()) -> Classifier:
-    """Drop the ImageNet top (timm's reset_classifier keeps the global pool) and attach a fresh head."""
+def new_classifier(imagenet_model: nn.Module, outputs: int, head_spec: HeadSpec, depths: Sequence[int] = ()
+                   ) -> Classifier:
+    """Drop the ImageNet top (timm's reset_classifier keeps the global pool) and attach a fresh head with `outputs`
+    logits (the task's: one for a binary task)."""
     imagenet_model.reset_classifier(0)
-    head = build_head(embed_width(imagenet_model, depths), num_outputs(num_classes, binary_logit), head_spec)
+    head = build_head(embed_width(imagenet_model, depths), outputs, head_spec)
     return Classifier(imagenet_model, head, depths)
 
 
@@ -150,3 +146,18 @@ def set_train_mode(model: Classifier, train_backbone_bn: bool) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             trainable = any(p.requires_grad for p in module.parameters())
             module.train(train_backbone_bn and trainable)
+
+
+@torch.inference_mode()
+def evaluate_logits(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (fp32, on the CPU) and targets of an evaluation pass, with the module in inference mode."""
+    module.eval()
+    device = device or next(module.parameters()).device
+    logits, targets = [], []
+    for inputs, target in batches:
+        if inputs.dim() == 4:  # images: channels_last is ~2x faster for these convolutions on CPU
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        logits.append(module(inputs.to(device, non_blocking=True)).float().cpu())
+        targets.append(target)
+    return torch.cat(logits), torch.cat(targets)

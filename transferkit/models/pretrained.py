@@ -25,4 +25,4 @@ def load_backbone(name: str, weights: str | None, image_size: int | None = None,
     imagenet_model, weights_source = create_imagenet_model(spec, weights)
     pre = Preprocess.for_model(imagenet_model, image_size, crop_pct)
     # the head is never used: the classifier wrapper gives FeatureExtractor its `embed` and the cache its backbone
-    return Backbone(spec, weights_source, new_classifier(imagenet_model, 2, HeadSpec(), binary_logit=True), pre)
+    return Backbone(spec, weights_source, new_classifier(imagenet_model, 1, HeadSpec()), pre)

@@ -14,16 +14,16 @@ import jinja2
 import numpy as np
 import yaml
 
-from transferkit.calibration import reliability_bins, rescaled
 from transferkit.data.labelsets import label_set
 from transferkit.fileio import atomic_write
 from transferkit.report.figures import confusion_uri, precision_recall_uri, reliability_uri, roc_uri, stage_curves
 from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
 from transferkit.report.multilabel import multilabel_sections
-from transferkit.run import read_history, read_prediction_crops, read_predictions
+from transferkit.runs.files import read_history, read_prediction_crops, read_predictions
+from transferkit.task.calibration import reliability_bins, rescaled
 
 if TYPE_CHECKING:
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
 STAGE_TITLES = {"frozen": "Stage 1: the new head on the frozen backbone", "finetune": "Stage 2: fine-tuning"}
 UNDONE = " (undone: the model is the frozen stage's head, see above)"

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
-from transferkit.evaluate import plot_confusion, plot_curves  # noqa: E402
+from transferkit.runs.evaluate import plot_confusion, plot_curves  # noqa: E402
 
 THUMBNAIL_PX = 128
 

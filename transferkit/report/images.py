@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from transferkit.calibration import decide
 from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
 from transferkit.data.images import load_image
 from transferkit.errors import UnreadableImage
-from transferkit.explain import explain_images
+from transferkit.insight.explain import explain_images
+from transferkit.insight.similarity import cosine_matrix, embed_images, plot_similarity
 from transferkit.report.figures import THUMBNAIL_PX, figure_uri, image_uri, upscale_note
-from transferkit.similarity import cosine_matrix, embed_images, plot_similarity
+from transferkit.task.calibration import decide
 
 if TYPE_CHECKING:
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
 GALLERY_EACH = 6  # correct and wrong images with Grad-CAM: the report's only backward passes, so few
 TOP_LOSSES = 12

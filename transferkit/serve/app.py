@@ -27,12 +27,12 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 import transferkit
-from transferkit import multilabel
-from transferkit.calibration import decide
 from transferkit.prediction import top_predictions
 from transferkit.predictor import OnnxPredictor, load_predictor
 from transferkit.serve.batching import Batcher
 from transferkit.serve.uploads import FIELD, Limits, UploadError, decode_upload, read_uploads
+from transferkit.task import multilabel
+from transferkit.task.calibration import decide
 
 STATIC = Path(__file__).parent / "static"
 CONFIG_ENV = "TRANSFERKIT_SERVE_CONFIG"
@@ -45,7 +45,7 @@ log = logging.getLogger("transferkit.serve")
 
 
 class Predictor(Protocol):
-    """What the server needs from a model: `transferkit.run.Run` or an exported (ONNX) predictor. A multi-label one
+    """What the server needs from a model: `transferkit.runs.run.Run` or an exported (ONNX) predictor. A multi-label one
     also has `thresholds` (per-label decision thresholds, in class order); without it, top-k classes are served."""
 
     classes: list[str]
@@ -62,8 +62,8 @@ class GradCam:
         self._run_dir = run_dir
 
     def pngs(self, images: list[Image.Image], targets: list[int]) -> list[str]:
-        from transferkit.explain import explain_images
-        from transferkit.run import Run
+        from transferkit.insight.explain import explain_images
+        from transferkit.runs.run import Run
 
         if self._run is None:
             if self._run_dir is None:

@@ -23,6 +23,7 @@ import copy
 import random
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +31,10 @@ import torch
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
 from transferkit.models.classifier import Classifier, set_depths
-from transferkit.training.loop import BestKeeper, EpochLog, FitContext, Position, Running, Stage
+from transferkit.training.state import BestKeeper, EpochLog, Position, Running, Stage
+
+if TYPE_CHECKING:
+    from transferkit.training.trainer import Trainer
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -71,19 +75,19 @@ class Checkpoints:
         """Every `every` optimizer steps of the stage, counted across its epochs."""
         return self.every > 0 and ((epoch - 1) * stage.steps + step) % self.every == 0
 
-    def save(self, stage: Stage, ctx: FitContext, position: Position) -> None:
+    def save(self, stage: Stage, trainer: Trainer, position: Position) -> None:
         """Write the whole training state at `position`."""
         if not self.writes:
             return
-        keeper = ctx.keeper
+        keeper = trainer.keeper
         state = {
             "format": FORMAT,
             "position": asdict(position),
-            "model": _trained_part(ctx.model.state_dict(), stage),
-            "depths": list(ctx.model.depths),  # chosen on validation (feature_depths auto): the head's width
+            "model": _trained_part(trainer.model.state_dict(), stage),
+            "depths": list(trainer.model.depths),  # chosen on validation (feature_depths auto): the head's width
             "optimizer": stage.optimizer.state_dict(),
             "scheduler": stage.scheduler.state_dict(),
-            "scaler": ctx.compute.scaler.state_dict(),
+            "scaler": trainer.compute.scaler.state_dict(),
             "keeper": {"best": keeper.best, "best_state": keeper.best_state and _trained_part(keeper.best_state, stage),
                        "best_epoch": keeper.best_epoch,
                        "bad_epochs": keeper.bad_epochs},
@@ -100,23 +104,23 @@ class Checkpoints:
         if depths != model.depths:
             set_depths(model, depths)
 
-    def restore_model(self, ctx: FitContext) -> None:
+    def restore_model(self, trainer: Trainer) -> None:
         """The saved weights, early-stopping state and RNG states, before the stage's own states are loaded."""
         saved = self.saved
-        current = copy.deepcopy(ctx.model.state_dict())  # the pretrained backbone, for a stage-1 checkpoint
-        ctx.model.load_state_dict({**current, **saved["model"]})
-        keeper: BestKeeper = ctx.keeper
+        current = copy.deepcopy(trainer.model.state_dict())  # the pretrained backbone, for a stage-1 checkpoint
+        trainer.model.load_state_dict({**current, **saved["model"]})
+        keeper: BestKeeper = trainer.keeper
         k = saved["keeper"]
         keeper.best, keeper.bad_epochs = k["best"], k["bad_epochs"]
         keeper.best_state = k["best_state"] and {**current, **k["best_state"]}
         keeper.best_epoch = tuple(k["best_epoch"]) if k["best_epoch"] else None
         _set_rng_states(saved["rng"])
 
-    def restore_stage(self, stage: Stage, ctx: FitContext) -> None:
+    def restore_stage(self, stage: Stage, trainer: Trainer) -> None:
         """The optimizer, schedule and loss-scaler of the stage the checkpoint was taken in."""
         stage.optimizer.load_state_dict(self.saved["optimizer"])
         stage.scheduler.load_state_dict(self.saved["scheduler"])
-        ctx.compute.scaler.load_state_dict(self.saved["scaler"])
+        trainer.compute.scaler.load_state_dict(self.saved["scaler"])
 
     def remove(self) -> None:
         """Once the run is saved the checkpoint is only a large duplicate of model.safetensors."""

@@ -12,12 +12,6 @@ from transferkit.errors import UserError
 from transferkit.progress import print_warning
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
-
-
 @dataclass
 class Compute:
     """AMP (fp16 + loss scaling) on CUDA by default; fp32 on CPU by default, where bf16 autocast is no faster for

@@ -26,7 +26,7 @@ from torch import nn
 from transferkit.errors import UserError
 
 if TYPE_CHECKING:
-    from transferkit.training.loop import Running
+    from transferkit.training.state import Running
 
 
 @dataclass(frozen=True)

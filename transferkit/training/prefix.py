@@ -19,7 +19,7 @@ from timm.layers import DropPath
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from transferkit.features import Engine, inference_engine
+from transferkit.features.extract import Engine, inference_engine
 from transferkit.models.classifier import Classifier
 from transferkit.progress import Reporter
 

@@ -1,60 +1,47 @@
-"""fastai's fine_tune, as its description reads: train the new head on a frozen base, then unfreeze and train
-everything (or the top blocks) with a much smaller learning rate, smaller still for the pretrained layers."""
+"""The two stages `Trainer.fine_tune` runs: the new head on the frozen base's cached features, then the top blocks
+unfrozen with a much smaller learning rate, smaller still for the pretrained layers."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from transferkit import multilabel
-from transferkit.cache import ArrayTable, ColumnTable, FeatureTable, cache_root
 from transferkit.config import TrainConfig
 from transferkit.data.loader import ImageDataset, Labelled, make_loader
 from transferkit.data.stream import is_sharded, stream_loader
-from transferkit.data.transforms import Preprocess, eval_transform, train_transform
-from transferkit.features import FeatureExtractor, View, clean_view, view_spec
+from transferkit.data.transforms import Preprocess
+from transferkit.features.cache import ArrayTable, ColumnTable, FeatureTable, cache_root
+from transferkit.features.extract import FeatureExtractor, View, clean_view, view_spec
 from transferkit.models.classifier import (
-    Classifier,
     depth_columns,
     depth_levels,
-    freeze_backbone,
+    evaluate_logits,
     set_depths,
     set_train_mode,
     unfreeze,
 )
-from transferkit.progress import Reporter
-from transferkit.training.checkpoint import Checkpoints
-from transferkit.training.compute import Compute
 from transferkit.training.distributed import Ranks, sync_batchnorm
 from transferkit.training.exact_head import choose_depths, depth_candidates, fit_linear
-from transferkit.training.loop import (
-    Batches,
-    BestKeeper,
-    EpochLog,
-    FitContext,
-    Stage,
-    StepLog,
-    epoch_generator,
-    evaluate_logits,
-    fit,
-    loss_and_accuracy,
-    loss_fn,
-    single_label_hits,
-)
 from transferkit.training.optim import build_optimizer, build_scheduler
 from transferkit.training.prefix import with_frozen_prefix
+from transferkit.training.state import Batches, EpochLog, Stage, epoch_generator
+
+if TYPE_CHECKING:
+    from transferkit.training.trainer import Trainer
 
 
-def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess,
-                 transforms: tuple[Callable, Callable], config: TrainConfig, ctx: FitContext) -> Stage | None:
+def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preprocess,
+                 transforms: tuple[Callable, Callable]) -> Stage | None:
     """Stage 1: the backbone's features never change, so compute them once per view and train the head on them.
     None when the head was solved exactly (head_fit exact): nothing is left to train."""
+    model, config, ranks = trainer.model, trainer.config, trainer.ranks
     if config.feature_depths == "auto":  # every level extracted once; the set is chosen on validation below
         model.depths = depth_levels(model.backbone)
     augmented = transforms[1]
@@ -65,23 +52,25 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
     augmented_spec = {**view_spec(pre, augment.samplewise_center), "augment": dataclasses.asdict(augment)}
     views += [View(k, augmented, {**augmented_spec, "view": k}) for k in range(1, n_views)]
     cache = cache_root(config.cache, config.cache_dir)
-    extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, ctx.reporter, cache)
+    extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, trainer.reporter, cache)
     # one table per view; on disk if cached
     begin = time.perf_counter()
-    features = shared_tables(extract, ctx.ranks, train.paths, views, "features train", train.crops)
-    [val_table] = shared_tables(extract, ctx.ranks, val.paths, views[:1], "features val", val.crops)
+    features = shared_tables(extract, ranks, train.paths, views, "features train", train.crops)
+    [val_table] = shared_tables(extract, ranks, val.paths, views[:1], "features val", val.crops)
     val_features = torch.from_numpy(val_table.take(np.arange(len(val_table))))
-    seconds, who = time.perf_counter() - begin, f" by rank 0 of {ctx.ranks.world}" if ctx.ranks.distributed else ""
-    ctx.reporter.log(f"features: {extract.computed} images through the backbone{who}, the rest from the cache "
+    seconds, who = time.perf_counter() - begin, f" by rank 0 of {ranks.world}" if ranks.distributed else ""
+    trainer.reporter.log(f"features: {extract.computed} images through the backbone{who}, the rest from the cache "
                      f"({seconds:.1f} s)" if cache else
                      f"features: {extract.computed} images through the backbone{who} (no cache, {seconds:.1f} s)")
-    features, val_features, solved = validated_head(model, features, train.targets, val_features, val.targets,
-                                                    config, ctx)
+    features, val_features, solved = validated_head(trainer, features, train.targets, val_features, val.targets)
+    # The global RNG (dropout) must not depend on how many images the cache supplied, so cached and uncached runs
+    # train the same head.
+    torch.manual_seed(config.seed)
     if solved:
-        record_solved_head(model, features, train.targets, (val_features, val.targets), ctx, begin)
+        record_solved_head(trainer, features, train.targets, (val_features, val.targets), begin)
         return None
     # replicated on every rank (see training.distributed), each taking the global batch
-    n_train, batch = len(train.paths), config.batch_size * ctx.ranks.world
+    n_train, batch = len(train.paths), config.batch_size * ranks.world
 
     def batches(epoch: int, skip: int):
         generator = epoch_generator(config.seed, "frozen", epoch)
@@ -91,8 +80,7 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
             yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), train.targets[chunk]
 
     def validate() -> tuple[float, float]:
-        return loss_and_accuracy(*evaluate_logits(model.head, [(val_features, val.targets)]), ctx.criterion,
-                                 ctx.hits)
+        return loss_and_accuracy(model.head, [(val_features, val.targets)], trainer)
 
     optimizer = build_optimizer(config.optimizer, [{"params": model.head.parameters(), "lr": config.lr}], config)
     steps = -(-n_train // batch)
@@ -101,12 +89,12 @@ def frozen_stage(model: Classifier, train: Labelled, val: Labelled, pre: Preproc
                  config.epochs_frozen, steps)
 
 
-def validated_head(model: Classifier, features: list[FeatureTable], train_y: torch.Tensor, val_x: torch.Tensor,
-                   val_y: torch.Tensor, config: TrainConfig, ctx: FitContext
-                   ) -> tuple[list[FeatureTable], torch.Tensor, bool]:
+def validated_head(trainer: Trainer, features: list[FeatureTable], train_y: torch.Tensor, val_x: torch.Tensor,
+                   val_y: torch.Tensor) -> tuple[list[FeatureTable], torch.Tensor, bool]:
     """The choices stage 1 makes on the validation images: the depth set (feature_depths auto, Head2Toe-style) and
     the exact linear head (head_fit exact, single-label only; hidden layers keep SGD). Returns the training tables
     and validation features of the chosen depths, and whether the head is solved."""
+    model, config = trainer.model, trainer.config
     exact = config.head_fit == "exact" and not config.head_hidden and train_y.dim() == 1
     auto = config.feature_depths == "auto"
     if not (exact or auto):
@@ -123,31 +111,30 @@ def validated_head(model: Classifier, features: list[FeatureTable], train_y: tor
         torch.manual_seed(config.seed)  # the new head's initial weights must not depend on what the cache supplied
         set_depths(model, depths)
         features, val_x = [ColumnTable(table, chosen) for table in features], val_x[:, chosen]
-        ctx.reporter.log(f"feature depths: levels {list(model.depths) or 'none'} + last layer, chosen on validation "
-                         f"of {len(columns)} sets")
+        trainer.reporter.log(f"feature depths: levels {list(model.depths) or 'none'} + last layer, chosen on "
+                             f"validation of {len(columns)} sets")
     elif exact:
         fit = fit_linear(x, y, *val, outputs)
     if exact:
         fit.load_into(model.head[-1])
-        ctx.reporter.log(f"frozen head: exact logistic regression on standardised features, C = {fit.C:g} "
-                         "(lowest validation loss)")
+        trainer.reporter.log(f"frozen head: exact logistic regression on standardised features, C = {fit.C:g} "
+                             "(lowest validation loss)")
     return features, val_x, exact
 
 
-def record_solved_head(model: Classifier, features: list[FeatureTable], train_y: torch.Tensor,
-                       val: tuple[torch.Tensor, torch.Tensor], ctx: FitContext, begin: float) -> None:
+def record_solved_head(trainer: Trainer, features: list[FeatureTable], train_y: torch.Tensor,
+                       val: tuple[torch.Tensor, torch.Tensor], begin: float) -> None:
     """One history row for the solved head (its loss and accuracy on the clean training view and on validation),
     which early stopping keeps as the best so far: fine-tuning must beat it to replace it."""
+    head = trainer.model.head
     clean = torch.from_numpy(features[0].take(np.arange(len(features[0]))))
-    train_loss, train_acc = loss_and_accuracy(*evaluate_logits(model.head, [(clean, train_y)]), ctx.criterion,
-                                              ctx.hits)
-    val_loss, val_acc = loss_and_accuracy(*evaluate_logits(model.head, [val]), ctx.criterion, ctx.hits)
-    log = EpochLog(1, "frozen", train_loss, train_acc, val_loss, val_acc, 0.0, time.perf_counter() - begin)
-    ctx.on_epoch(log)
-    ctx.reporter.log(f"frozen head solved: loss {train_loss:.4f} acc {train_acc:.3f} | val loss {val_loss:.4f} "
-                     f"acc {val_acc:.3f}")
-    ctx.keeper.start_stage()
-    ctx.keeper.update(log, ctx.model)
+    train_loss, train_acc = loss_and_accuracy(head, [(clean, train_y)], trainer)
+    val_loss, val_acc = loss_and_accuracy(head, [val], trainer)
+    trainer.reporter.log(f"frozen head solved: loss {train_loss:.4f} acc {train_acc:.3f} | val loss {val_loss:.4f} "
+                         f"acc {val_acc:.3f}")
+    trainer.keeper.start_stage()
+    trainer.fire("after_epoch", EpochLog(1, "frozen", train_loss, train_acc, val_loss, val_acc, 0.0,
+                                         time.perf_counter() - begin))
 
 
 def shared_tables(extract: FeatureExtractor, ranks: Ranks, paths: list[str], views: list[View], description: str,
@@ -173,12 +160,12 @@ def gather(tables: list[FeatureTable], views: np.ndarray, rows: np.ndarray) -> n
     return out
 
 
-def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms: tuple[Callable, Callable],
-                   config: TrainConfig, ctx: FitContext) -> Stage:
+def unfrozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preprocess,
+                   transforms: tuple[Callable, Callable]) -> Stage:
     """Stage 2: unfreeze all or the top blocks; lower learning rate, lower still for the pretrained layers. With
     several ranks: DDP, each rank taking its piece of every global batch and of the validation images."""
+    model, config, ranks = trainer.model, trainer.config, trainer.ranks
     clean, augmented = transforms
-    ranks = ctx.ranks
     if config.sync_bn and ranks.distributed:  # before the optimizer is built: the layers are replaced
         sync_batchnorm(model, ranks)
     backbone_params = unfreeze(model, config.unfreeze)
@@ -190,11 +177,11 @@ def finetune_stage(model: Classifier, train: Labelled, val: Labelled, transforms
     batch = config.batch_size
     batches, steps = (streamed_batches if is_sharded(train) else indexed_batches)(train, augmented, config, ranks)
     # the frozen stem and lower blocks on the inference engine, only the unfrozen top in autograd (training.prefix)
-    module = with_frozen_prefix(model, config.feature_engine, ctx.reporter)
+    module = with_frozen_prefix(model, config.feature_engine, trainer.reporter)
 
     def validate() -> tuple[float, float]:
         logits, targets = evaluate_logits(module, make_loader(val_mine, batch, config.workers))
-        return loss_and_accuracy(ranks.gather_rows(logits), ranks.gather_rows(targets), ctx.criterion, ctx.hits)
+        return scored(ranks.gather_rows(logits), ranks.gather_rows(targets), trainer)
 
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_finetune)
     return Stage("finetune", ranks.wrap(module), lambda: set_train_mode(model, config.finetune_bn), optimizer,
@@ -242,48 +229,11 @@ def streamed_batches(train: Labelled, augmented: Callable, config: TrainConfig, 
                         for worker in range(units))
 
 
-def fine_tune(model: Classifier, train: Labelled, val: Labelled, pre: Preprocess, config: TrainConfig,
-              keeper: BestKeeper, reporter: Reporter, on_epoch: Callable[[EpochLog], None], compute: Compute,
-              on_step: Callable[[StepLog], None] | None = None, is_multilabel: bool = False,
-              checkpoints: Checkpoints | None = None, ranks: Ranks | None = None,
-              pause_after: int | None = None) -> None:
-    """Both stages; on return (or Ctrl-C, caught by the caller) `keeper` holds the best weights seen. With a loaded
-    checkpoint, stages it finished are skipped and its own stage goes on from where it was taken. `pause_after`:
-    stop (raising Paused) once that many fine-tuning epochs are done and checkpointed."""
-    if is_multilabel:
-        criterion, hits = multilabel.loss(config.label_smoothing), multilabel.hits
-    else:
-        binary = model.head[-1].out_features == 1
-        criterion, hits = loss_fn(binary, config.label_smoothing), single_label_hits(binary)
-    ctx = FitContext(criterion, hits, keeper, model, reporter, on_epoch, compute, on_step, checkpoints,
-                     ranks or Ranks(), pause_after)
-    augment = config.augmentation()
-    transforms = (eval_transform(pre, augment.samplewise_center), train_transform(pre, augment))
-    model.to(memory_format=torch.channels_last)
-    freeze_backbone(model)
-    resume = checkpoints.position if checkpoints else None
-    if resume:
-        checkpoints.restore_depths(model)
-    for name, epochs in (("frozen", config.epochs_frozen), ("finetune", config.epochs_finetune)):
-        if not epochs or (resume and resume.after(name)):
-            continue
-        resuming = resume is not None and resume.stage == name
-        if resuming and resume.stage_over:  # it ended at its last checkpoint: only the best-weights restore is left
-            checkpoints.restore_model(ctx)
-            keeper.restore(model)
-            continue
-        if name == "frozen":
-            stage = frozen_stage(model, train, val, pre, transforms, config, ctx)
-            # Re-seed after feature extraction: the global RNG (dropout) must not depend on how many images the
-            # cache supplied, so cached and uncached runs train the same head.
-            torch.manual_seed(config.seed)
-            if stage is None:  # solved exactly
-                continue
-        else:
-            stage = finetune_stage(model, train, val, transforms, config, ctx)
-        if resuming:
-            checkpoints.restore_model(ctx)
-            checkpoints.restore_stage(stage, ctx)
-            reporter.log(f"resuming {name} epoch {resume.epoch} after {resume.step} of {stage.steps} batches")
-        fit(stage, ctx, resume if resuming else None)
-    model.requires_grad_(False)
+def loss_and_accuracy(module: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      trainer: Trainer) -> tuple[float, float]:
+    """The task's loss and mean hits of `module` over evaluation batches."""
+    return scored(*evaluate_logits(module, batches), trainer)
+
+
+def scored(logits: torch.Tensor, targets: torch.Tensor, trainer: Trainer) -> tuple[float, float]:
+    return float(trainer.criterion(logits, targets)), float(trainer.task.hits(logits, targets).mean())

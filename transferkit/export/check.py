@@ -15,7 +15,7 @@ from transferkit.data.images import image_file_exists, load_image
 from transferkit.data.labelsets import label_set
 from transferkit.data.loader import targets_of
 from transferkit.data.transforms import Preprocess, eval_transform
-from transferkit.run import Run
+from transferkit.runs.run import Run
 
 FEW_IMAGES = 8  # below this the check proves little, and the user is told so
 CHECK_IMAGES = 512  # held in memory as pixels (~300 MB at 224 px); enough to see a 1% disagreement

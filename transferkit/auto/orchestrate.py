@@ -52,7 +52,8 @@ from transferkit.fileio import atomic_path
 from transferkit.models.pretrained import Backbone
 from transferkit.models.registry import BACKBONES, count_parameters, get_backbone, has_offline_weights
 from transferkit.progress import Reporter
-from transferkit.run import Run, write_json
+from transferkit.runs.files import write_json
+from transferkit.runs.run import Run
 
 LEADERBOARD_FIELDS = ["backbone", "params", "MB", "image_size", "probe_accuracy", "sd", "seconds", "race_val_loss",
                       "race_val_acc", "chosen"]

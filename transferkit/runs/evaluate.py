@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score  # noqa: E402
 
-from transferkit.calibration import decide, expected_calibration_error  # noqa: E402
+from transferkit.task.calibration import decide, expected_calibration_error  # noqa: E402
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None = None

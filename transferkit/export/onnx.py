@@ -24,13 +24,13 @@ from torch import nn
 import transferkit
 from transferkit.data.content import file_digest
 from transferkit.errors import UserError
-from transferkit.export_check import validation_images
+from transferkit.export.check import validation_images
 from transferkit.fileio import atomic_path
+from transferkit.models.classifier import evaluate_logits
 from transferkit.models.tta import tta_logits
 from transferkit.parity import PROBES_KEY, Check, compare, make_probes
 from transferkit.predictor import OnnxSession
-from transferkit.run import Run
-from transferkit.training.loop import evaluate_logits, probabilities
+from transferkit.runs.run import Run
 
 FORMATS = ("onnx", "torchscript")
 CALIBRATION_IMAGES = 256  # int8 ranges settle long before this; more only costs export time
@@ -45,7 +45,7 @@ class ProbabilityModel(nn.Module):
     def __init__(self, run: Run) -> None:
         super().__init__()
         self.model = run.model  # not wrapped: int8 export tells the classifier's nodes by their "/model/" names
-        self.binary, self.multilabel = run.binary, run.multilabel
+        self.task = run.task
         self.tta, self.temperature = run.tta, run.temperature
         self.samplewise_center = bool(run.meta.get("samplewise_center", False))
         self.register_buffer("mean", torch.tensor(run.preprocess.mean).view(1, 3, 1, 1))
@@ -55,7 +55,7 @@ class ProbabilityModel(nn.Module):
         images = (pixels - self.mean) / self.std  # the same arithmetic as eval_transform's Normalize
         if self.samplewise_center:
             images = images - images.mean(dim=(1, 2, 3), keepdim=True)
-        return probabilities(tta_logits(self.model, images, self.tta), self.binary, self.multilabel, self.temperature)
+        return self.task.probabilities(tta_logits(self.model, images, self.tta), self.temperature)
 
 
 Engine = nn.Module | OnnxSession

@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from transferkit.calibration import decide
 from transferkit.data.images import load_rgb
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.models.classifier import Classifier
 from transferkit.models.registry import feature_grid, gradcam_layer
+from transferkit.task.calibration import decide
 
 if TYPE_CHECKING:
-    from transferkit.run import Run
+    from transferkit.runs.run import Run
 
 BATCH_SIZE = 8  # images per backward pass: bounds the activations kept for autograd
 

@@ -2,9 +2,9 @@
 
 Keyed by what determines a feature: the backbone's weights (a digest of its tensors, whatever their source), the
 preprocessing, the view (clean, or augmented view k with its augmentation settings) and the image file's content
-(not its path or mtime). Storage is append-only shards per feature space: `<id>.npy` (float32 rows, streamed to
+(not its path or mtime). Storage is append-only segments per feature space: `<id>.npy` (float32 rows, streamed to
 disk as they are computed and read back a batch at a time) and `<id>.json` (keys, shape, sha256 of the .npy), both
-written atomically. A shard whose checksum does
+written atomically. A segment whose checksum does
 not match is deleted and its rows recomputed, never trusted.
 """
 
@@ -86,8 +86,8 @@ class ColumnTable:
         return np.ascontiguousarray(self.table.take(indices)[:, self.columns])
 
 
-class ShardTable:
-    """Rows that stay in their shard files and are read on demand with pread, so a batch costs its own bytes.
+class StoredTable:
+    """Rows that stay in their segment files and are read on demand with pread, so a batch costs its own bytes.
 
     Not a memory map: every page of a mapped file the loop touches counts in the process's resident set, and over
     an epoch that is the whole table; file reads leave it in the kernel's page cache, shared and reclaimable."""
@@ -99,10 +99,10 @@ class ShardTable:
         self._starts = [start for start, _ in layouts]
         dims = {dim for _, dim in layouts}
         if len(dims) > 1:
-            raise ValueError(f"feature shards of different widths in {folder}")
+            raise ValueError(f"feature segments of different widths in {folder}")
         self.dim = dims.pop() if dims else 0
         number = {name: i for i, name in enumerate(names)}
-        self._shard = np.array([number[name] for name, _ in locations], dtype=np.int64)
+        self._segment = np.array([number[name] for name, _ in locations], dtype=np.int64)
         self._row = np.array([row for _, row in locations], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -112,17 +112,17 @@ class ShardTable:
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), self.dim), dtype=np.float32)
         row_bytes = 4 * self.dim
-        shards, rows = self._shard[indices], self._row[indices]
-        order = np.lexsort((rows, shards))  # consecutive rows of one shard are read with one call
+        segments, rows = self._segment[indices], self._row[indices]
+        order = np.lexsort((rows, segments))  # consecutive rows of one segment are read with one call
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and shards[order[end]] == shards[order[start]] \
+            while end < len(order) and segments[order[end]] == segments[order[start]] \
                     and rows[order[end]] == rows[order[end - 1]] + 1:
                 end += 1
-            shard, first = shards[order[start]], rows[order[start]]
-            offset = self._starts[shard] + row_bytes * first
-            data = os.pread(self._files[shard].fileno(), row_bytes * (end - start), offset)
+            segment, first = segments[order[start]], rows[order[start]]
+            offset = self._starts[segment] + row_bytes * first
+            data = os.pread(self._files[segment].fileno(), row_bytes * (end - start), offset)
             out[order[start:end]] = np.frombuffer(data, dtype=np.float32).reshape(end - start, self.dim)
             start = end
         return out
@@ -138,8 +138,8 @@ def _npy_layout(handle) -> tuple[int, int]:
     return handle.tell(), shape[1]
 
 
-class ShardWriter:
-    """Writes one shard a batch at a time, so nothing is held whole in memory."""
+class StoredTableWriter:
+    """Writes one segment a batch at a time, so nothing is held whole in memory."""
 
     def __init__(self, path: Path, rows: int) -> None:
         self.path, self.rows, self.written, self.dim = path, rows, 0, 0
@@ -161,7 +161,7 @@ class ShardWriter:
     def finish(self) -> str:
         """Check every row came; the file's digest (as `file_digest` computes it)."""
         if self.written != self.rows:
-            raise RuntimeError(f"feature shard got {self.written} rows for {self.rows} keys")
+            raise RuntimeError(f"feature segment got {self.written} rows for {self.rows} keys")
         self._handle.flush()
         return self._digest.hexdigest()[:32]
 
@@ -176,7 +176,7 @@ def _npy_header(header: dict) -> bytes:
 
 
 class FeatureStore:
-    """The rows of one feature space, found by key; a `writer` appends a shard."""
+    """The rows of one feature space, found by key; a `writer` appends a segment."""
 
     def __init__(self, root: Path, space: dict, reporter: Reporter) -> None:
         space_id = hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()[:24]
@@ -187,38 +187,38 @@ class FeatureStore:
         self.rows: dict[str, tuple[str, int]] = {}
         for meta_path in sorted(self.folder.glob("*.json")):
             if meta_path.name != "space.json":
-                self._load_shard(meta_path)
+                self._load_segment(meta_path)
 
-    def _load_shard(self, meta_path: Path) -> None:
+    def _load_segment(self, meta_path: Path) -> None:
         data_path = meta_path.with_suffix(".npy")
         try:
             meta = json.loads(meta_path.read_text())
             if file_digest(data_path) != meta["sha256"] or len(meta["keys"]) != meta["shape"][0]:
                 raise ValueError("checksum mismatch")
         except (OSError, ValueError, KeyError, TypeError):
-            self.reporter.warn(f"feature cache shard {meta_path.stem} is corrupt; it will be recomputed")
+            self.reporter.warn(f"feature cache segment {meta_path.stem} is corrupt; it will be recomputed")
             meta_path.unlink(missing_ok=True)
             data_path.unlink(missing_ok=True)
             return
         self.rows.update({key: (data_path.name, row) for row, key in enumerate(meta["keys"])})
 
-    def table(self, keys: list[str]) -> ShardTable:
+    def table(self, keys: list[str]) -> StoredTable:
         """The rows of `keys`, all of which must be in the store."""
-        return ShardTable(self.folder, [self.rows[key] for key in keys])
+        return StoredTable(self.folder, [self.rows[key] for key in keys])
 
     @contextmanager
-    def writer(self, keys: list[str]) -> Iterator[ShardWriter]:
-        """A new shard for `keys`, filled batch by batch in their order; it becomes visible (atomically, with its
-        checksum) only if every row was written, so an interrupted extraction leaves no half shard behind."""
+    def writer(self, keys: list[str]) -> Iterator[StoredTableWriter]:
+        """A new segment for `keys`, filled batch by batch in their order; it becomes visible (atomically, with its
+        checksum) only if every row was written, so an interrupted extraction leaves no half segment behind."""
         name = uuid.uuid4().hex
         data_path = self.folder / f"{name}.npy"
         with atomic_path(data_path) as tmp:
-            shard = ShardWriter(tmp, len(keys))
+            segment = StoredTableWriter(tmp, len(keys))
             try:
-                yield shard
-                digest = shard.finish()
+                yield segment
+                digest = segment.finish()
             finally:
-                shard.close()
-        meta = {"keys": keys, "shape": [len(keys), shard.dim], "sha256": digest}
+                segment.close()
+        meta = {"keys": keys, "shape": [len(keys), segment.dim], "sha256": digest}
         atomic_write(self.folder / f"{name}.json", json.dumps(meta))
         self.rows.update({key: (data_path.name, row) for row, key in enumerate(keys)})

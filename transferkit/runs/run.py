@@ -2,164 +2,31 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import shutil
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-import transferkit
-from transferkit import multilabel
-from transferkit.calibration import decide, expected_calibration_error
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.loader import ImageDataset, make_loader, targets_of
 from transferkit.data.sources import DatasetIndex, Sample, Skipped, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
-from transferkit.fileio import atomic_path, atomic_write
 from transferkit.models import tta
-from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
+from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier, evaluate_logits
+from transferkit.models.device import resolve_device
 from transferkit.prediction import collect_inputs, prediction_records
-from transferkit.scope import check_leaks, choose_scope, is_own_data, leak_record
-from transferkit.training.compute import resolve_device
-from transferkit.training.loop import EpochLog, StepLog, evaluate_logits, probabilities
-
-FORMAT_VERSION = 1
-HISTORY_FIELDS = list(EpochLog.__dataclass_fields__)
-
-
-def write_json(path: Path, value: object) -> None:
-    atomic_write(path, json.dumps(value, indent=2) + "\n")
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
-
-
-def build_meta(
-    backbone: str,
-    timm_name: str,
-    weights_source: str,
-    classes: list[str],
-    binary: bool,
-    pre: Preprocess,
-    head: HeadSpec,
-    samplewise_center: bool,
-    data_split: dict,
-    interrupted: bool,
-) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": backbone,
-        "timm_name": timm_name,
-        "weights_source": weights_source,
-        "classes": classes,
-        "task": "binary" if len(classes) == 2 else "multiclass",
-        "binary_logit": binary,
-        **pre.to_dict(),
-        "samplewise_center": samplewise_center,
-        "head": head.to_dict(),
-        "data_split": data_split,  # so `evaluate RUN DATA` on the same data re-creates the same split
-        "interrupted": interrupted,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "transferkit_version": transferkit.__version__,
-    }
-
-
-class HistoryWriter:
-    """history.csv grows by one row per epoch, so a crash still leaves the curve so far. It starts with `rows`:
-    none for a new run, a resumed run's epochs up to its checkpoint (rows after it were redone, not repeated)."""
-
-    def __init__(self, path: Path, rows: list[EpochLog] = ()) -> None:
-        self.path = path
-        text = io.StringIO()
-        writer = csv.DictWriter(text, HISTORY_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(log.to_dict() for log in rows)
-        atomic_write(path, text.getvalue())
-
-    def __call__(self, log: EpochLog) -> None:
-        with self.path.open("a", newline="") as handle:
-            csv.DictWriter(handle, HISTORY_FIELDS).writerow(log.to_dict())
-
-
-def read_history(path: Path) -> list[dict]:
-    with path.open(newline="") as handle:
-        return [{k: (v if k == "stage" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-class TensorBoardWriter:
-    """RUN/tb event files: loss, accuracy and learning rate per step and per epoch, one tag group per stage."""
-
-    STEP_TAGS = ("loss", "acc", "lr")
-    EPOCH_TAGS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-
-    def __init__(self, folder: Path, fresh: bool = True) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard (~1 s): only runs that train pay
-
-        # A new run starts afresh: a crashed run's events left in a reused folder would mix with these. A resumed
-        # run adds a file beside its earlier ones (steps redone after the checkpoint appear twice in TensorBoard).
-        if fresh:
-            shutil.rmtree(folder, ignore_errors=True)
-        # With the default queue of 10, logging waits on the writer thread's disk writes (measured: 2x the time).
-        self.writer = SummaryWriter(str(folder), max_queue=1000)
-
-    def step(self, log: StepLog) -> None:
-        for tag in self.STEP_TAGS:
-            self.writer.add_scalar(f"{log.stage}/step/{tag}", getattr(log, tag), log.step)
-
-    def epoch(self, log: EpochLog) -> None:
-        for tag in self.EPOCH_TAGS:
-            self.writer.add_scalar(f"{log.stage}/epoch/{tag}", getattr(log, tag), log.epoch)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def write_predictions(path: Path, paths: list[str], truths: list[str], predicted: list[str], probs: np.ndarray,
-                      classes: list[str], crops: list[Box | None] | None = None) -> None:
-    """predictions.csv: one row per evaluated image (path, true and predicted label, [the region cropped,] each
-    class's probability), so the report can draw ROC curves and pick images without running the model over the
-    split again."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "label", "predicted"] + (["crop"] if crops else []) + [f"p:{name}" for name in classes])
-    for i, (file, truth, guess, p) in enumerate(zip(paths, truths, predicted, probs, strict=True)):
-        region = [" ".join(map(repr, crops[i].to_list())) if crops[i] else ""] if crops else []
-        writer.writerow([file, truth, guess] + region + [f"{v:.6g}" for v in p])
-    atomic_write(path, buffer.getvalue())
-
-
-def read_predictions(path: Path, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """predictions.csv back as (paths, true class indices, (N, classes) probabilities)."""
-    with path.open(newline="") as handle:
-        header, *rows = list(csv.reader(handle))
-    first = header.index("crop") + 1 if "crop" in header else 3
-    if header[first:] != [f"p:{name}" for name in classes]:
-        raise UserError(f"{path} does not list this run's classes; run `transferkit evaluate` again")
-    labels = [classes.index(row[1]) for row in rows]
-    probs = np.array([[float(v) for v in row[first:]] for row in rows], dtype=np.float64)
-    return [row[0] for row in rows], np.array(labels, dtype=int), probs.reshape(len(rows), len(classes))
-
-
-def read_prediction_crops(path: Path) -> list[Box | None] | None:
-    """The region each image of predictions.csv was cropped to, or None when the evaluated data had no boxes."""
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "crop" not in rows[0]:
-        return None
-    return [Box(*map(float, row["crop"].split())) if row["crop"] else None for row in rows]
+from transferkit.runs.files import FORMAT_VERSION, read_history, write_json, write_predictions
+from transferkit.runs.scope import check_leaks, choose_scope, is_own_data, leak_record
+from transferkit.task import multilabel
+from transferkit.task.calibration import decide, expected_calibration_error
+from transferkit.task.kinds import Task, task_of
 
 
 class Run:
@@ -177,15 +44,15 @@ class Run:
                 f"this transferkit reads {FORMAT_VERSION}"
             )
         self.classes: list[str] = self.meta["classes"]
-        self.multilabel: bool = self.meta["task"] == multilabel.TASK
+        self.task: Task = task_of(self.meta)
+        self.multilabel, self.binary = self.task.multilabel, self.task.binary
         self.thresholds = multilabel.thresholds_of(self.meta["thresholds"], self.classes) if self.multilabel else None
         self.box_margin: float = self.meta.get("box_margin", 0.0)
-        self.binary: bool = self.meta["binary_logit"] and len(self.classes) == 2 and not self.multilabel
         self.preprocess = Preprocess.from_dict(self.meta)
         head = self.meta["head"]
         self.model: Classifier = empty_classifier(
             self.meta["timm_name"],
-            1 if self.binary else len(self.classes),
+            self.task.outputs,
             HeadSpec(tuple(head["hidden"]), head["dropout"], head["batchnorm"]),
             self.meta.get("feature_depths", ()),
         )
@@ -199,7 +66,7 @@ class Run:
         self.temperature: float = float(self.meta.get("temperature", 1.0))
         self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
         self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
-        # one view's logits without an eager pass (the feature engine: transferkit.features.head_logits), if given
+        # one view's logits without an eager pass (the feature engine: features.extract.head_logits), if given
         self.plain_logits: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
         self.metrics: dict | None = None
 
@@ -211,7 +78,7 @@ class Run:
         return infer_logits(self.inference, paths, self.transform, tta.images_per_batch(tta.VIEWS[self.tta]), crops)
 
     def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
-        return probabilities(logits, self.binary, self.multilabel, self.temperature if calibrated else 1.0).numpy()
+        return self.task.probabilities(logits, self.temperature if calibrated else 1.0).numpy()
 
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
         """(N, classes) calibrated probabilities for image files, each cropped to its region in `crops` if given."""
@@ -277,7 +144,7 @@ class Run:
         if self.multilabel:
             metrics = multilabel.compute_metrics(y_true, probs, self.classes, self.thresholds)
             return metrics, multilabel.label_names(multilabel.decide(probs, self.thresholds), self.classes)
-        from transferkit.evaluate import compute_metrics  # scikit-learn and matplotlib: evaluation alone needs them
+        from transferkit.runs.evaluate import compute_metrics  # scikit-learn, matplotlib: only evaluation needs them
 
         predicted = [self.classes[i] for i in decide(probs, self.threshold)]
         return compute_metrics(y_true, probs, self.classes, self.threshold), predicted
@@ -299,7 +166,7 @@ class Run:
             raise UserError(f"the '{split}' split of {index.root} has no images")
 
     def write_metrics(self, metrics: dict) -> None:
-        from transferkit.evaluate import plot_confusion, plot_curves
+        from transferkit.runs.evaluate import plot_confusion, plot_curves
 
         write_json(self.path / "metrics.json", metrics)
         if not self.multilabel:  # several labels per image: no single confusion matrix

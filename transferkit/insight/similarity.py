@@ -21,18 +21,18 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
 
-from transferkit.cache import cache_root  # noqa: E402
 from transferkit.data.boxes import Box  # noqa: E402
 from transferkit.data.sources import Skipped, scan_dataset  # noqa: E402
 from transferkit.data.transforms import Preprocess  # noqa: E402
 from transferkit.errors import UserError  # noqa: E402
-from transferkit.features import FeatureExtractor, View, clean_view  # noqa: E402
+from transferkit.features.cache import cache_root  # noqa: E402
+from transferkit.features.extract import FeatureExtractor, View, clean_view  # noqa: E402
 from transferkit.fileio import atomic_write  # noqa: E402
 from transferkit.models.classifier import Classifier  # noqa: E402
 from transferkit.models.registry import create_imagenet_model, get_backbone  # noqa: E402
 from transferkit.prediction import collect_images  # noqa: E402
 from transferkit.progress import Reporter  # noqa: E402
-from transferkit.run import Run  # noqa: E402
+from transferkit.runs.run import Run  # noqa: E402
 
 BATCH_SIZE = 32
 # Decoding workers and an ONNX export (with its parity check) each cost seconds before the first image; they are

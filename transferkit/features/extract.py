@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferkit.cache import ArrayTable, FeatureStore, FeatureTable, module_digest
 from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.features.cache import ArrayTable, FeatureStore, FeatureTable, module_digest
 from transferkit.progress import Reporter
 
 ENGINE_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "PyTorch"}

@@ -1,0 +1,144 @@
+"""The one place that knows what a classifier's outputs mean: single-label softmax, binary with one logit, or
+multi-label with a sigmoid per label. Each Task turns logits into a loss, probabilities, decisions and per-image
+hits; training, evaluation, prediction, export and serving all ask it rather than deciding again.
+
+torch is imported only by the methods that take tensors, so prediction from an export uses a Task without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+from transferkit.task import multilabel
+
+if TYPE_CHECKING:
+    import torch
+
+Loss = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+class Task:
+    """What the logits of a run mean. `kind` is meta.json's `task` entry."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = list(classes)
+
+    @property
+    def outputs(self) -> int:
+        """Width of the head's last layer."""
+        return len(self.classes)
+
+    @property
+    def binary(self) -> bool:
+        return self.kind == "binary"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.kind == multilabel.TASK
+
+    def meta(self) -> dict:
+        """meta.json's entries for the task, which `task_of` reads back."""
+        kind = self.kind if self.multilabel else "binary" if len(self.classes) == 2 else "multiclass"
+        return {"classes": self.classes, "task": kind, "binary_logit": self.binary}
+
+    def loss(self, label_smoothing: float = 0.0) -> Loss:
+        raise NotImplementedError
+
+    def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """(N, C) per-class probabilities for every kind, so everything downstream is kind-agnostic; `temperature`
+        (the run's calibration) divides every logit."""
+        raise NotImplementedError
+
+    def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N,) how right each image's prediction is, 1 or 0 (multi-label: the fraction of its labels right)."""
+        return (self.predicted(logits) == targets).float()
+
+    def predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each image's predicted class index (single-label kinds)."""
+        return logits.argmax(dim=1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.classes)} classes)"
+
+
+class MultiClass(Task):
+    kind = "multiclass"
+
+    def loss(self, label_smoothing: float = 0.0) -> Loss:
+        from torch.nn import functional as F
+
+        return lambda logits, targets: F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+    def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        import torch
+
+        return torch.softmax(logits.float() / temperature, dim=1)
+
+
+class Binary(Task):
+    """Two classes, one logit: logit > 0 means the second class."""
+
+    kind = "binary"
+
+    @property
+    def outputs(self) -> int:
+        return 1
+
+    def loss(self, label_smoothing: float = 0.0) -> Loss:
+        from torch.nn import functional as F
+
+        def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            soft = targets.float() * (1 - label_smoothing) + 0.5 * label_smoothing
+            return F.binary_cross_entropy_with_logits(logits[:, 0], soft)
+
+        return bce
+
+    def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        import torch
+
+        p = torch.sigmoid(logits[:, 0].float() / temperature)
+        return torch.stack([1 - p, p], dim=1)
+
+    def predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, 0] > 0).long()
+
+
+class MultiLabel(Task):
+    """A sigmoid per label, each decided at its own threshold (task.multilabel)."""
+
+    kind = multilabel.TASK
+
+    def loss(self, label_smoothing: float = 0.0) -> Loss:
+        return multilabel.loss(label_smoothing)
+
+    def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        import torch
+
+        return torch.sigmoid(logits.float() / temperature)
+
+    def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return multilabel.hits(logits, targets)
+
+    def predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a multi-label task decides each label at its threshold, not one class per image")
+
+
+def task_for(classes: list[str], is_multilabel: bool, one_logit_for_two: bool) -> Task:
+    """The task of new training data: multi-label if its labels are sets, binary (one logit) for two classes when
+    the config asks for it, else softmax."""
+    if is_multilabel:
+        return MultiLabel(classes)
+    return Binary(classes) if one_logit_for_two and len(classes) == 2 else MultiClass(classes)
+
+
+def task_of(meta: dict) -> Task:
+    """A saved run's (or an export's) task, from its meta.json entries."""
+    kinds = {kind.kind: kind for kind in (MultiClass, Binary, MultiLabel)}
+    kind = meta.get("task", "multiclass")
+    if kind == "binary" and not meta.get("binary_logit", True):
+        kind = "multiclass"  # two classes through a softmax of two logits
+    return kinds[kind](meta["classes"])
+
