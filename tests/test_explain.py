@@ -24,8 +24,11 @@ from transferkit.insight.explain import explain_files, gradcam, model_view, over
 from transferkit.models.classifier import Classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone, gradcam_layer
 from transferkit.runs.run import Run
+from transferkit.task.kinds import Binary, MultiClass
 
 TABBY = 281
+IMAGENET = MultiClass([str(i) for i in range(1000)])  # the head is Lite0's own ImageNet layer
+BINARY = Binary(["other", "tabby"])
 CANVAS = 224
 CAT_W, CAT_H = 112, 84  # a quarter of the canvas: the rest is flat grey, with nothing cat-like in it
 LITE0_STRIDE = 32  # one cell of Lite0's 7x7 map: how far off a peak may be and still be "on the cat"
@@ -60,7 +63,7 @@ def test_heatmap_peak_lies_on_the_cat(lite0, corner: tuple[int, int]) -> None:
     model, pre = lite0
     left, top = corner
     inputs = eval_transform(pre)(cat_on_canvas(left, top))[None]
-    cam = gradcam(model, inputs, [TABBY], binary=False)[0]
+    cam = gradcam(model, inputs, [TABBY], IMAGENET)[0]
     assert cam.shape == (CANVAS, CANVAS) and float(cam.min()) >= 0 and float(cam.max()) == pytest.approx(1.0)
     x, y = peak(cam)
     margin = LITE0_STRIDE // 2
@@ -77,9 +80,9 @@ def test_binary_logit_explains_class_1_as_is_and_class_0_with_the_sign_flipped(l
     binary.head.weight.data = model.head.weight.data[TABBY : TABBY + 1].clone()
     binary.head.bias.data = model.head.bias.data[TABBY : TABBY + 1].clone()
     inputs = eval_transform(pre)(cat_on_canvas(0, 0))[None]
-    as_class_1 = gradcam(binary, inputs, [1], binary=True)[0]
-    torch.testing.assert_close(as_class_1, gradcam(model, inputs, [TABBY], binary=False)[0], atol=1e-4, rtol=1e-4)
-    as_class_0 = gradcam(binary, inputs, [0], binary=True)[0]
+    as_class_1 = gradcam(binary, inputs, [1], BINARY)[0]
+    torch.testing.assert_close(as_class_1, gradcam(model, inputs, [TABBY], IMAGENET)[0], atol=1e-4, rtol=1e-4)
+    as_class_0 = gradcam(binary, inputs, [0], BINARY)[0]
     cat = (slice(0, CAT_H), slice(0, CAT_W))
     assert as_class_0[cat].mean() < as_class_1[cat].mean()
 
@@ -93,7 +96,7 @@ def test_vit_tokens_become_a_grid_without_the_class_token() -> None:
     model = Classifier(backbone, torch.nn.Linear(backbone.num_features, 3)).eval()
     size = backbone.pretrained_cfg["input_size"][-1]
     inputs = torch.randn(2, 3, size, size)
-    cams = gradcam(model, inputs, [0, 2], binary=False)
+    cams = gradcam(model, inputs, [0, 2], IMAGENET)
     assert cams.shape == (2, size, size)
     assert torch.isfinite(cams).all() and (cams.flatten(1).amax(1) == 1).all()  # not all zero: gradients arrived
 
@@ -152,7 +155,7 @@ def patch_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str) -> tu
 def test_trained_run_heatmap_peaks_on_the_patch_that_decides_the_class(patch_run) -> None:
     run, squares = patch_run
     inputs = torch.stack([run.transform(load_rgb(path)) for path in squares])
-    cams = gradcam(run.model, inputs, [run.classes.index("patch")] * len(squares), run.binary)
+    cams = gradcam(run.model, inputs, [run.classes.index("patch")] * len(squares), run.task)
     cell = LITE0_STRIDE // UPSCALE  # one feature-map cell, in image pixels
     shares = []
     for cam, (left, top) in zip(cams, squares.values(), strict=True):
@@ -205,7 +208,7 @@ def test_vit_run_heatmap_has_the_input_shape_and_is_not_blank(vit_run: Run, tmp_
     images = sorted(str(p) for p in (vit_run.path.parent / "data").rglob("*.png"))[:3]
     inputs = torch.stack([vit_run.transform(load_rgb(path)) for path in images])
     predicted = vit_run.probabilities(images).argmax(axis=1).tolist()  # a class with evidence for it somewhere
-    cams = gradcam(vit_run.model, inputs, predicted, vit_run.binary)
+    cams = gradcam(vit_run.model, inputs, predicted, vit_run.task)
     assert cams.shape == (3, 64, 64)
     assert torch.isfinite(cams).all() and (cams.flatten(1).amax(1) == 1).all()
     assert (cams.flatten(1).std(1) > 0).all()  # a map with structure, not one flat value

@@ -22,6 +22,7 @@ from transferkit.errors import UserError
 from transferkit.models.classifier import Classifier
 from transferkit.models.registry import feature_grid, gradcam_layer
 from transferkit.task.calibration import decide
+from transferkit.task.kinds import Task
 
 if TYPE_CHECKING:
     from transferkit.runs.run import Run
@@ -29,12 +30,12 @@ if TYPE_CHECKING:
 BATCH_SIZE = 8  # images per backward pass: bounds the activations kept for autograd
 
 
-def gradcam(model: Classifier, inputs: torch.Tensor, targets: Sequence[int], binary: bool) -> torch.Tensor:
+def gradcam(model: Classifier, inputs: torch.Tensor, targets: Sequence[int], task: Task) -> torch.Tensor:
     """(B, H, W) heatmaps in [0, 1] at the inputs' resolution, one per image, for the class index given for each
     (on the CPU, wherever the model runs)."""
     model.eval()
     activation, logits = _activation_and_logits(model, inputs.to(next(model.parameters()).device))
-    scores = class_scores(logits, torch.as_tensor(list(targets), device=logits.device), binary)
+    scores = task.scores(logits, torch.as_tensor(list(targets), device=logits.device))
     # In eval mode the images of a batch never interact, so the gradient of the summed scores is, per image,
     # the gradient of its own score: one backward pass for the whole batch.
     (grads,) = torch.autograd.grad(scores.sum(), activation)
@@ -44,13 +45,6 @@ def gradcam(model: Classifier, inputs: torch.Tensor, targets: Sequence[int], bin
     cam = F.interpolate(cam.float(), size=tuple(inputs.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
     return (cam / peak[:, None, None]).cpu()
-
-
-def class_scores(logits: torch.Tensor, targets: torch.Tensor, binary: bool) -> torch.Tensor:
-    """The score that rises with each image's target class. One binary logit means class 1; class 0 is its negative."""
-    if binary:
-        return torch.where(targets == 1, logits[:, 0], -logits[:, 0])
-    return logits.gather(1, targets[:, None].long())[:, 0]
 
 
 def _activation_and_logits(model: Classifier, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +97,7 @@ def overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.6) -> Image.Ima
 def explain_images(run: Run, images: list[Image.Image], targets: Sequence[int]) -> list[Image.Image]:
     """Grad-CAM overlays for decoded RGB images and their target class indices, on the run's own model."""
     inputs = torch.stack([run.transform(image) for image in images])
-    cams = gradcam(run.model, inputs, targets, run.binary).numpy()
+    cams = gradcam(run.model, inputs, targets, run.task).numpy()
     return [overlay(model_view(image, run.preprocess), cam) for image, cam in zip(images, cams, strict=True)]
 
 

@@ -60,6 +60,10 @@ class Task:
         """Each image's predicted class index (single-label kinds)."""
         return logits.argmax(dim=1)
 
+    def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(N,) the logit that rises with each image's target class (what Grad-CAM differentiates)."""
+        return logits.gather(1, targets[:, None].long())[:, 0]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.classes)} classes)"
 
@@ -104,6 +108,11 @@ class Binary(Task):
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits[:, 0] > 0).long()
+
+    def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.where(targets == 1, logits[:, 0], -logits[:, 0])  # the one logit means class 1
 
 
 class MultiLabel(Task):
