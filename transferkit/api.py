@@ -29,7 +29,7 @@ from transferkit.models.registry import BackboneSpec, create_imagenet_model, get
 from transferkit.progress import Reporter
 from transferkit.report import write_report
 from transferkit.runs.files import build_meta, save_weights, write_json
-from transferkit.runs.run import Run
+from transferkit.runs.run import Run, open_run
 from transferkit.task.kinds import Task, task_for
 from transferkit.training.callbacks import Callback, History, TensorBoard
 from transferkit.training.checkpoint import Checkpoints
@@ -93,7 +93,7 @@ def resume(out: str | Path, data: str | Path | DatasetIndex | None = None, quiet
         raise UserError(f"{out} holds no run to resume (no config.yaml and split.json)")
     if (out / "meta.json").is_file() and (out / "metrics.json").is_file():
         reporter.log(f"{out} is already complete: nothing to resume")
-        run = Run(out)
+        run = open_run(out)
         run.metrics = json.loads((out / "metrics.json").read_text())
         return run
     try:
@@ -206,7 +206,7 @@ def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
                 feature_depths=list(model.depths),
                 head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
-                **({"kept": kept} if kept else {}))
+                **({"kept": kept} if kept else {}), **trainer.records)
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
 
 
@@ -311,4 +311,5 @@ def task_meta(model: torch.nn.Module, task: Task, index: DatasetIndex, val: Labe
 
 
 def load(path: str | Path) -> Run:
-    return Run(path)
+    """A run folder, or an ensemble's (the same interface)."""
+    return open_run(path)

@@ -97,6 +97,9 @@ class TrainConfig:
     sync_bn: bool = False  # batch-norm statistics over the global batch while fine-tuning them (GPUs only)
     # evaluation
     drop_leaks: bool = False  # score held-out images without those byte-identical to a training image
+    # soups and ensembles (decision 0275)
+    soup: int = 0  # greedy soup of the best N fine-tuning epochs' weights, kept if validation does not drop; 0: off
+    ensemble: bool = False  # auto: keep both finalists as an ensemble when averaging them beats the winner on val
 
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)
@@ -146,6 +149,7 @@ class TrainConfig:
             (self.image_size is None or self.image_size >= 16, "image_size must be at least 16 pixels"),
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (0 <= self.box_margin <= 10, "box_margin must be between 0 and 10 (a fraction of the box's size)"),
+            (self.soup == 0 or self.soup >= 2, "soup must be 0 (off) or the number of epochs to average, 2 or more"),
         ]
         checks.append((self.tta in TTA_CHOICES, f"tta must be one of {', '.join(TTA_CHOICES)}"))
         for ok, message in checks:

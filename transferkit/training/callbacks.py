@@ -54,6 +54,12 @@ class Callback:
 
     def after_fit(self, trainer: Trainer) -> None: ...
 
+    def state_dict(self) -> dict | None:
+        """What checkpoint.pt must carry for a resumed run to go on as this one would (None: nothing)."""
+        return None
+
+    def load_state_dict(self, trainer: Trainer, state: dict) -> None: ...
+
 
 class EarlyStopping(Callback):
     """Stops a stage after `patience` epochs without a better monitored value (or a non-finite loss), and restores

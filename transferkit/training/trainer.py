@@ -19,6 +19,7 @@ from transferkit.training.callbacks import BatchEnd, Callback, Checkpointing, Ea
 from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute
 from transferkit.training.distributed import Ranks
+from transferkit.training.soup import soup_callbacks
 from transferkit.training.state import BestKeeper, EpochLog, Position, Running, Stage, StepLog
 from transferkit.training.two_stage import frozen_stage, unfrozen_stage
 
@@ -35,11 +36,12 @@ class Trainer:
         self.keeper = BestKeeper(config.monitor, config.patience)
         self.criterion = task.loss(config.label_smoothing)
         self.callbacks: list[Callback] = [EarlyStopping(), *([Checkpointing(checkpoints)] if checkpoints else [])]
-        for callback in callbacks:
+        for callback in [*soup_callbacks(config), *callbacks]:  # those the config asks for, then the caller's
             self.add_callback(callback)
         self.stage: Stage | None = None
         self.start = Position("frozen")
         self.stop_stage = False
+        self.records: dict[str, dict] = {}  # meta.json entries callbacks add (the greedy soup's `soup`)
 
     def add_callback(self, callback: Callback) -> None:
         self.callbacks = sorted([*self.callbacks, callback], key=lambda c: c.order)
