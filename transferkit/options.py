@@ -39,6 +39,7 @@ class Augment:
     shear: float = 0.0  # degrees
     horizontal_flip: bool = False
     vertical_flip: bool = False
+    dihedral: bool = False  # random quarter turns and mirrors (no up or down); stage 1 sees all 8 exactly
     samplewise_center: bool = False  # subtract each image's own mean after normalisation
     policy: str = "none"  # "none" | "trivial" (TrivialAugmentWide + random resized crop)
 
@@ -51,6 +52,7 @@ AUGMENT_PRESETS: dict[str, Augment] = {
     "none": Augment(),
     "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
     "strong": Augment(horizontal_flip=True, policy="trivial"),
+    "dihedral": Augment(dihedral=True),
 }
 
 

@@ -56,7 +56,7 @@ class Ensemble(Run):
         self.transform, self.model = first.transform, None
         self.tta, self.temperature = "none", 1.0
         self.threshold: float | None = self.meta.get("threshold")
-        self.plain_logits, self.metrics = None, None
+        self.view_logits, self.metrics = None, None
 
     @property
     def explained(self) -> Run:

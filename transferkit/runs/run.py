@@ -68,8 +68,8 @@ class Run:
         self.temperature: float = float(self.meta.get("temperature", 1.0))
         self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
         self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
-        # one view's logits without an eager pass (the feature engine: features.extract.head_logits), if given
-        self.plain_logits: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
+        # the test-time views' logits without an eager pass (the feature engine: features.extract.head_logits)
+        self.view_logits: Callable[[list[str], list[Box | None] | None, int], torch.Tensor] | None = None
         self.metrics: dict | None = None
 
     @property
@@ -80,8 +80,8 @@ class Run:
     def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:
         """(N, logits) of image files (averaged over the run's test-time views), each cropped to its region in
         `crops` if given (decoded in workers when there are many)."""
-        if self.plain_logits is not None and self.tta == "none":
-            return self.plain_logits(paths, crops)
+        if self.view_logits is not None:
+            return self.view_logits(paths, crops, tta.VIEWS[self.tta]).mean(dim=1)
         return infer_logits(self.inference, paths, self.transform, tta.images_per_batch(tta.VIEWS[self.tta]), crops)
 
     def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
