@@ -37,7 +37,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import tar_file_iterator
 
 from transferkit.data import remote
 from transferkit.data.boxes import crop_to
@@ -159,19 +159,16 @@ class ShardStream(IterableDataset):
 
     def _members(self, shard: int, wanted: dict[str, int]) -> Iterator[tuple[int, bytes]]:
         """(position, image bytes) of the `wanted` members (name -> position) of a shard, in the shard's order."""
-        url = self.shard_paths[shard]
         found = 0
-        with self._open(shard) as handle:
-            files = tar_file_expander([{"url": url, "stream": handle}], select_files=wanted.__contains__)
-            with contextlib.suppress(tarfile.ReadError):  # cut off inside a member: reported below
-                for sample in group_by_keys(files):
-                    (ext,) = (name for name in sample if not name.startswith("__"))
-                    yield wanted[f"{sample['__key__']}.{ext}"], sample[ext]
-                    found += 1
-                    if found == len(wanted):
-                        break  # the rest of the shard is not needed (e.g. a padded unit's last stretch)
+        with self._open(shard) as handle, contextlib.suppress(tarfile.ReadError):  # cut inside a member: see below
+            # one image member per sample is selected, so webdataset's grouping by key would add nothing (but 13 %)
+            for member in tar_file_iterator(handle, select_files=wanted.__contains__):
+                yield wanted[member["fname"]], member["data"]
+                found += 1
+                if found == len(wanted):
+                    break  # the rest of the shard is not needed (e.g. a padded unit's last stretch)
         if found < len(wanted):
-            raise UserError(f"shard {url} is truncated: re-run `transferkit pack`")
+            raise UserError(f"shard {self.shard_paths[shard]} is truncated: re-run `transferkit pack`")
 
     def _open(self, shard: int) -> BinaryIO:
         if remote.is_url(self.shard_paths[shard]):
