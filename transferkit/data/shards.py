@@ -230,8 +230,9 @@ def _write_shard(out: Path, shard: _Shard, pool: ThreadPoolExecutor, advance: Ca
     with atomic_path(out / shard.name) as tmp:
         with open(tmp, "wb") as raw:
             sink = _HashingFile(raw)
-            # encoder=False: bytes are stored as given; a fixed mtime: the same input gives the same bytes
-            with TarWriter(sink, encoder=False, mtime=0) as writer:
+            # encoder=False: bytes are stored as given; a fixed mtime: the same input gives the same bytes; 0o644:
+            # members extract as ordinary writable files, as before webdataset wrote them
+            with TarWriter(sink, encoder=False, mtime=0, mode=0o644) as writer:
                 for start in range(0, len(shard.items), _CHUNK):
                     chunk = shard.items[start:start + _CHUNK]
                     for item, (data, sha, problem) in zip(chunk, pool.map(_read_verified, chunk), strict=True):
