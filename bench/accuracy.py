@@ -68,6 +68,7 @@ FINETUNE_ROWS = {
     "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
     "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
     "finetune-soup": {"head_fit": "sgd", "epochs_finetune": 5, "soup": 3},  # greedy soup of the best 3 (0275)
+    "dihedral-finetune": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral", "epochs_finetune": 3},
 }
 METRICS = ("accuracy", "balanced_accuracy", "auc", "log_loss", "ece", "seconds")
 ECE_BINS = 15
