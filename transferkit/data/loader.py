@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,7 +21,7 @@ class ImageDataset(Dataset):
     index, or a multi-hot row when `targets` is a (N, labels) tensor. `crops` are per-image regions to cut out.
 
     With `seeds`, each image's random transform draws from its own seed: the same augmented view every time,
-    whichever worker or batch it lands in (what lets augmented features be cached)."""
+    whichever worker or batch it lands in (what lets augmented features be cached, and a resumed epoch replay)."""
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int] | torch.Tensor | None, transform: Callable,
                  seeds: Sequence[int] | None = None, crops: Sequence[Box | None] | None = None) -> None:
@@ -35,9 +38,24 @@ class ImageDataset(Dataset):
         image = load_image(self.paths[index], self.crops[index])
         if self.seeds is None:
             return self.transform(image), self.targets[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[index])
+        with seeded(self.seeds[index]):
             return self.transform(image), self.targets[index]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's, numpy's and Python's global RNGs seeded with `seed` inside, as they were outside: torchvision draws
+    from torch, timm's RandAugment and Mixup from `random` and numpy."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
 
 
 @dataclass(frozen=True)
