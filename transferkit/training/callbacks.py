@@ -54,6 +54,13 @@ class Callback:
 
     def after_fit(self, trainer: Trainer) -> None: ...
 
+    def state_dict(self) -> dict | None:
+        """What checkpoint.pt must hold for this callback to go on exactly after a resume (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's `state_dict`, loaded before its stage's `before_stage`."""
+
 
 class EarlyStopping(Callback):
     """Stops a stage after `patience` epochs without a better monitored value (or a non-finite loss), and restores
@@ -69,7 +76,7 @@ class EarlyStopping(Callback):
         if trainer.stop_stage:  # already stopping (a non-finite loss): this epoch is no candidate
             return
         keeper = trainer.keeper
-        if keeper.update(log, trainer.model):
+        if keeper.update(log, trainer.model if trainer.candidate is None else trainer.candidate):
             trainer.reporter.log(f"early stop: no better {keeper.monitor} for {keeper.patience} epochs")
             trainer.stop_stage = True
 

@@ -10,6 +10,7 @@ and at the end of every epoch. What it holds, and why each part is needed for an
   for its stage first, so stage 2's parameter groups (head + unfrozen blocks) match the saved state;
 - early stopping (best value, best weights, patience count) and the epoch log so far (history.csv is rewritten
   from it: rows of an epoch that was redone never appear twice);
+- the callbacks' own states (`Callback.state_dict`: the EMA of the weights);
 - the global RNG states (dropout), since the data order and augmentation draw from per-epoch seeds instead
   (`epoch_generator`), which makes batch k of epoch e the same whether or not the run was interrupted.
 
@@ -93,6 +94,7 @@ class Checkpoints:
                        "bad_epochs": keeper.bad_epochs},
             "history": [log.to_dict() for log in self.history],
             "rng": _rng_states(),
+            "callbacks": {type(c).__name__: s for c in trainer.callbacks if (s := c.state_dict()) is not None},
         }
         with atomic_path(self.path) as tmp:  # a full disk: one line, and the previous checkpoint stays whole
             torch.save(state, tmp)
@@ -117,10 +119,15 @@ class Checkpoints:
         _set_rng_states(saved["rng"])
 
     def restore_stage(self, stage: Stage, trainer: Trainer) -> None:
-        """The optimizer, schedule and loss-scaler of the stage the checkpoint was taken in."""
+        """The optimizer, schedule, loss-scaler and callbacks' states (an EMA) of the stage the checkpoint was taken
+        in."""
         stage.optimizer.load_state_dict(self.saved["optimizer"])
         stage.scheduler.load_state_dict(self.saved["scheduler"])
         trainer.compute.scaler.load_state_dict(self.saved["scaler"])
+        states = self.saved.get("callbacks", {})
+        for callback in trainer.callbacks:
+            if type(callback).__name__ in states:
+                callback.load_state_dict(states[type(callback).__name__])
 
     def remove(self) -> None:
         """Once the run is saved the checkpoint is only a large duplicate of model.safetensors."""
