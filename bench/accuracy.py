@@ -63,6 +63,7 @@ ROWS: dict[str, dict | None] = {
 FINETUNE_ROWS = {
     "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
     "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
+    "finetune-soup": {"head_fit": "sgd", "epochs_finetune": 5, "soup": 3},  # greedy soup of the best 3 (0275)
     # issue 19's options, each alone on top of finetune-sgd (decision 0270)
     "finetune-ema": {"head_fit": "sgd", "epochs_finetune": 5, "ema_decay": 0.998},
     "finetune-llrd": {"head_fit": "sgd", "epochs_finetune": 5, "layer_decay": 0.8},

@@ -10,10 +10,13 @@ from transferkit.runs import run as run_module
 from transferkit.runs.run import Run
 
 
-@pytest.mark.parametrize("epochs_finetune", [0, 1])
-def test_evaluation_from_features_equals_evaluation_from_images(dataset, tmp_path, fast, epochs_finetune,
+@pytest.mark.parametrize(("epochs_finetune", "views"), [(0, {}), (1, {}), (0, {"augment": "dihedral", "tta": "dihedral"}),
+                                                      (1, {"augment": "dihedral", "tta": "auto"})])
+def test_evaluation_from_features_equals_evaluation_from_images(dataset, tmp_path, fast, epochs_finetune, views,
                                                                  monkeypatch):
-    options = {**fast, "epochs_finetune": epochs_finetune, "lr": 3e-2, "finetune_lr": 1e-2, "test_split": 0.25}
+    """Test-time views included: their logits come from each symmetry's features, not from an eager pass."""
+    options = {**fast, "epochs_finetune": epochs_finetune, "lr": 3e-2, "finetune_lr": 1e-2, "test_split": 0.25,
+               **views}
 
     def no_eager_pass(*_args, **_kwargs):
         raise AssertionError("an eager pass over images after training")
@@ -24,9 +27,11 @@ def test_evaluation_from_features_equals_evaluation_from_images(dataset, tmp_pat
         trained = api.train(dataset, tmp_path / "run", **options)
     from_features = trained.metrics
     eager = Run(tmp_path / "run")  # a fresh load has no feature path: every image through PyTorch
-    assert eager.plain_logits is None
+    assert eager.view_logits is None
     from_images = eager.evaluate(dataset, write=False)
     assert from_features["split"] == from_images["split"] == "test"
     assert from_features["accuracy"] == from_images["accuracy"]
     assert from_features["confusion_matrix"] == from_images["confusion_matrix"]
     assert from_features["loss"] == pytest.approx(from_images["loss"], abs=1e-4)
+    assert from_features["tta"] == from_images["tta"] == (views.get("tta", "none") if views.get("tta") != "auto"
+                                                          else trained.tta)

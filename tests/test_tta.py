@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from transferkit import api
+from transferkit.data.transforms import RandomDihedral, symmetry
 from transferkit.models import tta
 from transferkit.tuning import choose_tta
 
@@ -108,3 +109,34 @@ def test_auto_refuses_views_that_turn_one_class_into_the_other(kind, tmp_path, t
     else:  # a transpose swaps them: only dihedral averages the evidence away
         assert losses["none"] < losses["dihedral"] - 0.05, "the run must have learned the stripes' direction"
         assert meta["tta"] in ("none", "flip")
+
+
+def test_symmetries_are_the_eight_of_the_square_and_the_views_of_tta() -> None:
+    image = torch.arange(3 * 5 * 5, dtype=torch.float32).reshape(1, 3, 5, 5)
+    seen = {tuple(symmetry(image, k).flatten().tolist()) for k in range(8)}
+    assert len(seen) == 8  # all different: the dihedral group of order 8
+    assert torch.equal(tta.views(image, 8), torch.cat([symmetry(image, k) for k in range(8)]))
+    assert torch.equal(symmetry(symmetry(image, 4), 4), image)  # the transpose undoes itself
+
+
+def test_random_dihedral_is_one_symmetry_decided_by_the_seed() -> None:
+    image = torch.rand(3, 6, 6)
+    torch.manual_seed(7)
+    first = RandomDihedral()(image)
+    torch.manual_seed(7)
+    assert torch.equal(RandomDihedral()(image), first)  # resumed epochs replay the same augmentation
+    assert any(torch.equal(first, symmetry(image, k)) for k in range(8))
+    drawn = set()
+    for seed in range(64):
+        torch.manual_seed(seed)
+        drawn.add(tuple(RandomDihedral()(image).flatten().tolist()))
+    assert len(drawn) == 8
+
+
+def test_dihedral_augmentation_trains_the_frozen_head_on_all_eight_symmetries(dataset, tmp_path, fast) -> None:
+    run = api.train(dataset, tmp_path / "run", **{**fast, "augment": "dihedral", "epochs_finetune": 0,
+                                                   "cache_dir": str(tmp_path / "cache")})
+    spaces = [json.loads(path.read_text()) for path in (tmp_path / "cache").rglob("space.json")]
+    views = sorted(str(space["view"]) for space in spaces if "view" in space)
+    assert views == sorted(["0", *[f"dihedral{k}" for k in range(1, 8)]])
+    assert run.meta["tta"] == "none"  # the test-time views are a separate choice (--tta)

@@ -21,7 +21,7 @@ from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.features.cache import cache_root
-from transferkit.features.extract import FeatureExtractor, clean_view, head_logits
+from transferkit.features.extract import FeatureExtractor, ViewLogitsOf, head_logits
 from transferkit.fileio import output_folder
 from transferkit.models.classifier import Classifier, depth_levels, new_classifier
 from transferkit.models.device import resolve_device
@@ -29,7 +29,7 @@ from transferkit.models.registry import BackboneSpec, create_imagenet_model, get
 from transferkit.progress import Reporter
 from transferkit.report import write_report
 from transferkit.runs.files import build_meta, save_weights, write_json
-from transferkit.runs.run import Run
+from transferkit.runs.run import Run, open_run
 from transferkit.task.kinds import Task, task_for
 from transferkit.training.callbacks import Callback, History, TensorBoard
 from transferkit.training.checkpoint import Checkpoints
@@ -37,7 +37,7 @@ from transferkit.training.compute import Compute
 from transferkit.training.distributed import Ranks, current_ranks
 from transferkit.training.state import BestKeeper, Paused
 from transferkit.training.trainer import Trainer
-from transferkit.tuning import LogitsOf, validation_choices
+from transferkit.tuning import validation_choices
 
 
 def seed_everything(seed: int) -> None:
@@ -93,7 +93,7 @@ def resume(out: str | Path, data: str | Path | DatasetIndex | None = None, quiet
         raise UserError(f"{out} holds no run to resume (no config.yaml and split.json)")
     if (out / "meta.json").is_file() and (out / "metrics.json").is_file():
         reporter.log(f"{out} is already complete: nothing to resume")
-        run = Run(out)
+        run = open_run(out)
         run.metrics = json.loads((out / "metrics.json").read_text())
         return run
     try:
@@ -206,7 +206,7 @@ def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
                 feature_depths=list(model.depths),
                 head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
-                **({"kept": kept} if kept else {}))
+                **({"kept": kept} if kept else {}), **trainer.records)
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
 
 
@@ -246,7 +246,7 @@ def _finished_training(out: Path) -> bool:
 
 
 def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter) -> Run:
-    run.plain_logits = feature_logits(run.model, run.preprocess, cfg, reporter,
+    run.view_logits = feature_logits(run.model, run.preprocess, cfg, reporter,
                                       pretrained_backbone(cfg, run.meta.get("kept")), index)
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
@@ -260,7 +260,7 @@ def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
 
 
 def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, reporter: Reporter,
-                   cached: bool, index: DatasetIndex) -> LogitsOf | None:
+                   cached: bool, index: DatasetIndex) -> ViewLogitsOf | None:
     """Logits after training from the feature engine rather than eager PyTorch, through the cache when the backbone
     is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's features are
     computed once and not kept. None (eager) for data at a URL, and the features computed here run in PyTorch:
@@ -269,7 +269,7 @@ def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, re
         return None
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
     extract = FeatureExtractor(model, "torch", cfg.batch_size, cfg.workers, reporter, cache)
-    return head_logits(model, clean_view(pre, cfg.augmentation().samplewise_center), extract)
+    return head_logits(model, pre, cfg.augmentation().samplewise_center, extract)
 
 
 def warn_leaks(metrics: dict, reporter: Reporter) -> None:
@@ -300,15 +300,16 @@ def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dic
 
 
 def task_meta(model: torch.nn.Module, task: Task, index: DatasetIndex, val: Labelled, pre: Preprocess,
-              cfg: TrainConfig, reporter: Reporter, plain_logits: LogitsOf | None = None) -> dict:
+              cfg: TrainConfig, reporter: Reporter, view_logits: ViewLogitsOf | None = None) -> dict:
     """meta.json entries beyond a plain classifier's: the margin of boxed data, and what is chosen on the
     validation images (test-time augmentation, temperature, decision thresholds)."""
     extra: dict = {"box_margin": cfg.box_margin} if any(s.box for s in index.samples) else {}
     transform = eval_transform(pre, cfg.augmentation().samplewise_center)
     extra.update(validation_choices(model, val, transform, task, cfg.tta, cfg.operating_point, reporter,
-                                    plain_logits))
+                                    view_logits))
     return extra
 
 
 def load(path: str | Path) -> Run:
-    return Run(path)
+    """A run folder, or an ensemble's (the same interface)."""
+    return open_run(path)

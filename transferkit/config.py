@@ -105,6 +105,9 @@ class TrainConfig:
     sync_bn: bool = False  # batch-norm statistics over the global batch while fine-tuning them (GPUs only)
     # evaluation
     drop_leaks: bool = False  # score held-out images without those byte-identical to a training image
+    # soups and ensembles (decision 0275)
+    soup: int = 0  # greedy soup of the best N fine-tuning epochs' weights, kept if validation does not drop; 0: off
+    ensemble: bool = False  # auto: keep both finalists as an ensemble when averaging them beats the winner on val
 
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)
@@ -158,6 +161,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: off)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be 0 (off) or positive alphas"),
             (self.class_balance in CLASS_BALANCES, f"class_balance must be one of {', '.join(CLASS_BALANCES)}"),
+            (self.soup == 0 or self.soup >= 2, "soup must be 0 (off) or the number of epochs to average, 2 or more"),
         ]
         checks.append((self.tta in TTA_CHOICES, f"tta must be one of {', '.join(TTA_CHOICES)}"))
         for ok, message in checks:

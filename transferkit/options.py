@@ -40,6 +40,7 @@ class Augment:
     shear: float = 0.0  # degrees
     horizontal_flip: bool = False
     vertical_flip: bool = False
+    dihedral: bool = False  # random quarter turns and mirrors (no up or down); stage 1 sees all 8 exactly
     samplewise_center: bool = False  # subtract each image's own mean after normalisation
     # "none" | "trivial" (TrivialAugmentWide) | a timm RandAugment string such as "rand-m9-mstd0.5"; both policies
     # follow a random resized crop
@@ -54,6 +55,7 @@ AUGMENT_PRESETS: dict[str, Augment] = {
     "none": Augment(),
     "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
     "strong": Augment(horizontal_flip=True, policy="trivial"),
+    "dihedral": Augment(dihedral=True),
     "randaugment": Augment(horizontal_flip=True, policy="rand-m9-mstd0.5"),  # timm's RandAugment, as in its recipes
 }
 # timm's RandAugment configuration: "rand", then sections for magnitude, layers, its std and max, probability

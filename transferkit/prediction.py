@@ -3,6 +3,7 @@ datasets in; `predict --json` records out, from a Run or an export alike."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +16,27 @@ from transferkit.data.sources import Skipped, image_problems, list_image_files, 
 from transferkit.errors import UserError
 from transferkit.task import multilabel
 from transferkit.task.calibration import decide
+
+ENSEMBLE = "ensemble"  # the meta.json key of an ensemble run folder (docs/design.md, decision 0275)
+
+
+def ensemble_members(folder: Path) -> list[tuple[Path, float]] | None:
+    """An ensemble run folder's members (each a complete run folder) with their weights, which sum to 1; None for
+    a single run (or a folder without a readable meta.json, which the caller reports as it does for any run)."""
+    try:
+        spec = json.loads((Path(folder) / "meta.json").read_text()).get(ENSEMBLE)
+    except (OSError, ValueError):
+        return None
+    if spec is None:
+        return None
+    total = sum(float(member["weight"]) for member in spec["members"])
+    return [(Path(folder) / member["path"], float(member["weight"]) / total) for member in spec["members"]]
+
+
+def averaged(probabilities: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """The ensemble's probabilities: its members' (each calibrated by its own temperature), weighted."""
+    return sum(w * np.asarray(p, dtype=np.float64) for p, w in zip(probabilities, weights, strict=True)).astype(
+        np.float32)
 
 
 class Predictor(Protocol):

@@ -19,6 +19,7 @@ from transferkit.data.images import load_image
 from transferkit.data.preprocess import Preprocess
 from transferkit.errors import UserError
 from transferkit.parity import INT8_MIN_AGREEMENT, PROBES_KEY, probe_failure
+from transferkit.prediction import averaged, ensemble_members
 from transferkit.progress import print_warning
 from transferkit.task import multilabel
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 PREDICT_ENGINES = ("auto", "int8", "onnx", "torch")
 EXPORT_FILES = {"int8": "model.int8.onnx", "onnx": "model.onnx"}  # "auto" tries them in this order: fastest first
+# An exported ensemble: one export per member (in its own run folder) and this file, which names and weighs them.
+ENSEMBLE_EXPORTS = {"int8": "ensemble.int8.json", "onnx": "ensemble.onnx.json"}
 BATCH_SIZE = 32  # images decoded and held as pixels at once (~19 MB at 224 px)
 # Images per ONNX Runtime call: on a CPU the time per image grows with the batch, whose activations leave the
 # caches, so 2 per call beat 1 and 32 (decision 0162). Batching still pays in the server: one trip to the model
@@ -85,21 +88,53 @@ class OnnxPredictor:
             raise UserError(f"{self.path.name} is not safe to use here: {reason}")
 
     def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
-        """(N, classes) probabilities for image files, cropped to `crops` if given; decoded in threads (Pillow
-        releases the GIL), a batch at a time so memory stays flat."""
-        crops = crops or [None] * len(paths)
-        with ThreadPoolExecutor(max(1, min(4, thread_budget()))) as pool:
-            outputs = [self.probabilities_of_images(list(pool.map(load_image, paths[i : i + BATCH_SIZE],
-                                                                  crops[i : i + BATCH_SIZE])))
-                       for i in range(0, len(paths), BATCH_SIZE)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
+        """(N, classes) probabilities for image files, cropped to `crops` if given."""
+        return probabilities_of_files(self, paths, crops)
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         """(N, classes) probabilities for decoded RGB images already in memory (a server's batch)."""
         return self._session(self.preprocess.pixels(images))
 
 
-def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredictor:
+class EnsemblePredictor:
+    """An exported ensemble (`transferkit export` of an ensemble run folder): each member's ONNX export, with its own
+    preprocessing and calibration inside, and the weighted average of their probabilities. No PyTorch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+        self.members = [_export_predictor(path.parent / member["run"], spec["engine"]) for member in spec["members"]]
+        self.weights = [float(member["weight"]) for member in spec["members"]]
+        self.classes: list[str] = spec["classes"]
+        if any(member.classes != self.classes for member in self.members):
+            raise UserError(f"the exports {path} names do not share its classes: export the ensemble again")
+        first = self.members[0]
+        self.box_margin, self.thresholds, self.preprocess = first.box_margin, first.thresholds, first.preprocess
+        self.threshold: float | None = spec.get("threshold")
+
+    def probabilities(self, paths: list[str], crops: list[Box | None] | None = None) -> np.ndarray:
+        return probabilities_of_files(self, paths, crops)  # each image decoded once for all members
+
+    def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
+        return averaged([member.probabilities_of_images(images) for member in self.members], self.weights)
+
+
+def probabilities_of_files(predictor: OnnxPredictor | EnsemblePredictor, paths: list[str],
+                           crops: list[Box | None] | None) -> np.ndarray:
+    """(N, classes) probabilities of image files: decoded in threads (Pillow releases the GIL), a batch at a time
+    so memory stays flat."""
+    crops = crops or [None] * len(paths)
+    with ThreadPoolExecutor(max(1, min(4, thread_budget()))) as pool:
+        outputs = [predictor.probabilities_of_images(list(pool.map(load_image, paths[i : i + BATCH_SIZE],
+                                                                   crops[i : i + BATCH_SIZE])))
+                   for i in range(0, len(paths), BATCH_SIZE)]
+    return np.concatenate(outputs) if outputs else np.zeros((0, len(predictor.classes)), dtype=np.float32)
+
+
+def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredictor | EnsemblePredictor:
     """"auto": the fastest export made from the run's current weights (int8, then fp32 ONNX), else PyTorch.
 
     An int8 export only exists if it passed its agreement and accuracy check, and is used only if its self-check
@@ -111,22 +146,34 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
         return _torch_run(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"no such run folder: {run_dir}")
+    ensemble = ensemble_members(run_dir) is not None
+    files = ENSEMBLE_EXPORTS if ensemble else EXPORT_FILES
+    load = _ensemble_predictor if ensemble else _export_predictor
     if engine != "auto":
-        return _export_predictor(run_dir, engine)
-    kinds = [kind for kind in EXPORT_FILES if (run_dir / EXPORT_FILES[kind]).is_file()]
+        return load(run_dir, engine)
+    kinds = [kind for kind in files if (run_dir / files[kind]).is_file()]
     for position, kind in enumerate(kinds):
         try:
-            return _export_predictor(run_dir, kind)
+            return load(run_dir, kind)
         except UserError as exc:
-            fallback = EXPORT_FILES[kinds[position + 1]] if position + 1 < len(kinds) else "PyTorch"
+            fallback = files[kinds[position + 1]] if position + 1 < len(kinds) else "PyTorch"
             print_warning("warning:", f"{exc}; using {fallback} instead")
     return _torch_run(run_dir)
 
 
 def _torch_run(run_dir: Path) -> Run:
-    from transferkit.runs.run import Run
+    from transferkit.runs.run import open_run
 
-    return Run(run_dir)
+    return open_run(run_dir)
+
+
+def _ensemble_predictor(run_dir: Path, kind: str) -> EnsemblePredictor:
+    path = run_dir / ENSEMBLE_EXPORTS[kind]
+    if not path.is_file():
+        flag = " --int8" if kind == "int8" else ""
+        raise UserError(f"{run_dir} is an ensemble with no {path.name}: run `transferkit export {run_dir}{flag}` "
+                        "first (it exports each member), or use --engine torch")
+    return EnsemblePredictor(path)
 
 
 def _export_predictor(run_dir: Path, kind: str) -> OnnxPredictor:

@@ -5,29 +5,27 @@ consumer of the run (evaluate, predict, serve, export) applies it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from transferkit.data.loader import Labelled
+from transferkit.features.extract import ViewLogitsOf
 from transferkit.models import tta
 from transferkit.progress import Reporter
 from transferkit.runs.run import infer_logits
 from transferkit.task import calibration, multilabel
 from transferkit.task.kinds import Task
 
-LogitsOf = Callable[[Sequence[str], Sequence | None], torch.Tensor]
-
 
 def validation_choices(model: torch.nn.Module, val: Labelled, transform, task: Task, tta_choice: str,
-                       operating_point: str, reporter: Reporter, plain_logits: LogitsOf | None = None) -> dict:
+                       operating_point: str, reporter: Reporter, view_logits: ViewLogitsOf | None = None) -> dict:
     """meta.json entries: tta, temperature, and a binary task's operating point and threshold (a multi-label
-    task's per-label thresholds). `plain_logits` gives the logits of one view without an eager pass (features)."""
+    task's per-label thresholds). `view_logits` gives the views' logits without an eager pass (the feature engine)."""
     count = tta.VIEWS["dihedral"] if tta_choice == "auto" else tta.VIEWS[tta_choice]
     begin = time.perf_counter()
-    if count == 1 and plain_logits is not None:
-        logits = plain_logits(val.paths, val.crops).unsqueeze(1)  # (N, 1 view, classes)
+    if view_logits is not None:
+        logits = view_logits(val.paths, val.crops, count)  # (N, views, classes)
     else:
         logits = infer_logits(tta.ViewLogits(model, count), val.paths, transform, tta.images_per_batch(count),
                               val.crops)

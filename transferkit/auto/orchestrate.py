@@ -41,7 +41,7 @@ from transferkit.auto.probe import (
     pick,
     probe_subset,
 )
-from transferkit.auto.race import Lap, finish, race
+from transferkit.auto.race import Lap, finish_race, race
 from transferkit.auto.race import winner as race_winner
 from transferkit.auto.range_test import LRFind, best_rate, lr_find, plot_lr_find
 from transferkit.config import TrainConfig, resolve_config
@@ -179,7 +179,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     write_leaderboard(out / "leaderboard.csv", leaderboard)
     plot_lr_find(chosen.found, out / "lr_find.png", chosen.choices["lr"], chosen.name)
     if laps:
-        run = finish(next(lap for lap in laps if lap.name == chosen.name), index, out, quiet)
+        run = finish_race(laps, chosen.name, index, out, quiet, cfg, reporter)
     else:
         run = api.train(index, out, quiet=quiet, **{**train_options, **chosen.options})
     summary = {
@@ -188,6 +188,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
         "leaderboard": leaderboard,
         "probe": {"images": len(samples), "folds": chosen.probed.score.folds, "reserve_seconds": round(reserve, 1)},
         "race": [lap.to_json() for lap in laps],
+        "ensemble": run.meta.get("ensemble"),  # members and gain, when the finalists were kept together
         "head": head.to_json(),
         "lr": {"head": chosen.choices["lr"], "finetune": chosen.choices["finetune_lr"],
                "lr_find": chosen.found.to_json(),

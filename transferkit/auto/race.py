@@ -8,6 +8,7 @@ orders disagreed on the demo data (decision 0221)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import shutil
 import time
@@ -15,11 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from transferkit import api
 from transferkit.auto.plan import RACE_EPOCHS
+from transferkit.config import TrainConfig
+from transferkit.data.boxes import crop_regions
 from transferkit.data.sources import DatasetIndex
+from transferkit.prediction import averaged
+from transferkit.progress import Reporter
 from transferkit.report import write_report
+from transferkit.runs.ensemble import MEMBERS, write_ensemble
 from transferkit.runs.run import Run
+from transferkit.task.calibration import decide
 from transferkit.training.callbacks import PauseAfter
 
 RACE_FOLDER = "race"  # inside the run folder while the race lasts: RUN/race/BACKBONE/
@@ -100,3 +109,53 @@ def finish(lap: Lap, index: DatasetIndex, out: Path, quiet: bool) -> Run:
     if lap.finished:
         write_report(run)
     return run
+
+
+def finish_race(laps: list[Lap], won: str, index: DatasetIndex, out: Path, quiet: bool, cfg: TrainConfig,
+                reporter: Reporter) -> Run:
+    """The winner alone (`finish`); with `ensemble` on, both finalists finish their runs and stay together as an
+    ensemble when their averaged validation probabilities beat the winner's by the monitor (decision 0275)."""
+    lap = next(lap for lap in laps if lap.name == won)
+    if not cfg.ensemble:
+        return finish(lap, index, out, quiet)
+    names = [won, *(other.name for other in laps if other.name != won)]
+    runs = [api.resume(out / RACE_FOLDER / name, index, quiet=quiet) for name in names]
+    gain = ensemble_gain(runs, names, index, cfg.monitor)
+    if not gain["better"]:
+        reporter.log(f"ensemble: not kept, {gain['monitor']} {gain['ensemble'][gain['monitor']]:.4f} vs the "
+                     f"winner's {gain['winner'][gain['monitor']]:.4f}")
+        return finish(dataclasses.replace(lap, finished=True), index, out, quiet)  # its report sees the leaderboard
+    (out / MEMBERS).mkdir(exist_ok=True)
+    for name in names:
+        (out / RACE_FOLDER / name).rename(out / MEMBERS / name)
+    shutil.rmtree(out / RACE_FOLDER)
+    reporter.log(f"ensemble: kept ({', '.join(names)}), {gain['monitor']} {gain['ensemble'][gain['monitor']]:.4f} "
+                 f"vs the winner's {gain['winner'][gain['monitor']]:.4f}")
+    ensemble = write_ensemble(out, [Run(out / MEMBERS / name) for name in names], names, gain)
+    ensemble.evaluate(index)
+    write_report(ensemble)
+    return ensemble
+
+
+def ensemble_gain(runs: list[Run], names: list[str], index: DatasetIndex, monitor: str) -> dict:
+    """Each finalist's and the equal-weight average's validation loss and accuracy, and whether the average beats
+    the first (the winner) by `monitor`."""
+    val = index.split("val")
+    targets = np.array([runs[0].classes.index(s.label) for s in val])
+    probs = [run.probabilities([s.path for s in val], crop_regions([s.box for s in val], run.box_margin)
+                               if any(s.box for s in val) else None) for run in runs]
+    thresholds = [run.threshold for run in runs]
+    mean_threshold = float(np.mean(thresholds)) if None not in thresholds else None
+    members = {name: val_scores(p, targets, run.threshold) for name, p, run in zip(names, probs, runs, strict=True)}
+    ours = val_scores(averaged(probs, [1 / len(runs)] * len(runs)), targets, mean_threshold)
+    winner = members[names[0]]
+    better = ours["val_loss"] < winner["val_loss"] if monitor == "val_loss" else ours["val_acc"] > winner["val_acc"]
+    return {"monitor": monitor, "winner": {"name": names[0], **winner}, "ensemble": ours, "members": members,
+            "better": bool(better), "val_images": len(val)}
+
+
+def val_scores(probs: np.ndarray, targets: np.ndarray, threshold: float | None) -> dict:
+    """Log loss (the negative log of the true class's calibrated probability) and accuracy."""
+    chosen = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
+    return {"val_loss": round(float(-np.log(chosen).mean()), 6),
+            "val_acc": round(float((decide(probs, threshold) == targets).mean()), 6)}

@@ -21,12 +21,13 @@ RUN = Annotated[Path, typer.Argument(help="Run folder.")]
 CLASS = Annotated[str | None, typer.Option("--class", help="Class to explain (default: the predicted one).")]
 
 
-def load_run(path: Path) -> Run:
-    from transferkit.runs.run import Run
+def load_run(path: Path, ensemble: bool = False) -> Run:
+    """The run; an ensemble only where the command handles one (explain), else its one-line refusal."""
+    from transferkit.runs.run import Run, open_run
 
     if not path.exists():
         raise UserError(f"no such run folder: {path}")
-    return Run(path)
+    return open_run(path) if ensemble else Run(path)
 
 
 def embedder(source: EmbeddingSource, cache_dir: str | None, no_cache: bool) -> Embedder:
@@ -57,7 +58,7 @@ def explain(
     """Grad-CAM overlays: where in each image the evidence for a class lies."""
     from transferkit.insight.explain import class_index, explain_files
 
-    model = load_run(run)
+    model = load_run(run, ensemble=True)
     target = class_index(model, class_name) if class_name is not None else None
     paths = readable_images(images)
     output_folder(out)

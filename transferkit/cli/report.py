@@ -21,9 +21,9 @@ def report(
     """One self-contained HTML page: data, curves, metrics, confusion, ROC, Grad-CAM, top losses, similarity."""
     from transferkit.cli.training import print_metrics_summary, report_skipped_dicts
     from transferkit.report import write_report
-    from transferkit.runs.run import Run
+    from transferkit.runs.run import open_run
 
-    loaded = Run(run)
+    loaded = open_run(run)
     if data is not None:
         metrics = loaded.evaluate(data)
         report_skipped_dicts(metrics["skipped_files"])

@@ -216,11 +216,11 @@ def evaluate(
     from transferkit.api import warn_leaks
     from transferkit.progress import Reporter
     from transferkit.report import write_report
-    from transferkit.runs.run import Run
+    from transferkit.runs.run import open_run
 
     if split not in (None, "train", "val", "test", "all"):
         raise UserError(f"--split must be train, val, test or all, not '{split}'")
-    loaded = Run(run)
+    loaded = open_run(run)
     metrics = loaded.evaluate(data, split, drop_leaks=drop_leaks)
     warn_leaks(metrics, Reporter())
     write_report(loaded)

@@ -16,6 +16,33 @@ class SamplewiseCenter(torch.nn.Module):
         return image - image.mean()
 
 
+def symmetry(images: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square on (..., H, W) tensors: identity, mirror, upside down, both,
+    then the same four of the transpose (square images only). Test-time augmentation's views come in this order."""
+    x = images.transpose(-2, -1) if k >= 4 else images
+    flips = [(), (-1,), (-2,), (-2, -1)][k % 4]
+    return x.flip(flips) if flips else x
+
+
+class Symmetry(torch.nn.Module):
+    """One fixed symmetry of the square: a frozen-stage feature view of `augment: dihedral`."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return symmetry(image, self.k)
+
+
+class RandomDihedral(torch.nn.Module):
+    """A random one of the 8 symmetries, for images with no up or down (cells, micrographs, textures): quarter
+    turns and mirrors change nothing a label depends on."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return symmetry(image, int(torch.randint(8, ())))
+
+
 def _normalize(pre: Preprocess) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
 
@@ -68,6 +95,8 @@ def train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
     if aug.vertical_flip:
         steps.append(T.RandomVerticalFlip())
     steps += _normalize(pre)
+    if aug.dihedral:
+        steps.append(RandomDihedral())
     if aug.samplewise_center:
         steps.append(SamplewiseCenter())
     return T.Compose(steps)

@@ -29,7 +29,9 @@ from transferkit.fileio import atomic_path
 from transferkit.models.classifier import evaluate_logits
 from transferkit.models.tta import tta_logits
 from transferkit.parity import PROBES_KEY, Check, compare, make_probes
-from transferkit.predictor import OnnxSession
+from transferkit.prediction import ENSEMBLE, ensemble_members
+from transferkit.predictor import ENSEMBLE_EXPORTS, EXPORT_FILES, OnnxSession
+from transferkit.runs.files import write_json
 from transferkit.runs.run import Run
 
 FORMATS = ("onnx", "torchscript")
@@ -242,6 +244,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
         raise UserError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":
         raise UserError("--int8 needs --format onnx")
+    if (members := ensemble_members(Path(run_dir))) is not None:
+        return export_ensemble(Path(run_dir), members, fmt, int8, out, log)
     run = Run(run_dir)
     target = Path(out) if out else default_out(run.path, fmt, int8)
     if target.is_dir():
@@ -270,3 +274,33 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: 
             _set_metadata(tmp, {**export_metadata(run, int8), PROBES_KEY: probes})
     size_mb = target.stat().st_size / 2**20
     return ExportReport(str(target), fmt, int8, round(size_mb, 2), check, *speeds, notes=notes)
+
+
+def export_ensemble(run_dir: Path, members: list[tuple[Path, float]], fmt: str, int8: bool, out: str | Path | None,
+                    log: Callable[[str], None]) -> ExportReport:
+    """Each member exported into its own run folder (and checked, as any export), then RUN/ensemble[.int8].json,
+    which names and weighs them: `transferkit.predictor.EnsemblePredictor` averages them without PyTorch. The
+    report's check is the member's that strayed furthest from PyTorch; its speed, the members' one after another."""
+    if fmt != "onnx":
+        raise UserError(f"{run_dir} is an ensemble: it exports to ONNX only (one file per member), not {fmt}")
+    if out is not None:
+        raise UserError(f"{run_dir} is an ensemble: its exports go into its member folders; drop --out")
+    reports = []
+    for folder, _ in members:
+        log(f"member {folder.name}:")
+        reports.append(export_run(folder, fmt, int8, None, log))
+    kind = "int8" if int8 else "onnx"
+    meta = json.loads((run_dir / "meta.json").read_text())
+    path = run_dir / ENSEMBLE_EXPORTS[kind]
+    write_json(path, {
+        "classes": meta["classes"], "task": meta["task"], "threshold": meta.get("threshold"), "engine": kind,
+        "members": [{"run": str(folder.relative_to(run_dir)), "file": EXPORT_FILES[kind], "weight": weight}
+                    for folder, weight in members],
+        "output": "the weighted average of the members' probabilities (N, classes)",
+        "transferkit_version": transferkit.__version__, "ensemble": meta[ENSEMBLE]["members"],
+    })
+    worst = max(reports, key=lambda r: r.check.max_abs_diff)
+    notes = [f"{r.path}: max |dprob| {r.check.max_abs_diff:.1e}" for r in reports]
+    return ExportReport(str(path), fmt, int8, round(sum(r.size_mb for r in reports), 2), worst.check,
+                        1 / sum(1 / r.export_img_s for r in reports), 1 / sum(1 / r.eager_img_s for r in reports),
+                        notes=[note for r in reports for note in r.notes] + notes)

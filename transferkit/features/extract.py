@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2 as T
 
 from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
 from transferkit.data.loader import ImageDataset, make_loader
-from transferkit.data.transforms import Preprocess, eval_transform
+from transferkit.data.transforms import Preprocess, Symmetry, eval_transform
 from transferkit.features.cache import ArrayTable, FeatureStore, FeatureTable, module_digest
 from transferkit.progress import Reporter
 
@@ -184,6 +185,15 @@ def clean_view(pre: Preprocess, samplewise_center: bool = False) -> View:
     return View(0, eval_transform(pre, samplewise_center), {**view_spec(pre, samplewise_center), "view": 0})
 
 
+def symmetry_view(pre: Preprocess, samplewise_center: bool, k: int) -> View:
+    """The clean image under the k-th symmetry of the square (k = 0: the clean view itself): the frozen stage's
+    views with `augment: dihedral`, and test-time augmentation's views when they come from the feature engine."""
+    if k == 0:
+        return clean_view(pre, samplewise_center)
+    transform = T.Compose([eval_transform(pre, samplewise_center), Symmetry(k)])
+    return View(k, transform, {**view_spec(pre, samplewise_center), "view": f"dihedral{k}"})
+
+
 def view_seed(content_digest: str, view_index: int) -> int:
     return int(content_digest[:8], 16) ^ (view_index * 0x9E3779B1 & 0x7FFFFFFF)
 
@@ -278,15 +288,22 @@ class RowCollector:
         self.written += len(features)
 
 
-def head_logits(model: nn.Module, view: View, extract: FeatureExtractor
-                ) -> Callable[[Sequence[str], Sequence[Box | None] | None], torch.Tensor]:
+# (paths, crops, views) -> (N, views, classes): the logits of the first `views` symmetries of each image
+ViewLogitsOf = Callable[[Sequence[str], Sequence[Box | None] | None, int], torch.Tensor]
+
+
+def head_logits(model: nn.Module, pre: Preprocess, samplewise_center: bool, extract: FeatureExtractor
+                ) -> ViewLogitsOf:
     """The classifier's logits as head(features), the features from the engine and the cache instead of an eager
     forward pass: the same function (the engine is parity-checked), several times faster, and free where stage 1
-    already cached them. Evaluation after training and the choices made on validation use it."""
+    already cached them. Evaluation after training and the choices made on validation use it, test-time views
+    included (the symmetries of `models.tta`, in its order)."""
 
-    def logits(paths: Sequence[str], crops: Sequence[Box | None] | None = None) -> torch.Tensor:
-        [features] = extract(paths, [view], "evaluation", crops)
+    def logits(paths: Sequence[str], crops: Sequence[Box | None] | None = None, views: int = 1) -> torch.Tensor:
+        chosen = [symmetry_view(pre, samplewise_center, k) for k in range(views)]
+        tables = extract(paths, chosen, "evaluation", crops)
         with torch.no_grad():
-            return model.head.eval()(features)
+            head = model.head.eval()
+            return torch.stack([head(features) for features in tables], dim=1)
 
     return logits

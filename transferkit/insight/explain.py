@@ -96,6 +96,7 @@ def overlay(view: Image.Image, cam: np.ndarray, alpha: float = 0.6) -> Image.Ima
 
 def explain_images(run: Run, images: list[Image.Image], targets: Sequence[int]) -> list[Image.Image]:
     """Grad-CAM overlays for decoded RGB images and their target class indices, on the run's own model."""
+    run = run.explained  # an ensemble's member of largest weight
     inputs = torch.stack([run.transform(image) for image in images])
     cams = gradcam(run.model, inputs, targets, run.task).numpy()
     return [overlay(model_view(image, run.preprocess), cam) for image, cam in zip(images, cams, strict=True)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from transferkit.data.transforms import symmetry
 from transferkit.options import TTA_CHOICES, TTA_MODES
 
 MODES, CHOICES = TTA_MODES, TTA_CHOICES
@@ -24,14 +25,10 @@ def images_per_batch(count: int) -> int:
 
 
 def views(images: torch.Tensor, count: int) -> torch.Tensor:
-    """(count * N, C, H, W): the first `count` of [x, mirror, upside down, both, and the same of x transposed],
-    view-major. The first 2 are "flip"; all 8 are the dihedral group (transposes need square images)."""
-    x = images
-    flips = [x, x.flip(3), x.flip(2), x.flip(2, 3)]
-    if count > 4:
-        t = x.transpose(2, 3)
-        flips += [t, t.flip(3), t.flip(2), t.flip(2, 3)]
-    return torch.cat(flips[:count])
+    """(count * N, C, H, W): the first `count` symmetries of the square of each image (data.transforms.symmetry's
+    order: x, mirror, upside down, both, then the same of x transposed), view-major. The first 2 are "flip"; all 8
+    are the dihedral group (transposes need square images)."""
+    return torch.cat([symmetry(images, k) for k in range(count)])
 
 
 def view_logits(model: nn.Module, images: torch.Tensor, count: int) -> torch.Tensor:

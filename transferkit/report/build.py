@@ -16,6 +16,7 @@ import yaml
 
 from transferkit.data.labelsets import label_set
 from transferkit.fileio import atomic_write
+from transferkit.report.ensemble import ensemble_model_rows, ensemble_section
 from transferkit.report.figures import confusion_uri, precision_recall_uri, reliability_uri, roc_uri, stage_curves
 from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
 from transferkit.report.multilabel import multilabel_sections
@@ -58,6 +59,7 @@ def gather(run: Run) -> dict:
         **(multilabel_sections(metrics) if run.multilabel else single_label_sections(run, metrics)),
         "model": model_section(run),
         "leaderboard": leaderboard_section(run.path),
+        "ensemble": ensemble_section(run.path, run.meta, metrics),
     }
 
 
@@ -198,7 +200,7 @@ def prediction_sections(run: Run, pred: Predictions | None) -> dict:
         message = NO_PREDICTIONS if pred is None else "predictions.csv lists no images"
         return {"gallery": missing(message), "top_losses": missing(message), "similarity": missing(message)}
     return {"gallery": gallery_section(run, pred), "top_losses": top_losses_section(pred, run.classes),
-            "similarity": similarity_section(run, pred)}
+            "similarity": similarity_section(run.explained, pred)}
 
 
 def leaderboard_section(folder: Path) -> list[dict] | None:
@@ -219,6 +221,8 @@ def model_section(run: Run) -> dict:
     config_path = run.path / "config.yaml"
     config_text = config_path.read_text() if config_path.is_file() else None
     recipe = (yaml.safe_load(config_text) or {}).get("recipe") if config_text else None
+    if "ensemble" in meta:
+        return {"rows": ensemble_model_rows(meta), "config": config_text, "meta": json.dumps(meta, indent=2)}
     rows = [("backbone", f"{meta['backbone']} (timm {meta['timm_name']})"),
             ("weights", meta["weights_source"]),
             ("recipe", recipe or "—"),

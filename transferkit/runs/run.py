@@ -21,7 +21,7 @@ from transferkit.errors import UserError
 from transferkit.models import tta
 from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier, evaluate_logits
 from transferkit.models.device import resolve_device
-from transferkit.prediction import collect_inputs, prediction_records
+from transferkit.prediction import collect_inputs, ensemble_members, prediction_records
 from transferkit.runs.files import FORMAT_VERSION, read_history, write_json, write_predictions
 from transferkit.runs.scope import check_leaks, choose_scope, is_own_data, leak_record
 from transferkit.task import multilabel
@@ -35,6 +35,8 @@ class Run:
     def __init__(self, path: str | Path, device: str = "auto") -> None:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
+        if ensemble_members(self.path) is not None:  # commands that take an ensemble open it with open_run
+            raise UserError(f"{self.path} is an ensemble: this needs one model, e.g. {self.path / 'members'}/NAME")
         if not meta_path.is_file() or not (self.path / "model.safetensors").is_file():
             raise UserError(f"not a complete run folder (no meta.json/model.safetensors): {self.path}")
         self.meta = json.loads(meta_path.read_text())
@@ -66,15 +68,20 @@ class Run:
         self.temperature: float = float(self.meta.get("temperature", 1.0))
         self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
         self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
-        # one view's logits without an eager pass (the feature engine: features.extract.head_logits), if given
-        self.plain_logits: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
+        # the test-time views' logits without an eager pass (the feature engine: features.extract.head_logits)
+        self.view_logits: Callable[[list[str], list[Box | None] | None, int], torch.Tensor] | None = None
         self.metrics: dict | None = None
+
+    @property
+    def explained(self) -> Run:
+        """The run whose model Grad-CAM explains: this one (an ensemble's: one member)."""
+        return self
 
     def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:
         """(N, logits) of image files (averaged over the run's test-time views), each cropped to its region in
         `crops` if given (decoded in workers when there are many)."""
-        if self.plain_logits is not None and self.tta == "none":
-            return self.plain_logits(paths, crops)
+        if self.view_logits is not None:
+            return self.view_logits(paths, crops, tta.VIEWS[self.tta]).mean(dim=1)
         return infer_logits(self.inference, paths, self.transform, tta.images_per_batch(tta.VIEWS[self.tta]), crops)
 
     def to_probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> np.ndarray:
@@ -174,6 +181,15 @@ class Run:
         history_path = self.path / "history.csv"
         if history_path.is_file() and (history := read_history(history_path)):
             plot_curves(history, self.path / "curves.png", self.meta.get("kept"))
+
+
+def open_run(path: str | Path, device: str = "auto") -> Run:
+    """A run folder as a Run, or an ensemble run folder as an Ensemble (the same interface)."""
+    if ensemble_members(Path(path)) is not None:
+        from transferkit.runs.ensemble import Ensemble  # it builds on Run
+
+        return Ensemble(path, device)
+    return Run(path, device)
 
 
 def image_loader(paths: list[str], transform, batch_size: int = 32, crops: list[Box | None] | None = None

@@ -58,17 +58,17 @@ class GradCam:
     its folder on first use (in the model thread, so no lock is needed)."""
 
     def __init__(self, predictor: Predictor, run_dir: Path | None) -> None:
-        self._run = predictor if getattr(predictor, "model", None) is not None else None  # a Run has its model
+        self._run = predictor if hasattr(predictor, "explained") else None  # a Run (or an Ensemble) has its models
         self._run_dir = run_dir
 
     def pngs(self, images: list[Image.Image], targets: list[int]) -> list[str]:
         from transferkit.insight.explain import explain_images
-        from transferkit.runs.run import Run
+        from transferkit.runs.run import open_run
 
         if self._run is None:
             if self._run_dir is None:
                 raise UploadError(501, "Grad-CAM needs the run folder, and this server was started without one")
-            self._run = Run(self._run_dir)
+            self._run = open_run(self._run_dir)
         return [_png_base64(overlay) for overlay in explain_images(self._run, images, targets)]
 
 

@@ -99,6 +99,10 @@ class MultiClass(Task):
 
         return torch.softmax(logits.float() / temperature, dim=1)
 
+    def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Logits whose probabilities at temperature 1 are these (an ensemble's averaged probabilities)."""
+        return probabilities.float().clamp_min(1e-12).log()
+
 
 class Binary(Task):
     """Two classes, one logit: logit > 0 means the second class."""
@@ -129,6 +133,9 @@ class Binary(Task):
         p = torch.sigmoid(logits[:, 0].float() / temperature)
         return torch.stack([1 - p, p], dim=1)
 
+    def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return torch_logit(probabilities[:, 1:2])
+
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits[:, 0] > 0).long()
 
@@ -157,11 +164,21 @@ class MultiLabel(Task):
 
         return torch.sigmoid(logits.float() / temperature)
 
+    def logits_of(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return torch_logit(probabilities)
+
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return multilabel.hits(logits, targets)
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         raise TypeError("a multi-label task decides each label at its threshold, not one class per image")
+
+
+def torch_logit(p: torch.Tensor) -> torch.Tensor:
+    """The inverse sigmoid, finite at 0 and 1."""
+    import torch
+
+    return torch.logit(p.float(), eps=1e-7)
 
 
 def task_for(classes: list[str], is_multilabel: bool, one_logit_for_two: bool) -> Task:

@@ -55,11 +55,10 @@ class Callback:
     def after_fit(self, trainer: Trainer) -> None: ...
 
     def state_dict(self) -> dict | None:
-        """What checkpoint.pt must hold for this callback to go on exactly after a resume (None: nothing)."""
+        """What checkpoint.pt must carry for a resumed run to go on as this one would (None: nothing)."""
         return None
 
-    def load_state_dict(self, state: dict) -> None:
-        """A checkpoint's `state_dict`, loaded before its stage's `before_stage`."""
+    def load_state_dict(self, trainer: Trainer, state: dict) -> None: ...
 
 
 class EarlyStopping(Callback):

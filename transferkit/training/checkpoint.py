@@ -10,7 +10,8 @@ and at the end of every epoch. What it holds, and why each part is needed for an
   for its stage first, so stage 2's parameter groups (head + unfrozen blocks) match the saved state;
 - early stopping (best value, best weights, patience count) and the epoch log so far (history.csv is rewritten
   from it: rows of an epoch that was redone never appear twice);
-- the callbacks' own states (`Callback.state_dict`: the EMA of the weights);
+- what callbacks carry (`Callback.state_dict`): the greedy soup's candidate epochs and its record,
+  the EMA of the weights;
 - the global RNG states (dropout), since the data order and augmentation draw from per-epoch seeds instead
   (`epoch_generator`), which makes batch k of epoch e the same whether or not the run was interrupted.
 
@@ -93,8 +94,8 @@ class Checkpoints:
                        "best_epoch": keeper.best_epoch,
                        "bad_epochs": keeper.bad_epochs},
             "history": [log.to_dict() for log in self.history],
+            "callbacks": {type(c).__name__: state for c in trainer.callbacks if (state := c.state_dict()) is not None},
             "rng": _rng_states(),
-            "callbacks": {type(c).__name__: s for c in trainer.callbacks if (s := c.state_dict()) is not None},
         }
         with atomic_path(self.path) as tmp:  # a full disk: one line, and the previous checkpoint stays whole
             torch.save(state, tmp)
@@ -116,18 +117,16 @@ class Checkpoints:
         keeper.best, keeper.bad_epochs = k["best"], k["bad_epochs"]
         keeper.best_state = k["best_state"] and {**current, **k["best_state"]}
         keeper.best_epoch = tuple(k["best_epoch"]) if k["best_epoch"] else None
+        for callback in trainer.callbacks:  # e.g. the greedy soup's candidates from before the crash
+            if (state := saved.get("callbacks", {}).get(type(callback).__name__)) is not None:
+                callback.load_state_dict(trainer, state)
         _set_rng_states(saved["rng"])
 
     def restore_stage(self, stage: Stage, trainer: Trainer) -> None:
-        """The optimizer, schedule, loss-scaler and callbacks' states (an EMA) of the stage the checkpoint was taken
-        in."""
+        """The optimizer, schedule and loss-scaler of the stage the checkpoint was taken in."""
         stage.optimizer.load_state_dict(self.saved["optimizer"])
         stage.scheduler.load_state_dict(self.saved["scheduler"])
         trainer.compute.scaler.load_state_dict(self.saved["scaler"])
-        states = self.saved.get("callbacks", {})
-        for callback in trainer.callbacks:
-            if type(callback).__name__ in states:
-                callback.load_state_dict(states[type(callback).__name__])
 
     def remove(self) -> None:
         """Once the run is saved the checkpoint is only a large duplicate of model.safetensors."""

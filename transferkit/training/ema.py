@@ -58,8 +58,8 @@ class WeightAverage(Callback):
     def state_dict(self) -> dict | None:
         return None if self.ema is None else self.ema.module.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loaded = state
+    def load_state_dict(self, trainer: Trainer, state: dict) -> None:
+        self.loaded = state  # the average is rebuilt around the model when its stage starts
 
     def _validate_average(self, trainer: Trainer) -> tuple[float, float]:
         """The stage's own validation with the average's weights swapped in (the frozen part is the same in both, so

@@ -13,11 +13,13 @@ from transferkit.errors import UserError
 from transferkit.task.kinds import Loss, Task
 from transferkit.training.callbacks import Callback
 from transferkit.training.ema import WeightAverage
+from transferkit.training.soup import soup_callbacks
 
 
 def option_callbacks(config: TrainConfig) -> list[Callback]:
-    """The callbacks the config's options need (the Trainer adds them itself)."""
-    return [WeightAverage(config.ema_decay, config.ema_warmup)] if config.ema_decay else []
+    """The callbacks the config's options need (the Trainer adds them itself): the EMA of the weights, the soup."""
+    return [*([WeightAverage(config.ema_decay, config.ema_warmup)] if config.ema_decay else []),
+            *soup_callbacks(config)]
 
 
 def check_options(config: TrainConfig, task: Task, train: Labelled) -> None:

@@ -36,12 +36,13 @@ class Trainer:
         self.keeper = BestKeeper(config.monitor, config.patience)
         self.criterion = task.loss(config.label_smoothing)
         self.callbacks: list[Callback] = [EarlyStopping(), *([Checkpointing(checkpoints)] if checkpoints else [])]
-        for callback in [*option_callbacks(config), *callbacks]:
+        for callback in [*option_callbacks(config), *callbacks]:  # those the config asks for, then the caller's
             self.add_callback(callback)
         self.candidate: torch.nn.Module | None = None  # an epoch's weights for the keeper, if not the live ones (EMA)
         self.stage: Stage | None = None
         self.start = Position("frozen")
         self.stop_stage = False
+        self.records: dict[str, dict] = {}  # meta.json entries callbacks add (the greedy soup's `soup`)
 
     def add_callback(self, callback: Callback) -> None:
         self.callbacks = sorted([*self.callbacks, callback], key=lambda c: c.order)

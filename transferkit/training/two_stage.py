@@ -18,7 +18,7 @@ from transferkit.data.loader import ImageDataset, Labelled, make_loader
 from transferkit.data.stream import is_sharded, stream_loader
 from transferkit.data.transforms import Preprocess
 from transferkit.features.cache import ArrayTable, ColumnTable, FeatureTable, cache_root
-from transferkit.features.extract import FeatureExtractor, View, clean_view, view_spec
+from transferkit.features.extract import FeatureExtractor, View, clean_view, symmetry_view, view_spec
 from transferkit.models.classifier import (
     depth_columns,
     depth_levels,
@@ -27,6 +27,7 @@ from transferkit.models.classifier import (
     set_train_mode,
     unfreeze,
 )
+from transferkit.options import Augment
 from transferkit.training.distributed import Ranks, sync_batchnorm
 from transferkit.training.exact_head import choose_depths, depth_candidates, fit_linear
 from transferkit.training.mixing import mixed
@@ -38,6 +39,8 @@ from transferkit.training.state import Batches, EpochLog, Stage, epoch_generator
 if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer
 
+SYMMETRIES = 8  # of the square: 4 quarter turns, each mirrored
+
 
 def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preprocess,
                  transforms: tuple[Callable, Callable]) -> Stage | None:
@@ -46,13 +49,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     model, config, ranks = trainer.model, trainer.config, trainer.ranks
     if config.feature_depths == "auto":  # every level extracted once; the set is chosen on validation below
         model.depths = depth_levels(model.backbone)
-    augmented = transforms[1]
-    augment = config.augmentation()
-    n_views = 1 if augment.is_identity else config.feature_views
-    # view 0 is the clean image (shared by every recipe, and by auto, doctor and embeddings), the others augmented
-    views = [clean_view(pre, augment.samplewise_center)]
-    augmented_spec = {**view_spec(pre, augment.samplewise_center), "augment": dataclasses.asdict(augment)}
-    views += [View(k, augmented, {**augmented_spec, "view": k}) for k in range(1, n_views)]
+    views = frozen_views(pre, config.augmentation(), transforms[1], config.feature_views)
     cache = cache_root(config.cache, config.cache_dir)
     extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, trainer.reporter, cache)
     # one table per view; on disk if cached
@@ -77,7 +74,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     def batches(epoch: int, skip: int):
         generator = epoch_generator(config.seed, "frozen", epoch)
         order = epoch_order(train.targets, config.class_balance, generator)
-        view = torch.randint(n_views, (n_train,), generator=generator)
+        view = torch.randint(len(views), (n_train,), generator=generator)
         for chunk in order.split(batch)[skip:]:
             yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), train.targets[chunk]
 
@@ -89,6 +86,18 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
     return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, n_train, validate,
                  config.epochs_frozen, steps)
+
+
+def frozen_views(pre: Preprocess, augment: Augment, augmented: Callable, feature_views: int) -> list[View]:
+    """View 0 is the clean image (shared by every recipe, and by auto, doctor and embeddings). With `dihedral`
+    augmentation the others are the 7 other symmetries of the square, exactly (the test-time views too); else
+    `feature_views - 1` randomly augmented copies, none when nothing is augmented."""
+    if augment.dihedral:
+        return [symmetry_view(pre, augment.samplewise_center, k) for k in range(SYMMETRIES)]
+    views = [clean_view(pre, augment.samplewise_center)]
+    augmented_spec = {**view_spec(pre, augment.samplewise_center), "augment": dataclasses.asdict(augment)}
+    n_views = 1 if augment.is_identity else feature_views
+    return views + [View(k, augmented, {**augmented_spec, "view": k}) for k in range(1, n_views)]
 
 
 def validated_head(trainer: Trainer, features: list[FeatureTable], train_y: torch.Tensor, val_x: torch.Tensor,
