@@ -223,3 +223,18 @@ def test_sampler_on_multi_label_data_is_refused_before_training(tmp_path: Path, 
         api.train(multilabel_csv(tmp_path / "d", per_combination=4), tmp_path / "run",
                   **{**fast, "class_balance": "sampler"})
     assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 1  # its header: no epoch trained
+
+
+def test_the_soup_takes_the_weights_the_epoch_was_validated_with() -> None:
+    from transferkit.training.soup import GreedySoup
+
+    live, average = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        live.weight.fill_(3.0)
+        average.weight.fill_(1.0)
+    trainer = SimpleNamespace(model=live, candidate=average, keeper=SimpleNamespace(monitor="val_loss"),
+                              stop_stage=False, stage=SimpleNamespace(epochs=5))
+    soup = GreedySoup(2)
+    soup.after_epoch(trainer, EpochLog(1, "finetune", 0.1, 0.5, 0.2, 0.5, 1e-3, 1.0, "ema"))
+    [(_, _, state)] = soup.candidates
+    assert torch.equal(state["weight"], torch.full((1, 2), 1.0))  # the EMA's, whose validation the log holds
