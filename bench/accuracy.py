@@ -40,7 +40,8 @@ from transferkit.config import resolve_config
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.features.cache import default_cache_dir
-from transferkit.features.extract import FeatureExtractor, clean_view
+from transferkit.features.extract import FeatureExtractor, symmetry_view
+from transferkit.models import tta
 from transferkit.models.classifier import Classifier, depth_columns, depth_levels, new_classifier
 from transferkit.models.registry import create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
@@ -59,11 +60,15 @@ ROWS: dict[str, dict | None] = {
     "frozen-exact": {"head_fit": "exact"},
     "depths-sgd": {"head_fit": "sgd", "feature_depths": "auto"},
     "depths-exact": {"head_fit": "exact", "feature_depths": "auto"},
+    # the 8 symmetries of the square as training views and as test-time views (decision 0244)
+    "dihedral-exact": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral"},
+    "dihedral-depths-exact": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral", "feature_depths": "auto"},
 }
 FINETUNE_ROWS = {
     "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
     "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
     "finetune-soup": {"head_fit": "sgd", "epochs_finetune": 5, "soup": 3},  # greedy soup of the best 3 (0275)
+    "dihedral-finetune": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral", "epochs_finetune": 3},
     # issue 19's options, each alone on top of finetune-sgd (decision 0270)
     "finetune-ema": {"head_fit": "sgd", "epochs_finetune": 5, "ema_decay": 0.998},
     "finetune-llrd": {"head_fit": "sgd", "epochs_finetune": 5, "layer_decay": 0.8},
@@ -102,12 +107,14 @@ def fresh_model(classes: int, options: dict, seed: int) -> Classifier:
                           config.head_spec(), config.depths())
 
 
-def features(model: Classifier, paths: list[str], pre: Preprocess, cache: Path, depths: tuple[int, ...] = ()
-             ) -> np.ndarray:
-    """The cached clean-view features of `paths` for the model with `depths` (the model's own are restored)."""
+def features(model: Classifier, paths: list[str], pre: Preprocess, cache: Path, depths: tuple[int, ...] = (),
+             view: int = 0) -> np.ndarray:
+    """The cached features of `paths` under symmetry `view` (0: the clean image) for the model with `depths` (the
+    model's own are restored)."""
     own, model.depths = model.depths, depths
     try:
-        [t] = FeatureExtractor(model, "auto", 32, 2, QUIET, cache).tables(paths, [clean_view(pre)], "features")
+        [t] = FeatureExtractor(model, "auto", 32, 2, QUIET, cache).tables(paths, [symmetry_view(pre, False, view)],
+                                                                          "features")
         return t.take(np.arange(len(t)))
     finally:
         model.depths = own
@@ -146,15 +153,23 @@ def run_transferkit(split: Split, options: dict, cache: Path, seed: int) -> np.n
     task = task_for(split.classes, False, config.binary_logit)
     Trainer(model, config, task, Compute(torch.device("cpu")), QUIET).fine_tune(split.train, split.val, pre)
     if config.epochs_finetune:
-        logits = infer_logits(model, split.test.paths, eval_transform(pre))
+        logits = infer_logits(tta.Averaged(model, config.tta), split.test.paths, eval_transform(pre))
     else:
-        computed = depth_levels(model.backbone) if config.feature_depths == "auto" else model.depths
-        x = features(model, split.test.paths, pre, cache, computed)
-        if computed != model.depths:
-            x = x[:, depth_columns(model.backbone, computed, model.depths)]
-        with torch.no_grad():
-            logits = model.head.eval()(torch.from_numpy(x))
+        logits = torch.stack([frozen_logits(model, split.test.paths, pre, cache, config, k)
+                              for k in range(tta.VIEWS[config.tta])]).mean(dim=0)
     return task.probabilities(logits).numpy()
+
+
+def frozen_logits(model: Classifier, paths: list[str], pre: Preprocess, cache: Path, config, view: int
+                  ) -> torch.Tensor:
+    """The trained head on the cached features of symmetry `view` of each image (a subset of every level's
+    columns when the depths were chosen, so no new extraction)."""
+    computed = depth_levels(model.backbone) if config.feature_depths == "auto" else model.depths
+    x = features(model, paths, pre, cache, computed, view)
+    if computed != model.depths:
+        x = x[:, depth_columns(model.backbone, computed, model.depths)]
+    with torch.no_grad():
+        return model.head.eval()(torch.from_numpy(x))
 
 
 def run_row(row: str, options: dict | None, split: Split, cache: Path, seed: int) -> dict[str, float]:

@@ -24,18 +24,18 @@ pytestmark = pytest.mark.distributed
 RANK_DIGEST = """
 import hashlib, os, sys
 from transferkit import api
+from transferkit.training.callbacks import Callback
 
-train = api.fine_tune
+class RecordDigest(Callback):
+    def after_fit(self, trainer):
+        state = trainer.model.state_dict().values()
+        weights = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in state)
+        with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.digest"), "w") as handle:
+            handle.write(hashlib.sha256(weights).hexdigest())
 
-def fine_tune_and_record(model, *args, **kwargs):
-    train(model, *args, **kwargs)
-    weights = b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values())
-    with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.digest"), "w") as handle:
-        handle.write(hashlib.sha256(weights).hexdigest())
-
-api.fine_tune = fine_tune_and_record
 api.train(sys.argv[2], sys.argv[3], quiet=True, backbone="test_efficientnet", weights=sys.argv[4], image_size=32,
-          batch_size=int(sys.argv[5]), workers=0, epochs_frozen=2, epochs_finetune=2, unfreeze="all", patience=0)
+          batch_size=int(sys.argv[5]), workers=0, epochs_frozen=2, epochs_finetune=2, unfreeze="all", patience=0,
+          callbacks=[RecordDigest()])
 """
 
 

@@ -9,9 +9,11 @@ from transferkit import api, tuning
 from transferkit.runs import run as run_module
 from transferkit.runs.run import Run
 
+DIHEDRAL = {"augment": "dihedral", "tta": "dihedral"}
 
-@pytest.mark.parametrize(("epochs_finetune", "views"), [(0, {}), (1, {}), (0, {"augment": "dihedral", "tta": "dihedral"}),
-                                                      (1, {"augment": "dihedral", "tta": "auto"})])
+
+@pytest.mark.parametrize(("epochs_finetune", "views"),
+                         [(0, {}), (1, {}), (0, DIHEDRAL), (1, {**DIHEDRAL, "tta": "auto"})])
 def test_evaluation_from_features_equals_evaluation_from_images(dataset, tmp_path, fast, epochs_finetune, views,
                                                                  monkeypatch):
     """Test-time views included: their logits come from each symmetry's features, not from an eager pass."""

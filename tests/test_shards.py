@@ -259,6 +259,61 @@ def test_pack_resume_rewrites_only_what_is_missing(tmp_path: Path, monkeypatch: 
     assert _by_content(scan_dataset(crashed)) == _by_content(scan_dataset(data))
 
 
+def test_pack_killed_inside_a_shard_leaves_no_partial_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import webdataset
+
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=8)
+    out, real_write, writers, calls = tmp_path / "shards", webdataset.TarWriter.write, [], []
+
+    def killed_in_second_shard(self, sample):  # after the second shard's first sample is written
+        if not writers or writers[-1] is not self:
+            writers.append(self)
+        if len(writers) == 2 and calls[-1] is self:
+            raise KeyboardInterrupt
+        calls.append(self)
+        return real_write(self, sample)
+
+    monkeypatch.setattr(webdataset.TarWriter, "write", killed_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        shards.pack(data, out, SMALL_SHARD)
+    monkeypatch.undo()
+    state = [json.loads(line) for line in (out / shards.STATE_NAME).read_text().splitlines()]
+    assert len(state) == 1  # the first shard finished; the second, half written, left nothing
+    assert sorted(p.name for p in out.iterdir()) == sorted([shards.STATE_NAME, *(s["name"] for s in state)])
+    for record in state:  # what is there is whole: webdataset reads every recorded sample from it
+        read = webdataset.WebDataset(str(out / record["name"]), shardshuffle=False, empty_check=False)
+        assert [s["__key__"] for s in read] == [s["key"] for s in record["samples"]]
+    again = shards.pack(data, out, SMALL_SHARD)
+    assert again["reused"] == [s["name"] for s in state] and again["written"]
+    assert _by_content(scan_dataset(out)) == _by_content(scan_dataset(data))
+
+
+def test_stream_reads_each_unit_in_its_order_padding_included(tmp_path: Path) -> None:
+    out, _ = _stream_dataset(tmp_path)
+    shards.pack(tmp_path / "data", tmp_path / "one", 10**9)
+    for folder in (out, tmp_path / "one"):  # units of whole shards; units taking every 4th sample of one shard
+        train = labelled_split(scan_dataset(folder), "train", 0.0)
+        pixels = [_pixels(load_image(path)) for path in train.paths]
+        stream = ShardStream(train, _pixels, shuffle=False, rank=0, world=2)  # balanced: padded with repeats
+        orders = {(r, w): stream.unit_order(r, 2, w, 2) for r in range(2) for w in range(2)}
+        assert any(len(order) > len(set(order)) for order in orders.values())  # some unit rereads its first images
+        for (rank, worker), order in orders.items():
+            assert [p for p, _ in stream.iterate(rank, 2, worker, 2)] == [pixels[i] for i in order]
+
+
+def test_stream_reports_a_shard_cut_off_after_it_was_opened(tmp_path: Path) -> None:
+    out, _ = _stream_dataset(tmp_path)
+    stream = ShardStream(out, _pixels, "train", shuffle=False)
+    index = json.loads((out / INDEX_NAME).read_text())
+    shard = next(s for s in index["shards"] if s["split"] == "train" and len(s["samples"]) > 1)
+    second = min(s["offset"] for s in shard["samples"][1:])
+    for cut in (second + 100, second - 512):  # inside the image's data; just before its header
+        with open(out / shard["name"], "r+b") as handle:
+            handle.truncate(cut)
+        with pytest.raises(UserError, match=f"{shard['name']} is truncated"):
+            list(stream)
+
+
 def _one_error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     assert run_cli(argv) == 2
     err = capsys.readouterr().err.strip()

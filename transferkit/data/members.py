@@ -9,6 +9,9 @@ content digest needs no read at all. A folder at a URL (`https://host/shards/`) 
 fsspec (`transferkit.data.remote`): one range request per image. The index is loaded once per folder per process
 (again when it changes), shard files stay open for the process's lifetime (``pread`` has no shared file position,
 so forked loader workers can use inherited descriptors).
+
+Not through wids: it would parse every header of a shard on first use and download whole shards from a URL, and it
+has no per-image sha256 (the feature cache's key); see decision 0250.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`transferkit pack`: a dataset (class folders, split folders or a CSV, with boxes or label sets) into WebDataset
-tar shards, and a shard folder read back as a `DatasetIndex` whose sample paths are member references.
+tar shards (written by webdataset's `TarWriter`), and a shard folder read back as a `DatasetIndex` whose sample
+paths are member references.
 
 Layout of ``SHARDS/``:
 
@@ -27,7 +28,7 @@ import io
 import json
 import os
 import random
-import tarfile
+import tarfile  # only to find the offsets of what webdataset wrote
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,9 @@ from transferkit.fileio import atomic_path, atomic_write, output_folder
 from transferkit.progress import Reporter
 
 DEFAULT_SHARD_SIZE = 100_000_000
-_BLOCK = 512  # tar header and padding unit
+# A tar member takes a 512-byte header plus its data padded to 512 bytes: shards are planned before anything is
+# written (so a re-run plans the same ones), from this estimate of their size.
+_BLOCK = 512
 _CHUNK = 64  # images read and verified at a time (bounded memory while packing)
 
 
@@ -73,6 +76,7 @@ class _Item:
     stamp: tuple[int, int]  # source size and mtime_ns at planning time
 
     def tar_bytes(self) -> int:
+        """The sample's planned size in its shard (see `_BLOCK`)."""
         cls = 2 * _BLOCK if self.cls is not None else 0
         return 2 * _BLOCK + _padded(self.stamp[0]) + cls + _padded(len(_json_bytes(self.meta)))
 
@@ -218,28 +222,52 @@ def _reusable(out: Path, shard: _Shard, record: dict | None) -> bool:
 
 
 def _write_shard(out: Path, shard: _Shard, pool: ThreadPoolExecutor, advance: Callable[..., None]) -> dict:
-    """Write one shard atomically: every image is read once, decoded to prove it is usable, then stored as is."""
+    """Write one shard atomically with webdataset's TarWriter: every image is read once, decoded to prove it is
+    usable, then stored as is; the index's byte offsets are read back from the finished file."""
+    from webdataset import TarWriter  # noqa: PLC0415 - imports torch (~1 s): only `pack` needs it
+
     samples, skipped = [], []
-    with atomic_path(out / shard.name) as tmp, open(tmp, "wb") as raw:
-        sink = _HashingFile(raw)
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
-            for start in range(0, len(shard.items), _CHUNK):
-                chunk = shard.items[start:start + _CHUNK]
-                for item, (data, sha, problem) in zip(chunk, pool.map(_read_verified, chunk), strict=True):
-                    if problem:
-                        skipped.append({"path": item.source, "reason": problem})
-                        continue
-                    offset = _add(tar, f"{item.key}.{item.ext}", data)
-                    if item.cls is not None:
-                        _add(tar, f"{item.key}.cls", str(item.cls).encode())
-                    _add(tar, f"{item.key}.json", _json_bytes(item.meta))
-                    label = "|".join(item.meta["labels"]) if "labels" in item.meta else item.meta["label"]
-                    samples.append({"key": item.key, "member": f"{item.key}.{item.ext}", "offset": offset,
-                                    "size": len(data), "sha256": sha, "label": label, "box": item.meta.get("box"),
-                                    "path": item.meta["path"]})
-                advance(len(chunk))
+    with atomic_path(out / shard.name) as tmp:
+        with open(tmp, "wb") as raw:
+            sink = _HashingFile(raw)
+            # encoder=False: bytes are stored as given; a fixed mtime: the same input gives the same bytes; 0o644:
+            # members extract as ordinary writable files, as before webdataset wrote them
+            with TarWriter(sink, encoder=False, mtime=0, mode=0o644) as writer:
+                for start in range(0, len(shard.items), _CHUNK):
+                    chunk = shard.items[start:start + _CHUNK]
+                    for item, (data, sha, problem) in zip(chunk, pool.map(_read_verified, chunk), strict=True):
+                        if problem:
+                            skipped.append({"path": item.source, "reason": problem})
+                            continue
+                        writer.write(_members(item, data))
+                        samples.append(_record(item, len(data), sha))
+                    advance(len(chunk))
+        _add_offsets(tmp, samples)
     return {"name": shard.name, "split": shard.split, "size": sink.size, "sha256": sink.digest.hexdigest(),
             "plan": shard.plan_digest(), "samples": samples, "skipped": skipped}
+
+
+def _members(item: _Item, data: bytes) -> dict:
+    """One sample as webdataset writes it: `{key}.{ext}` (the image), `{key}.cls` (single-label), `{key}.json`."""
+    sample = {"__key__": item.key, item.ext: data, "json": _json_bytes(item.meta)}
+    if item.cls is not None:
+        sample["cls"] = str(item.cls).encode()
+    return sample
+
+
+def _record(item: _Item, size: int, sha: str) -> dict:
+    label = "|".join(item.meta["labels"]) if "labels" in item.meta else item.meta["label"]
+    return {"key": item.key, "member": f"{item.key}.{item.ext}", "size": size, "sha256": sha, "label": label,
+            "box": item.meta.get("box"), "path": item.meta["path"]}
+
+
+def _add_offsets(tar_path: Path, samples: list[dict]) -> None:
+    """Each image's byte offset in the finished shard, as the standard library's tar reader finds it (headers
+    only: the data is skipped), for `members.read_member`'s single read; a member missing is a bug, not bad input."""
+    with tarfile.open(tar_path) as tar:
+        offsets = {member.name: member.offset_data for member in tar}
+    for sample in samples:
+        sample["offset"] = offsets[sample["member"]]
 
 
 def _read_verified(item: _Item) -> tuple[bytes, str, str | None]:
@@ -257,17 +285,8 @@ def _read_verified(item: _Item) -> tuple[bytes, str, str | None]:
     return (b"", "", problem) if problem else (data, hashlib.sha256(data).hexdigest(), None)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
-    """Append one member with fixed metadata (the same input gives the same bytes); the offset of its data."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0
-    offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
-    tar.addfile(info, io.BytesIO(data))
-    return offset
-
-
 class _HashingFile:
-    """A write-only file that hashes and counts what passes through (tarfile needs write and tell)."""
+    """A write-only file that hashes and counts what passes through: the shard's sha256 without reading it again."""
 
     def __init__(self, raw: io.BufferedWriter) -> None:
         self.raw, self.size, self.digest = raw, 0, hashlib.sha256()
@@ -277,9 +296,6 @@ class _HashingFile:
         self.digest.update(data)
         self.size += len(data)
         return len(data)
-
-    def tell(self) -> int:
-        return self.size
 
 
 def _index_json(index: DatasetIndex, shards: list[_Shard], records: dict[str, dict], shard_size: int,

@@ -1,13 +1,14 @@
-"""Streaming a packed dataset (`transferkit pack`) for training: shards are read front to back, never whole, with a
-bounded shuffle buffer of raw bytes, and split among ranks and DataLoader workers, so memory stays flat however
-large the dataset.
+"""Streaming a packed dataset (`transferkit pack`) for training: shards are read front to back by webdataset's tar
+reader (opened here: local files directly, URLs through fsspec), never whole, with a bounded shuffle buffer of raw
+bytes, and split among ranks and DataLoader workers, so memory stays flat however large the dataset.
 
 How an epoch is cut up. The shards holding the split's samples are permuted by (seed, epoch) (not with
 ``shuffle=False``), then given out in turn to the unit (rank x worker; unit = rank * workers + worker) with the fewest
 samples so far. With fewer shards than units, every unit reads every shard instead and keeps the samples whose
-position in the epoch's order is its unit number modulo the number of units. A unit reads its shards in order and
-their samples by ascending offset; its shuffle buffer (``shuffle_buffer`` samples, at most ``buffer_bytes`` bytes)
-yields a random one of those read so far, and images are decoded, cropped to their box and transformed only then.
+position in the epoch's order is its unit number modulo the number of units. A unit reads its shards in order,
+each in one forward pass that keeps the unit's members; its shuffle buffer (``shuffle_buffer`` samples, at most
+``buffer_bytes`` bytes) yields a random one of those read so far, and images are decoded, cropped to their box and
+transformed only then.
 
 Determinism guarantees:
 - The samples and the order each unit yields are a pure function of (seed, epoch, rank, world, workers, the
@@ -25,20 +26,24 @@ Determinism guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import tarfile  # only for the error webdataset's tar reader raises on a shard cut off mid-member
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tar_file_iterator
 
 from transferkit.data import remote
 from transferkit.data.boxes import crop_to
 from transferkit.data.images import decode_rgb
 from transferkit.data.loader import Labelled, labelled_split, seeded
-from transferkit.data.members import is_shard_member, locate
+from transferkit.data.members import is_shard_member, locate, split_ref
 from transferkit.data.sources import DatasetIndex, scan_dataset
 from transferkit.errors import UserError
 
@@ -84,7 +89,7 @@ class ShardStream(IterableDataset):
         number = {path: i for i, path in enumerate(self.shard_paths)}
         self.shard_of = np.array([number[loc.shard] for loc in locations], dtype=np.int32)
         self.offsets = np.array([loc.offset for loc in locations], dtype=np.int64)
-        self.sizes = np.array([loc.size for loc in locations], dtype=np.int64)
+        self.names = [split_ref(path)[1] for path in source.paths]
         order = np.lexsort((self.offsets, self.shard_of))  # by shard, then by offset: each shard front to back
         self.members = np.split(order, np.flatnonzero(np.diff(self.shard_of[order])) + 1)
 
@@ -143,29 +148,33 @@ class ShardStream(IterableDataset):
         return units
 
     def _read(self, order: list[int], own: int) -> Iterator[tuple[int, int, bytes]]:
-        """(position, repeat, raw bytes) in `order`, reading each shard forward through one buffered handle."""
-        handle, current = None, -1
-        try:
-            for i, position in enumerate(order):
-                shard = int(self.shard_of[position])
-                if shard != current:
-                    if handle:
-                        handle.close()
-                    handle, current = self._open(shard), shard
-                handle.seek(int(self.offsets[position]))
-                data = handle.read(int(self.sizes[position]))
-                if len(data) != self.sizes[position]:
-                    raise UserError(f"shard {self.shard_paths[shard]} is truncated: re-run `transferkit pack`")
-                yield position, i // own, data
-        finally:
-            if handle:
-                handle.close()
+        """(position, repeat, raw bytes) in `order`: each stretch of it that lies forward in one shard is one pass of
+        webdataset's tar reader over that shard, which skips the members not asked for."""
+        done = 0
+        for shard, stretch in _stretches(order, self.shard_of, self.offsets):
+            wanted = {self.names[p]: p for p in stretch}
+            for position, data in self._members(shard, wanted):
+                yield position, done // own, data
+                done += 1
 
-    def _open(self, shard: int):
+    def _members(self, shard: int, wanted: dict[str, int]) -> Iterator[tuple[int, bytes]]:
+        """(position, image bytes) of the `wanted` members (name -> position) of a shard, in the shard's order."""
+        found = 0
+        with self._open(shard) as handle, contextlib.suppress(tarfile.ReadError):  # cut inside a member: see below
+            # one image member per sample is selected, so webdataset's grouping by key would add nothing (but 13 %)
+            for member in tar_file_iterator(handle, select_files=wanted.__contains__):
+                yield wanted[member["fname"]], member["data"]
+                found += 1
+                if found == len(wanted):
+                    break  # the rest of the shard is not needed (e.g. a padded unit's last stretch)
+        if found < len(wanted):
+            raise UserError(f"shard {self.shard_paths[shard]} is truncated: re-run `transferkit pack`")
+
+    def _open(self, shard: int) -> BinaryIO:
         if remote.is_url(self.shard_paths[shard]):
             return remote.open_stream(self.shard_paths[shard])
         try:
-            return open(self.shard_paths[shard], "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed by _read
+            return open(self.shard_paths[shard], "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed by _members
         except OSError as exc:
             raise UserError(f"cannot read shard {self.shard_paths[shard]}: {exc.strerror or exc}") from None
 
@@ -173,6 +182,20 @@ class ShardStream(IterableDataset):
         image = crop_to(decode_rgb(data), self.crops[position] if self.crops else None)
         with seeded(hash((self.seed, self.epoch, position, repeat)) & 0x7FFF_FFFF_FFFF_FFFF):
             return self.transform(image), self.targets[position]
+
+
+def _stretches(order: list[int], shard_of: np.ndarray, offsets: np.ndarray) -> Iterator[tuple[int, list[int]]]:
+    """`order` cut wherever it changes shard or goes back within one: (shard, positions), each read in one forward
+    pass (a unit's own shards are read in order, then a padded unit's repeats start again from its first)."""
+    stretch: list[int] = []
+    for position in order:
+        last = stretch[-1] if stretch else None
+        if last is not None and (shard_of[position] != shard_of[last] or offsets[position] <= offsets[last]):
+            yield int(shard_of[last]), stretch
+            stretch = []
+        stretch.append(position)
+    if stretch:
+        yield int(shard_of[stretch[-1]]), stretch
 
 
 def _shuffled(items: Iterator[tuple[int, int, bytes]], size: int, max_bytes: int, rng: random.Random
