@@ -58,6 +58,14 @@ def test_mixup_targets_sum_to_one_and_are_the_mixed_one_hots() -> None:
     assert torch.equal(untouched, images) and torch.equal(hard, targets)
 
 
+def test_multi_label_rows_are_mixed_label_by_label() -> None:
+    rows = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    config = resolve_config(mixup=0.4, seed=1)
+    [(_, soft)] = list(mixed(one_batch(torch.rand(4, 3, 8, 8), rows), config, MultiLabel(list("xyz")))(1, 0))
+    lam = float(soft[0, 0])  # image 0 has label x, its partner (image 3) has not
+    assert 0 < lam < 1 and torch.allclose(soft, lam * rows + (1 - lam) * rows.flip(0))
+
+
 def test_soft_targets_for_every_kind_and_smoothing_applied_once() -> None:
     logits, soft = torch.randn(6, 3), torch.softmax(torch.randn(6, 3), dim=1)
     assert MultiClass(list("abc")).loss()(logits, soft) == pytest.approx(float(SoftTargetCrossEntropy()(logits, soft)))
