@@ -69,6 +69,14 @@ FINETUNE_ROWS = {
     "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
     "finetune-soup": {"head_fit": "sgd", "epochs_finetune": 5, "soup": 3},  # greedy soup of the best 3 (0275)
     "dihedral-finetune": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral", "epochs_finetune": 3},
+    # issue 19's options, each alone on top of finetune-sgd (decision 0270)
+    "finetune-ema": {"head_fit": "sgd", "epochs_finetune": 5, "ema_decay": 0.998},
+    "finetune-llrd": {"head_fit": "sgd", "epochs_finetune": 5, "layer_decay": 0.8},
+    "finetune-mixup": {"head_fit": "sgd", "epochs_finetune": 5, "mixup": 0.2},
+    "finetune-cutmix": {"head_fit": "sgd", "epochs_finetune": 5, "cutmix": 1.0},
+    "finetune-randaug": {"head_fit": "sgd", "epochs_finetune": 5, "augment": "randaugment"},
+    "finetune-balanced": {"head_fit": "sgd", "epochs_finetune": 5, "class_balance": "sampler"},
+    "finetune-weighted": {"head_fit": "sgd", "epochs_finetune": 5, "class_balance": "weights"},
 }
 METRICS = ("accuracy", "balanced_accuracy", "auc", "log_loss", "ece", "seconds")
 ECE_BINS = 15

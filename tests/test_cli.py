@@ -276,3 +276,27 @@ def test_training_data_that_leaves_no_validation_image_is_one_line(tmp_path, cap
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     argv = ["train", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "run"), *fast_args(tiny_weights)]
     fails_with(capsys, argv, "no validation images")
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ("ema_decay=1.5", "ema_decay"),
+        ("layer_decay=0", "layer_decay"),
+        ("mixup=-1", "mixup"),
+        ("cutmix=-0.5", "cutmix"),
+        ("class_balance=auto", "class_balance must be one of none, weights, sampler"),
+        ("augment_options={policy: rand-x9}", "RandAugment"),
+    ],
+)
+def test_bad_finetune_options(capsys, dataset, tmp_path, setting, fragment):
+    fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "run"), "--set", setting], fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_options_are_listed_with_their_help(capsys):
+    assert run_cli(["config", "--set", "augment=randaugment", "--set", "ema_decay=0.999"]) == 0
+    out = capsys.readouterr().out
+    assert "ema_decay = 0.999  (default 0.0)" in out and "augment = 'randaugment'" in out
+    for key in ("layer_decay", "ema_warmup", "mixup", "cutmix", "class_balance"):
+        assert re.search(rf"^\s*{key} = .*\n\s+\S", out, re.MULTILINE), f"{key} has no help line"

@@ -44,8 +44,9 @@ def soup_of(weights: list[float], size: int = 3) -> tuple[SimpleNamespace, Greed
     model = nn.Linear(1, 1, bias=False)
     keeper = BestKeeper("val_loss", patience=0)
     validate = lambda: (abs(model.weight.item() - 1.0), 0.5)  # noqa: E731
-    trainer = SimpleNamespace(model=model, keeper=keeper, stop_stage=False, records={}, reporter=SimpleNamespace(
-        log=lambda _: None), stage=SimpleNamespace(validate=validate, epochs=len(weights)))
+    trainer = SimpleNamespace(model=model, keeper=keeper, stop_stage=False, records={}, candidate=None,
+                              reporter=SimpleNamespace(log=lambda _: None),
+                              stage=SimpleNamespace(validate=validate, epochs=len(weights)))
     soup = GreedySoup(size)
     for epoch, w in enumerate(weights, start=1):
         with torch.no_grad():

@@ -26,12 +26,14 @@ from transferkit.options import (
     Augment,
     HeadSpec,
     parse_operating_point,
+    valid_policy,
 )
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
 MONITORS = ("val_loss", "val_acc")
 HEAD_FITS = ("sgd", "exact")
+CLASS_BALANCES = ("none", "weights", "sampler")
 
 
 @dataclass
@@ -78,6 +80,12 @@ class TrainConfig:
     backbone_lr_mult: float = 0.3  # backbone lr = finetune_lr * this
     finetune_optimizer: str | None = None  # None: same as stage 1
     finetune_bn: bool = False  # re-estimate backbone batch-norm statistics while fine-tuning
+    layer_decay: float = 1.0  # each backbone layer's lr is this times the one above's (e.g. 0.8); 1: off
+    ema_decay: float = 0.0  # EMA of the weights while fine-tuning (e.g. 0.999), kept if better on val; 0: off
+    ema_warmup: bool = True  # timm's EMA warmup: the decay grows with the steps towards ema_decay
+    mixup: float = 0.0  # mixup alpha for fine-tuning batches (e.g. 0.2); 0: off
+    cutmix: float = 0.0  # CutMix alpha for fine-tuning batches (e.g. 1.0); 0: off; with mixup, one per batch
+    class_balance: str = "none"  # none | weights (inverse-frequency loss weights) | sampler (classes drawn evenly)
     # both stages
     weight_decay: float = 1e-4
     adam_eps: float = 1e-8
@@ -149,6 +157,10 @@ class TrainConfig:
             (self.image_size is None or self.image_size >= 16, "image_size must be at least 16 pixels"),
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (0 <= self.box_margin <= 10, "box_margin must be between 0 and 10 (a fraction of the box's size)"),
+            (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1] (1: off)"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: off)"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be 0 (off) or positive alphas"),
+            (self.class_balance in CLASS_BALANCES, f"class_balance must be one of {', '.join(CLASS_BALANCES)}"),
             (self.soup == 0 or self.soup >= 2, "soup must be 0 (off) or the number of epochs to average, 2 or more"),
         ]
         checks.append((self.tta in TTA_CHOICES, f"tta must be one of {', '.join(TTA_CHOICES)}"))
@@ -158,6 +170,9 @@ class TrainConfig:
         unknown = set(self.augment_options) - {f.name for f in fields(Augment)}
         if unknown:
             raise UserError(f"bad configuration: unknown augment_options {', '.join(sorted(unknown))}")
+        if not valid_policy(self.augmentation().policy):
+            raise UserError("bad configuration: augment policy must be none, trivial or a timm RandAugment string "
+                            "like rand-m9-mstd0.5")
         try:
             parse_operating_point(self.operating_point)
         except UserError as exc:

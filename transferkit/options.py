@@ -3,6 +3,7 @@ and the modules that act on a choice import it from here too, so `transferkit --
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from transferkit.errors import UserError
@@ -41,7 +42,9 @@ class Augment:
     vertical_flip: bool = False
     dihedral: bool = False  # random quarter turns and mirrors (no up or down); stage 1 sees all 8 exactly
     samplewise_center: bool = False  # subtract each image's own mean after normalisation
-    policy: str = "none"  # "none" | "trivial" (TrivialAugmentWide + random resized crop)
+    # "none" | "trivial" (TrivialAugmentWide) | a timm RandAugment string such as "rand-m9-mstd0.5"; both policies
+    # follow a random resized crop
+    policy: str = "none"
 
     @property
     def is_identity(self) -> bool:
@@ -53,7 +56,14 @@ AUGMENT_PRESETS: dict[str, Augment] = {
     "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
     "strong": Augment(horizontal_flip=True, policy="trivial"),
     "dihedral": Augment(dihedral=True),
+    "randaugment": Augment(horizontal_flip=True, policy="rand-m9-mstd0.5"),  # timm's RandAugment, as in its recipes
 }
+# timm's RandAugment configuration: "rand", then sections for magnitude, layers, its std and max, probability
+RANDAUGMENT = re.compile(r"^rand(-(m\d+|n\d+|mmax\d+|inc[01]|p[0-9.]+|mstd[0-9.]+))*$")
+
+
+def valid_policy(policy: str) -> bool:
+    return policy in ("none", "trivial") or bool(RANDAUGMENT.match(policy))
 
 
 def parse_operating_point(value: str) -> tuple[str, float | None]:

@@ -33,6 +33,7 @@ from transferkit.cli.output import (
 from transferkit.config import resolve_config
 from transferkit.config_keys import parse_settings
 from transferkit.errors import UserError
+from transferkit.options import AUGMENT_PRESETS
 from transferkit.progress import console
 
 
@@ -100,7 +101,7 @@ def train(
     finetune_lr: Annotated[float | None, typer.Option(help="Head learning rate when fine-tuning.")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adam, adamw, rmsprop or sgd.")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, cosine, onecycle or inverse_time.")] = None,
-    augment: Annotated[str | None, typer.Option(help="none, light or strong.")] = None,
+    augment: Annotated[str | None, typer.Option(help=f"{', '.join(AUGMENT_PRESETS)}.")] = None,
     image_size: IMAGE_SIZE = None,
     head_hidden: Annotated[str | None, typer.Option(help="Hidden dense layers, e.g. 1024,512.")] = None,
     head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,

@@ -42,7 +42,7 @@ from webdataset.tariterators import tar_file_iterator
 from transferkit.data import remote
 from transferkit.data.boxes import crop_to
 from transferkit.data.images import decode_rgb
-from transferkit.data.loader import Labelled, labelled_split
+from transferkit.data.loader import Labelled, labelled_split, seeded
 from transferkit.data.members import is_shard_member, locate, split_ref
 from transferkit.data.sources import DatasetIndex, scan_dataset
 from transferkit.errors import UserError
@@ -180,15 +180,8 @@ class ShardStream(IterableDataset):
 
     def _sample(self, position: int, repeat: int, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         image = crop_to(decode_rgb(data), self.crops[position] if self.crops else None)
-        # CPU transforms draw from the default generator: seed it for this image and restore it afterwards
-        # (40x cheaper than torch.random.fork_rng + torch.manual_seed, which also visit every device).
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(hash((self.seed, self.epoch, position, repeat)) & 0x7FFF_FFFF_FFFF_FFFF)
-        try:
+        with seeded(hash((self.seed, self.epoch, position, repeat)) & 0x7FFF_FFFF_FFFF_FFFF):
             return self.transform(image), self.targets[position]
-        finally:
-            generator.set_state(state)
 
 
 def _stretches(order: list[int], shard_of: np.ndarray, offsets: np.ndarray) -> Iterator[tuple[int, list[int]]]:

@@ -59,16 +59,24 @@ def eval_transform(pre: Preprocess, samplewise_center: bool = False) -> T.Compos
     return T.Compose(steps)
 
 
+def rand_augment(policy: str, pre: Preprocess):
+    """timm's RandAugment (on PIL images) as its own training transforms configure it: translations relative to the
+    image size, filled with the mean colour."""
+    from timm.data import rand_augment_transform
+
+    fill = tuple(round(255 * m) for m in pre.mean)
+    return rand_augment_transform(policy, {"translate_const": int(pre.image_size * 0.45), "img_mean": fill})
+
+
 def train_transform(pre: Preprocess, aug: Augment) -> T.Compose:
     """The eval pipeline with random geometry first, so an un-augmented view equals the eval view."""
     if aug.is_identity:
         return eval_transform(pre, aug.samplewise_center)
     interp = T.InterpolationMode(pre.interpolation)
-    if aug.policy == "trivial":
-        steps: list = [
-            T.RandomResizedCrop(pre.image_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
-            T.TrivialAugmentWide(interpolation=interp),
-        ]
+    if aug.policy != "none":
+        steps: list = [T.RandomResizedCrop(pre.image_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
+                       T.TrivialAugmentWide(interpolation=interp) if aug.policy == "trivial" else
+                       rand_augment(aug.policy, pre)]
     else:
         steps = [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.image_size)]
         if aug.rotation or aug.zoom or aug.width_shift or aug.height_shift or aug.shear:

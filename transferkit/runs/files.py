@@ -55,9 +55,12 @@ def build_meta(cfg: TrainConfig, backbone: BackboneSpec, weights_source: str, ta
     }
 
 
+HISTORY_TEXT = ("stage", "weights")  # history.csv's columns of words; the others are numbers
+
+
 def read_history(path: Path) -> list[dict]:
     with path.open(newline="") as handle:
-        return [{k: (v if k == "stage" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: (v if k in HISTORY_TEXT else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def write_predictions(path: Path, paths: list[str], truths: list[str], predicted: list[str], probs: np.ndarray,

@@ -44,8 +44,19 @@ class Task:
         kind = self.kind if self.multilabel else "binary" if len(self.classes) == 2 else "multiclass"
         return {"classes": self.classes, "task": kind, "binary_logit": self.binary}
 
-    def loss(self, label_smoothing: float = 0.0) -> Loss:
+    def loss(self, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> Loss:
+        """The training loss of (logits, targets): targets are class indices (multi-hot rows for multi-label) or soft
+        (N, classes) rows such as mixup's, both smoothed by `label_smoothing` (smoothing commutes with mixing, so
+        mixed targets are smoothed once, here). `class_weights` (C,): each class's weight (`class_weights`)."""
         raise NotImplementedError
+
+    def class_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """Inverse-frequency weights of the training `targets`, n / (classes * n_c) as scikit-learn's 'balanced'
+        (a class absent from training counts as one image)."""
+        import torch
+
+        counts = torch.bincount(targets, minlength=len(self.classes)).clamp(min=1).float()
+        return len(targets) / (len(self.classes) * counts)
 
     def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """(N, C) per-class probabilities for every kind, so everything downstream is kind-agnostic; `temperature`
@@ -53,8 +64,9 @@ class Task:
         raise NotImplementedError
 
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(N,) how right each image's prediction is, 1 or 0 (multi-label: the fraction of its labels right)."""
-        return (self.predicted(logits) == targets).float()
+        """(N,) how right each image's prediction is, 1 or 0 (multi-label: the fraction of its labels right); a soft
+        target row counts as its largest class."""
+        return (self.predicted(logits) == (targets.argmax(dim=1) if targets.dim() == 2 else targets)).float()
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         """Each image's predicted class index (single-label kinds)."""
@@ -71,10 +83,16 @@ class Task:
 class MultiClass(Task):
     kind = "multiclass"
 
-    def loss(self, label_smoothing: float = 0.0) -> Loss:
+    def loss(self, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> Loss:
         from torch.nn import functional as F
 
-        return lambda logits, targets: F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        # torch's cross entropy takes class indices or probability rows (then equal to timm's
+        # SoftTargetCrossEntropy), with class weights for both, which SoftTargetCrossEntropy has not
+        def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            weight = None if class_weights is None else class_weights.to(logits.device)
+            return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)
+
+        return cross_entropy
 
     def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         import torch
@@ -95,12 +113,17 @@ class Binary(Task):
     def outputs(self) -> int:
         return 1
 
-    def loss(self, label_smoothing: float = 0.0) -> Loss:
+    def loss(self, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> Loss:
         from torch.nn import functional as F
 
         def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            soft = targets.float() * (1 - label_smoothing) + 0.5 * label_smoothing
-            return F.binary_cross_entropy_with_logits(logits[:, 0], soft)
+            positive = targets[:, 1] if targets.dim() == 2 else targets  # a soft row: p(second class)
+            soft = positive.float() * (1 - label_smoothing) + 0.5 * label_smoothing
+            if class_weights is None:
+                return F.binary_cross_entropy_with_logits(logits[:, 0], soft)
+            # w1 * p * log(s) + w0 * (1 - p) * log(1 - s): BCE with pos_weight w1 / w0, scaled by w0
+            w0, w1 = class_weights.to(logits.device)
+            return w0 * F.binary_cross_entropy_with_logits(logits[:, 0], soft, pos_weight=w1 / w0)
 
         return bce
 
@@ -127,8 +150,14 @@ class MultiLabel(Task):
 
     kind = multilabel.TASK
 
-    def loss(self, label_smoothing: float = 0.0) -> Loss:
-        return multilabel.loss(label_smoothing)
+    def loss(self, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> Loss:
+        return multilabel.loss(label_smoothing, class_weights)
+
+    def class_weights(self, targets: torch.Tensor) -> torch.Tensor:
+        """Each label's positive weight, negatives / positives (BCE's pos_weight), so a rare label's positives
+        count as much as its negatives."""
+        positives = targets.sum(dim=0).clamp(min=1)
+        return (len(targets) - positives).clamp(min=1) / positives
 
     def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         import torch

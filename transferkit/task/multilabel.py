@@ -13,14 +13,16 @@ if TYPE_CHECKING:  # training needs torch and metrics need scikit-learn; decidin
 TASK = "multilabel"
 
 
-def loss(label_smoothing: float = 0.0):
-    """BCE-with-logits over every (image, label) pair; smoothing pulls each target towards 0.5."""
+def loss(label_smoothing: float = 0.0, pos_weight: torch.Tensor | None = None):
+    """BCE-with-logits over every (image, label) pair; smoothing pulls each target towards 0.5; `pos_weight` (per
+    label) weighs positives against negatives."""
 
     from torch.nn import functional as F
 
     def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         soft = targets.float() * (1 - label_smoothing) + 0.5 * label_smoothing
-        return F.binary_cross_entropy_with_logits(logits, soft)
+        weight = None if pos_weight is None else pos_weight.to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits, soft, pos_weight=weight)
 
     return bce
 

@@ -75,7 +75,7 @@ class EarlyStopping(Callback):
         if trainer.stop_stage:  # already stopping (a non-finite loss): this epoch is no candidate
             return
         keeper = trainer.keeper
-        if keeper.update(log, trainer.model):
+        if keeper.update(log, trainer.model if trainer.candidate is None else trainer.candidate):
             trainer.reporter.log(f"early stop: no better {keeper.monitor} for {keeper.patience} epochs")
             trainer.stop_stage = True
 

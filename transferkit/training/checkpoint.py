@@ -10,7 +10,8 @@ and at the end of every epoch. What it holds, and why each part is needed for an
   for its stage first, so stage 2's parameter groups (head + unfrozen blocks) match the saved state;
 - early stopping (best value, best weights, patience count) and the epoch log so far (history.csv is rewritten
   from it: rows of an epoch that was redone never appear twice);
-- what callbacks carry (`Callback.state_dict`): the greedy soup's candidate epochs and its record;
+- what callbacks carry (`Callback.state_dict`): the greedy soup's candidate epochs and its record,
+  the EMA of the weights;
 - the global RNG states (dropout), since the data order and augmentation draw from per-epoch seeds instead
   (`epoch_generator`), which makes batch k of epoch e the same whether or not the run was interrupted.
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from transferkit.config import TrainConfig
+
+if TYPE_CHECKING:
+    from transferkit.models.classifier import Classifier
 
 
 def build_optimizer(name: str, param_groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
@@ -19,6 +23,23 @@ def build_optimizer(name: str, param_groups: list[dict], config: TrainConfig) ->
     if name == "rmsprop":  # Keras' RMSprop defaults: rho 0.9, eps 1e-7
         return torch.optim.RMSprop(param_groups, alpha=0.9, eps=1e-7, weight_decay=wd)
     return torch.optim.SGD(param_groups, momentum=config.momentum, nesterov=True, weight_decay=wd)
+
+
+def finetune_groups(model: Classifier, backbone_params: list[torch.nn.Parameter], config: TrainConfig
+                    ) -> list[dict]:
+    """Stage 2's parameter groups: the head at finetune_lr, the unfrozen backbone at finetune_lr * backbone_lr_mult,
+    with `layer_decay` < 1 scaled per layer: the backbone's top layer by 1, each one below by layer_decay more
+    (BEiT's layer-wise decay; timm numbers the layers with the backbone's fine group_matcher)."""
+    head = {"params": list(model.head.parameters()), "lr": config.finetune_lr}
+    rate = config.finetune_lr * config.backbone_lr_mult
+    if config.layer_decay == 1.0:
+        return [head, {"params": backbone_params, "lr": rate}]
+    from timm.optim import param_groups_layer_decay
+
+    # the frozen layers are left out (no gradient); every trained one keeps the configured weight decay
+    layers = param_groups_layer_decay(model.backbone, weight_decay=config.weight_decay, weight_decay_exclude_1d=False,
+                                      layer_decay=config.layer_decay)
+    return [head, *({"params": group["params"], "lr": rate * group["lr_scale"]} for group in layers)]
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int, decay: float) -> float:

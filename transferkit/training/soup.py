@@ -71,7 +71,8 @@ class GreedySoup(Callback):
 
     def _offer(self, trainer: Trainer, log: EpochLog) -> None:
         keys = trainable_keys(trainer.model)
-        full = trainer.model.state_dict()
+        # the weights the log's validation is of: the EMA's when they won the epoch (training.ema)
+        full = (trainer.model if trainer.candidate is None else trainer.candidate).state_dict()
         state = {key: full[key].detach().to("cpu", copy=True) for key in keys}
         self.candidates.append((score(trainer, getattr(log, trainer.keeper.monitor)), log.epoch, state))
         self.candidates = sorted(self.candidates, key=lambda c: (c[0], c[1]))[: self.size]

@@ -30,6 +30,7 @@ class EpochLog:
     val_acc: float
     lr: float
     seconds: float
+    weights: str = "live"  # which weights the val figures are of: live, or ema (training.ema) when those won
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,7 +19,7 @@ from transferkit.training.callbacks import BatchEnd, Callback, Checkpointing, Ea
 from transferkit.training.checkpoint import Checkpoints
 from transferkit.training.compute import Compute
 from transferkit.training.distributed import Ranks
-from transferkit.training.soup import soup_callbacks
+from transferkit.training.optional import check_options, criterion, option_callbacks
 from transferkit.training.state import BestKeeper, EpochLog, Position, Running, Stage, StepLog
 from transferkit.training.two_stage import frozen_stage, unfrozen_stage
 
@@ -36,8 +36,9 @@ class Trainer:
         self.keeper = BestKeeper(config.monitor, config.patience)
         self.criterion = task.loss(config.label_smoothing)
         self.callbacks: list[Callback] = [EarlyStopping(), *([Checkpointing(checkpoints)] if checkpoints else [])]
-        for callback in [*soup_callbacks(config), *callbacks]:  # those the config asks for, then the caller's
+        for callback in [*option_callbacks(config), *callbacks]:  # those the config asks for, then the caller's
             self.add_callback(callback)
+        self.candidate: torch.nn.Module | None = None  # an epoch's weights for the keeper, if not the live ones (EMA)
         self.stage: Stage | None = None
         self.start = Position("frozen")
         self.stop_stage = False
@@ -53,7 +54,7 @@ class Trainer:
     def fine_tune(self, train: Labelled, val: Labelled, pre: Preprocess) -> None:
         """Train the new head on the frozen backbone, then unfreeze the top blocks and train on with lower rates. A
         loaded checkpoint's finished stages are skipped and its own stage goes on where it stopped."""
-        transforms = self._prepare(pre)
+        transforms = self._prepare(pre, train)
         try:
             for name, build in (("frozen", frozen_stage), ("finetune", unfrozen_stage)):
                 if not self._skips(name):
@@ -105,7 +106,7 @@ class Trainer:
                 self.fire("after_batch", BatchEnd(log, epoch, step, stepped, running))
 
     def _end_epoch(self, epoch: int, running: Running, seconds: float) -> None:
-        stage = self.stage
+        stage, self.candidate = self.stage, None
         val_loss, val_acc = stage.validate()
         seen = max(running.seen, 1)
         log = EpochLog(epoch, stage.name, running.loss_sum / seen, running.correct / seen, val_loss, val_acc,
@@ -126,9 +127,12 @@ class Trainer:
         """The epoch's sums over every rank when each sees a piece of every batch (DDP), else this rank's."""
         return self.ranks.total(running) if self.stage.sharded else running
 
-    def _prepare(self, pre: Preprocess) -> tuple:
-        """Both stages' transforms (clean, augmented); the model frozen, channels-last, and shaped like a loaded
-        checkpoint's (the feature depths stage 1 chose) before anything is built around it."""
+    def _prepare(self, pre: Preprocess, train: Labelled) -> tuple:
+        """Both stages' transforms (clean, augmented); the options checked against the data and the loss weighted
+        by it; the model frozen, channels-last, and shaped like a loaded checkpoint's (the feature depths stage 1
+        chose) before anything is built around it."""
+        check_options(self.config, self.task, train)
+        self.criterion = criterion(self.config, self.task, train)
         augment = self.config.augmentation()
         self.model.to(memory_format=torch.channels_last)
         freeze_backbone(self.model)

@@ -30,7 +30,9 @@ from transferkit.models.classifier import (
 from transferkit.options import Augment
 from transferkit.training.distributed import Ranks, sync_batchnorm
 from transferkit.training.exact_head import choose_depths, depth_candidates, fit_linear
-from transferkit.training.optim import build_optimizer, build_scheduler
+from transferkit.training.mixing import mixed
+from transferkit.training.optim import build_optimizer, build_scheduler, finetune_groups
+from transferkit.training.optional import epoch_order
 from transferkit.training.prefix import with_frozen_prefix
 from transferkit.training.state import Batches, EpochLog, Stage, epoch_generator
 
@@ -71,7 +73,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
 
     def batches(epoch: int, skip: int):
         generator = epoch_generator(config.seed, "frozen", epoch)
-        order = torch.randperm(n_train, generator=generator)
+        order = epoch_order(train.targets, config.class_balance, generator)
         view = torch.randint(len(views), (n_train,), generator=generator)
         for chunk in order.split(batch)[skip:]:
             yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), train.targets[chunk]
@@ -177,14 +179,13 @@ def unfrozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Prepro
     clean, augmented = transforms
     if config.sync_bn and ranks.distributed:  # before the optimizer is built: the layers are replaced
         sync_batchnorm(model, ranks)
-    backbone_params = unfreeze(model, config.unfreeze)
-    groups = [{"params": list(model.head.parameters()), "lr": config.finetune_lr},
-              {"params": backbone_params, "lr": config.finetune_lr * config.backbone_lr_mult}]
+    groups = finetune_groups(model, unfreeze(model, config.unfreeze), config)
     optimizer = build_optimizer(config.finetune_optimizer or config.optimizer, groups, config)
     val_mine = ImageDataset(ranks.mine(val.paths), ranks.mine(val.targets), clean,
                             crops=ranks.mine(val.crops) if val.crops else None)
     batch = config.batch_size
     batches, steps = (streamed_batches if is_sharded(train) else indexed_batches)(train, augmented, config, ranks)
+    batches = mixed(batches, config, trainer.task)  # mixup / CutMix, when on
     # the frozen stem and lower blocks on the inference engine, only the unfrozen top in autograd (training.prefix)
     module = with_frozen_prefix(model, config.feature_engine, trainer.reporter)
 
@@ -207,7 +208,7 @@ def indexed_batches(train: Labelled, augmented: Callable, config: TrainConfig, r
 
     def batches(epoch: int, skip: int):
         generator = epoch_generator(config.seed, "finetune", epoch)
-        order = ranks.pad(torch.randperm(n_train, generator=generator))
+        order = ranks.pad(epoch_order(train.targets, config.class_balance, generator))
         seeds = torch.randint(2**31, (n_train,), generator=generator).tolist()
         order = torch.cat([ranks.piece(chunk) for chunk in order.split(batch * ranks.world)])
         dataset = ImageDataset(train.paths, train.targets, augmented, seeds, train.crops)
