@@ -145,9 +145,9 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
         raise
     if not ranks.main:
         return None
-    save_run(out, built, trainer, index, val_data, interrupted=False)
+    view_logits = save_run(out, built, trainer, index, val_data, interrupted=False)
     checkpoints.remove()
-    return _evaluate_and_report(Run(out), index, cfg, reporter)
+    return _evaluate_and_report(Run(out), index, cfg, reporter, view_logits)
 
 
 def checked_data(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter,
@@ -194,20 +194,25 @@ class Built:
 
 
 def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val: Labelled, interrupted: bool
-             ) -> None:
-    """model.safetensors, then meta.json (last: it marks the run as trained), with what was chosen on validation."""
+             ) -> ViewLogitsOf | None:
+    """model.safetensors, then meta.json (last: it marks the run as trained), with what was chosen on validation.
+    Returns the saved model's logits from the feature engine, for evaluation to reuse."""
     cfg, model = trainer.config, built.model
     kept = kept_weights(trainer.keeper, cfg, interrupted)
     if kept:
         trainer.reporter.log(f"kept: {kept['reason']}")
     save_weights(model.cpu(), out / "model.safetensors")
     meta = build_meta(cfg, built.spec, built.weights_source, built.task, built.pre, interrupted)
-    fast_logits = feature_logits(model, built.pre, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index)
+    # stage 1's engine was compiled for the pretrained backbone with these depths (auto changed them since)
+    compiled = trainer.features if cfg.feature_depths != "auto" else None
+    fast_logits = feature_logits(model, built.pre, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index,
+                                 compiled)
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
                 feature_depths=list(model.depths),
                 head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
                 **({"kept": kept} if kept else {}), **trainer.records)
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
+    return fast_logits
 
 
 def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig, multilabel_data: bool) -> tuple[int, ...]:
@@ -245,9 +250,11 @@ def _finished_training(out: Path) -> bool:
         return False
 
 
-def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter) -> Run:
-    run.view_logits = feature_logits(run.model, run.preprocess, cfg, reporter,
-                                      pretrained_backbone(cfg, run.meta.get("kept")), index)
+def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter,
+                         view_logits: ViewLogitsOf | None = None) -> Run:
+    """Metrics and report of a saved run; `view_logits`: save_run's (one feature extractor for both)."""
+    run.view_logits = view_logits or feature_logits(run.model, run.preprocess, cfg, reporter,
+                                                    pretrained_backbone(cfg, run.meta.get("kept")), index)
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
     return run
@@ -260,13 +267,16 @@ def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
 
 
 def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, reporter: Reporter,
-                   cached: bool, index: DatasetIndex) -> ViewLogitsOf | None:
+                   cached: bool, index: DatasetIndex, compiled: FeatureExtractor | None = None
+                   ) -> ViewLogitsOf | None:
     """Logits after training from the feature engine rather than eager PyTorch, through the cache when the backbone
     is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's features are
-    computed once and not kept. None (eager) for data at a URL, and the features computed here run in PyTorch:
-    both orders of events crashed the process (decision 0164)."""
+    computed once and not kept. None (eager) for data at a URL. A pretrained backbone reuses stage 1's `compiled`
+    extractor; an engine compiled after training crashed the process, so new ones run PyTorch (decision 0164)."""
     if remote.is_url(str(index.root)):
         return None
+    if cached and compiled is not None:
+        return head_logits(model, pre, cfg.augmentation().samplewise_center, compiled)
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
     extract = FeatureExtractor(model, "torch", cfg.batch_size, cfg.workers, reporter, cache)
     return head_logits(model, pre, cfg.augmentation().samplewise_center, extract)

@@ -1,4 +1,4 @@
-"""`transferkit demo`: train Lite0 on the solar-cell data through both stages and report test accuracy."""
+"""`transferkit demo`: train Lite0 on the solar-cell data and report test accuracy on the held-out split."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     json_out: JSON = False,
 ) -> None:
-    """Solar cells (elpv-dataset), functional vs defective: split, train both stages, evaluate on test."""
+    """Solar cells (elpv-dataset), functional vs defective: split, train on the 8 symmetries, evaluate on test."""
     import time
 
     from transferkit import api

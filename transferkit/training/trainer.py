@@ -12,6 +12,7 @@ import torch
 from transferkit.config import TrainConfig
 from transferkit.data.loader import Labelled
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
+from transferkit.features.extract import FeatureExtractor
 from transferkit.models.classifier import Classifier, freeze_backbone
 from transferkit.progress import Reporter
 from transferkit.task.kinds import Task
@@ -40,6 +41,7 @@ class Trainer:
             self.add_callback(callback)
         self.candidate: torch.nn.Module | None = None  # an epoch's weights for the keeper, if not the live ones (EMA)
         self.stage: Stage | None = None
+        self.features: FeatureExtractor | None = None  # stage 1's, its engine compiled for the pretrained backbone
         self.start = Position("frozen")
         self.stop_stage = False
         self.records: dict[str, dict] = {}  # meta.json entries callbacks add (the greedy soup's `soup`)

@@ -52,6 +52,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     views = frozen_views(pre, config.augmentation(), transforms[1], config.feature_views)
     cache = cache_root(config.cache, config.cache_dir)
     extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, trainer.reporter, cache)
+    trainer.features = extract
     # one table per view; on disk if cached
     begin = time.perf_counter()
     features = shared_tables(extract, ranks, train.paths, views, "features train", train.crops)
