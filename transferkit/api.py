@@ -21,7 +21,7 @@ from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.features.cache import cache_root
-from transferkit.features.extract import FeatureExtractor, clean_view, head_logits
+from transferkit.features.extract import FeatureExtractor, FeaturesOf, clean_view, head_logits, view_features
 from transferkit.fileio import output_folder
 from transferkit.models.classifier import Classifier, depth_levels, new_classifier
 from transferkit.models.device import resolve_device
@@ -145,9 +145,9 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
         raise
     if not ranks.main:
         return None
-    save_run(out, built, trainer, index, val_data, interrupted=False)
+    features = save_run(out, built, trainer, index, val_data, interrupted=False)
     checkpoints.remove()
-    return _evaluate_and_report(Run(out), index, cfg, reporter)
+    return _evaluate_and_report(Run(out), index, cfg, reporter, features)
 
 
 def checked_data(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter,
@@ -194,20 +194,23 @@ class Built:
 
 
 def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val: Labelled, interrupted: bool
-             ) -> None:
-    """model.safetensors, then meta.json (last: it marks the run as trained), with what was chosen on validation."""
+             ) -> FeaturesOf | None:
+    """model.safetensors, then meta.json (last: it marks the run as trained), with what was chosen on validation.
+    Returns the saved backbone's features without an eager pass (`trained_features`), for evaluation to reuse."""
     cfg, model = trainer.config, built.model
     kept = kept_weights(trainer.keeper, cfg, interrupted)
     if kept:
         trainer.reporter.log(f"kept: {kept['reason']}")
     save_weights(model.cpu(), out / "model.safetensors")
     meta = build_meta(cfg, built.spec, built.weights_source, built.task, built.pre, interrupted)
-    fast_logits = feature_logits(model, built.pre, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index)
+    features = trained_features(model, built.pre, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index)
+    fast_logits = head_logits(model, features) if features else None
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
                 feature_depths=list(model.depths),
                 head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
                 **({"kept": kept} if kept else {}))
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
+    return features
 
 
 def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig, multilabel_data: bool) -> tuple[int, ...]:
@@ -245,9 +248,13 @@ def _finished_training(out: Path) -> bool:
         return False
 
 
-def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter) -> Run:
-    run.plain_logits = feature_logits(run.model, run.preprocess, cfg, reporter,
-                                      pretrained_backbone(cfg, run.meta.get("kept")), index)
+def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter,
+                         features: FeaturesOf | None = None) -> Run:
+    """Metrics and report of a saved run; `features`: save_run's (its backbone's, one extractor for both)."""
+    features = features or trained_features(run.model, run.preprocess, cfg, reporter,
+                                            pretrained_backbone(cfg, run.meta.get("kept")), index)
+    run.plain_features = features
+    run.plain_logits = head_logits(run.model, features) if features else None
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
     return run
@@ -259,17 +266,17 @@ def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
     return cfg.epochs_finetune == 0 or (kept is not None and kept["stage"] == "frozen")
 
 
-def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, reporter: Reporter,
-                   cached: bool, index: DatasetIndex) -> LogitsOf | None:
-    """Logits after training from the feature engine rather than eager PyTorch, through the cache when the backbone
-    is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's features are
-    computed once and not kept. None (eager) for data at a URL, and the features computed here run in PyTorch:
-    both orders of events crashed the process (decision 0164)."""
+def trained_features(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, reporter: Reporter,
+                     cached: bool, index: DatasetIndex) -> FeaturesOf | None:
+    """Clean-view features after training (for logits as head(features)) rather than eager forward passes, through
+    the cache when the backbone is the pretrained one (stage 1's rows, and the test images' from here on); a
+    fine-tuned backbone's features are computed once and not kept. None (eager) for data at a URL, and the
+    features computed here run in PyTorch: both orders of events crashed the process (decision 0164)."""
     if remote.is_url(str(index.root)):
         return None
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
     extract = FeatureExtractor(model, "torch", cfg.batch_size, cfg.workers, reporter, cache)
-    return head_logits(model, clean_view(pre, cfg.augmentation().samplewise_center), extract)
+    return view_features(clean_view(pre, cfg.augmentation().samplewise_center), extract)
 
 
 def warn_leaks(metrics: dict, reporter: Reporter) -> None:

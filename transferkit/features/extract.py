@@ -278,15 +278,27 @@ class RowCollector:
         self.written += len(features)
 
 
-def head_logits(model: nn.Module, view: View, extract: FeatureExtractor
-                ) -> Callable[[Sequence[str], Sequence[Box | None] | None], torch.Tensor]:
+FeaturesOf = Callable[[Sequence[str], Sequence[Box | None] | None], torch.Tensor]
+
+
+def view_features(view: View, extract: FeatureExtractor, description: str = "evaluation") -> FeaturesOf:
+    """The (N, D) pooled features of image files (cropped to `crops`) under one view, from the engine and the cache:
+    what the report's similarity heatmap and `head_logits` read."""
+
+    def features(paths: Sequence[str], crops: Sequence[Box | None] | None = None) -> torch.Tensor:
+        [rows] = extract(paths, [view], description, crops)
+        return rows
+
+    return features
+
+
+def head_logits(model: nn.Module, features: FeaturesOf) -> FeaturesOf:
     """The classifier's logits as head(features), the features from the engine and the cache instead of an eager
     forward pass: the same function (the engine is parity-checked), several times faster, and free where stage 1
     already cached them. Evaluation after training and the choices made on validation use it."""
 
     def logits(paths: Sequence[str], crops: Sequence[Box | None] | None = None) -> torch.Tensor:
-        [features] = extract(paths, [view], "evaluation", crops)
         with torch.no_grad():
-            return model.head.eval()(features)
+            return model.head.eval()(features(paths, crops))
 
     return logits

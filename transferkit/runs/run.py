@@ -68,6 +68,8 @@ class Run:
         self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
         # one view's logits without an eager pass (the feature engine: features.extract.head_logits), if given
         self.plain_logits: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
+        # and the pooled backbone features they come from (the report's similarity heatmap reads them)
+        self.plain_features: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
         self.metrics: dict | None = None
 
     def logits(self, paths: list[str], crops: list[Box | None] | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
         model.depths = depth_levels(model.backbone)
     augmented = transforms[1]
     augment = config.augmentation()
-    n_views = 1 if augment.is_identity else config.feature_views
+    n_views = 1 if augment.is_identity else config.views_for(len(train.paths))
     # view 0 is the clean image (shared by every recipe, and by auto, doctor and embeddings), the others augmented
     views = [clean_view(pre, augment.samplewise_center)]
     augmented_spec = {**view_spec(pre, augment.samplewise_center), "augment": dataclasses.asdict(augment)}
@@ -85,8 +85,9 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     optimizer = build_optimizer(config.optimizer, [{"params": model.head.parameters(), "lr": config.lr}], config)
     steps = -(-n_train // batch)
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
+    # on a CPU, one thread: the head's ops are too small to share (on a busy 2-core machine 2 threads were 15x slower)
     return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, n_train, validate,
-                 config.epochs_frozen, steps)
+                 config.epochs_frozen, steps, threads=1 if trainer.compute.device.type == "cpu" else None)
 
 
 def validated_head(trainer: Trainer, features: list[FeatureTable], train_y: torch.Tensor, val_x: torch.Tensor,

@@ -1,0 +1,90 @@
+"""What makes a small frozen-only run cheap without changing its result: feature_views auto (augmented views only
+for small training sets), the best-weights copy reusing its buffers, and the head's epochs on one CPU thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transferkit import api, config
+from transferkit.config import resolve_config
+from transferkit.errors import UserError
+from transferkit.training import two_stage
+from transferkit.training.compute import intra_op_threads
+from transferkit.training.state import BestKeeper, EpochLog
+
+
+def test_feature_views_auto_extracts_augmented_views_only_for_small_training_sets():
+    auto = resolve_config(None, None)
+    assert auto.feature_views == "auto"
+    assert auto.views_for(config.AUTO_VIEWS_MAX_IMAGES) == config.AUTO_VIEWS == 3
+    assert auto.views_for(config.AUTO_VIEWS_MAX_IMAGES + 1) == 1
+    assert resolve_config(None, None, feature_views=2).views_for(10**6) == 2  # a number is used as given
+    for bad in (0, "many"):
+        with pytest.raises(UserError, match="feature_views"):
+            resolve_config(None, None, feature_views=bad)
+
+
+def views_extracted(dataset, out, fast, monkeypatch, **options) -> int:
+    """How many views of the training images stage 1 asked for."""
+    seen: list[int] = []
+    shared = two_stage.shared_tables
+
+    def spy(extract, ranks, paths, views, description, crops):
+        if description == "features train":
+            seen.append(len(views))
+        return shared(extract, ranks, paths, views, description, crops)
+
+    monkeypatch.setattr(two_stage, "shared_tables", spy)
+    api.train(dataset, out, **{**fast, "epochs_finetune": 0, "epochs_frozen": 1, "augment": "light", **options})
+    return seen[0]
+
+
+def test_frozen_stage_extracts_as_many_views_as_auto_chooses(dataset, tmp_path, fast, monkeypatch):
+    assert views_extracted(dataset, tmp_path / "small", fast, monkeypatch) == 3  # 29 training images
+    monkeypatch.setattr(config, "AUTO_VIEWS_MAX_IMAGES", 20)
+    assert views_extracted(dataset, tmp_path / "large", fast, monkeypatch) == 1
+    assert views_extracted(dataset, tmp_path / "asked", fast, monkeypatch, feature_views=2) == 2
+
+
+def log(epoch: int, val_loss: float) -> EpochLog:
+    return EpochLog(epoch, "frozen", 0.0, 0.0, val_loss, 0.0, 1e-3, 0.0)
+
+
+def test_best_weights_are_the_best_epochs_even_though_their_copy_is_reused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    keeper = BestKeeper("val_loss", patience=0)
+    snapshots = []
+    for epoch, val_loss in enumerate([0.9, 0.5, 0.7, 0.3, 0.4], start=1):
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                tensor.add_(epoch)  # weights and BN statistics change in place, as training changes them
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        keeper.update(log(epoch, val_loss), model)
+    keeper.restore(model)
+    assert keeper.best_epoch == ("frozen", 4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[3][key]), key
+    assert all(kept.data_ptr() != live.data_ptr() for kept, live in
+               zip(keeper.best_state.values(), model.state_dict().values(), strict=True))
+
+
+def test_a_new_shape_is_copied_afresh():
+    keeper = BestKeeper("val_loss", patience=0)
+    keeper.update(log(1, 0.5), torch.nn.Linear(4, 3))
+    wider = torch.nn.Linear(8, 3)  # feature_depths auto widens the head between epochs of a resumed run
+    keeper.update(log(2, 0.4), wider)
+    assert keeper.best_state["weight"].shape == (3, 8)
+    assert torch.equal(keeper.best_state["weight"], wider.weight)
+
+
+def test_intra_op_threads_are_restored_after_the_block():
+    before = torch.get_num_threads()
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), intra_op_threads(1):
+        raise RuntimeError("training failed")
+    assert torch.get_num_threads() == before
+    with intra_op_threads(None):
+        assert torch.get_num_threads() == before
