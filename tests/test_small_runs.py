@@ -1,7 +1,10 @@
 """What makes a small frozen-only run cheap without changing its result: feature_views auto (augmented views only
-for small training sets), the best-weights copy reusing its buffers, and the head's epochs on one CPU thread."""
+for small training sets), the best-weights copy reusing its buffers, the head's epochs on one CPU thread, and the
+report showing the figures evaluation saved."""
 
 from __future__ import annotations
+
+import base64
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ import torch
 from transferkit import api, config
 from transferkit.config import resolve_config
 from transferkit.errors import UserError
+from transferkit.report.figures import confusion_uri, stage_curves
+from transferkit.runs.files import read_history
 from transferkit.training import two_stage
 from transferkit.training.compute import intra_op_threads
 from transferkit.training.state import BestKeeper, EpochLog
@@ -88,3 +93,17 @@ def test_intra_op_threads_are_restored_after_the_block():
     assert torch.get_num_threads() == before
     with intra_op_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_the_report_shows_the_figures_evaluation_saved_which_are_the_same_drawings(dataset, tmp_path, fast):
+    run = api.train(dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0})
+    metrics, page = run.metrics, (run.path / "report.html").read_text()
+    history = read_history(run.path / "history.csv")
+    saved = {name: (run.path / name).read_bytes() for name in ("confusion.png", "curves.png")}
+    assert all(base64.b64encode(png).decode() in page for png in saved.values())
+    assert confusion_uri(metrics["confusion_matrix"], run.classes) == \
+        confusion_uri(metrics["confusion_matrix"], run.classes, run.path / "confusion.png")
+    assert stage_curves(history, run.meta.get("kept")) == \
+        stage_curves(history, run.meta.get("kept"), run.path / "curves.png")
+    two_stages = [*history, {**history[-1], "stage": "finetune", "epoch": 1.0}]
+    assert stage_curves(two_stages, None, run.path / "curves.png") == stage_curves(two_stages, None)
