@@ -19,11 +19,13 @@ from transferkit.training.compute import intra_op_threads
 from transferkit.training.state import BestKeeper, EpochLog
 
 
-def test_feature_views_auto_extracts_augmented_views_only_for_small_training_sets():
+def test_feature_views_auto_extracts_augmented_views_only_for_an_exact_head_on_a_small_training_set():
     auto = resolve_config(None, None)
-    assert auto.feature_views == "auto"
-    assert auto.views_for(config.AUTO_VIEWS_MAX_IMAGES) == config.AUTO_VIEWS == 3
-    assert auto.views_for(config.AUTO_VIEWS_MAX_IMAGES + 1) == 1
+    assert (auto.feature_views, auto.head_fit) == ("auto", "sgd")
+    assert auto.views_for(10) == auto.views_for(10**6) == 1
+    exact = resolve_config(None, None, head_fit="exact")
+    assert exact.views_for(config.AUTO_VIEWS_MAX_IMAGES) == config.AUTO_VIEWS == 3
+    assert exact.views_for(config.AUTO_VIEWS_MAX_IMAGES + 1) == 1
     assert resolve_config(None, None, feature_views=2).views_for(10**6) == 2  # a number is used as given
     for bad in (0, "many"):
         with pytest.raises(UserError, match="feature_views"):
@@ -46,9 +48,10 @@ def views_extracted(dataset, out, fast, monkeypatch, **options) -> int:
 
 
 def test_frozen_stage_extracts_as_many_views_as_auto_chooses(dataset, tmp_path, fast, monkeypatch):
-    assert views_extracted(dataset, tmp_path / "small", fast, monkeypatch) == 3  # 29 training images
+    assert views_extracted(dataset, tmp_path / "sgd", fast, monkeypatch) == 1
+    assert views_extracted(dataset, tmp_path / "small", fast, monkeypatch, head_fit="exact") == 3  # 29 images
     monkeypatch.setattr(config, "AUTO_VIEWS_MAX_IMAGES", 20)
-    assert views_extracted(dataset, tmp_path / "large", fast, monkeypatch) == 1
+    assert views_extracted(dataset, tmp_path / "large", fast, monkeypatch, head_fit="exact") == 1
     assert views_extracted(dataset, tmp_path / "asked", fast, monkeypatch, feature_views=2) == 2
 
 

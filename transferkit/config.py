@@ -32,8 +32,9 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
 MONITORS = ("val_loss", "val_acc")
 HEAD_FITS = ("sgd", "exact")
-# feature_views auto: augmented views only for training sets this small, where they are cheap (decision 0260)
-AUTO_VIEWS_MAX_IMAGES = 300
+# feature_views auto: augmented views only where they were measured to help, an exact head, and only for training
+# sets this small, where two more extraction passes are cheap (decision 0260)
+AUTO_VIEWS_MAX_IMAGES = 1000
 AUTO_VIEWS = 3
 
 
@@ -56,8 +57,8 @@ class TrainConfig:
     crop_pct: float | None = None  # None: the backbone's; 1.0 keeps the whole image (no centre crop)
     augment: str = "light"
     augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
-    # views per training image in the frozen stage (features computed once): 1 clean + augmented; auto: by size
-    feature_views: int | str = "auto"
+    # 1 clean + augmented views, features computed once; auto: 3 for an exact head on up to 1000 images, else 1
+    feature_views: int | str = "auto"  # views per training image in the frozen stage (auto: see the line above)
     # last | auto | levels like "2,3,4": features also pooled from intermediate levels (timm forward_intermediates
     # indices); auto chooses the set on validation
     feature_depths: str = "last"
@@ -112,11 +113,11 @@ class TrainConfig:
         return tuple(sorted({int(level) for level in self.feature_depths.split(",")}))
 
     def views_for(self, train_images: int) -> int:
-        """How many feature views stage 1 extracts for a training set of this size: auto's choice (decision 0260),
-        else the configured number."""
+        """How many feature views stage 1 extracts for a training set of this size: auto's choice (decision 0260:
+        the clean view alone for an SGD head, which augmented views did not improve), else the configured number."""
         if self.feature_views != "auto":
             return int(self.feature_views)
-        return AUTO_VIEWS if train_images <= AUTO_VIEWS_MAX_IMAGES else 1
+        return AUTO_VIEWS if self.head_fit == "exact" and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
 
     def augmentation(self) -> Augment:
         return dataclasses.replace(AUGMENT_PRESETS[self.augment], **self.augment_options)
