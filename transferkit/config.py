@@ -34,7 +34,7 @@ MONITORS = ("val_loss", "val_acc")
 HEAD_FITS = ("sgd", "exact")
 # feature_views auto: augmented views only where they were measured to help, an exact head, and only for training
 # sets this small, where two more extraction passes are cheap (decision 0260)
-AUTO_VIEWS_MAX_IMAGES = 1000
+AUTO_VIEWS_MAX_IMAGES = 300
 AUTO_VIEWS = 3
 
 
@@ -57,7 +57,7 @@ class TrainConfig:
     crop_pct: float | None = None  # None: the backbone's; 1.0 keeps the whole image (no centre crop)
     augment: str = "light"
     augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
-    # 1 clean + augmented views, features computed once; auto: 3 for an exact head on up to 1000 images, else 1
+    # 1 clean + augmented views, features computed once; auto: 3 for an exact head on up to 300 images, else 1
     feature_views: int | str = "auto"  # views per training image in the frozen stage (auto: see the line above)
     # last | auto | levels like "2,3,4": features also pooled from intermediate levels (timm forward_intermediates
     # indices); auto chooses the set on validation
