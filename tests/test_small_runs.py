@@ -114,18 +114,19 @@ def test_the_report_shows_the_figures_evaluation_saved_which_are_the_same_drawin
     assert stage_curves(two_stages, None, run.path / "curves.png") == stage_curves(two_stages, None)
 
 
-def test_a_command_that_loaded_torch_exits_with_its_code_after_threads_and_exit_handlers(tmp_path):
+def test_a_command_that_loaded_torch_exits_with_its_code_after_threads_pools_and_exit_handlers(tmp_path):
     code = f"""
 import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 import torch
 from transferkit.cli.main import main
 atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "w").write("ran"))
 threading.Thread(target=lambda: (time.sleep(0.5), open({str(tmp_path / "thread")!r}, "w").write("done"))).start()
-print("buffered output")
+ThreadPoolExecutor(1).submit(print, "buffered output")  # its idle worker waits until told to stop at exit
 sys.argv = ["transferkit", "no-such-command"]
 main()
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no-such-command" in done.stderr
     assert "buffered output" in done.stdout
     assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
