@@ -10,6 +10,7 @@ wall time of the row (features come from the cache, warmed first; the extraction
     python bench/accuracy.py                        # elpv, fmnist20, fmnist100; 3 seeds; frozen rows + probe
     python bench/accuracy.py --quick                # smoke test: fmnist20, 2 seeds, 500 test images
     python bench/accuracy.py --finetune --datasets elpv
+    python bench/accuracy.py --views --rows frozen-sgd,frozen-exact   # 1 feature view against 3
 
 Fashion-MNIST needs Debian's `dataset-fashion-mnist` package (the script says so when it is missing).
 """
@@ -63,6 +64,11 @@ ROWS: dict[str, dict | None] = {
     # the 8 symmetries of the square as training views and as test-time views (decision 0244)
     "dihedral-exact": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral"},
     "dihedral-depths-exact": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral", "feature_depths": "auto"},
+}
+# --views: stage 1 on 3 feature views per training image (1 clean + 2 augmented) against the rows' single clean view
+VIEW_ROWS = {
+    "frozen-sgd-views3": {"head_fit": "sgd", "feature_views": 3},
+    "frozen-exact-views3": {"head_fit": "exact", "feature_views": 3},
 }
 FINETUNE_ROWS = {
     "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
@@ -145,7 +151,7 @@ def run_probe(split: Split, cache: Path, seed: int) -> np.ndarray:
 def run_transferkit(split: Split, options: dict, cache: Path, seed: int) -> np.ndarray:
     """Test probabilities of a model trained by transferkit's two stages with `options` (stage 1 only unless they
     fine-tune); a frozen-only model's test features come from the cache, a fine-tuned one's from its backbone."""
-    values = {"epochs_finetune": 0, **split.settings, **options, "feature_views": 1, "seed": seed,
+    values = {"epochs_finetune": 0, "feature_views": 1, **split.settings, **options, "seed": seed,
               "cache_dir": str(cache), "workers": 2}
     config = resolve_config(None, None, backbone=BACKBONE, **values)
     model = fresh_model(len(split.classes), values, seed)
@@ -226,15 +232,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="elpv,fmnist20,fmnist100", help="elpv, fmnistK (K per class)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join([*ROWS, *FINETUNE_ROWS])}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join([*ROWS, *FINETUNE_ROWS, *VIEW_ROWS])}")
     parser.add_argument("--finetune", action="store_true", help="add the fine-tuning rows (slow on CPU)")
+    parser.add_argument("--views", action="store_true", help="add rows on 3 feature views (augmented extraction)")
     parser.add_argument("--quick", action="store_true", help="fmnist20, 2 seeds, 50 test images per class")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-learn's notices of coming API changes
-    every = {**ROWS, **FINETUNE_ROWS}
-    names = args.rows.split(",") + (list(FINETUNE_ROWS) if args.finetune else [])
+    every = {**ROWS, **FINETUNE_ROWS, **VIEW_ROWS}
+    names = args.rows.split(",") + (list(FINETUNE_ROWS) if args.finetune else []) + (list(VIEW_ROWS) if args.views
+                                                                                     else [])
     unknown = [n for n in names if n not in every]
     if unknown or args.seeds < 2:
         print(f"accuracy.py: unknown rows {unknown} or fewer than 2 seeds", file=sys.stderr)

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/latency.py            # 500 generated images, 3 repeats of each command
     .venv/bin/python bench/latency.py --quick    # a smoke test of this script
+    .venv/bin/python bench/latency.py --train-only --repeats 2   # the frozen-only train rows and the plain loop
 
 Rows: `--help`; `predict` of one image with an ONNX export and with PyTorch; `serve` from start to its first
 answer (export); a frozen-only `train` (Lite0, 20 head epochs) with a cold and a warm feature cache; and, in the
@@ -99,11 +100,15 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[float]]:
     train = ["train", str(data), "--epochs-frozen", str(EPOCHS), "--epochs-finetune", "0", "--quiet"]
     times: dict[str, list[float]] = {name: [] for name in ("help", "train_cold", "train_warm", "predict_export",
                                                            "predict_torch", "serve_first_answer")}
+    if args.train_only:
+        times = {"train_cold": [], "train_warm": []}
     for repeat in range(args.repeats):
-        times["help"].append(timed(["--help"], env))
         env["TRANSFERKIT_CACHE"] = str(folder / f"cache-{repeat}")  # a new, empty cache: cold
         times["train_cold"].append(timed([*train, "--out", str(folder / f"cold-{repeat}")], env))
         times["train_warm"].append(timed([*train, "--out", str(folder / f"warm-{repeat}")], env))
+        if args.train_only:
+            continue
+        times["help"].append(timed(["--help"], env))
         run = folder / f"cold-{repeat}"
         timed(["export", str(run)], env)
         times["predict_export"].append(timed(["predict", str(run), str(one), "--engine", "onnx"], env))
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="40 images, one repeat")
+    parser.add_argument("--train-only", action="store_true", help="only the frozen-only train rows and plain loop")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.quick:

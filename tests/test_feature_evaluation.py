@@ -1,11 +1,13 @@
 """After training, evaluation and the validation choices read the features (engine and cache) instead of running
-the network eagerly: the metrics must be the eager ones, for a frozen and for a fine-tuned backbone."""
+the network eagerly: the metrics must be the eager ones, for a frozen and for a fine-tuned backbone. The report's
+similarity heatmap reads the same features."""
 
 from __future__ import annotations
 
 import pytest
 
 from transferkit import api, tuning
+from transferkit.report import images as report_images
 from transferkit.runs import run as run_module
 from transferkit.runs.run import Run
 
@@ -26,10 +28,12 @@ def test_evaluation_from_features_equals_evaluation_from_images(dataset, tmp_pat
     with monkeypatch.context() as patched:
         for module in (run_module, tuning):
             patched.setattr(module, "infer_logits", no_eager_pass)
+        patched.setattr(report_images, "embed_images", no_eager_pass)
         trained = api.train(dataset, tmp_path / "run", **options)
     from_features = trained.metrics
     eager = Run(tmp_path / "run")  # a fresh load has no feature path: every image through PyTorch
-    assert eager.view_logits is None
+    assert eager.view_logits is None and eager.plain_features is None
+    assert "Cosine similarity of the model's embeddings" in (tmp_path / "run" / "report.html").read_text()
     from_images = eager.evaluate(dataset, write=False)
     assert from_features["split"] == from_images["split"] == "test"
     assert from_features["accuracy"] == from_images["accuracy"]

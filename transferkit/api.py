@@ -21,7 +21,7 @@ from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.features.cache import cache_root
-from transferkit.features.extract import FeatureExtractor, ViewLogitsOf, head_logits
+from transferkit.features.extract import FeatureExtractor, ViewLogitsOf, clean_view, head_logits, view_features
 from transferkit.fileio import output_folder
 from transferkit.models.classifier import Classifier, depth_levels, new_classifier
 from transferkit.models.device import resolve_device
@@ -145,9 +145,9 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
         raise
     if not ranks.main:
         return None
-    view_logits = save_run(out, built, trainer, index, val_data, interrupted=False)
+    extract = save_run(out, built, trainer, index, val_data, interrupted=False)
     checkpoints.remove()
-    return _evaluate_and_report(Run(out), index, cfg, reporter, view_logits)
+    return _evaluate_and_report(Run(out), index, cfg, reporter, extract)
 
 
 def checked_data(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter,
@@ -194,9 +194,9 @@ class Built:
 
 
 def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val: Labelled, interrupted: bool
-             ) -> ViewLogitsOf | None:
+             ) -> FeatureExtractor | None:
     """model.safetensors, then meta.json (last: it marks the run as trained), with what was chosen on validation.
-    Returns the saved model's logits from the feature engine, for evaluation to reuse."""
+    Returns the saved model's feature extractor (`trained_extractor`), for evaluation to reuse."""
     cfg, model = trainer.config, built.model
     kept = kept_weights(trainer.keeper, cfg, interrupted)
     if kept:
@@ -205,14 +205,14 @@ def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val
     meta = build_meta(cfg, built.spec, built.weights_source, built.task, built.pre, interrupted)
     # stage 1's engine was compiled for the pretrained backbone with these depths (auto changed them since)
     compiled = trainer.features if cfg.feature_depths != "auto" else None
-    fast_logits = feature_logits(model, built.pre, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index,
-                                 compiled)
+    extract = trained_extractor(model, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index, compiled)
+    fast_logits = head_logits(model, built.pre, cfg.augmentation().samplewise_center, extract) if extract else None
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
                 feature_depths=list(model.depths),
                 head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
                 **({"kept": kept} if kept else {}), **trainer.records)
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
-    return fast_logits
+    return extract
 
 
 def checked_depths(backbone: torch.nn.Module, cfg: TrainConfig, multilabel_data: bool) -> tuple[int, ...]:
@@ -251,10 +251,14 @@ def _finished_training(out: Path) -> bool:
 
 
 def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter,
-                         view_logits: ViewLogitsOf | None = None) -> Run:
-    """Metrics and report of a saved run; `view_logits`: save_run's (one feature extractor for both)."""
-    run.view_logits = view_logits or feature_logits(run.model, run.preprocess, cfg, reporter,
-                                                    pretrained_backbone(cfg, run.meta.get("kept")), index)
+                         extract: FeatureExtractor | None = None) -> Run:
+    """Metrics and report of a saved run; `extract`: save_run's (one feature extractor for both)."""
+    if extract is None:
+        extract = trained_extractor(run.model, cfg, reporter, pretrained_backbone(cfg, run.meta.get("kept")), index)
+    if extract is not None:
+        samplewise_center = cfg.augmentation().samplewise_center
+        run.view_logits = head_logits(run.model, run.preprocess, samplewise_center, extract)
+        run.plain_features = view_features(clean_view(run.preprocess, samplewise_center), extract)
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
     return run
@@ -266,20 +270,18 @@ def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
     return cfg.epochs_finetune == 0 or (kept is not None and kept["stage"] == "frozen")
 
 
-def feature_logits(model: torch.nn.Module, pre: Preprocess, cfg: TrainConfig, reporter: Reporter,
-                   cached: bool, index: DatasetIndex, compiled: FeatureExtractor | None = None
-                   ) -> ViewLogitsOf | None:
-    """Logits after training from the feature engine rather than eager PyTorch, through the cache when the backbone
-    is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's features are
+def trained_extractor(model: torch.nn.Module, cfg: TrainConfig, reporter: Reporter, cached: bool,
+                      index: DatasetIndex, compiled: FeatureExtractor | None = None) -> FeatureExtractor | None:
+    """Features after training from the feature engine rather than eager PyTorch, through the cache when the
+    backbone is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's are
     computed once and not kept. None (eager) for data at a URL. A pretrained backbone reuses stage 1's `compiled`
     extractor; an engine compiled after training crashed the process, so new ones run PyTorch (decision 0164)."""
     if remote.is_url(str(index.root)):
         return None
     if cached and compiled is not None:
-        return head_logits(model, pre, cfg.augmentation().samplewise_center, compiled)
+        return compiled
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
-    extract = FeatureExtractor(model, "torch", cfg.batch_size, cfg.workers, reporter, cache)
-    return head_logits(model, pre, cfg.augmentation().samplewise_center, extract)
+    return FeatureExtractor(model, "torch", cfg.batch_size, cfg.workers, reporter, cache)
 
 
 def warn_leaks(metrics: dict, reporter: Reporter) -> None:

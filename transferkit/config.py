@@ -34,6 +34,10 @@ SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
 MONITORS = ("val_loss", "val_acc")
 HEAD_FITS = ("sgd", "exact")
 CLASS_BALANCES = ("none", "weights", "sampler")
+# feature_views auto: augmented views only where they were measured to help, an exact head, and only for training
+# sets this small, where two more extraction passes are cheap (decision 0260)
+AUTO_VIEWS_MAX_IMAGES = 300
+AUTO_VIEWS = 3
 
 
 @dataclass
@@ -55,7 +59,8 @@ class TrainConfig:
     crop_pct: float | None = None  # None: the backbone's; 1.0 keeps the whole image (no centre crop)
     augment: str = "light"
     augment_options: dict[str, Any] = field(default_factory=dict)  # per-knob overrides of the preset
-    feature_views: int = 3  # views per training image in the frozen stage (features computed once): 1 clean + augmented
+    # 1 clean + augmented views, features computed once; auto: 3 for an exact head on up to 300 images, else 1
+    feature_views: int | str = "auto"  # views per training image in the frozen stage (auto: see the line above)
     # last | auto | levels like "2,3,4": features also pooled from intermediate levels (timm forward_intermediates
     # indices); auto chooses the set on validation
     feature_depths: str = "last"
@@ -118,6 +123,13 @@ class TrainConfig:
             return ()
         return tuple(sorted({int(level) for level in self.feature_depths.split(",")}))
 
+    def views_for(self, train_images: int) -> int:
+        """How many feature views stage 1 extracts for a training set of this size: auto's choice (decision 0260:
+        the clean view alone for an SGD head, which augmented views did not improve), else the configured number."""
+        if self.feature_views != "auto":
+            return int(self.feature_views)
+        return AUTO_VIEWS if self.head_fit == "exact" and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
+
     def augmentation(self) -> Augment:
         return dataclasses.replace(AUGMENT_PRESETS[self.augment], **self.augment_options)
 
@@ -144,7 +156,8 @@ class TrainConfig:
             (self.epochs_frozen + self.epochs_finetune > 0, "nothing to train: both epoch counts are 0"),
             (self.lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),
             (0 <= self.head_dropout < 1, "head_dropout must be in [0, 1)"),
-            (self.feature_views >= 1, "feature_views must be at least 1"),
+            (self.feature_views == "auto" or (isinstance(self.feature_views, int) and self.feature_views >= 1),
+             "feature_views must be auto or at least 1"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.accumulate >= 1, "accumulate must be at least 1"),

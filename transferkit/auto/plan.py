@@ -126,8 +126,8 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
     views = 1
     if epochs == MAX_FINETUNE_EPOCHS and not config.augmentation().is_identity:
         spare = seconds_left - epochs * epoch
-        views = max([v for v in range(1, config.feature_views + 1) if fixed_seconds(work, speeds, config, v) <= spare],
-                    default=1)
+        most = config.views_for(work.train)
+        views = max([v for v in range(1, most + 1) if fixed_seconds(work, speeds, config, v) <= spare], default=1)
     return Plan(epochs, views, training_seconds(work, speeds, config, views, epochs))
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import threading
 
 import typer
 
@@ -96,4 +99,18 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run_cli())
+    code = run_cli()
+    if "torch" in sys.modules:
+        exit_now(code)
+    sys.exit(code)
+
+
+def exit_now(code: int) -> None:
+    """Exit as Python does (non-daemon threads joined, atexit handlers and finalizers run, output flushed) but
+    without tearing down every module: with torch, timm, scikit-learn and matplotlib loaded that took 1.5-2.7 s
+    of a 12-14 s `train` (decision 0261)."""
+    threading._shutdown()  # what Python's exit does first: thread pools told to stop, non-daemon threads joined
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

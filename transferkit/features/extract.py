@@ -288,6 +288,20 @@ class RowCollector:
         self.written += len(features)
 
 
+FeaturesOf = Callable[[Sequence[str], Sequence[Box | None] | None], torch.Tensor]
+
+
+def view_features(view: View, extract: FeatureExtractor, description: str = "evaluation") -> FeaturesOf:
+    """The (N, D) pooled features of image files (cropped to `crops`) under one view, from the engine and the cache:
+    what the report's similarity heatmap and `head_logits` read."""
+
+    def features(paths: Sequence[str], crops: Sequence[Box | None] | None = None) -> torch.Tensor:
+        [rows] = extract(paths, [view], description, crops)
+        return rows
+
+    return features
+
+
 # (paths, crops, views) -> (N, views, classes): the logits of the first `views` symmetries of each image
 ViewLogitsOf = Callable[[Sequence[str], Sequence[Box | None] | None, int], torch.Tensor]
 

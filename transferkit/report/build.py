@@ -66,7 +66,7 @@ def gather(run: Run) -> dict:
 def single_label_sections(run: Run, metrics: dict | None) -> dict:
     predictions = load_predictions(run)
     return {
-        "metrics": metrics_section(metrics),
+        "metrics": metrics_section(metrics, run.path),
         "calibration": calibration_section(predictions, run.temperature, metrics),
         "roc": roc_section(predictions, run.classes) if len(run.classes) == 2 else None,
         **prediction_sections(run, predictions),
@@ -114,7 +114,7 @@ def training_section(folder: Path, kept: dict | None) -> dict:
         return missing("no training history (history.csv is missing or empty): this run was not trained here")
     stages = [{"title": STAGE_TITLES.get(stage, stage) + (UNDONE if kept and kept["stage"] != stage == "finetune"
                                                           else ""), "uri": uri}
-              for stage, uri in stage_curves(history, kept)]
+              for stage, uri in stage_curves(history, kept, folder / "curves.png")]
     marked = [{**row, "kept": bool(kept) and (row["stage"], int(row["epoch"])) == (kept["stage"], kept["epoch"])}
               for row in history]
     return {"stages": stages, "history": marked, "kept": kept["reason"] if kept else None}
@@ -139,7 +139,9 @@ def evaluation_notes(metrics: dict | None) -> list[str]:
     return notes
 
 
-def metrics_section(metrics: dict | None) -> dict:
+def metrics_section(metrics: dict | None, folder: Path | None = None) -> dict:
+    """The metrics table and confusion matrix; `folder`: the run folder whose confusion.png (written with
+    metrics.json) is the figure."""
     if metrics is None:
         return missing("no metrics.json in the run folder: `transferkit evaluate RUN DATA` writes it")
     classes = metrics["classes"]
@@ -154,7 +156,8 @@ def metrics_section(metrics: dict | None) -> dict:
         "n": metrics["n"],
         "split": metrics["split"],
         "per_class": metrics["per_class"],
-        "confusion_uri": confusion_uri(metrics["confusion_matrix"], classes),
+        "confusion_uri": confusion_uri(metrics["confusion_matrix"], classes,
+                                       folder / "confusion.png" if folder else None),
         "confusion": list(zip(classes, counts.tolist(), rates.tolist(), strict=True)),
         "confusion_tables": len(classes) <= CONFUSION_TABLE_MAX,
         "classes": classes,

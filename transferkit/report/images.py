@@ -143,10 +143,14 @@ def similarity_section(run: Run, pred: Predictions) -> dict:
     kept, unreadable = load_chosen(pred, [int(i) for i in pred.best_of_each_class(per_class, SIMILARITY_MAX)])
     if len(kept) < 2:
         return {"missing": "fewer than two of the evaluated images can be read from here"}
-    # Not cached: a few dozen embeddings are cheap, and no other run shares this fine-tuned backbone's.
     # of the regions that were evaluated: a boxed run's crops, as the thumbnails show them
     crops = [pred.crops[i] for i, _ in kept] if pred.crops else None
-    matrix = cosine_matrix(embed_images(run, [pred.paths[i] for i, _ in kept], cache=False, crops=crops))
+    paths = [pred.paths[i] for i, _ in kept]
+    # Right after training, the features evaluation read (stage 1's cache for a pretrained backbone); else not
+    # cached: a few dozen embeddings are cheap, and no other run shares this fine-tuned backbone's.
+    embeddings = run.plain_features(paths, crops).numpy() if run.plain_features else \
+        embed_images(run, paths, cache=False, crops=crops)
+    matrix = cosine_matrix(embeddings)
     labels = numbered([run.classes[pred.y_true[i]] for i, _ in kept])
     uri = figure_uri(lambda out: plot_similarity(matrix, labels, out))
     thumbnails = [{"uri": image_uri(image, SIMILARITY_PX), "label": label, "name": Path(pred.paths[i]).name,

@@ -70,6 +70,8 @@ class Run:
         self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
         # the test-time views' logits without an eager pass (the feature engine: features.extract.head_logits)
         self.view_logits: Callable[[list[str], list[Box | None] | None, int], torch.Tensor] | None = None
+        # and the clean view's pooled backbone features (the report's similarity heatmap reads them)
+        self.plain_features: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
         self.metrics: dict | None = None
 
     @property

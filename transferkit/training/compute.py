@@ -39,3 +39,16 @@ class Compute:
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """PyTorch's CPU threads set to `threads` inside the block (None: left as they are). A head on cached features
+    works on (32, 1280) tensors: splitting such ops over threads costs more than it gains (decision 0261)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

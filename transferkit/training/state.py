@@ -66,7 +66,7 @@ class BestKeeper:
         better = self.best is None or (value < self.best if self.monitor == "val_loss" else value > self.best)
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, (log.stage, log.epoch), 0
-            self.best_state = copy.deepcopy(model.state_dict())
+            self.best_state = copied_state(model.state_dict(), self.best_state)
         else:
             self.bad_epochs += 1
         return self.patience > 0 and self.bad_epochs >= self.patience
@@ -74,6 +74,19 @@ class BestKeeper:
     def restore(self, model: nn.Module) -> None:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
+
+
+def copied_state(state: dict, into: dict | None) -> dict:
+    """A copy of a state dict, written into `into`'s tensors when it has the same entries: a fresh copy of the
+    backbone at every better epoch cost more than the head's whole epoch (allocation; decision 0261)."""
+    same = into is not None and into.keys() == state.keys() and all(
+        isinstance(v, torch.Tensor) and isinstance(into[k], torch.Tensor) and into[k].shape == v.shape
+        and into[k].dtype == v.dtype and into[k].device == v.device for k, v in state.items())
+    if not same:
+        return copy.deepcopy(state)
+    for key, value in state.items():
+        into[key].copy_(value)
+    return into
 
 
 STAGE_ORDER = ("frozen", "finetune")
@@ -133,3 +146,4 @@ class Stage:
     epochs: int
     steps: int  # batches per epoch, so an epoch's last partial accumulation still steps
     sharded: bool = False  # each rank sees its piece of every batch (DDP): epoch sums are totalled over ranks
+    threads: int | None = None  # PyTorch CPU threads while the stage trains (None: as configured)

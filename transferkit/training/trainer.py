@@ -18,7 +18,7 @@ from transferkit.progress import Reporter
 from transferkit.task.kinds import Task
 from transferkit.training.callbacks import BatchEnd, Callback, Checkpointing, EarlyStopping
 from transferkit.training.checkpoint import Checkpoints
-from transferkit.training.compute import Compute
+from transferkit.training.compute import Compute, intra_op_threads
 from transferkit.training.distributed import Ranks
 from transferkit.training.optional import check_options, criterion, option_callbacks
 from transferkit.training.state import BestKeeper, EpochLog, Position, Running, Stage, StepLog
@@ -69,6 +69,10 @@ class Trainer:
 
     def fit(self, stage: Stage, start: Position | None = None) -> None:
         """Train from `start` (default: the stage's beginning) for up to `stage.epochs`, validating each epoch."""
+        with intra_op_threads(stage.threads):
+            self._fit(stage, start)
+
+    def _fit(self, stage: Stage, start: Position | None) -> None:
         self.stage, self.start, self.stop_stage = stage, start or Position(stage.name), False
         self.fire("before_stage", stage)
         for epoch in range(self.start.epoch, stage.epochs + 1):

@@ -49,7 +49,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     model, config, ranks = trainer.model, trainer.config, trainer.ranks
     if config.feature_depths == "auto":  # every level extracted once; the set is chosen on validation below
         model.depths = depth_levels(model.backbone)
-    views = frozen_views(pre, config.augmentation(), transforms[1], config.feature_views)
+    views = frozen_views(pre, config.augmentation(), transforms[1], config.views_for(len(train.paths)))
     cache = cache_root(config.cache, config.cache_dir)
     extract = FeatureExtractor(model, config.feature_engine, config.batch_size, config.workers, trainer.reporter, cache)
     trainer.features = extract
@@ -85,8 +85,9 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     optimizer = build_optimizer(config.optimizer, [{"params": model.head.parameters(), "lr": config.lr}], config)
     steps = -(-n_train // batch)
     scheduler = build_scheduler(optimizer, config, -(-steps // config.accumulate), config.epochs_frozen)
+    # on a CPU, one thread: the head's ops are too small to share (on a busy 2-core machine 2 threads were 15x slower)
     return Stage("frozen", model.head, model.head.train, optimizer, scheduler, batches, n_train, validate,
-                 config.epochs_frozen, steps)
+                 config.epochs_frozen, steps, threads=1 if trainer.compute.device.type == "cpu" else None)
 
 
 def frozen_views(pre: Preprocess, augment: Augment, augmented: Callable, feature_views: int) -> list[View]:
