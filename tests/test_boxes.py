@@ -18,6 +18,7 @@ from transferkit.data.sources import scan_dataset
 from transferkit.export.check import validation_images
 from transferkit.features.extract import FeatureExtractor, View
 from transferkit.runs.files import read_prediction_crops, read_predictions
+from transferkit.runs.run import Run
 
 GREY = (128, 128, 128)
 BOX = (10, 20, 30, 44)  # x1, y1, x2, y2 inside a 48x64 (width x height) image
@@ -171,12 +172,17 @@ def test_predict_from_the_dataset_csv_uses_the_crops(boxed_run, capsys) -> None:
     assert np.allclose([r["probability"] for r in records], expected.max(axis=1), atol=1e-5)
 
 
-def test_the_report_similarity_compares_the_evaluated_crops(boxed_run, monkeypatch) -> None:
+@pytest.mark.parametrize("after_training", [True, False])
+def test_the_report_similarity_compares_the_evaluated_crops(boxed_run, monkeypatch, after_training) -> None:
+    """Right after training the embeddings come from the run's feature path, on a loaded run from an eager pass:
+    both get the evaluated crops."""
     import transferkit.report.images as report_images
     from transferkit.insight.similarity import embed_images
     from transferkit.report.images import Predictions, similarity_section
 
-    run, _ = boxed_run
+    trained, _ = boxed_run
+    run = trained if after_training else Run(trained.path)
+    assert (run.plain_features is not None) == after_training
     paths, y_true, probs = read_predictions(run.path / "predictions.csv", run.classes)
     crops = read_prediction_crops(run.path / "predictions.csv")
     seen = {}
@@ -185,7 +191,14 @@ def test_the_report_similarity_compares_the_evaluated_crops(boxed_run, monkeypat
         seen.update(paths=paths, crops=options.get("crops"))
         return embed_images(run, paths, **options)
 
+    def recorded_features(paths, crops):
+        seen.update(paths=paths, crops=crops)
+        return features(paths, crops)
+
+    features = run.plain_features
     monkeypatch.setattr(report_images, "embed_images", recording)
+    if after_training:
+        monkeypatch.setattr(run, "plain_features", recorded_features)
     section = similarity_section(run, Predictions(paths, np.asarray(y_true), np.asarray(probs), crops))
     assert "uri" in section and seen["crops"] == [crops[paths.index(p)] for p in seen["paths"]]
     whole, cropped = (embed_images(run, seen["paths"], cache=False, crops=c) for c in (None, seen["crops"]))
