@@ -129,9 +129,10 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     if ranks.distributed:
         cfg = scaled_for(cfg, ranks, reporter)
     checkpoints = Checkpoints(out, cfg.checkpoint_every, resume=resuming, writes=ranks.main)
-    folder = [History(out / "history.csv", checkpoints.history), TensorBoard(out / "tb", fresh=not resuming)]
-    trainer = Trainer(built.model, cfg, built.task, built.compute, reporter, ranks, checkpoints,
-                      [*(folder if ranks.main else []), *callbacks])
+    # rank 0 alone writes the run folder's logs (built only there: each opens its file)
+    folder = [History(out / "history.csv", checkpoints.history), TensorBoard(out / "tb", fresh=not resuming)] \
+        if ranks.main else []
+    trainer = Trainer(built.model, cfg, built.task, built.compute, reporter, ranks, checkpoints, [*folder, *callbacks])
     val_data = labelled_split(index, "val", cfg.box_margin)
     try:
         trainer.fine_tune(labelled_split(index, "train", cfg.box_margin), val_data, built.pre)
