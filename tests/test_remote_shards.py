@@ -66,10 +66,14 @@ def served(dataset: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
         server.server_close()
 
 
+def command(*args: str) -> subprocess.CompletedProcess:
+    """A command in its own process, as a user runs it: fsspec's event-loop threads and remote reads with forked
+    loader workers stay out of the test process, where later forks crashed it (decision 0164's crashes)."""
+    return subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=600)
+
+
 def transferkit(*args: str) -> str:
-    """A command in its own process, as a user runs it: remote reads with forked loader workers stay out of the
-    test process, whose earlier tests left inference engines and threads behind (decision 0164's crashes)."""
-    done = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=600)
+    done = command(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -100,11 +104,11 @@ def test_train_on_shards_at_a_url_matches_the_local_folder(served: tuple[str, Pa
         [p["probability"] for p in local_predictions], abs=1e-6)
 
 
-def test_url_without_a_pack_is_one_line_and_exit_2(served: tuple[str, Path], capsys: pytest.CaptureFixture,
-                                                   tmp_path: Path) -> None:
+def test_url_without_a_pack_is_one_line_and_exit_2(served: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = served
-    assert run_cli(["train", url.replace("/shards/", "/nothing/"), "--out", str(tmp_path / "run"), "-q"]) == 2
-    err = capsys.readouterr().err.strip()
+    done = command("train", url.replace("/shards/", "/nothing/"), "--out", str(tmp_path / "run"), "-q")
+    assert done.returncode == 2
+    err = done.stderr.strip()
     assert err.startswith("transferkit: error:") and "\n" not in err and "no packed dataset at" in err
 
 
@@ -126,9 +130,11 @@ def test_doctor_on_shards_at_a_url_reports_what_it_reports_locally(served: tuple
     from transferkit.doctor import DoctorOptions, diagnose
 
     url, local = served
-    options = DoctorOptions(backbone="test_efficientnet", weights=tiny_weights, image_size=32, workers=0,
-                            engine="torch", quiet=True, cache_dir=str(tmp_path / "cache"))
-    remote, here = diagnose(url, options), diagnose(local, options)
+    remote = json.loads(transferkit("doctor", url, "--backbone", "test_efficientnet", "--weights", tiny_weights,
+                                    "--image-size", "32", "--workers", "0", "--cache-dir", str(tmp_path / "cache"),
+                                    "--json"))
+    here = diagnose(local, DoctorOptions(backbone="test_efficientnet", weights=tiny_weights, image_size=32,
+                                         workers=0, quiet=True, cache_dir=str(tmp_path / "cache")))
     assert remote["images"] == here["images"] == 36 and remote["layout"] == "shards"
     assert remote["summary"] == here["summary"]
     assert [s["margin"] for s in remote["mislabeled"]] == [s["margin"] for s in here["mislabeled"]]
@@ -149,10 +155,11 @@ def bucket(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
                         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
         monkeypatch.setenv(name, value)
     S3FileSystem.clear_instance_cache()
+    # uploaded from another process: s3fs's event-loop thread must not live on in this one (forks follow)
+    upload = ("import s3fs, sys; fs = s3fs.S3FileSystem(skip_instance_cache=True); fs.mkdir('data'); "
+              "fs.put(sys.argv[1] + '/', 'data/shards/', recursive=True)")
     try:
-        fs = S3FileSystem(skip_instance_cache=True)
-        fs.mkdir("data")
-        fs.put(str(tmp_path / "shards") + "/", "data/shards/", recursive=True)
+        subprocess.run([sys.executable, "-c", upload, str(tmp_path / "shards")], check=True, timeout=300)
         yield "s3://data/shards/", tmp_path / "shards"
     finally:
         S3FileSystem.clear_instance_cache()
@@ -174,15 +181,12 @@ def test_train_on_shards_in_a_bucket_matches_the_local_folder(bucket: tuple[str,
     assert json.loads((tmp_path / "remote" / "split.json").read_text())["train"][0].startswith(url)
 
 
-def test_unreachable_bucket_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-                                                   tmp_path: Path) -> None:
-    from s3fs import S3FileSystem
-
+def test_unreachable_bucket_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
                         "AWS_MAX_ATTEMPTS": "1"}.items():
         monkeypatch.setenv(name, value)
-    S3FileSystem.clear_instance_cache()
-    assert run_cli(["train", "s3://data/shards/", "--out", str(tmp_path / "run"), "-q"]) == 2
-    err = capsys.readouterr().err.strip()
+    done = command("train", "s3://data/shards/", "--out", str(tmp_path / "run"), "-q")
+    assert done.returncode == 2
+    err = done.stderr.strip()
     assert err.startswith("transferkit: error: cannot read s3://data/shards/index.json") and "\n" not in err
