@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.data.shards import pack
 from transferkit.progress import Reporter
+from transferkit.runs.run import Run
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
@@ -78,18 +78,23 @@ def transferkit(*args: str) -> str:
     return done.stdout
 
 
+def train(data: str, out: Path, weights: str) -> dict:
+    """`transferkit train` on one epoch of each stage, in its own process; its metrics.json."""
+    transferkit("train", data, "--out", str(out), "--backbone", "test_efficientnet", "--weights", weights,
+                "--image-size", "32", "--batch-size", "8", "--workers", "2", "--epochs-frozen", "1",
+                "--epochs-finetune", "1", "--unfreeze", "all", "--augment", "none", "--cache-dir",
+                str(out.parent / f"cache-{out.name}"), "--quiet")
+    return json.loads((out / "metrics.json").read_text())
+
+
 def test_train_on_shards_at_a_url_matches_the_local_folder(served: tuple[str, Path], tmp_path: Path,
                                                           fast: dict) -> None:
     url, local = served
-    options = {**fast, "epochs_frozen": 1, "epochs_finetune": 1, "unfreeze": "all", "workers": 2}
-    here = api.train(local, tmp_path / "local", **options, cache_dir=str(tmp_path / "cache-local"))
-    transferkit("train", url, "--out", str(tmp_path / "remote"), "--backbone", "test_efficientnet", "--weights",
-                fast["weights"], "--image-size", "32", "--batch-size", "8", "--workers", "2", "--epochs-frozen", "1",
-                "--epochs-finetune", "1", "--unfreeze", "all", "--augment", "none", "--cache-dir",
-                str(tmp_path / "cache-remote"), "--quiet")
-    metrics = json.loads((tmp_path / "remote" / "metrics.json").read_text())
-    assert metrics["loss"] == pytest.approx(here.metrics["loss"], abs=1e-5)
-    assert metrics["accuracy"] == here.metrics["accuracy"]
+    local_metrics = train(str(local), tmp_path / "local", fast["weights"])
+    metrics = train(url, tmp_path / "remote", fast["weights"])
+    assert metrics["loss"] == pytest.approx(local_metrics["loss"], abs=1e-5)
+    assert metrics["accuracy"] == local_metrics["accuracy"]
+    here = Run(tmp_path / "local")
     split = json.loads((tmp_path / "remote" / "split.json").read_text())
     remote_paths = [path for paths in split.values() if isinstance(paths, list) for path in paths]
     assert remote_paths and all(str(path).startswith(url) for path in remote_paths)
@@ -169,15 +174,10 @@ def bucket(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
 def test_train_on_shards_in_a_bucket_matches_the_local_folder(bucket: tuple[str, Path], tmp_path: Path,
                                                              fast: dict) -> None:
     url, local = bucket
-    options = {**fast, "epochs_frozen": 1, "epochs_finetune": 1, "unfreeze": "all", "workers": 2}
-    here = api.train(local, tmp_path / "local", **options, cache_dir=str(tmp_path / "cache-local"))
-    transferkit("train", url, "--out", str(tmp_path / "remote"), "--backbone", "test_efficientnet", "--weights",
-                fast["weights"], "--image-size", "32", "--batch-size", "8", "--workers", "2", "--epochs-frozen", "1",
-                "--epochs-finetune", "1", "--unfreeze", "all", "--augment", "none", "--cache-dir",
-                str(tmp_path / "cache-remote"), "--quiet")
-    there = json.loads((tmp_path / "remote" / "metrics.json").read_text())
-    assert there["loss"] == pytest.approx(here.metrics["loss"], abs=1e-5)
-    assert there["accuracy"] == here.metrics["accuracy"]
+    here = train(str(local), tmp_path / "local", fast["weights"])
+    there = train(url, tmp_path / "remote", fast["weights"])
+    assert there["loss"] == pytest.approx(here["loss"], abs=1e-5)
+    assert there["accuracy"] == here["accuracy"]
     assert json.loads((tmp_path / "remote" / "split.json").read_text())["train"][0].startswith(url)
 
 
