@@ -18,11 +18,10 @@ demo: $(STAMP)
 	$(VENV)/bin/transferkit demo --out runs/demo
 
 # The browser tests need Debian's chromium: installed here when this machine can, else one line and exit 2.
-# One pytest process per test module: a process running many modules died with SIGSEGV after ~100-380 tests, at
-# varying places (threads and engines accumulated before forked loader workers; decision 0164). Not root-caused.
+# One pytest process per group of modules (tools/run_tests.sh says why).
 test: $(STAMP)
 	bash tools/ensure_chromium.sh
-	for module in tests/test_*.py; do $(PY) -m pytest -q -p no:cacheprovider "$$module" || exit 1; done
+	bash tools/run_tests.sh $(PY)
 
 # About a minute: what is neither slow, nor a browser test, nor several processes (markers in pyproject.toml).
 test-fast: $(STAMP)
@@ -31,7 +30,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
-	bash -n tools/ensure_chromium.sh bench/gpu_check.sh
+	bash -n tools/ensure_chromium.sh tools/run_tests.sh bench/gpu_check.sh
 
 # The docs site (mkdocs.yml) into site/; --strict: broken links and unreadable docstrings fail the build.
 docs: $(STAMP)
