@@ -54,6 +54,7 @@ from transferkit.training.trainer import Trainer
 
 BACKBONE = "tf_efficientnet_lite0"
 QUIET = Reporter(quiet=True)
+DIHEDRAL = {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral"}
 # TrainConfig values of each row (on top of the data set's preprocessing, one clean feature view as in the demo)
 ROWS: dict[str, dict | None] = {
     "probe": None,  # the anchor: scikit-learn on the features, outside transferkit's training
@@ -62,8 +63,14 @@ ROWS: dict[str, dict | None] = {
     "depths-sgd": {"head_fit": "sgd", "feature_depths": "auto"},
     "depths-exact": {"head_fit": "exact", "feature_depths": "auto"},
     # the 8 symmetries of the square as training views and as test-time views (decision 0244)
-    "dihedral-exact": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral"},
-    "dihedral-depths-exact": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral", "feature_depths": "auto"},
+    "dihedral-exact": DIHEDRAL,
+    "dihedral-depths-exact": {**DIHEDRAL, "feature_depths": "auto"},
+}
+# the dihedral head at other input sizes and on larger backbones (ELPV's cells are 300 px)
+SIZE_ROWS = {
+    "dihedral-exact-300": {**DIHEDRAL, "image_size": 300},
+    "lite1-dihedral-exact-300": {**DIHEDRAL, "image_size": 300, "backbone": "tf_efficientnet_lite1"},
+    "lite2-dihedral-exact-300": {**DIHEDRAL, "image_size": 300, "backbone": "tf_efficientnet_lite2"},
 }
 # --views: stage 1 on 3 feature views per training image (1 clean + 2 augmented) against the rows' single clean view
 VIEW_ROWS = {
@@ -74,7 +81,7 @@ FINETUNE_ROWS = {
     "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
     "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
     "finetune-soup": {"head_fit": "sgd", "epochs_finetune": 5, "soup": 3},  # greedy soup of the best 3 (0275)
-    "dihedral-finetune": {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral", "epochs_finetune": 3},
+    "dihedral-finetune": {**DIHEDRAL, "epochs_finetune": 3},
     # issue 19's options, each alone on top of finetune-sgd (decision 0270)
     "finetune-ema": {"head_fit": "sgd", "epochs_finetune": 5, "ema_decay": 0.998},
     "finetune-llrd": {"head_fit": "sgd", "epochs_finetune": 5, "layer_decay": 0.8},
@@ -107,8 +114,9 @@ def scores(y: np.ndarray, probs: np.ndarray, seconds: float) -> dict[str, float]
 def fresh_model(classes: int, options: dict, seed: int) -> Classifier:
     """A new Lite0 classifier (offline weights), its head seeded as `api.train` seeds it."""
     torch.manual_seed(seed)
-    imagenet, _ = create_imagenet_model(get_backbone(BACKBONE))
-    config = resolve_config(None, None, backbone=BACKBONE, **options)
+    options = {"backbone": BACKBONE, **options}
+    imagenet, _ = create_imagenet_model(get_backbone(options["backbone"]))
+    config = resolve_config(None, None, **options)
     return new_classifier(imagenet, task_for([str(c) for c in range(classes)], False, config.binary_logit).outputs,
                           config.head_spec(), config.depths())
 
@@ -153,9 +161,9 @@ def run_transferkit(split: Split, options: dict, cache: Path, seed: int) -> np.n
     fine-tune); a frozen-only model's test features come from the cache, a fine-tuned one's from its backbone."""
     values = {"epochs_finetune": 0, "feature_views": 1, **split.settings, **options, "seed": seed,
               "cache_dir": str(cache), "workers": 2}
-    config = resolve_config(None, None, backbone=BACKBONE, **values)
+    config = resolve_config(None, None, **{"backbone": BACKBONE, **values})
     model = fresh_model(len(split.classes), values, seed)
-    pre = Preprocess.for_model(model.backbone, None, config.crop_pct)
+    pre = Preprocess.for_model(model.backbone, config.image_size, config.crop_pct)
     task = task_for(split.classes, False, config.binary_logit)
     Trainer(model, config, task, Compute(torch.device("cpu")), QUIET).fine_tune(split.train, split.val, pre)
     if config.epochs_finetune:
@@ -232,7 +240,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="elpv,fmnist20,fmnist100", help="elpv, fmnistK (K per class)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join([*ROWS, *FINETUNE_ROWS, *VIEW_ROWS])}")
+    every = {**ROWS, **FINETUNE_ROWS, **VIEW_ROWS, **SIZE_ROWS}
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(every)}")
     parser.add_argument("--finetune", action="store_true", help="add the fine-tuning rows (slow on CPU)")
     parser.add_argument("--views", action="store_true", help="add rows on 3 feature views (augmented extraction)")
     parser.add_argument("--quick", action="store_true", help="fmnist20, 2 seeds, 50 test images per class")
@@ -240,7 +249,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-learn's notices of coming API changes
-    every = {**ROWS, **FINETUNE_ROWS, **VIEW_ROWS}
     names = args.rows.split(",") + (list(FINETUNE_ROWS) if args.finetune else []) + (list(VIEW_ROWS) if args.views
                                                                                      else [])
     unknown = [n for n in names if n not in every]
