@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -73,3 +76,26 @@ def test_every_engine_trains_the_same_head(dataset, tmp_path, fast):
         assert max(float((weights[engine][k] - weights["torch"][k]).abs().max())
                    for k in weights["torch"] if k.startswith("head")) < 1e-3
         assert runs[engine].metrics["confusion_matrix"] == runs["torch"].metrics["confusion_matrix"]
+
+
+# Two engines compiled and released in the order they were made (as garbage collection may), then a Python signal
+# handler runs on the main thread: with a Core per engine, its signal stack was unmapped and the process died (0290).
+RELEASED_ENGINES = """
+import gc, os, signal, torch
+from torch import nn
+from transferkit.features.extract import inference_engine
+from transferkit.progress import Reporter
+module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+engines = [inference_engine(module, torch.randn(2, 3, 16, 16), "openvino", Reporter(quiet=True), "features")
+           for _ in range(2)]
+print([name for _, name in engines])
+engines.pop(0); gc.collect(); engines.pop(0); gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled"))
+os.kill(os.getpid(), signal.SIGUSR1)
+"""
+
+
+def test_released_openvino_engines_leave_signal_handlers_working():
+    done = subprocess.run([sys.executable, "-c", RELEASED_ENGINES], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["['openvino', 'openvino']", "handled"]

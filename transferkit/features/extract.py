@@ -8,6 +8,7 @@ it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 import time
@@ -97,13 +98,23 @@ def _onnx(module: nn.Module, example: torch.Tensor) -> Engine:
     return run
 
 
+@functools.cache
+def _openvino_core():
+    """One OpenVINO Core for the process, never released: each Core's CPU plugin replaces the calling thread's
+    signal stack and unmaps it when released, and Cores released out of order left the thread's next signal handler
+    an unmapped stack (SIGSEGV; decision 0290)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def _openvino(module: nn.Module, example: torch.Tensor) -> Engine:
     import openvino as ov
 
     with _exported(module, example) as path:
         # f32 explicitly: on CPUs with bf16 OpenVINO would run in bf16, faster but off fp32's features; the throughput
         # hint's parallel streams keep depthwise convolutions busier than one stream on all cores (decision 0214).
-        compiled = ov.Core().compile_model(path, "CPU", {
+        compiled = _openvino_core().compile_model(path, "CPU", {
             "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32",
             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     queue = ov.AsyncInferQueue(compiled)
