@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +43,6 @@ def make_class_folders(root: Path, classes: int = 3, per_class: int = 12, seed: 
         for i in range(per_class):
             make_image(c, rng).save(folder / f"img_{i:03d}.png")
     return root
-
-
-@pytest.fixture(autouse=True)
-def settled_engines(request: pytest.FixtureRequest) -> None:
-    """Before a browser test, collect the garbage earlier tests left: a full-suite run crashed (SIGSEGV) in a
-    Playwright test, whose event loop runs on greenlet stacks, while compiled inference engines were still
-    waiting to be finalised."""
-    if request.node.get_closest_marker("browser"):
-        gc.collect()
 
 
 @pytest.fixture(autouse=True, scope="session")
