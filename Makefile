@@ -18,10 +18,9 @@ demo: $(STAMP)
 	$(VENV)/bin/transferkit demo --out runs/demo
 
 # The browser tests need Debian's chromium: installed here when this machine can, else one line and exit 2.
-# One pytest process per group of modules (tools/run_tests.sh says why).
 test: $(STAMP)
 	bash tools/ensure_chromium.sh
-	bash tools/run_tests.sh $(PY)
+	$(PY) -m pytest -q
 
 # About a minute: what is neither slow, nor a browser test, nor several processes (markers in pyproject.toml).
 test-fast: $(STAMP)
@@ -30,7 +29,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
-	bash -n tools/ensure_chromium.sh tools/run_tests.sh bench/gpu_check.sh
+	bash -n tools/ensure_chromium.sh bench/gpu_check.sh
 
 # The docs site (mkdocs.yml) into site/; --strict: broken links and unreadable docstrings fail the build.
 docs: $(STAMP)
