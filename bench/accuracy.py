@@ -65,6 +65,9 @@ ROWS: dict[str, dict | None] = {
     # the 8 symmetries of the square as training views and as test-time views (decision 0244)
     "dihedral-exact": DIHEDRAL,
     "dihedral-depths-exact": {**DIHEDRAL, "feature_depths": "auto"},
+    # class_balance on the solved head (decision 0280): inverse-frequency class weights
+    "exact-weighted": {"head_fit": "exact", "class_balance": "weights"},
+    "dihedral-exact-weighted": {**DIHEDRAL, "class_balance": "weights"},
 }
 # the dihedral head at other input sizes and on larger backbones (ELPV's cells are 300 px)
 SIZE_ROWS = {

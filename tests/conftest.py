@@ -83,6 +83,7 @@ def fast(tiny_weights: str) -> dict:
         batch_size=8,
         workers=0,
         epochs_frozen=3,
+        head_fit="sgd",  # stage 1 in epochs, which most tests of the training loop need; test_exact_head: the default
         epochs_finetune=1,
         augment="none",
         quiet=True,

@@ -34,8 +34,8 @@ class RecordDigest(Callback):
             handle.write(hashlib.sha256(weights).hexdigest())
 
 api.train(sys.argv[2], sys.argv[3], quiet=True, backbone="test_efficientnet", weights=sys.argv[4], image_size=32,
-          batch_size=int(sys.argv[5]), workers=0, epochs_frozen=2, epochs_finetune=2, unfreeze="all", patience=0,
-          callbacks=[RecordDigest()])
+          batch_size=int(sys.argv[5]), workers=0, epochs_frozen=2, head_fit="sgd", epochs_finetune=2, unfreeze="all",
+          patience=0, callbacks=[RecordDigest()])
 """
 
 

@@ -121,8 +121,8 @@ def own_features(run: Run, paths: list[str]) -> np.ndarray:
         return torch.cat([run.model.embed(images) for images, _ in image_loader(paths, run.transform)]).numpy()
 
 
-def test_exact_head_run_is_the_probe_on_the_run_s_own_features(binary_dataset, tmp_path, fast):
-    options = {**fast, "epochs_finetune": 0, "head_fit": "exact"}
+def test_the_default_head_is_the_probe_on_the_run_s_own_features(binary_dataset, tmp_path, fast):
+    options = {**{k: v for k, v in fast.items() if k != "head_fit"}, "epochs_finetune": 0}  # the default head
     api.train(binary_dataset, tmp_path / "a", **options)
     api.train(binary_dataset, tmp_path / "b", **options)
     run, again = Run(tmp_path / "a"), Run(tmp_path / "b")
@@ -140,6 +140,21 @@ def test_exact_head_run_is_the_probe_on_the_run_s_own_features(binary_dataset, t
     with torch.no_grad():
         got = run.model.head(torch.from_numpy(val_x)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-3 * max(1.0, np.abs(expected).max()))
+
+
+def test_class_balance_weighs_the_classes_of_the_exact_head():
+    rng = np.random.default_rng(0)
+
+    def skewed(n: int) -> tuple[np.ndarray, np.ndarray]:  # overlapping classes, 9 common images to 1 rare
+        y = (np.arange(n) % 10 == 0).astype(int)
+        return (rng.normal(0.0, 1.0, (n, 4)) + 0.8 * y[:, None]).astype(np.float32), y
+
+    (x, y), (val_x, val_y) = skewed(500), skewed(500)
+    plain = head_logits(fit_linear(x, y, val_x, val_y, 2), val_x).argmax(1)
+    weights = len(y) / (2 * np.bincount(y))  # the task's inverse-frequency class_weights
+    balanced = head_logits(fit_linear(x, y, val_x, val_y, 2, class_weights=weights), val_x).argmax(1)
+    recall = {name: (p[val_y == 1] == 1).mean() for name, p in (("plain", plain), ("balanced", balanced))}
+    assert recall["plain"] < 0.3 < 0.6 < recall["balanced"]
 
 
 def test_auto_depths_are_recorded_and_followed_by_predict(dataset, tmp_path, fast):

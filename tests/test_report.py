@@ -39,7 +39,8 @@ def nasty_dataset(root: Path) -> Path:
 def train_tiny(data: Path, out: Path, weights: str, **options) -> Run:
     """conftest's `fast` options with a high head learning rate, so the model tells the classes apart. Seconds."""
     return api.train(data, out, backbone="test_efficientnet", weights=weights, image_size=32, batch_size=8, workers=0,
-                     epochs_frozen=8, epochs_finetune=1, lr=0.03, patience=0, augment="none", quiet=True, **options)
+                     epochs_frozen=8, head_fit="sgd", epochs_finetune=1, lr=0.03, patience=0, augment="none",
+                     quiet=True, **options)
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,8 @@ def mixed_shapes_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str
         size = [(80, 30), (30, 80), (40, 40)][i % 3]
         Image.open(path).resize(size).save(path)
     return api.train(data, root / "run", backbone="test_efficientnet", weights=tiny_weights, image_size=32,
-                     workers=0, epochs_frozen=1, epochs_finetune=0, lr=1e-4, augment="none", quiet=True)
+                     workers=0, epochs_frozen=1, head_fit="sgd", epochs_finetune=0, lr=1e-4, augment="none",
+                     quiet=True)
 
 
 @pytest.mark.parametrize("gallery", ["gallery", "top-losses"])

@@ -147,8 +147,8 @@ def test_full_disk_when_saving_the_model_then_resume_finishes_the_run(
     monkeypatch.setattr(transferkit.runs.files, "save_file", full)
     args = ["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", resumable["backbone"],
             "--weights", resumable["weights"], "--image-size", "32", "--batch-size", "8", "--workers", "0",
-            "--epochs-frozen", "3", "--epochs-finetune", "2", "--unfreeze", "all", "--checkpoint-every", "1",
-            "--patience", "0", "--quiet"]
+            "--epochs-frozen", "3", "--head-fit", "sgd", "--epochs-finetune", "2", "--unfreeze", "all",
+            "--checkpoint-every", "1", "--patience", "0", "--quiet"]
     assert run_cli(args) == 2
     assert "cannot write" in capsys.readouterr().err and not (tmp_path / "run" / "meta.json").exists()
     monkeypatch.undo()
@@ -179,8 +179,9 @@ def test_kill_9_after_observed_checkpoints_then_resume(dataset: Path, tmp_path: 
     """SIGKILL a real training process right after it has written its k-th checkpoint (k differs per round, in both
     stages), resume it, and get the uninterrupted run's metrics."""
     options = ["--backbone", resumable["backbone"], "--weights", resumable["weights"], "--image-size", "32",
-               "--batch-size", "8", "--workers", "0", "--epochs-frozen", "3", "--epochs-finetune", "2",
-               "--augment", "light", "--unfreeze", "all", "--checkpoint-every", "1", "--patience", "0", "--quiet"]
+               "--batch-size", "8", "--workers", "0", "--epochs-frozen", "3", "--head-fit", "sgd",
+               "--epochs-finetune", "2", "--augment", "light", "--unfreeze", "all", "--checkpoint-every", "1",
+               "--patience", "0", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run(cli_command("train", str(dataset), "--out", str(tmp_path / "straight"), *options),
                    check=True, env=env, capture_output=True)

@@ -35,7 +35,7 @@ def trained(tmp_path_factory, tiny_weights) -> Path:
     root = tmp_path_factory.mktemp("choices")
     data = make_class_folders(root / "data", classes=2, per_class=16)
     api.train(data, root / "run", backbone="test_efficientnet", weights=tiny_weights, image_size=32, batch_size=8,
-              workers=0, epochs_frozen=3, epochs_finetune=0, augment="none", quiet=True, tta="flip",
+              workers=0, epochs_frozen=3, head_fit="sgd", epochs_finetune=0, augment="none", quiet=True, tta="flip",
               operating_point="balanced")
     return root
 

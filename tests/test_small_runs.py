@@ -22,10 +22,12 @@ from transferkit.training.state import BestKeeper, EpochLog
 
 
 def test_feature_views_auto_extracts_augmented_views_only_for_an_exact_head_on_a_small_training_set():
-    auto = resolve_config(None, None)
-    assert (auto.feature_views, auto.head_fit) == ("auto", "sgd")
-    assert auto.views_for(10) == auto.views_for(10**6) == 1
-    exact = resolve_config(None, None, head_fit="exact")
+    sgd = resolve_config(None, None, head_fit="sgd")
+    assert sgd.feature_views == "auto"
+    assert sgd.views_for(10) == sgd.views_for(10**6) == 1
+    assert resolve_config(None, None, head_hidden=[16]).views_for(10) == 1  # a hidden layer keeps SGD
+    exact = resolve_config(None, None)
+    assert exact.head_fit == "exact"  # the default (decision 0280)
     assert exact.views_for(config.AUTO_VIEWS_MAX_IMAGES) == config.AUTO_VIEWS == 3
     assert exact.views_for(config.AUTO_VIEWS_MAX_IMAGES + 1) == 1
     assert resolve_config(None, None, feature_views=2).views_for(10**6) == 2  # a number is used as given

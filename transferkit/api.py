@@ -210,7 +210,7 @@ def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val
     fast_logits = head_logits(model, built.pre, cfg.augmentation().samplewise_center, extract) if extract else None
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
                 feature_depths=list(model.depths),
-                head_fit="exact" if cfg.head_fit == "exact" and not cfg.head_hidden and not index.multilabel else "sgd",
+                head_fit="exact" if cfg.solves_head and not index.multilabel else "sgd",
                 **({"kept": kept} if kept else {}), **trainer.records)
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})
     return extract

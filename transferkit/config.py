@@ -75,7 +75,9 @@ class TrainConfig:
     workers: int = 2
     # stage 1: frozen backbone, head only
     epochs_frozen: int = 30
-    head_fit: str = "sgd"  # sgd: epochs_frozen epochs of the optimizer; exact: a linear head solved (L-BFGS), C on val
+    # exact: a linear head solved (L-BFGS, C on validation; hidden layers and multi-label keep SGD, decision 0280);
+    # sgd: epochs_frozen epochs of the optimizer
+    head_fit: str = "exact"
     lr: float = 1e-3
     optimizer: str = "adamw"
     # stage 2: fine-tune
@@ -128,7 +130,13 @@ class TrainConfig:
         the clean view alone for an SGD head, which augmented views did not improve), else the configured number."""
         if self.feature_views != "auto":
             return int(self.feature_views)
-        return AUTO_VIEWS if self.head_fit == "exact" and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
+        return AUTO_VIEWS if self.solves_head and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
+
+    @property
+    def solves_head(self) -> bool:
+        """Whether stage 1 solves a single linear layer exactly (head_fit exact and no hidden layers) for
+        single-label data."""
+        return self.head_fit == "exact" and not self.head_hidden
 
     def augmentation(self) -> Augment:
         return dataclasses.replace(AUGMENT_PRESETS[self.augment], **self.augment_options)
@@ -194,11 +202,13 @@ class TrainConfig:
         return self
 
 
+# The tutorials' recipes train their heads with an optimizer for a number of epochs, as the tutorials do.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     # Keras guide (urban vs rural photos): ResNet50, GAP + Dense(1) logits, BCE, light augmentation, batch 8,
     # 20 frozen epochs, then every layer with RMSprop 1e-5 for 10.
     "urban-rural": dict(
+        head_fit="sgd",
         backbone="resnet50",
         head_hidden=[],
         head_dropout=0.0,
@@ -218,6 +228,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
     # Cats vs dogs: ResNet50, GAP + Dense 1024 x3 + 512 relu + softmax, Adam, 5 epochs, base frozen throughout.
     "cats-dogs": dict(
+        head_fit="sgd",
         backbone="resnet50",
         head_hidden=[1024, 1024, 1024, 512],
         head_dropout=0.0,
@@ -234,6 +245,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Chess pieces: ResNet50, dropout 0.3 + GAP + Dense 1024 relu + BN + softmax, Adam lr 1e-3 eps 0.01
     # with Keras decay 1e-4, 10 epochs.
     "chess": dict(
+        head_fit="sgd",
         backbone="resnet50",
         head_hidden=[1024],
         head_dropout=0.3,
@@ -251,6 +263,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
     # Stanford cars: Xception at 299 px, GAP + Dense 1024 relu + softmax, Adam 1e-3 frozen then 1e-4 unfrozen.
     "xception-cars": dict(
+        head_fit="sgd",
         backbone="xception",
         head_hidden=[1024],
         head_dropout=0.0,

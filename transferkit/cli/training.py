@@ -106,7 +106,7 @@ def train(
     head_hidden: Annotated[str | None, typer.Option(help="Hidden dense layers, e.g. 1024,512.")] = None,
     head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
     head_fit: Annotated[str | None, typer.Option(
-        help="Frozen-stage linear head: sgd (optimizer epochs) or exact (solved, C chosen on validation).")] = None,
+        help="Frozen-stage linear head: exact (solved, C chosen on validation; default) or sgd (epochs).")] = None,
     feature_depths: Annotated[str | None, typer.Option(
         help="last, auto (chosen on validation) or levels like 2,3,4: features also from intermediate depths.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,

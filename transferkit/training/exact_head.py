@@ -42,21 +42,24 @@ class LinearFit:
 
 
 def fit_linear(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, outputs: int,
-               grid: Sequence[float] = C_GRID) -> LinearFit:
+               grid: Sequence[float] = C_GRID, class_weights: np.ndarray | None = None) -> LinearFit:
     """The logistic regression with the best validation log-loss along `grid` (ascending C, stopped once the loss has
     risen PATIENCE times in a row past its best), as a head with `outputs` logits: one
     (binary, logit > 0 means class 1), or one per class (softmax; two classes included). Every class must be in
-    `train_y`. Deterministic: L-BFGS from zeros, then warm starts along the grid."""
+    `train_y`. Deterministic: L-BFGS from zeros, then warm starts along the grid. `class_weights` (one per class,
+    class_balance weights) weigh the training loss and the validation loss that chooses C alike."""
     scaler = StandardScaler().fit(train_x.astype(np.float64))
     train_s, val_s = scaler.transform(train_x.astype(np.float64)), scaler.transform(val_x.astype(np.float64))
-    model = LogisticRegression(max_iter=MAX_ITER, warm_start=True)
+    weighted = None if class_weights is None else dict(enumerate(class_weights.tolist()))
+    val_weights = None if class_weights is None else class_weights[val_y]
+    model = LogisticRegression(max_iter=MAX_ITER, warm_start=True, class_weight=weighted)
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
     rises = 0
     with warnings.catch_warnings():  # the weakest regularisations may stop at MAX_ITER; their fit still scores
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in sorted(grid):
             model.set_params(C=c).fit(train_s, train_y)
-            loss = log_loss(val_y, model.predict_proba(val_s), labels=model.classes_)
+            loss = log_loss(val_y, model.predict_proba(val_s), labels=model.classes_, sample_weight=val_weights)
             if best is None or loss < best[0]:
                 best, rises = (loss, c, model.coef_.copy(), model.intercept_.copy()), 0
             elif (rises := rises + 1) >= PATIENCE:  # past the minimum: weaker regularisation overfits more, slower
@@ -77,12 +80,13 @@ def depth_candidates(levels: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def choose_depths(columns: dict[tuple[int, ...], np.ndarray], train_x: np.ndarray, train_y: np.ndarray,
-                  val_x: np.ndarray, val_y: np.ndarray, outputs: int) -> tuple[tuple[int, ...], LinearFit]:
+                  val_x: np.ndarray, val_y: np.ndarray, outputs: int, class_weights: np.ndarray | None = None
+                  ) -> tuple[tuple[int, ...], LinearFit]:
     """The depth set (a key of `columns`: which columns of the all-level features it is) whose exact linear head
     has the lowest validation loss, with that head. Ties go to the fewer features (the earlier key)."""
     best: tuple[tuple[int, ...], LinearFit] | None = None
     for depths, cols in columns.items():
-        fit = fit_linear(train_x[:, cols], train_y, val_x[:, cols], val_y, outputs)
+        fit = fit_linear(train_x[:, cols], train_y, val_x[:, cols], val_y, outputs, class_weights=class_weights)
         if best is None or fit.val_loss < best[1].val_loss:
             best = (depths, fit)
     return best

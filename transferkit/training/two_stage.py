@@ -108,7 +108,7 @@ def validated_head(trainer: Trainer, features: list[FeatureTable], train_y: torc
     the exact linear head (head_fit exact, single-label only; hidden layers keep SGD). Returns the training tables
     and validation features of the chosen depths, and whether the head is solved."""
     model, config = trainer.model, trainer.config
-    exact = config.head_fit == "exact" and not config.head_hidden and train_y.dim() == 1
+    exact = config.solves_head and train_y.dim() == 1
     auto = config.feature_depths == "auto"
     if not (exact or auto):
         return features, val_x, False
@@ -116,10 +116,11 @@ def validated_head(trainer: Trainer, features: list[FeatureTable], train_y: torc
     x = np.concatenate([table.take(np.arange(len(table))) for table in features])
     y, val = np.tile(train_y.numpy(), len(features)), (val_x.numpy(), val_y.numpy())
     outputs = model.head[-1].out_features
+    weights = trainer.task.class_weights(train_y).numpy() if config.class_balance != "none" else None
     if auto:
         computed = model.depths
         columns = {d: depth_columns(model.backbone, computed, d) for d in depth_candidates(computed)}
-        depths, fit = choose_depths(columns, x, y, *val, outputs)
+        depths, fit = choose_depths(columns, x, y, *val, outputs, weights)
         chosen = columns[depths]
         torch.manual_seed(config.seed)  # the new head's initial weights must not depend on what the cache supplied
         set_depths(model, depths)
@@ -127,7 +128,7 @@ def validated_head(trainer: Trainer, features: list[FeatureTable], train_y: torc
         trainer.reporter.log(f"feature depths: levels {list(model.depths) or 'none'} + last layer, chosen on "
                              f"validation of {len(columns)} sets")
     elif exact:
-        fit = fit_linear(x, y, *val, outputs)
+        fit = fit_linear(x, y, *val, outputs, class_weights=weights)
     if exact:
         fit.load_into(model.head[-1])
         trainer.reporter.log(f"frozen head: exact logistic regression on standardised features, C = {fit.C:g} "
