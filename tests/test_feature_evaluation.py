@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from transferkit import api, tuning
+from transferkit.features import extract
 from transferkit.report import images as report_images
 from transferkit.runs import run as run_module
 from transferkit.runs.run import Run
@@ -25,12 +26,22 @@ def test_evaluation_from_features_equals_evaluation_from_images(dataset, tmp_pat
     def no_eager_pass(*_args, **_kwargs):
         raise AssertionError("an eager pass over images after training")
 
+    compile_engine, engines = extract.inference_engine, []
+
+    def recorded(*args, **kwargs):
+        engine, name = compile_engine(*args, **kwargs)
+        engines.append(name)
+        return engine, name
+
     with monkeypatch.context() as patched:
+        patched.setattr(extract, "inference_engine", recorded)
         for module in (run_module, tuning):
             patched.setattr(module, "infer_logits", no_eager_pass)
         patched.setattr(report_images, "embed_images", no_eager_pass)
         trained = api.train(dataset, tmp_path / "run", **options)
     from_features = trained.metrics
+    # a fine-tuned backbone's features are computed after training, on a compiled engine (decision 0290)
+    assert "torch" not in engines and (engines or not epochs_finetune)
     eager = Run(tmp_path / "run")  # a fresh load has no feature path: every image through PyTorch
     assert eager.view_logits is None and eager.plain_features is None
     assert "Cosine similarity of the model's embeddings" in (tmp_path / "run" / "report.html").read_text()

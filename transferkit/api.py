@@ -277,15 +277,15 @@ def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
 def trained_extractor(model: torch.nn.Module, cfg: TrainConfig, reporter: Reporter, cached: bool,
                       index: DatasetIndex, compiled: FeatureExtractor | None = None) -> FeatureExtractor | None:
     """Features after training from the feature engine rather than eager PyTorch, through the cache when the
-    backbone is the pretrained one (stage 1's rows, and the test images' from here on); a fine-tuned backbone's are
-    computed once and not kept. None (eager) for data at a URL. A pretrained backbone reuses stage 1's `compiled`
-    extractor; an engine compiled after training crashed the process, so new ones run PyTorch (decision 0164)."""
+    backbone is the pretrained one (stage 1's rows, and the test images' from here on; stage 1's `compiled`
+    extractor is reused); a fine-tuned backbone's are computed once, on a newly compiled engine (safe since decision
+    0290), and not kept. None (eager) for data at a URL (decision 0164)."""
     if remote.is_url(str(index.root)):
         return None
     if cached and compiled is not None:
         return compiled
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
-    return FeatureExtractor(model, "torch", cfg.batch_size, cfg.workers, reporter, cache)
+    return FeatureExtractor(model, cfg.feature_engine, cfg.batch_size, cfg.workers, reporter, cache)
 
 
 def warn_leaks(metrics: dict, reporter: Reporter) -> None:
