@@ -189,9 +189,16 @@ def frozen_logits(model: Classifier, paths: list[str], pre: Preprocess, cache: P
         return model.head.eval()(torch.from_numpy(x))
 
 
-def run_row(row: str, options: dict | None, split: Split, cache: Path, seed: int) -> dict[str, float]:
+def row_probabilities(options: dict | list[dict] | None, split: Split, cache: Path, seed: int) -> np.ndarray:
+    """A row's test probabilities; an ensemble row (a list of rows' options) averages its members'."""
+    if isinstance(options, list):
+        return np.mean([row_probabilities(member, split, cache, seed) for member in options], axis=0)
+    return run_probe(split, cache, seed) if options is None else run_transferkit(split, options, cache, seed)
+
+
+def run_row(row: str, options: dict | list[dict] | None, split: Split, cache: Path, seed: int) -> dict[str, float]:
     start = time.perf_counter()
-    probs = run_probe(split, cache, seed) if options is None else run_transferkit(split, options, cache, seed)
+    probs = row_probabilities(options, split, cache, seed)
     return scores(split.test.targets.numpy(), probs, time.perf_counter() - start)
 
 
@@ -254,6 +261,9 @@ def main() -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # scikit-learn's notices of coming API changes
     names = args.rows.split(",") + (list(FINETUNE_ROWS) if args.finetune else []) + (list(VIEW_ROWS) if args.views
                                                                                      else [])
+    # a row "a+b+c" is the ensemble of rows a, b and c: their test probabilities averaged
+    every.update({n: [every[m] for m in n.split("+")] for n in names if "+" in n and all(
+        m in every for m in n.split("+"))})
     unknown = [n for n in names if n not in every]
     if unknown or args.seeds < 2:
         print(f"accuracy.py: unknown rows {unknown} or fewer than 2 seeds", file=sys.stderr)
