@@ -30,7 +30,7 @@ from transferkit.training.ema import WeightAverage
 from transferkit.training.mixing import mixed
 from transferkit.training.optim import finetune_groups
 from transferkit.training.optional import epoch_order
-from transferkit.training.state import EpochLog
+from transferkit.training.state import EpochLog, Scores
 from transferkit.training.two_stage import indexed_batches
 
 PRE = Preprocess(image_size=32, interpolation="bilinear", crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -161,8 +161,8 @@ def test_bad_option_values_are_user_errors() -> None:
 
 
 class FakeStage(SimpleNamespace):
-    def validate(self) -> tuple[float, float]:  # the closer the weight is to 1, the lower the loss
-        return float((self.model.weight.detach() - 1).abs().sum()), 0.5
+    def validate(self) -> Scores:  # the closer the weight is to 1, the lower the loss
+        return Scores(float((self.model.weight.detach() - 1).abs().sum()), 0.5, 0.5)
 
 
 def test_ema_is_offered_to_the_keeper_only_when_better_on_validation() -> None:
@@ -177,7 +177,7 @@ def test_ema_is_offered_to_the_keeper_only_when_better_on_validation() -> None:
     average.before_stage(trainer, stage)
     with torch.no_grad():
         model.weight.fill_(3.0)  # the live weights moved away: the average (at 1) is better
-    log = EpochLog(1, "finetune", 0.1, 0.5, stage.validate()[0], 0.5, 1e-3, 1.0)
+    log = EpochLog(1, "finetune", 0.1, 0.5, stage.validate().loss, 0.5, 1e-3, 1.0)
     average.after_epoch(trainer, log)
     assert log.weights == "ema" and log.val_loss == 0.0 and trainer.candidate is average.ema.module
     assert torch.equal(model.weight, torch.full((1, 2), 3.0))  # the live weights are back after its validation

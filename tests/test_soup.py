@@ -14,7 +14,7 @@ from transferkit import api
 from transferkit.errors import UserError
 from transferkit.training.callbacks import PauseAfter
 from transferkit.training.soup import GreedySoup, average_states, trainable_keys
-from transferkit.training.state import BestKeeper, EpochLog
+from transferkit.training.state import BestKeeper, EpochLog, Scores
 
 
 def test_average_states_means_floats_and_keeps_the_first_counter():
@@ -43,7 +43,7 @@ def soup_of(weights: list[float], size: int = 3) -> tuple[SimpleNamespace, Greed
     """Fine-tuning epochs whose single weight is `weights[e]`; validation loss is |w - 1| (accuracy 0.5)."""
     model = nn.Linear(1, 1, bias=False)
     keeper = BestKeeper("val_loss", patience=0)
-    validate = lambda: (abs(model.weight.item() - 1.0), 0.5)  # noqa: E731
+    validate = lambda: Scores(abs(model.weight.item() - 1.0), 0.5, 0.5)  # noqa: E731
     trainer = SimpleNamespace(model=model, keeper=keeper, stop_stage=False, records={}, candidate=None,
                               reporter=SimpleNamespace(log=lambda _: None),
                               stage=SimpleNamespace(validate=validate, epochs=len(weights)))

@@ -19,6 +19,9 @@ from transferkit.training.callbacks import Callback
 STAGES = ("frozen", "finetune")
 
 
+EPOCH_TAGS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr")
+
+
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(folder / "tb"))
     events.Reload()
@@ -42,7 +45,7 @@ def test_events_match_history_per_step_and_per_epoch(dataset: Path, tmp_path: Pa
     assert not stale.exists() and len(list((run.path / "tb").iterdir())) == 1
     logged = scalars(run.path)
     assert set(logged) == {f"{stage}/step/{tag}" for stage in STAGES for tag in ("loss", "acc", "lr")} | {
-        f"{stage}/epoch/{tag}" for stage in STAGES for tag in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")}
+        f"{stage}/epoch/{tag}" for stage in STAGES for tag in EPOCH_TAGS}
     history = read_history(run.path / "history.csv")
     config = yaml.safe_load((run.path / "config.yaml").read_text())
     sizes = batch_sizes(len(json.loads((run.path / "split.json").read_text())["train"]), fast["batch_size"])
@@ -50,7 +53,7 @@ def test_events_match_history_per_step_and_per_epoch(dataset: Path, tmp_path: Pa
     for stage in STAGES:
         rows = [h for h in history if h["stage"] == stage]
         assert len(rows) == fast[f"epochs_{stage}"]
-        for tag in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        for tag in EPOCH_TAGS:
             assert logged[f"{stage}/epoch/{tag}"] == [(int(h["epoch"]), pytest.approx(h[tag], rel=1e-5, abs=1e-7))
                                                      for h in rows]
         steps = logged[f"{stage}/step/loss"]

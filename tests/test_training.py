@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.metrics import balanced_accuracy_score
 
 from transferkit import api
 from transferkit.models.registry import load_weights_file
 from transferkit.runs.files import read_history
 from transferkit.runs.run import Run
+from transferkit.task.kinds import MultiClass, MultiLabel
 from transferkit.training.callbacks import Callback
 
 
@@ -217,3 +219,24 @@ def test_cuda_requested_without_a_gpu_is_a_user_error(dataset, tmp_path, fast):
 
     with pytest.raises(UserError, match="CUDA"):
         api.train(dataset, tmp_path / "cuda", device="cuda", **fast)
+
+
+def test_balanced_accuracy_is_scikit_learn_s_for_every_task_kind():
+    generator = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(60, 3, generator=generator), torch.randint(0, 3, (60,), generator=generator)
+    expected = balanced_accuracy_score(targets.numpy(), logits.argmax(1).numpy())
+    assert MultiClass(["a", "b", "c"]).balanced_accuracy(logits, targets) == pytest.approx(expected)
+    labels = (torch.rand(60, 4, generator=generator) > 0.7).float()
+    per_label = [balanced_accuracy_score(labels[:, j].numpy(), (logits[:, j % 3] > 0).numpy()) for j in range(4)]
+    assert MultiLabel(list("wxyz")).balanced_accuracy(logits[:, [0, 1, 2, 0]], labels) == pytest.approx(
+        sum(per_label) / 4)
+
+
+def test_balanced_accuracy_monitor_keeps_its_best_epoch(dataset, tmp_path, fast):
+    run = api.train(dataset, tmp_path / "run", **{**fast, "epochs_frozen": 5, "epochs_finetune": 1, "patience": 0,
+                                                  "monitor": "val_balanced_acc"})
+    history = read_history(run.path / "history.csv")
+    best = max(row["val_balanced_acc"] for row in history)
+    meta = json.loads((run.path / "meta.json").read_text())
+    assert meta["kept"]["monitor"] == "val_balanced_acc" and meta["kept"]["value"] == pytest.approx(best)
+    assert run.evaluate(dataset, split="val", write=False)["balanced_accuracy"] == pytest.approx(best)

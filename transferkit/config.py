@@ -31,7 +31,7 @@ from transferkit.options import (
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
-MONITORS = ("val_loss", "val_acc")
+MONITORS = ("val_loss", "val_acc", "val_balanced_acc")
 HEAD_FITS = ("sgd", "exact")
 CLASS_BALANCES = ("none", "weights", "sampler")
 # feature_views auto: augmented views only where they were measured to help, an exact head, and only for training
@@ -103,7 +103,7 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when available, else CPU
     precision: str = "auto"  # auto: fp16 AMP on CUDA, fp32 on CPU; or fp32 / bf16 / fp16
     accumulate: int = 1  # gradient accumulation: optimizer step every N batches
-    monitor: str = "val_loss"
+    monitor: str = "val_loss"  # val_loss | val_acc | val_balanced_acc: what early stopping and the kept weights follow
     patience: int = 5  # early stopping; 0 disables
     seed: int = 0
     checkpoint_every: int = 200  # optimizer steps between checkpoints (also one per epoch); 0: per epoch only

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 
 from transferkit import api
 from transferkit.auto.plan import RACE_EPOCHS
@@ -30,6 +31,7 @@ from transferkit.runs.ensemble import MEMBERS, write_ensemble
 from transferkit.runs.run import Run
 from transferkit.task.calibration import decide
 from transferkit.training.callbacks import PauseAfter
+from transferkit.training.state import as_loss
 
 RACE_FOLDER = "race"  # inside the run folder while the race lasts: RUN/race/BACKBONE/
 
@@ -46,10 +48,11 @@ class Lap:
     finetune_epochs: int
     seconds: float
     finished: bool
+    val_balanced_acc: float = math.nan
 
     def score(self, monitor: str) -> float:
         """Lower is better."""
-        return self.val_loss if monitor == "val_loss" else -self.val_acc
+        return as_loss(getattr(self, monitor), monitor)
 
     def standard_error(self, monitor: str, val_images: int) -> float:
         """Of the score, over `val_images` images. Per-image log-losses are roughly exponentially distributed, so
@@ -57,12 +60,13 @@ class Lap:
         sqrt(p (1 - p) / n)."""
         if monitor == "val_loss":
             return self.val_loss / math.sqrt(val_images)
-        return math.sqrt(self.val_acc * (1 - self.val_acc) / val_images)
+        accuracy = getattr(self, monitor)
+        return math.sqrt(accuracy * (1 - accuracy) / val_images)
 
     def to_json(self) -> dict:
         return {"backbone": self.name, "val_loss": round(self.val_loss, 5), "val_acc": round(self.val_acc, 5),
-                "finetune_epochs": self.finetune_epochs, "seconds": round(self.seconds, 1),
-                "finished": self.finished}
+                "val_balanced_acc": round(self.val_balanced_acc, 5), "finetune_epochs": self.finetune_epochs,
+                "seconds": round(self.seconds, 1), "finished": self.finished}
 
 
 def race(finalists: dict[str, dict[str, Any]], index: DatasetIndex, out: Path, quiet: bool,
@@ -85,7 +89,7 @@ def read_lap(name: str, folder: Path, seconds: float, finished: bool) -> Lap:
     finetune = [row for row in rows if row["stage"] == "finetune"]
     raced = finetune or rows
     return Lap(name, min(float(row["val_loss"]) for row in raced), max(float(row["val_acc"]) for row in raced),
-               len(finetune), seconds, finished)
+               len(finetune), seconds, finished, max(float(row["val_balanced_acc"]) for row in raced))
 
 
 def winner(laps: list[Lap], monitor: str, val_images: int) -> Lap:
@@ -149,13 +153,15 @@ def ensemble_gain(runs: list[Run], names: list[str], index: DatasetIndex, monito
     members = {name: val_scores(p, targets, run.threshold) for name, p, run in zip(names, probs, runs, strict=True)}
     ours = val_scores(averaged(probs, [1 / len(runs)] * len(runs)), targets, mean_threshold)
     winner = members[names[0]]
-    better = ours["val_loss"] < winner["val_loss"] if monitor == "val_loss" else ours["val_acc"] > winner["val_acc"]
+    better = as_loss(ours[monitor], monitor) < as_loss(winner[monitor], monitor)
     return {"monitor": monitor, "winner": {"name": names[0], **winner}, "ensemble": ours, "members": members,
             "better": bool(better), "val_images": len(val)}
 
 
 def val_scores(probs: np.ndarray, targets: np.ndarray, threshold: float | None) -> dict:
-    """Log loss (the negative log of the true class's calibrated probability) and accuracy."""
+    """Log loss (the negative log of the true class's calibrated probability), accuracy and balanced accuracy."""
     chosen = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
+    predicted = decide(probs, threshold)
     return {"val_loss": round(float(-np.log(chosen).mean()), 6),
-            "val_acc": round(float((decide(probs, threshold) == targets).mean()), 6)}
+            "val_acc": round(float((predicted == targets).mean()), 6),
+            "val_balanced_acc": round(float(balanced_accuracy_score(targets, predicted)), 6)}

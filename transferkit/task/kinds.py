@@ -72,6 +72,14 @@ class Task:
         """Each image's predicted class index (single-label kinds)."""
         return logits.argmax(dim=1)
 
+    def balanced_accuracy(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        """The mean over the classes present in `targets` of the fraction of their images predicted right
+        (scikit-learn's balanced_accuracy_score); multi-label: the mean over labels of the same, on each label's
+        two outcomes."""
+        hits = self.hits(logits, targets)
+        classes = targets.argmax(dim=1) if targets.dim() == 2 else targets
+        return float(sum(hits[classes == c].mean() for c in classes.unique()) / len(classes.unique()))
+
     def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(N,) the logit that rises with each image's target class (what Grad-CAM differentiates)."""
         return logits.gather(1, targets[:, None].long())[:, 0]
@@ -169,6 +177,9 @@ class MultiLabel(Task):
 
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return multilabel.hits(logits, targets)
+
+    def balanced_accuracy(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        return multilabel.balanced_accuracy(logits, targets)
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         raise TypeError("a multi-label task decides each label at its threshold, not one class per image")

@@ -33,6 +33,18 @@ def hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ((logits > 0) == (targets > 0.5)).float().mean(dim=1)
 
 
+def balanced_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean over labels of each label's balanced accuracy: the mean of its recall on the images that have it
+    and on those that do not (whichever occur)."""
+    right, positive = (logits > 0) == (targets > 0.5), targets > 0.5
+    per_label = []
+    for j in range(targets.shape[1]):
+        recalls = [right[positive[:, j] == side, j].float().mean() for side in (True, False)
+                   if (positive[:, j] == side).any()]
+        per_label.append(sum(recalls) / len(recalls))
+    return float(sum(per_label) / len(per_label))
+
+
 def choose_thresholds(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per label, the probability cut maximising F1 on (validation) images; 0.5 for a label with no positives."""
     return np.array([_best_f1_threshold(probs[:, j], targets[:, j] > 0.5) for j in range(probs.shape[1])])

@@ -145,7 +145,7 @@ class TensorBoard(Callback):
     """RUN/tb event files: loss, accuracy and learning rate per step and per epoch, one tag group per stage."""
 
     STEP_TAGS = ("loss", "acc", "lr")
-    EPOCH_TAGS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    EPOCH_TAGS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr")
 
     def __init__(self, folder: Path, fresh: bool = True) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard (~1 s): only runs that train pay

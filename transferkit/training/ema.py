@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from transferkit.training.callbacks import BatchEnd, Callback
-from transferkit.training.state import EpochLog, Stage
+from transferkit.training.state import EpochLog, Scores, Stage, as_loss
 
 if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer
@@ -43,13 +43,14 @@ class WeightAverage(Callback):
     def after_epoch(self, trainer: Trainer, log: EpochLog) -> None:
         if self.ema is None or trainer.stop_stage:
             return
-        val_loss, val_acc = self._validate_average(trainer)
-        better = val_loss < log.val_loss if trainer.keeper.monitor == "val_loss" else val_acc > log.val_acc
+        val, monitor = self._validate_average(trainer), trainer.keeper.monitor
+        better = as_loss(val.of(monitor), monitor) < as_loss(getattr(log, monitor), monitor)
         trainer.reporter.log(f"{log.stage} epoch {log.epoch}/{trainer.stage.epochs}: EMA weights val loss "
-                             f"{val_loss:.4f} acc {val_acc:.3f} ({'better' if better else 'no better'} than the live "
+                             f"{val.loss:.4f} acc {val.acc:.3f} ({'better' if better else 'no better'} than the live "
                              "weights)")
         if better:
-            log.val_loss, log.val_acc, log.weights = val_loss, val_acc, "ema"
+            log.record(val)
+            log.weights = "ema"
             trainer.candidate = self.ema.module
 
     def after_stage(self, trainer: Trainer, stage: Stage) -> None:
@@ -61,7 +62,7 @@ class WeightAverage(Callback):
     def load_state_dict(self, trainer: Trainer, state: dict) -> None:
         self.loaded = state  # the average is rebuilt around the model when its stage starts
 
-    def _validate_average(self, trainer: Trainer) -> tuple[float, float]:
+    def _validate_average(self, trainer: Trainer) -> Scores:
         """The stage's own validation with the average's weights swapped in (the frozen part is the same in both, so
         a compiled frozen prefix stays valid), then the live ones back."""
         model = trainer.model

@@ -17,7 +17,7 @@ from torch import nn
 
 from transferkit.config import TrainConfig
 from transferkit.training.callbacks import Callback
-from transferkit.training.state import EpochLog
+from transferkit.training.state import EpochLog, as_loss
 
 if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer
@@ -88,22 +88,21 @@ class GreedySoup(Callback):
         for _, epoch, state in rest:
             trial = average_states([*states, state])
             model.load_state_dict({**base, **trial})
-            tried = score(trainer, dict(zip(("val_loss", "val_acc"), validate(), strict=True))[keeper.monitor])
+            tried = score(trainer, validate().of(keeper.monitor))
             if tried <= current:
                 members, states, current = [*members, epoch], [*states, state], tried
         kept = len(members) > 1 and keeper.best is not None and current <= score(trainer, keeper.best)
         if kept:  # the keeper's weights are what early stopping restores, checkpoints carry and the run saves
-            keeper.best = current if keeper.monitor == "val_loss" else -current
+            keeper.best = score(trainer, current)  # back to the monitor's own sign
             keeper.best_state = {**base, **average_states(states)}
         keeper.restore(model)
         self._record(trainer, members, best_score, current, kept)
 
     def _record(self, trainer: Trainer, members: list[int], best: float, soup: float, kept: bool) -> None:
         monitor = trainer.keeper.monitor
-        shown = (lambda s: s) if monitor == "val_loss" else (lambda s: -s)
         record = {"candidates": sorted(c[1] for c in self.candidates), "members": sorted(members),
-                  "monitor": monitor, "best_epoch": round(shown(best), 6), "soup": round(shown(soup), 6),
-                  "kept": kept}
+                  "monitor": monitor, "best_epoch": round(score(trainer, best), 6),
+                  "soup": round(score(trainer, soup), 6), "kept": kept}
         self.record = trainer.records["soup"] = record
         verdict = "kept" if kept else "not kept (the best single epoch stays)"
         trainer.reporter.log(f"greedy soup of fine-tuning epochs {record['members']} (of {record['candidates']}): "
@@ -124,4 +123,4 @@ class GreedySoup(Callback):
 
 def score(trainer: Trainer, value: float) -> float:
     """The monitored value made lower-is-better."""
-    return value if trainer.keeper.monitor == "val_loss" else -value
+    return as_loss(value, trainer.keeper.monitor)

@@ -4,20 +4,34 @@ weights seen (early stopping). The loop itself is `training.trainer.Trainer.fit`
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    pass
 
 Batches = Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 # (logits, targets) -> (N,) how right each image's prediction is, 1 or 0 (or, multi-label, the fraction of its
 # labels right): the accuracy in the training log is its mean.
 Hits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A validation pass: the task's loss, accuracy and balanced accuracy (the mean of per-class recalls)."""
+
+    loss: float
+    acc: float
+    balanced_acc: float
+
+    def of(self, monitor: str) -> float:
+        return {"val_loss": self.loss, "val_acc": self.acc, "val_balanced_acc": self.balanced_acc}[monitor]
+
+
+def as_loss(value: float, monitor: str) -> float:
+    """A monitored value made lower-is-better (accuracies negated), so every comparison is one `<`."""
+    return value if monitor == "val_loss" else -value
 
 
 @dataclass
@@ -31,6 +45,10 @@ class EpochLog:
     lr: float
     seconds: float
     weights: str = "live"  # which weights the val figures are of: live, or ema (training.ema) when those won
+    val_balanced_acc: float = math.nan  # nan in logs written before it existed
+
+    def record(self, scores: Scores) -> None:
+        self.val_loss, self.val_acc, self.val_balanced_acc = scores.loss, scores.acc, scores.balanced_acc
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +81,7 @@ class BestKeeper:
     def update(self, log: EpochLog, model: nn.Module) -> bool:
         """Record an epoch; True means stop this stage."""
         value = getattr(log, self.monitor)
-        better = self.best is None or (value < self.best if self.monitor == "val_loss" else value > self.best)
+        better = self.best is None or as_loss(value, self.monitor) < as_loss(self.best, self.monitor)
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, (log.stage, log.epoch), 0
             self.best_state = copied_state(model.state_dict(), self.best_state)
@@ -142,7 +160,7 @@ class Stage:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: Batches  # (epoch, batches to skip) -> the epoch's batches from there on
     n_train: int
-    validate: Callable[[], tuple[float, float]]
+    validate: Callable[[], Scores]
     epochs: int
     steps: int  # batches per epoch, so an epoch's last partial accumulation still steps
     sharded: bool = False  # each rank sees its piece of every batch (DDP): epoch sums are totalled over ranks

@@ -113,12 +113,12 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, running: Running, seconds: float) -> None:
         stage, self.candidate = self.stage, None
-        val_loss, val_acc = stage.validate()
+        val = stage.validate()
         seen = max(running.seen, 1)
-        log = EpochLog(epoch, stage.name, running.loss_sum / seen, running.correct / seen, val_loss, val_acc,
-                       stage.optimizer.param_groups[0]["lr"], seconds)
+        log = EpochLog(epoch, stage.name, running.loss_sum / seen, running.correct / seen, val.loss, val.acc,
+                       stage.optimizer.param_groups[0]["lr"], seconds, val_balanced_acc=val.balanced_acc)
         self.reporter.log(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {log.train_loss:.4f} "
-                          f"acc {log.train_acc:.3f} | val loss {val_loss:.4f} acc {val_acc:.3f} | {log.seconds:.1f}s")
+                          f"acc {log.train_acc:.3f} | val loss {val.loss:.4f} acc {val.acc:.3f} | {log.seconds:.1f}s")
         if not math.isfinite(log.train_loss):
             self.reporter.warn(f"{stage.name}: the training loss is not finite (learning rate too high?); stopping")
             self.stop_stage = True

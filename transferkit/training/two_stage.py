@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -34,7 +35,7 @@ from transferkit.training.mixing import mixed
 from transferkit.training.optim import build_optimizer, build_scheduler, finetune_groups
 from transferkit.training.optional import epoch_order
 from transferkit.training.prefix import with_frozen_prefix
-from transferkit.training.state import Batches, EpochLog, Stage, epoch_generator
+from transferkit.training.state import Batches, EpochLog, Scores, Stage, epoch_generator
 
 if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer
@@ -79,7 +80,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
         for chunk in order.split(batch)[skip:]:
             yield torch.from_numpy(gather(features, view[chunk].numpy(), chunk.numpy())), train.targets[chunk]
 
-    def validate() -> tuple[float, float]:
+    def validate() -> Scores:
         return loss_and_accuracy(model.head, [(val_features, val.targets)], trainer)
 
     optimizer = build_optimizer(config.optimizer, [{"params": model.head.parameters(), "lr": config.lr}], config)
@@ -142,13 +143,13 @@ def record_solved_head(trainer: Trainer, features: list[FeatureTable], train_y: 
     which early stopping keeps as the best so far: fine-tuning must beat it to replace it."""
     head = trainer.model.head
     clean = torch.from_numpy(features[0].take(np.arange(len(features[0]))))
-    train_loss, train_acc = loss_and_accuracy(head, [(clean, train_y)], trainer)
-    val_loss, val_acc = loss_and_accuracy(head, [val], trainer)
-    trainer.reporter.log(f"frozen head solved: loss {train_loss:.4f} acc {train_acc:.3f} | val loss {val_loss:.4f} "
-                         f"acc {val_acc:.3f}")
+    fitted, validated = loss_and_accuracy(head, [(clean, train_y)], trainer), loss_and_accuracy(head, [val], trainer)
+    trainer.reporter.log(f"frozen head solved: loss {fitted.loss:.4f} acc {fitted.acc:.3f} | val loss "
+                         f"{validated.loss:.4f} acc {validated.acc:.3f} balanced {validated.balanced_acc:.3f}")
     trainer.keeper.start_stage()
-    trainer.fire("after_epoch", EpochLog(1, "frozen", train_loss, train_acc, val_loss, val_acc, 0.0,
-                                         time.perf_counter() - begin))
+    log = EpochLog(1, "frozen", fitted.loss, fitted.acc, math.nan, math.nan, 0.0, time.perf_counter() - begin)
+    log.record(validated)
+    trainer.fire("after_epoch", log)
 
 
 def shared_tables(extract: FeatureExtractor, ranks: Ranks, paths: list[str], views: list[View], description: str,
@@ -192,7 +193,7 @@ def unfrozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Prepro
     # the frozen stem and lower blocks on the inference engine, only the unfrozen top in autograd (training.prefix)
     module = with_frozen_prefix(model, config.feature_engine, trainer.reporter)
 
-    def validate() -> tuple[float, float]:
+    def validate() -> Scores:
         logits, targets = evaluate_logits(module, make_loader(val_mine, batch, config.workers))
         return scored(ranks.gather_rows(logits), ranks.gather_rows(targets), trainer)
 
@@ -243,10 +244,12 @@ def streamed_batches(train: Labelled, augmented: Callable, config: TrainConfig, 
 
 
 def loss_and_accuracy(module: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                      trainer: Trainer) -> tuple[float, float]:
-    """The task's loss and mean hits of `module` over evaluation batches."""
+                      trainer: Trainer) -> Scores:
+    """The task's loss, mean hits and balanced accuracy of `module` over evaluation batches."""
     return scored(*evaluate_logits(module, batches), trainer)
 
 
-def scored(logits: torch.Tensor, targets: torch.Tensor, trainer: Trainer) -> tuple[float, float]:
-    return float(trainer.criterion(logits, targets)), float(trainer.task.hits(logits, targets).mean())
+def scored(logits: torch.Tensor, targets: torch.Tensor, trainer: Trainer) -> Scores:
+    task = trainer.task
+    return Scores(float(trainer.criterion(logits, targets)), float(task.hits(logits, targets).mean()),
+                  task.balanced_accuracy(logits, targets))
