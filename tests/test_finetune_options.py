@@ -3,6 +3,7 @@ learning-rate decay, RandAugment, and the EMA of the weights; each repeatable, a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -201,9 +202,9 @@ def test_a_run_with_every_option_resumed_mid_fine_tuning_ends_as_the_uninterrupt
     # the average always wins (its own validation, less 10), so history.csv shows whether it resumed exactly
     validate = WeightAverage._validate_average
 
-    def average_wins(self: WeightAverage, trainer) -> tuple[float, float]:
-        loss, acc = validate(self, trainer)
-        return loss - 10, acc
+    def average_wins(self: WeightAverage, trainer) -> Scores:
+        scores = validate(self, trainer)
+        return dataclasses.replace(scores, loss=scores.loss - 10)
 
     monkeypatch.setattr(WeightAverage, "_validate_average", average_wins)
     options = {**fast, "epochs_frozen": 3, "epochs_finetune": 2, "unfreeze": "all", "checkpoint_every": 1,
@@ -214,8 +215,9 @@ def test_a_run_with_every_option_resumed_mid_fine_tuning_ends_as_the_uninterrupt
     resumed = api.resume(tmp_path / "crashed")
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     rows = history(tmp_path / "crashed")
-    assert rows == history(tmp_path / "straight") and rows[0][-1] == "weights"
-    assert [row[-1] for row in rows[1:] if row[1] == "finetune"] == ["ema", "ema"]
+    weights = rows[0].index("weights")
+    assert rows == history(tmp_path / "straight")
+    assert [row[weights] for row in rows[1:] if row[1] == "finetune"] == ["ema", "ema"]
 
 
 def test_mixup_and_class_weights_train_a_one_logit_task(binary_dataset: Path, tmp_path: Path, fast: dict) -> None:
