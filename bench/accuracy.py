@@ -58,6 +58,7 @@ DIHEDRAL = {"head_fit": "exact", "augment": "dihedral", "tta": "dihedral"}
 # TrainConfig values of each row (on top of the data set's preprocessing, one clean feature view as in the demo)
 ROWS: dict[str, dict | None] = {
     "probe": None,  # the anchor: scikit-learn on the features, outside transferkit's training
+    "default": {"feature_views": "auto"},  # today's default stage 1 (decision 0280), its views chosen by size
     "frozen-sgd": {"head_fit": "sgd"},
     "frozen-exact": {"head_fit": "exact"},
     "depths-sgd": {"head_fit": "sgd", "feature_depths": "auto"},
