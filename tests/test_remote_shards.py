@@ -102,6 +102,9 @@ def test_train_on_shards_at_a_url_matches_the_local_folder(served: tuple[str, Pa
     shutil.copytree(tmp_path / "local", tmp_path / "copy")  # evaluate writes its metrics into the run
     evaluated = json.loads(transferkit("evaluate", str(tmp_path / "copy"), url, "--json"))
     assert evaluated["n"] == 36 and 0 <= evaluated["accuracy"] <= 1  # data at another address: scored whole
+    # ... and its copies of the run's training images are found by their digests in the pack's index
+    trained_on = len(json.loads((tmp_path / "local" / "split.json").read_text())["train"])
+    assert evaluated["leaked_from_train"]["count"] == trained_on
     remote_predictions = json.loads(transferkit("predict", str(here.path), url, "--engine", "torch", "--json"))
     local_predictions, _ = here.predict([str(local)])
     assert len(remote_predictions) == len(local_predictions) == 36

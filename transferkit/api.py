@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from transferkit.config import TrainConfig, resolve_config, write_config
-from transferkit.data import remote
 from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
@@ -195,7 +194,7 @@ class Built:
 
 
 def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val: Labelled, interrupted: bool
-             ) -> FeatureExtractor | None:
+             ) -> FeatureExtractor:
     """model.safetensors, then meta.json (last: it marks the run as trained), with what was chosen on validation.
     Returns the saved model's feature extractor (`trained_extractor`), for evaluation to reuse."""
     cfg, model = trainer.config, built.model
@@ -206,8 +205,8 @@ def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val
     meta = build_meta(cfg, built.spec, built.weights_source, built.task, built.pre, interrupted)
     # stage 1's engine was compiled for the pretrained backbone with these depths (auto changed them since)
     compiled = trainer.features if cfg.feature_depths != "auto" else None
-    extract = trained_extractor(model, cfg, trainer.reporter, pretrained_backbone(cfg, kept), index, compiled)
-    fast_logits = head_logits(model, built.pre, cfg.augmentation().samplewise_center, extract) if extract else None
+    extract = trained_extractor(model, cfg, trainer.reporter, pretrained_backbone(cfg, kept), compiled)
+    fast_logits = head_logits(model, built.pre, cfg.augmentation().samplewise_center, extract)
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
                 feature_depths=list(model.depths),
                 head_fit="exact" if cfg.solves_head and not index.multilabel else "sgd",
@@ -255,11 +254,10 @@ def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, report
                          extract: FeatureExtractor | None = None) -> Run:
     """Metrics and report of a saved run; `extract`: save_run's (one feature extractor for both)."""
     if extract is None:
-        extract = trained_extractor(run.model, cfg, reporter, pretrained_backbone(cfg, run.meta.get("kept")), index)
-    if extract is not None:
-        samplewise_center = cfg.augmentation().samplewise_center
-        run.view_logits = head_logits(run.model, run.preprocess, samplewise_center, extract)
-        run.plain_features = view_features(clean_view(run.preprocess, samplewise_center), extract)
+        extract = trained_extractor(run.model, cfg, reporter, pretrained_backbone(cfg, run.meta.get("kept")))
+    samplewise_center = cfg.augmentation().samplewise_center
+    run.view_logits = head_logits(run.model, run.preprocess, samplewise_center, extract)
+    run.plain_features = view_features(clean_view(run.preprocess, samplewise_center), extract)
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
     # the compiled engine is released here, not at some later garbage collection (engines outliving their
@@ -275,13 +273,11 @@ def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:
 
 
 def trained_extractor(model: torch.nn.Module, cfg: TrainConfig, reporter: Reporter, cached: bool,
-                      index: DatasetIndex, compiled: FeatureExtractor | None = None) -> FeatureExtractor | None:
+                      compiled: FeatureExtractor | None = None) -> FeatureExtractor:
     """Features after training from the feature engine rather than eager PyTorch, through the cache when the
     backbone is the pretrained one (stage 1's rows, and the test images' from here on; stage 1's `compiled`
     extractor is reused); a fine-tuned backbone's are computed once, on a newly compiled engine (safe since decision
-    0290), and not kept. None (eager) for data at a URL (decision 0164)."""
-    if remote.is_url(str(index.root)):
-        return None
+    0290), and not kept."""
     if cached and compiled is not None:
         return compiled
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None

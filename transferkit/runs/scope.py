@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit.data import remote
 from transferkit.data.content import file_digest, group_by_content
 from transferkit.data.members import is_shard_member
 from transferkit.data.sources import SPLITS, DatasetIndex, Sample
@@ -62,9 +61,6 @@ def choose_scope(index: DatasetIndex, split: str | None, own: bool) -> Scope:
 def check_leaks(scope: Scope, index: DatasetIndex, run_folder: Path, own: bool) -> None:
     """Fill in `scope.leaked`: the evaluated images whose bytes equal a training image's, by content digest (the
     feature cache's). Skipped where training images are evaluated on purpose, or where they can no longer be read."""
-    if remote.is_url(str(index.root)):
-        scope.leak_note = "not checked for data at a URL: its digests would be read here, before the decoders fork"
-        return
     if own and scope.split in ("train", "all"):
         scope.leak_note = "not checked: the evaluated images include the training split"
         return
