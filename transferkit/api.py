@@ -260,8 +260,8 @@ def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, report
     run.plain_features = view_features(clean_view(run.preprocess, samplewise_center), extract)
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
-    # the compiled engine is released here, not at some later garbage collection (engines outliving their
-    # training crashed a long-lived process, decision 0164): later calls on the returned run go eager
+    # the compiled engine and its memory are released here, not at some later garbage collection: later calls on
+    # the returned run go eager
     run.view_logits = run.plain_features = None
     return run
 

@@ -66,7 +66,7 @@ class Task:
     def hits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(N,) how right each image's prediction is, 1 or 0 (multi-label: the fraction of its labels right); a soft
         target row counts as its largest class."""
-        return (self.predicted(logits) == (targets.argmax(dim=1) if targets.dim() == 2 else targets)).float()
+        return (self.predicted(logits) == target_classes(targets)).float()
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         """Each image's predicted class index (single-label kinds)."""
@@ -76,9 +76,9 @@ class Task:
         """The mean over the classes present in `targets` of the fraction of their images predicted right
         (scikit-learn's balanced_accuracy_score); multi-label: the mean over labels of the same, on each label's
         two outcomes."""
-        hits = self.hits(logits, targets)
-        classes = targets.argmax(dim=1) if targets.dim() == 2 else targets
-        return float(sum(hits[classes == c].mean() for c in classes.unique()) / len(classes.unique()))
+        hits, classes = self.hits(logits, targets), target_classes(targets)
+        present = classes.unique()
+        return float(sum(hits[classes == c].mean() for c in present) / len(present))
 
     def scores(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(N,) the logit that rises with each image's target class (what Grad-CAM differentiates)."""
@@ -183,6 +183,11 @@ class MultiLabel(Task):
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         raise TypeError("a multi-label task decides each label at its threshold, not one class per image")
+
+
+def target_classes(targets: torch.Tensor) -> torch.Tensor:
+    """Each image's class index: a soft (N, classes) row such as mixup's counts as its largest class."""
+    return targets.argmax(dim=1) if targets.dim() == 2 else targets
 
 
 def torch_logit(p: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,13 @@ class EpochLog:
     weights: str = "live"  # which weights the val figures are of: live, or ema (training.ema) when those won
     val_balanced_acc: float = math.nan  # nan in logs written before it existed
 
+    @classmethod
+    def validated(cls, epoch: int, stage: str, train_loss: float, train_acc: float, val: Scores, lr: float,
+                  seconds: float) -> EpochLog:
+        """An epoch's log with its validation `val`."""
+        return cls(epoch, stage, train_loss, train_acc, val.loss, val.acc, lr, seconds,
+                   val_balanced_acc=val.balanced_acc)
+
     def record(self, scores: Scores) -> None:
         self.val_loss, self.val_acc, self.val_balanced_acc = scores.loss, scores.acc, scores.balanced_acc
 

@@ -115,8 +115,8 @@ class Trainer:
         stage, self.candidate = self.stage, None
         val = stage.validate()
         seen = max(running.seen, 1)
-        log = EpochLog(epoch, stage.name, running.loss_sum / seen, running.correct / seen, val.loss, val.acc,
-                       stage.optimizer.param_groups[0]["lr"], seconds, val_balanced_acc=val.balanced_acc)
+        log = EpochLog.validated(epoch, stage.name, running.loss_sum / seen, running.correct / seen, val,
+                                 stage.optimizer.param_groups[0]["lr"], seconds)
         self.reporter.log(f"{stage.name} epoch {epoch}/{stage.epochs}: loss {log.train_loss:.4f} "
                           f"acc {log.train_acc:.3f} | val loss {val.loss:.4f} acc {val.acc:.3f} | {log.seconds:.1f}s")
         if not math.isfinite(log.train_loss):

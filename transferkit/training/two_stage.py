@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -147,9 +146,8 @@ def record_solved_head(trainer: Trainer, features: list[FeatureTable], train_y: 
     trainer.reporter.log(f"frozen head solved: loss {fitted.loss:.4f} acc {fitted.acc:.3f} | val loss "
                          f"{validated.loss:.4f} acc {validated.acc:.3f} balanced {validated.balanced_acc:.3f}")
     trainer.keeper.start_stage()
-    log = EpochLog(1, "frozen", fitted.loss, fitted.acc, math.nan, math.nan, 0.0, time.perf_counter() - begin)
-    log.record(validated)
-    trainer.fire("after_epoch", log)
+    trainer.fire("after_epoch", EpochLog.validated(1, "frozen", fitted.loss, fitted.acc, validated, 0.0,
+                                                   time.perf_counter() - begin))
 
 
 def shared_tables(extract: FeatureExtractor, ranks: Ranks, paths: list[str], views: list[View], description: str,
