@@ -152,8 +152,8 @@ class ShardStream(IterableDataset):
         return units
 
     def _read(self, order: list[int], own: int) -> Iterator[tuple[int, int, bytes]]:
-        """(position, repeat, raw bytes) in `order`: each stretch of it that lies forward in one shard is one pass of
-        webdataset's tar reader over that shard, which skips the members not asked for."""
+        """(position, repeat, raw bytes) in `order`: each stretch of it that lies forward in one shard is one pass
+        over that shard, which skips the members not asked for."""
         done = 0
         for shard, stretch in _stretches(order, self.shard_of, self.offsets):
             wanted = {self.names[p]: p for p in stretch}
