@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from transferkit import api
 from transferkit.cli.main import run_cli
+from transferkit.data.loader import seeded
 from transferkit.training.callbacks import Callback
 from transferkit.training.checkpoint import CHECKPOINT
 
@@ -200,3 +204,18 @@ def test_kill_9_after_observed_checkpoints_then_resume(dataset: Path, tmp_path: 
         got = json.loads((out / "metrics.json").read_text())
         assert got["accuracy"] == expected["accuracy"], writes
         assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5), writes
+
+
+def test_seeded_draws_repeat_inside_and_leave_the_outside_streams_free_of_the_seed() -> None:
+    def draws() -> tuple[float, float, float]:
+        return np.random.rand(), random.random(), torch.rand(1).item()
+
+    outside = []
+    for inner_seed in (7, 8):
+        np.random.seed(0), random.seed(0), torch.manual_seed(0)
+        with seeded(inner_seed):
+            inside = draws()
+        with seeded(inner_seed):
+            assert draws() == inside  # the same seed, the same augmentation
+        outside.append(draws())
+    assert outside[0] == outside[1]  # what follows a seeded block does not depend on its seed
