@@ -44,6 +44,7 @@ from transferkit.auto.probe import (
 from transferkit.auto.race import Lap, finish_race, race
 from transferkit.auto.race import winner as race_winner
 from transferkit.auto.range_test import LRFind, best_rate, lr_find, plot_lr_find
+from transferkit.auto.symmetry import SYMMETRY_SHARE, choose_symmetry
 from transferkit.config import TrainConfig, resolve_config
 from transferkit.data.boxes import Box
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
@@ -155,16 +156,17 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     ranked = ranking(probed)
     head = choose_head(ranked[0].features, labels, cfg.seed, ranked[0].score, HEAD_SHARE * budget)
     finalists = [finalist(p, head.hidden, labels, len(index.split("train")), cfg) for p in ranked[:2]]
+    symmetry = choose_symmetry(ranked[0].backbone, ranked[0].features, samples, labels, cfg, reporter,
+                               SYMMETRY_SHARE * (budget - (time.perf_counter() - start)),
+                               finalists[0].speeds.inference)
+    finalists = [dataclasses.replace(f, choices={**f.choices, **symmetry.options}) for f in finalists]
     left = budget - (time.perf_counter() - start)
     plans = plan_race(left, work, [f.speeds for f in finalists], cfg)
     finalists = [dataclasses.replace(f, plan=plan) for f, plan in zip(finalists, plans, strict=False)]
     if plans[0].estimated_seconds > left:
         reporter.warn(f"the time budget is too small: training is expected to take {plans[0].estimated_seconds:.0f}s, "
                       f"{max(left, 0):.0f}s are left; the plan is cut to its minimum (clean view, no fine-tuning)")
-    for f in finalists:
-        reporter.log(f"auto: {f.name}, {f.choices['image_size']}px, head {head.hidden or 'linear'}, "
-                     f"lr {f.choices['lr']:.2e}, unfreeze {f.choices['unfreeze']}, {f.plan.epochs_finetune} "
-                     f"fine-tuning epochs (~{f.plan.estimated_seconds:.0f}s)")
+    announce(finalists, head.hidden, symmetry.dihedral, reporter)
     seconds_before_training = time.perf_counter() - start
     train_options = {**options, "recipe": recipe, "config": config}
     laps: list[Lap] = []
@@ -182,25 +184,34 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
         run = finish_race(laps, chosen.name, index, out, quiet, cfg, reporter)
     else:
         run = api.train(index, out, quiet=quiet, **{**train_options, **chosen.options})
-    summary = {
-        "chosen": chosen.name,
-        "weights": probed[chosen.name].backbone.weights_source,
-        "leaderboard": leaderboard,
-        "probe": {"images": len(samples), "folds": chosen.probed.score.folds, "reserve_seconds": round(reserve, 1)},
-        "race": [lap.to_json() for lap in laps],
-        "ensemble": run.meta.get("ensemble"),  # members and gain, when the finalists were kept together
-        "head": head.to_json(),
-        "lr": {"head": chosen.choices["lr"], "finetune": chosen.choices["finetune_lr"],
-               "lr_find": chosen.found.to_json(),
-               "held_out_loss": {f"{rate:.3g}": round(loss, 5) for rate, loss in chosen.rate_losses.items()}},
-        "unfreeze": chosen.choices["unfreeze"],
-        "speeds": dataclasses.asdict(chosen.speeds),
-        "plan": {**chosen.plan.to_json(), "time_budget_seconds": budget,
-                 "seconds_before_training": round(seconds_before_training, 1)},
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    summary = {"chosen": chosen.name, "weights": probed[chosen.name].backbone.weights_source,
+               "leaderboard": leaderboard, "race": [lap.to_json() for lap in laps],
+               "probe": {"images": len(samples), "folds": chosen.probed.score.folds,
+                         "reserve_seconds": round(reserve, 1)},
+               "ensemble": run.meta.get("ensemble"),  # members and gain, when the finalists were kept together
+               "head": head.to_json(), "symmetry": symmetry.to_json(), **chosen_settings(chosen),
+               "plan": {**chosen.plan.to_json(), "time_budget_seconds": budget,
+                        "seconds_before_training": round(seconds_before_training, 1)},
+               "seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "auto.json", summary)
     return AutoResult(run, summary)
+
+
+def announce(finalists: list[Finalist], head_hidden: list[int], dihedral: bool, reporter: Reporter) -> None:
+    for f in finalists:
+        assert f.plan is not None
+        reporter.log(f"auto: {f.name}, {f.choices['image_size']}px, head {head_hidden or 'linear'}, "
+                     f"lr {f.choices['lr']:.2e}, unfreeze {f.choices['unfreeze']}, "
+                     f"{'dihedral' if dihedral else 'clean'} views, {f.plan.epochs_finetune} fine-tuning epochs "
+                     f"(~{f.plan.estimated_seconds:.0f}s)")
+
+
+def chosen_settings(chosen: Finalist) -> dict[str, Any]:
+    """auto.json's record of the winner's learning rates (with their evidence), unfrozen blocks and speeds."""
+    return {"lr": {"head": chosen.choices["lr"], "finetune": chosen.choices["finetune_lr"],
+                   "lr_find": chosen.found.to_json(),
+                   "held_out_loss": {f"{rate:.3g}": round(loss, 5) for rate, loss in chosen.rate_losses.items()}},
+            "unfreeze": chosen.choices["unfreeze"], "speeds": dataclasses.asdict(chosen.speeds)}
 
 
 def ranking(probed: dict[str, Probed]) -> list[Probed]:
