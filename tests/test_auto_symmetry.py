@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import make_class_folders
 from tests.test_auto import FAST, run_and_capture
 from transferkit.auto import symmetry
+from transferkit.auto.plan import Plan
 from transferkit.config import resolve_config
 from transferkit.data.preprocess import Preprocess
 from transferkit.progress import Reporter
@@ -91,3 +92,11 @@ def test_auto_records_the_symmetry_comparison_and_trains_with_its_choice(tmp_pat
     assert recorded == json.loads((out / "auto.json").read_text())["symmetry"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["tta"] == ("dihedral" if recorded["chosen"] == "dihedral" else "none")
+
+
+def test_the_check_may_spend_what_the_plans_leave_unused_and_always_a_share() -> None:
+    def plans(*seconds: float) -> list[Plan]:
+        return [Plan(epochs_finetune=5, feature_views=1, estimated_seconds=s) for s in seconds]
+
+    assert symmetry.allowance(1000, plans(300, 200)) == 500  # the finalists' plans stop short of the budget
+    assert symmetry.allowance(1000, plans(700, 400)) == symmetry.SYMMETRY_SHARE * 1000  # they fill it: a share

@@ -44,7 +44,7 @@ from transferkit.auto.probe import (
 from transferkit.auto.race import Lap, finish_race, race
 from transferkit.auto.race import winner as race_winner
 from transferkit.auto.range_test import LRFind, best_rate, lr_find, plot_lr_find
-from transferkit.auto.symmetry import SYMMETRY_SHARE, choose_symmetry
+from transferkit.auto.symmetry import allowance, choose_symmetry
 from transferkit.config import TrainConfig, resolve_config
 from transferkit.data.boxes import Box
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
@@ -156,8 +156,9 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     ranked = ranking(probed)
     head = choose_head(ranked[0].features, labels, cfg.seed, ranked[0].score, HEAD_SHARE * budget)
     finalists = [finalist(p, head.hidden, labels, len(index.split("train")), cfg) for p in ranked[:2]]
+    left = budget - (time.perf_counter() - start)
     symmetry = choose_symmetry(ranked[0].backbone, ranked[0].features, samples, labels, cfg, reporter,
-                               SYMMETRY_SHARE * (budget - (time.perf_counter() - start)),
+                               allowance(left, plan_race(left, work, [f.speeds for f in finalists], cfg)),
                                finalists[0].speeds.inference)
     finalists = [dataclasses.replace(f, choices={**f.choices, **symmetry.options}) for f in finalists]
     left = budget - (time.perf_counter() - start)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transferkit.auto.embedding import view_features
+from transferkit.auto.plan import Plan
 from transferkit.auto.probe import Score, folds, linear_probe, quiet_fits
 from transferkit.config import TrainConfig
 from transferkit.data.sources import Sample
@@ -20,7 +21,7 @@ from transferkit.models import tta
 from transferkit.models.pretrained import Backbone
 from transferkit.progress import Reporter
 
-SYMMETRY_SHARE = 0.15  # of the time left after probing: the most the probe images' 7 other views may take
+SYMMETRY_SHARE = 0.15  # of the time left after probing: what the probe images' 7 other views may always take
 DIHEDRAL = {"augment": "dihedral", "tta": "dihedral"}
 
 
@@ -41,6 +42,12 @@ class SymmetryChoice:
         scores = {name: score.to_json() for name, score in (("clean", self.clean), ("dihedral", self.views)) if score}
         gain = {} if self.gain_se is None else {"gain_se": round(self.gain_se, 4)}
         return {"chosen": "dihedral" if self.dihedral else "none", **scores, **gain, "note": self.note}
+
+
+def allowance(seconds_left: float, plans: Sequence[Plan]) -> float:
+    """What the check may spend: SYMMETRY_SHARE of the time left, or all that the finalists' plans leave unused
+    (they stop at MAX_FINETUNE_EPOCHS), counting every finalist's whole plan."""
+    return max(SYMMETRY_SHARE * seconds_left, seconds_left - sum(plan.estimated_seconds for plan in plans))
 
 
 def choose_symmetry(backbone: Backbone, clean: np.ndarray, samples: Sequence[Sample], labels: np.ndarray,
