@@ -38,8 +38,10 @@ def run(command: str, data: Path, out: Path, seed: int, extra: list[str], folder
     seconds = time.perf_counter() - start
     metrics = json.loads((out / "metrics.json").read_text())
     meta = json.loads((out / "meta.json").read_text())
+    chosen = json.loads((out / "auto.json").read_text()) if command == "auto" else {}
     return {**{name: metrics[name] for name in METRICS}, "n": metrics["n"], "split": metrics["split"],
-            "backbone": meta.get("backbone"), "seconds": round(seconds, 1)}
+            "backbone": meta.get("backbone"), "tta": meta.get("tta"), "symmetry": chosen.get("symmetry"),
+            "seconds": round(seconds, 1)}
 
 
 def main() -> None:
