@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -19,8 +18,9 @@ from accuracy import features, fresh_model  # bench/: run as a script, no packag
 from accuracy_data import load_split
 from measure import machine_info
 
-from transferkit.auto.probe import MAX_PROBE_IMAGES
-from transferkit.auto.symmetry import paired_fold_accuracies
+from transferkit.auto.probe import MAX_PROBE_IMAGES, probe_subset
+from transferkit.auto.symmetry import judge, paired_fold_accuracies
+from transferkit.data.sources import Sample
 from transferkit.data.transforms import Preprocess
 from transferkit.features.cache import default_cache_dir
 from transferkit.models import tta
@@ -28,21 +28,18 @@ from transferkit.models import tta
 
 def decide(name: str, seed: int, folder: Path, cache: Path) -> dict:
     split = load_split(name, folder, seed, False)
-    paths = split.train.paths + split.val.paths
-    labels = np.concatenate([split.train.targets.numpy(), split.val.targets.numpy()])
-    if len(paths) > MAX_PROBE_IMAGES:
-        keep = np.sort(np.random.default_rng(seed).choice(len(paths), MAX_PROBE_IMAGES, replace=False))
-        paths, labels = [paths[i] for i in keep], labels[keep]
+    everything = [Sample(path, str(label), "train", None) for part in (split.train, split.val)
+                  for path, label in zip(part.paths, part.targets.tolist(), strict=True)]
+    probed = probe_subset(everything, MAX_PROBE_IMAGES, seed)  # the images auto would probe
+    paths, labels = [s.path for s in probed], np.array([int(s.label) for s in probed])
     model = fresh_model(len(split.classes), split.settings, seed)
     pre = Preprocess.for_model(model.backbone, None, split.settings["crop_pct"])
     start = time.perf_counter()
     views = [features(model, paths, pre, cache, (), k) for k in range(tta.VIEWS["dihedral"])]
     plain, dihedral = paired_fold_accuracies(views, labels, seed)
-    gain = dihedral - plain
-    se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
+    chosen, gain, gain_se = judge(plain, dihedral)
     return {"images": len(paths), "clean": float(plain.mean()), "dihedral": float(dihedral.mean()),
-            "gain": float(gain.mean()), "gain_se": se, "chosen": bool(gain.mean() > se),
-            "seconds": round(time.perf_counter() - start, 1)}
+            "gain": gain, "gain_se": gain_se, "chosen": chosen, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:

@@ -66,15 +66,20 @@ def choose_symmetry(backbone: Backbone, clean: np.ndarray, samples: Sequence[Sam
     views = [symmetry_view(backbone.pre, config.augmentation().samplewise_center, k) for k in range(1, others + 1)]
     turned = view_features(backbone, samples, config, reporter, views, "symmetries")
     plain, dihedral = paired_fold_accuracies([clean, *turned], labels, config.seed)
-    gain = dihedral - plain
-    gain_se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
-    chosen = float(gain.mean()) > max(gain_se, 0.0)
+    chosen, gain, gain_se = judge(plain, dihedral)
     clean_score, views_score = (Score(float(a.mean()), float(a.std()), len(a)) for a in (plain, dihedral))
     note = (f"the 8 symmetries {'beat' if chosen else 'did not beat'} the clean view by more than a standard "
-            f"error ({gain.mean():+.3f} ± {gain_se:.3f})")
+            f"error ({gain:+.3f} ± {gain_se:.3f})")
     reporter.log(f"symmetry: probe {clean_score.mean:.3f} on the clean view, {views_score.mean:.3f} on the 8 "
                  f"symmetries: {'dihedral views' if chosen else 'clean view'}")
     return SymmetryChoice(chosen, note, clean_score, views_score, gain_se)
+
+
+def judge(plain: np.ndarray, dihedral: np.ndarray) -> tuple[bool, float, float]:
+    """(whether the 8 views win, their mean per-fold gain, its standard error): they win when the gain beats it."""
+    gain = dihedral - plain
+    gain_se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
+    return float(gain.mean()) > gain_se, float(gain.mean()), gain_se
 
 
 def paired_fold_accuracies(views: list[np.ndarray], labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
