@@ -67,6 +67,17 @@ def test_symmetries_that_contradict_the_classes_are_refused(monkeypatch: pytest.
     assert choice.to_json()["chosen"] == "none"
 
 
+@pytest.mark.parametrize(("gains", "chosen"), [
+    ([0.004, 0.003, 0.004, 0.003, 0.004], False),  # steady, far beyond its standard error, but under MIN_GAIN
+    ([0.02, 0.03, 0.02, 0.03, 0.02], True),
+    ([0.06, -0.04, 0.05, -0.03, 0.0], False),  # a mean of 0.008 inside its standard error of 0.02
+])
+def test_the_views_must_win_beyond_their_standard_error_and_by_the_minimum_gain(gains: list[float],
+                                                                                chosen: bool) -> None:
+    plain = np.full(len(gains), 0.8)
+    assert symmetry.judge(plain, plain + np.array(gains))[0] is chosen
+
+
 @pytest.mark.parametrize(("settings", "seconds_allowed", "note"), [
     ({"augment": "none"}, 60, "set by the configuration"),
     ({"tta": "flip"}, 60, "set by the configuration"),

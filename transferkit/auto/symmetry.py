@@ -1,7 +1,7 @@
 """Does the data look the same turned and mirrored (solar cells, micrographs, satellite tiles)? `auto` asks its
 probe: the linear probe trained on the 8 symmetries of each probe image and predicting their average, against the
 probe on the clean view, on the same folds. Dihedral training views and test-time views are chosen only when they
-win by more than a standard error of the per-fold differences (decision 0292)."""
+win by more than a standard error of the per-fold differences and by at least MIN_GAIN (decisions 0292, 0293)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from transferkit.progress import Reporter
 
 SYMMETRY_SHARE = 0.15  # of the time left after probing: what the probe images' 7 other views may always take
 DIHEDRAL = {"augment": "dihedral", "tta": "dihedral"}
+MIN_GAIN = 0.01  # probe accuracy the 8 views must add: they cost 8x at every prediction (decision 0293)
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,18 @@ def choose_symmetry(backbone: Backbone, clean: np.ndarray, samples: Sequence[Sam
     chosen, gain, gain_se = judge(plain, dihedral)
     clean_score, views_score = (Score(float(a.mean()), float(a.std()), len(a)) for a in (plain, dihedral))
     note = (f"the 8 symmetries {'beat' if chosen else 'did not beat'} the clean view by more than a standard "
-            f"error ({gain:+.3f} ± {gain_se:.3f})")
+            f"error and {MIN_GAIN:.2f} ({gain:+.3f} ± {gain_se:.3f})")
     reporter.log(f"symmetry: probe {clean_score.mean:.3f} on the clean view, {views_score.mean:.3f} on the 8 "
                  f"symmetries: {'dihedral views' if chosen else 'clean view'}")
     return SymmetryChoice(chosen, note, clean_score, views_score, gain_se)
 
 
 def judge(plain: np.ndarray, dihedral: np.ndarray) -> tuple[bool, float, float]:
-    """(whether the 8 views win, their mean per-fold gain, its standard error): they win when the gain beats it."""
+    """(whether the 8 views win, their mean per-fold gain, its standard error): they win when the gain beats its
+    standard error and MIN_GAIN."""
     gain = dihedral - plain
     gain_se = float(gain.std(ddof=1) / math.sqrt(len(gain)))
-    return float(gain.mean()) > gain_se, float(gain.mean()), gain_se
+    return float(gain.mean()) > max(gain_se, MIN_GAIN), float(gain.mean()), gain_se
 
 
 def paired_fold_accuracies(views: list[np.ndarray], labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
