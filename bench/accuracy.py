@@ -66,6 +66,8 @@ ROWS: dict[str, dict | None] = {
     # the 8 symmetries of the square as training views and as test-time views (decision 0244)
     "dihedral-exact": DIHEDRAL,
     "dihedral-depths-exact": {**DIHEDRAL, "feature_depths": "auto"},
+    # the image and its mirror, as training views and as test-time views (decision 0294)
+    "flip-exact": {"head_fit": "exact", "augment": "flip", "tta": "flip"},
     # class_balance on the solved head (decision 0280): inverse-frequency class weights
     "exact-weighted": {"head_fit": "exact", "class_balance": "weights"},
     "dihedral-exact-weighted": {**DIHEDRAL, "class_balance": "weights"},
@@ -75,6 +77,8 @@ SIZE_ROWS = {
     "dihedral-exact-300": {**DIHEDRAL, "image_size": 300},
     "lite1-dihedral-exact-300": {**DIHEDRAL, "image_size": 300, "backbone": "tf_efficientnet_lite1"},
     "lite2-dihedral-exact-300": {**DIHEDRAL, "image_size": 300, "backbone": "tf_efficientnet_lite2"},
+    "lite1-dihedral-exact": {**DIHEDRAL, "backbone": "tf_efficientnet_lite1"},  # its own 240 px
+    "lite2-dihedral-exact": {**DIHEDRAL, "backbone": "tf_efficientnet_lite2"},  # its own 260 px
 }
 # --views: stage 1 on 3 feature views per training image (1 clean + 2 augmented) against the rows' single clean view
 VIEW_ROWS = {

@@ -3,6 +3,7 @@ data calls for (the ONNX export's views are checked in test_run_choices)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from transferkit import api
 from transferkit.data.transforms import RandomDihedral, symmetry
 from transferkit.models import tta
+from transferkit.options import AUGMENT_PRESETS
 from transferkit.tuning import choose_tta
 
 
@@ -133,10 +135,19 @@ def test_random_dihedral_is_one_symmetry_decided_by_the_seed() -> None:
     assert len(drawn) == 8
 
 
-def test_dihedral_augmentation_trains_the_frozen_head_on_all_eight_symmetries(dataset, tmp_path, fast) -> None:
-    run = api.train(dataset, tmp_path / "run", **{**fast, "augment": "dihedral", "epochs_finetune": 0,
+@pytest.mark.parametrize(("augment", "symmetries"), [("dihedral", 8), ("flip", 2)])
+def test_symmetry_augmentation_trains_the_frozen_head_on_exactly_its_symmetries(dataset, tmp_path, fast, augment,
+                                                                                symmetries) -> None:
+    run = api.train(dataset, tmp_path / "run", **{**fast, "augment": augment, "epochs_finetune": 0,
                                                    "cache_dir": str(tmp_path / "cache")})
     spaces = [json.loads(path.read_text()) for path in (tmp_path / "cache").rglob("space.json")]
     views = sorted(str(space["view"]) for space in spaces if "view" in space)
-    assert views == sorted(["0", *[f"dihedral{k}" for k in range(1, 8)]])
+    assert views == sorted(["0", *[f"dihedral{k}" for k in range(1, symmetries)]])  # view 1 is the mirror image
     assert run.meta["tta"] == "none"  # the test-time views are a separate choice (--tta)
+
+
+def test_only_a_mirror_alone_or_dihedral_augmentation_has_exact_symmetries() -> None:
+    assert [AUGMENT_PRESETS[name].exact_symmetries for name in ("dihedral", "flip", "light", "randaugment", "none")
+            ] == [8, 2, 0, 0, 0]
+    assert dataclasses.replace(AUGMENT_PRESETS["flip"], samplewise_center=True).exact_symmetries == 2
+    assert dataclasses.replace(AUGMENT_PRESETS["flip"], zoom=0.1).exact_symmetries == 0  # random views then

@@ -50,12 +50,21 @@ class Augment:
     def is_identity(self) -> bool:
         return self == Augment(samplewise_center=self.samplewise_center)
 
+    @property
+    def exact_symmetries(self) -> int:
+        """How many symmetries of the square the frozen stage trains on exactly, as test-time augmentation's views:
+        8 for dihedral, 2 (the image and its mirror) for a mirror alone, else 0 (random augmented views)."""
+        if self.dihedral:
+            return 8
+        return 2 if self == Augment(horizontal_flip=True, samplewise_center=self.samplewise_center) else 0
+
 
 AUGMENT_PRESETS: dict[str, Augment] = {
     "none": Augment(),
     "light": Augment(rotation=10, zoom=0.1, width_shift=0.1, height_shift=0.1, horizontal_flip=True),
     "strong": Augment(horizontal_flip=True, policy="trivial"),
     "dihedral": Augment(dihedral=True),
+    "flip": Augment(horizontal_flip=True),  # stage 1 on the image and its mirror; pair with tta flip (decision 0294)
     "randaugment": Augment(horizontal_flip=True, policy="rand-m9-mstd0.5"),  # timm's RandAugment, as in its recipes
 }
 # timm's RandAugment configuration: "rand", then sections for magnitude, layers, its std and max, probability

@@ -39,7 +39,6 @@ from transferkit.training.state import Batches, EpochLog, Scores, Stage, epoch_g
 if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer
 
-SYMMETRIES = 8  # of the square: 4 quarter turns, each mirrored
 
 
 def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preprocess,
@@ -92,10 +91,10 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
 
 def frozen_views(pre: Preprocess, augment: Augment, augmented: Callable, feature_views: int) -> list[View]:
     """View 0 is the clean image (shared by every recipe, and by auto, doctor and embeddings). With `dihedral`
-    augmentation the others are the 7 other symmetries of the square, exactly (the test-time views too); else
-    `feature_views - 1` randomly augmented copies, none when nothing is augmented."""
-    if augment.dihedral:
-        return [symmetry_view(pre, augment.samplewise_center, k) for k in range(SYMMETRIES)]
+    augmentation the others are the 7 other symmetries of the square, with `flip` the mirror image, exactly (the
+    test-time views too); else `feature_views - 1` randomly augmented copies, none when nothing is augmented."""
+    if augment.exact_symmetries:
+        return [symmetry_view(pre, augment.samplewise_center, k) for k in range(augment.exact_symmetries)]
     views = [clean_view(pre, augment.samplewise_center)]
     augmented_spec = {**view_spec(pre, augment.samplewise_center), "augment": dataclasses.asdict(augment)}
     n_views = 1 if augment.is_identity else feature_views
