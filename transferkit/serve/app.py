@@ -133,6 +133,13 @@ def create_app(
         """Classes, backbone, input size, the run's metrics.json (if any) and this server's upload limits."""
         return _model_info(predictor, folder, limits)
 
+    _add_predict(app, predictor, batcher, limits, explainer)
+    return app
+
+
+def _add_predict(app: FastAPI, predictor: Predictor, batcher: Batcher, limits: Limits, explainer: GradCam) -> None:
+    """POST /predict: uploads batched with other requests' through the model, Grad-CAM on request."""
+
     @app.post("/predict", openapi_extra=_multipart_body())
     async def predict(
         request: Request,
@@ -153,8 +160,6 @@ def create_app(
             for prediction, png in zip(predictions, pngs, strict=True):
                 prediction["gradcam_png"] = png
         return {"predictions": predictions}
-
-    return app
 
 
 def _run_folder(predictor: Predictor) -> Path | None:
