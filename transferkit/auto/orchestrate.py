@@ -170,14 +170,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     announce(finalists, head.hidden, symmetry.dihedral, reporter)
     seconds_before_training = time.perf_counter() - start
     train_options = {**options, "recipe": recipe, "config": config}
-    laps: list[Lap] = []
-    if len(finalists) > 1:
-        reporter.log(f"race: {' vs '.join(f.name for f in finalists)}, {RACE_EPOCHS} fine-tuning epochs each")
-        laps = race({f.name: f.options for f in finalists}, index, out, quiet, train_options)
-        won = race_winner(laps, cfg.monitor, len(index.split("val")))
-        chosen = next(f for f in finalists if f.name == won.name)
-    else:
-        chosen = finalists[0]
+    chosen, laps = run_race(finalists, index, out, quiet, train_options, cfg.monitor, reporter)
     leaderboard = leaderboard_rows(list(probed.values()), chosen.name, laps)
     write_leaderboard(out / "leaderboard.csv", leaderboard)
     plot_lr_find(chosen.found, out / "lr_find.png", chosen.choices["lr"], chosen.name)
@@ -196,6 +189,17 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
                "seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "auto.json", summary)
     return AutoResult(run, summary)
+
+
+def run_race(finalists: list[Finalist], index: DatasetIndex, out: Path, quiet: bool, train_options: dict,
+             monitor: str, reporter: Reporter) -> tuple[Finalist, list[Lap]]:
+    """The finalist to train on (the race's winner; the only one when there is one) and the race's laps."""
+    if len(finalists) == 1:
+        return finalists[0], []
+    reporter.log(f"race: {' vs '.join(f.name for f in finalists)}, {RACE_EPOCHS} fine-tuning epochs each")
+    laps = race({f.name: f.options for f in finalists}, index, out, quiet, train_options)
+    won = race_winner(laps, monitor, len(index.split("val")))
+    return next(f for f in finalists if f.name == won.name), laps
 
 
 def announce(finalists: list[Finalist], head_hidden: list[int], dihedral: bool, reporter: Reporter) -> None:
