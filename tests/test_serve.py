@@ -239,7 +239,7 @@ class Wrapped:
     """An exported-style predictor: same methods as Run, no PyTorch model (like the ONNX one)."""
 
     def __init__(self, run: Run, fail_on_size: tuple[int, int] | None = None) -> None:
-        self.classes, self._run, self._fail_on_size = run.classes, run, fail_on_size
+        self.classes, self.preprocess, self._run, self._fail_on_size = run.classes, run.preprocess, run, fail_on_size
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray:
         if any(image.size == self._fail_on_size for image in images):
@@ -359,3 +359,18 @@ def test_page_in_chromium_matches_the_cli(base: str, tiny_run: Run, images: list
             assert offsite == []
         finally:
             browser.close()
+
+
+def test_a_large_jpeg_is_decoded_as_small_as_predict_decodes_it(base: str, tiny_run: Run, tmp_path: Path) -> None:
+    """Both decode at libjpeg's reduced scale for the run's input size (decision 0295): the same probabilities."""
+    photo = tmp_path / "photo.jpg"  # 8x the run's input: decoded at a quarter of its size, under the upload limit
+    coarse = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((320, 240), Image.BICUBIC).save(photo, quality=90)
+    response = httpx.post(f"{base}/predict", files=[("files", (photo.name, photo.read_bytes(), "image/jpeg"))])
+    assert response.status_code == 200, response.text
+    expected, _ = tiny_run.predict([str(photo)])
+    served = response.json()["predictions"][0]
+    assert served["label"] == expected[0]["label"]
+    assert served["probability"] == pytest.approx(expected[0]["probability"], abs=1e-6)
+    full = tiny_run.probabilities_of_images([Image.open(photo).convert("RGB")])  # decoded in full: other pixels
+    assert abs(float(full.max()) - expected[0]["probability"]) > 1e-5

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,7 +129,8 @@ def probabilities_of_files(predictor: OnnxPredictor | EnsemblePredictor, paths: 
     so memory stays flat."""
     crops = crops or [None] * len(paths)
     with ThreadPoolExecutor(max(1, min(4, thread_budget()))) as pool:
-        outputs = [predictor.probabilities_of_images(list(pool.map(load_image, paths[i : i + BATCH_SIZE],
+        load = partial(load_image, reduce_to=predictor.preprocess.resize_size)
+        outputs = [predictor.probabilities_of_images(list(pool.map(load, paths[i : i + BATCH_SIZE],
                                                                    crops[i : i + BATCH_SIZE])))
                    for i in range(0, len(paths), BATCH_SIZE)]
     return np.concatenate(outputs) if outputs else np.zeros((0, len(predictor.classes)), dtype=np.float32)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from transferkit.data.boxes import Box, crop_regions
 from transferkit.data.images import load_image
 from transferkit.data.sources import DatasetIndex, Sample
+from transferkit.data.transforms import decode_size
 
 
 class ImageDataset(Dataset):
@@ -30,12 +31,13 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.seeds = list(seeds) if seeds is not None else None
         self.crops = list(crops) if crops is not None else [None] * len(self.paths)
+        self.reduce_to = decode_size(transform)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
-        image = load_image(self.paths[index], self.crops[index])
+        image = load_image(self.paths[index], self.crops[index], self.reduce_to)
         if self.seeds is None:
             return self.transform(image), self.targets[index]
         with seeded(self.seeds[index]):

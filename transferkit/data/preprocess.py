@@ -52,9 +52,10 @@ class Preprocess:
 
     def rule(self) -> str:
         """eval_transform in words, exactly enough to re-implement with PIL and numpy (docs/preprocessing.md)."""
-        return (f"decode to 8-bit RGB (EXIF orientation applied, transparency composited on white); resize with PIL "
-                f"Image.resize(resample={self.interpolation.upper()}) so the shorter side is "
-                f"R = int({self.image_size} / {self.crop_pct}) = {self.resize_size} px and the longer side "
+        return (f"R = int({self.image_size} / {self.crop_pct}) = {self.resize_size} px; decode to 8-bit RGB (a JPEG "
+                f"at the reduced scale PIL's Image.draft(image.mode, (R, R)) picks before loading; EXIF orientation "
+                f"applied, transparency composited on white); resize with PIL "
+                f"Image.resize(resample={self.interpolation.upper()}) so the shorter side is R and the longer side "
                 f"int(R * longer / shorter) px (no resize when the size is already that); centre-crop "
                 f"{self.image_size}x{self.image_size} px at left = round((width - {self.image_size}) / 2), "
                 f"top = round((height - {self.image_size}) / 2) (Python's round: halves to even); no padding; "

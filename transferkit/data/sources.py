@@ -17,7 +17,13 @@ from pathlib import Path
 
 from transferkit.data import remote
 from transferkit.data.boxes import BOX_COLUMNS, Box, has_box_columns, parse_box
-from transferkit.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, has_image_extension, load_rgb
+from transferkit.data.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    VALIDATION_SCALE,
+    has_image_extension,
+    load_rgb,
+)
 from transferkit.data.labelsets import canonical_label_set, is_label_set, label_set
 from transferkit.data.members import looks_packed
 from transferkit.errors import UnreadableImage, UserError
@@ -310,7 +316,7 @@ def image_problems(paths: list[str], max_pixels: int = MAX_PIXELS, boxes: list[B
 
 def _unusable_reason(path: str, max_pixels: int, box: Box | None) -> str | None:
     try:
-        image = load_rgb(path, max_pixels)
+        image = load_rgb(path, max_pixels, None if box else VALIDATION_SCALE)  # a box is checked at full size
     except UnreadableImage as exc:
         return str(exc)
     return box.outside(*image.size) if box else None

@@ -43,11 +43,11 @@ from webdataset.tariterators import tar_file_iterator
 from wids.wids_mmtar import MMIndexedTar
 
 from transferkit.data import remote
-from transferkit.data.boxes import crop_to
-from transferkit.data.images import decode_rgb
+from transferkit.data.images import decode_image
 from transferkit.data.loader import Labelled, labelled_split, seeded
 from transferkit.data.members import is_shard_member, locate, split_ref
 from transferkit.data.sources import DatasetIndex, scan_dataset
+from transferkit.data.transforms import decode_size
 from transferkit.errors import UserError
 
 _TAR_BLOCK = 512  # a member's data starts one block after its header
@@ -85,6 +85,7 @@ class ShardStream(IterableDataset):
         if not is_sharded(source):
             raise UserError("ShardStream needs a packed dataset (`transferkit pack`): its paths are not shard members")
         self.transform, self.shuffle, self.seed, self.epoch = transform, shuffle, seed, 0
+        self.reduce_to = decode_size(transform)
         self.shuffle_buffer, self.buffer_bytes = max(1, shuffle_buffer), buffer_bytes
         self.rank, self.world, self.balance, self.workers = rank, world, balance, 1
         self.targets, self.crops = source.targets, source.crops
@@ -174,7 +175,7 @@ class ShardStream(IterableDataset):
             raise _truncated(path)
 
     def _sample(self, position: int, repeat: int, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        image = crop_to(decode_rgb(data), self.crops[position] if self.crops else None)
+        image = decode_image(data, self.crops[position] if self.crops else None, self.reduce_to)
         with seeded(hash((self.seed, self.epoch, position, repeat)) & 0x7FFF_FFFF_FFFF_FFFF):
             return self.transform(image), self.targets[position]
 

@@ -43,6 +43,17 @@ class RandomDihedral(torch.nn.Module):
         return symmetry(image, int(torch.randint(8, ())))
 
 
+def decode_size(transform: object) -> int | None:
+    """The short side `transform` first resizes every image to, or None when it starts otherwise (a random resized
+    crop wants every pixel): how small a JPEG may be decoded for it (data.images.load_rgb's `reduce_to`)."""
+    first = transform
+    while isinstance(first, T.Compose):
+        first = first.transforms[0]
+    if not isinstance(first, T.Resize):
+        return None
+    return first.size if isinstance(first.size, int) else min(first.size)
+
+
 def _normalize(pre: Preprocess) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
 

@@ -47,7 +47,7 @@ def validation_images(run: Run) -> tuple[torch.Tensor, np.ndarray | None, list[s
     paths, names = [p for p, _, _ in found], [label for _, label, _ in found]
     regions = crop_regions([box and Box(*box) for _, _, box in found], run.box_margin) or [None] * len(found)
     transform = pixel_transform(run.preprocess)
-    images = [transform(load_image(p, r)) for p, r in zip(paths, regions, strict=True)]
+    images = [transform(load_image(p, r, run.preprocess.resize_size)) for p, r in zip(paths, regions, strict=True)]
     pixels = torch.stack(images) if images else torch.zeros(0)
     labels = known_labels(run, names)
     if paths and labels is None:

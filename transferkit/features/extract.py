@@ -186,8 +186,9 @@ class View:
 
 
 def view_spec(pre: Preprocess, samplewise_center: bool) -> dict:
-    """What every view's pixels depend on besides the view itself (part of the cache key)."""
-    return {"preprocess": pre.to_dict(), "samplewise_center": samplewise_center}
+    """What every view's pixels depend on besides the view itself (part of the cache key). `decode`: JPEGs are
+    decoded at a reduced scale since decision 0295, which changes the pixels of large ones."""
+    return {"preprocess": pre.to_dict(), "samplewise_center": samplewise_center, "decode": "scaled"}
 
 
 def clean_view(pre: Preprocess, samplewise_center: bool = False) -> View:

@@ -27,6 +27,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 import transferkit
+from transferkit.data.preprocess import Preprocess
 from transferkit.prediction import top_predictions
 from transferkit.predictor import OnnxPredictor, load_predictor
 from transferkit.serve.batching import Batcher
@@ -49,6 +50,7 @@ class Predictor(Protocol):
     also has `thresholds` (per-label decision thresholds, in class order); without it, top-k classes are served."""
 
     classes: list[str]
+    preprocess: Preprocess  # its resize size: how small uploads may be decoded
 
     def probabilities_of_images(self, images: list[Image.Image]) -> np.ndarray: ...
 
@@ -98,7 +100,7 @@ def create_app(
     PyTorch model for Grad-CAM when the predictor is not a `Run`."""
     limits = limits or Limits()
     folder = Path(run_dir) if run_dir is not None else _run_folder(predictor)
-    decode = partial(decode_upload, max_pixels=limits.max_pixels)
+    decode = partial(decode_upload, max_pixels=limits.max_pixels, reduce_to=predictor.preprocess.resize_size)
     batcher = Batcher(decode, predictor.probabilities_of_images, max_batch, batch_wait_ms / 1000)
     explainer = GradCam(predictor, folder)
 

@@ -152,11 +152,11 @@ async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
     return collector.uploads
 
 
-def decode_upload(upload: Upload, max_pixels: int) -> Image.Image:
+def decode_upload(upload: Upload, max_pixels: int, reduce_to: int | None = None) -> Image.Image:
     """Decode with the dataset code path (transferkit.data.images), so the server accepts exactly the images
-    training does and refuses bombs from the header."""
+    training does, refuses bombs from the header and decodes as small as predict does (`reduce_to`)."""
     try:
-        return decode_rgb(upload.data, max_pixels)
+        return decode_rgb(upload.data, max_pixels, reduce_to)
     except UnreadableImage as exc:
         raise UploadError(_status_for(str(exc)), f"{upload.filename}: {exc}") from None
 
