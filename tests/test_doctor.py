@@ -19,7 +19,7 @@ from tests.conftest import make_class_folders, make_image
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.data.sources import Sample
-from transferkit.doctor import DoctorOptions, diagnose
+from transferkit.doctor import DoctorOptions, diagnose, quality
 from transferkit.doctor.checks import class_balance, leakage, near_duplicates
 from transferkit.doctor.mislabel import label_issues, likely_mislabeled
 from transferkit.doctor.quality import image_issues
@@ -156,6 +156,21 @@ def test_grayscale_is_flagged_among_colour_images_only(tmp_path):
     for sample in samples:
         Image.open(sample.path).convert("L").save(sample.path)
     assert grayscale(image_issues(samples, workers=0)) == []  # a grayscale dataset is not a dataset of odd images
+
+
+def test_odd_size_is_judged_on_each_files_own_size_and_the_rest_on_scaled_pixels(tmp_path):
+    """A 2048 px photo among 250-295 px ones decodes at 1/8 for the pixel checks (256 px: no odder than the rest),
+    yet is the one odd size (decision 0295)."""
+    skimage_photo = Image.fromarray(skimage.data.chelsea())  # 451 x 300
+    for i in range(10):
+        side = 250 + 5 * i
+        skimage_photo.crop((i * 15, 0, i * 15 + side, side)).save(tmp_path / f"tile_{i}.jpg", quality=90)
+    skimage_photo.resize((2048, 2048)).save(tmp_path / "huge.jpg", quality=90)
+    samples = [Sample(str(path), "a", "train") for path in sorted(tmp_path.glob("*.jpg"))]
+    assert [f["path"] for f in image_issues(samples, workers=0)] == [str(tmp_path / "huge.jpg")]
+    assert image_issues(samples, workers=0)[0]["issues"] == ["odd_size"]
+    pixels = quality.SampleImages(samples, quality.SCALED_SIDE)
+    assert pixels[[s.path for s in samples].index(str(tmp_path / "huge.jpg"))][0].size == (256, 256)
 
 
 @pytest.fixture

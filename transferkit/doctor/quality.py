@@ -8,6 +8,7 @@ import multiprocessing
 import os
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
 
 from transferkit.data.images import load_rgb, open_image_file
@@ -16,6 +17,8 @@ from transferkit.errors import UnreadableImage
 
 # CleanVision's names, in the order the summary lists an image's problems; its default thresholds throughout.
 ISSUE_TYPES = ("blurry", "dark", "light", "low_information", "odd_aspect_ratio", "odd_size", "grayscale")
+SIZE_CHECK = "odd_size"
+SCALED_SIDE = 256  # the other checks' view of a large JPEG; CleanVision's blur check shrinks images to 64 px itself
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 # Grayscale is a problem when a few images lack the colour the rest have; a grayscale dataset (ELPV's solar cells)
 # would otherwise flag every image.
@@ -27,21 +30,11 @@ _SHARED: dict[int, list[Sample]] = {}
 
 
 def image_issues(samples: Sequence[Sample], workers: int) -> list[dict]:
-    """One entry per image with a problem: its file and the CleanVision issue types it has."""
-    from cleanvision import Imagelab  # imports pandas: only when the check runs
-
-    images = SampleImages(samples)
-    lab = Imagelab(torchvision_dataset=images, verbose=False)
-    # forked processes see _SHARED as it was at the fork; other start methods would not, so they get one process
-    processes = max(1, workers) if multiprocessing.get_start_method() == "fork" else 1
-    _SHARED[images.key] = images.samples
-    try:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            # CleanVision prints to stdout (doctor's --json goes there) and draws its own progress bar on stderr
-            lab.find_issues({name: {} for name in ISSUE_TYPES}, n_jobs=processes, verbose=False)
-    finally:
-        del _SHARED[images.key]
-    flags = {name: lab.issues[f"is_{name}_issue"].to_numpy(copy=True) for name in ISSUE_TYPES}
+    """One entry per image with a problem: its file and the CleanVision issue types it has. `odd_size` is judged on
+    each file's own size, every other check on the image as large JPEGs decode for the model (decision 0295)."""
+    pixel_checks = [name for name in ISSUE_TYPES if name != SIZE_CHECK]
+    flags = {**cleanvision_flags(SampleImages(samples, SCALED_SIDE), pixel_checks, workers),
+             **cleanvision_flags(SampleImages(samples, None), [SIZE_CHECK], workers)}
     if flags["grayscale"].mean() >= GRAYSCALE_MINORITY:
         flags["grayscale"][:] = False
     found = []
@@ -52,19 +45,38 @@ def image_issues(samples: Sequence[Sample], workers: int) -> list[dict]:
     return found
 
 
+def cleanvision_flags(images: SampleImages, checks: list[str], workers: int) -> dict[str, np.ndarray]:
+    """CleanVision's verdict on `images` for each check: one boolean per image."""
+    from cleanvision import Imagelab  # imports pandas: only when the check runs
+
+    lab = Imagelab(torchvision_dataset=images, verbose=False)
+    # forked processes see _SHARED as it was at the fork; other start methods would not, so they get one process
+    processes = max(1, workers) if multiprocessing.get_start_method() == "fork" else 1
+    _SHARED[images.key] = images.samples
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            # CleanVision prints to stdout (doctor's --json goes there) and draws its own progress bar on stderr
+            lab.find_issues({name: {} for name in checks}, n_jobs=processes, verbose=False)
+    finally:
+        del _SHARED[images.key]
+    return {name: lab.issues[f"is_{name}_issue"].to_numpy(copy=True) for name in checks}
+
+
 class SampleImages:
     """The samples as the (image, label) pairs CleanVision reads from a torchvision dataset: decoded by transferkit
-    (shard members, EXIF orientation, any bit depth), grayscale files kept grayscale so CleanVision can tell them."""
+    (shard members, EXIF orientation, any bit depth, large JPEGs at a reduced scale down to `reduce_to`), grayscale
+    files kept grayscale so CleanVision can tell them. With `reduce_to` None, blank images of each file's own size:
+    all that CleanVision's size check reads."""
 
-    def __init__(self, samples: Sequence[Sample]) -> None:
-        self.samples = list(samples)
+    def __init__(self, samples: Sequence[Sample], reduce_to: int | None) -> None:
+        self.samples, self.reduce_to = list(samples), reduce_to
         self.key = id(self)
 
     def __getstate__(self) -> dict:
-        return {"key": self.key}  # the samples travel through _SHARED (see there)
+        return {"key": self.key, "reduce_to": self.reduce_to}  # the samples travel through _SHARED (see there)
 
     def __setstate__(self, state: dict) -> None:
-        self.key, self.samples = state["key"], _SHARED[state["key"]]
+        self.key, self.reduce_to, self.samples = state["key"], state["reduce_to"], _SHARED[state["key"]]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,8 +85,10 @@ class SampleImages:
         sample = self.samples[index]
         try:
             with open_image_file(sample.path) as handle, Image.open(handle) as header:
-                gray = header.mode in GRAY_MODES
-            image = load_rgb(sample.path)
+                gray, size = header.mode in GRAY_MODES, header.size  # an area: turning it changes nothing
+            if self.reduce_to is None:
+                return Image.new("L", size), sample.label
+            image = load_rgb(sample.path, reduce_to=self.reduce_to)
         except (OSError, UnreadableImage):
             return None, sample.label  # CleanVision leaves an image it cannot read out of every check
         return (image.convert("L") if gray else image), sample.label
