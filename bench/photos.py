@@ -4,8 +4,8 @@
     .venv/bin/python bench/photos.py --images 24 --repeats 1
 
 Rows: decoding one photo in full and at the scale the default input needs (Lite0: short side 256), the dataset
-scan that validates every file, and a cold frozen-only `train` (each a fresh process, a new cache). Writes
-bench/results/photos.json with the CPU named.
+scan that validates every file, a cold frozen-only `train` (each a fresh process, a new cache) and `doctor`
+after it. Writes bench/results/photos.json with the CPU named.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def timed(step) -> float:
 def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[float]]:
     data = folder / "photos"
     photo = write_photos(data, args.images)[0]
-    times: dict[str, list[float]] = {"decode_full": [], "decode_scaled": [], "scan": [], "train_cold": []}
+    times: dict[str, list[float]] = {"decode_full": [], "decode_scaled": [], "scan": [], "train_cold": [], "doctor": []}
     for repeat in range(args.repeats):
         times["decode_full"].append(timed(partial(load_rgb, photo)))
         times["decode_scaled"].append(timed(partial(load_rgb, photo, reduce_to=INPUT_SIDE)))
@@ -62,6 +62,8 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[float]]:
         command = [sys.executable, "-m", "transferkit", "train", str(data), "--epochs-finetune", "0", "--quiet",
                    "--out", str(folder / f"run-{repeat}")]
         times["train_cold"].append(timed(partial(subprocess.run, command, check=True, env=env, capture_output=True)))
+        doctor = [sys.executable, "-m", "transferkit", "doctor", str(data)]  # embeddings cached by the train above
+        times["doctor"].append(timed(partial(subprocess.run, doctor, check=True, env=env, capture_output=True)))
     return times
 
 
