@@ -120,7 +120,7 @@ def explain_files(run: Run, paths: list[str], out_dir: Path, target: int | None 
     written = [out_dir / name for name in overlay_names(paths)]
     for start in range(0, len(paths), BATCH_SIZE):
         batch = slice(start, start + BATCH_SIZE)
-        images = [load_rgb(path) for path in paths[batch]]
+        images = [load_rgb(path, reduce_to=run.explained.preprocess.resize_size) for path in paths[batch]]
         for image, destination in zip(explain_images(run, images, targets[batch]), written[batch], strict=True):
             image.save(destination)
     return [
