@@ -9,10 +9,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image, ImageFile
 
 from transferkit.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_rgb, has_image_extension, load_rgb, to_rgb
+from transferkit.data.sources import scan_dataset
 from transferkit.errors import UnreadableImage, UserError
 
 WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
@@ -20,7 +22,10 @@ WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
 
 def _saved(tmp_path: Path, im: Image.Image, name: str = "img.png", **params) -> Path:
     path = tmp_path / name
-    im.save(path, **params)
+    if path.suffix.lower() in (".heic", ".heif"):  # without registering pillow-heif's plugin: transferkit must
+        pillow_heif.from_pillow(im.convert("RGB")).save(path, **params)
+    else:
+        im.save(path, **params)
     return path
 
 
@@ -242,3 +247,22 @@ def test_bytes_in_memory_decode_like_files(tmp_path: Path) -> None:
         with pytest.raises(UnreadableImage) as info:
             decode_rgb(path.read_bytes(), max_pixels=1_000_000)
         assert str(info.value) == _reason(path, max_pixels=1_000_000)
+
+
+def test_iphone_heic_and_avif_photos_decode_and_are_found_like_any_other(tmp_path: Path) -> None:
+    """HEIC (iPhones' format, through pillow-heif) and AVIF (Pillow's own) are dataset images (decision 0296)."""
+    y, x = np.mgrid[0:240, 0:320]
+    smooth = Image.fromarray(np.stack([x * 255 // 320, y * 255 // 240, (x + y) * 255 // 560], -1).astype(np.uint8))
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        pillow_heif.from_pillow(smooth).save(tmp_path / label / "photo.HEIC", quality=95)
+        smooth.save(tmp_path / label / "photo.avif", quality=95)
+    for path in sorted(tmp_path.rglob("photo.*")):
+        decoded = load_rgb(path)
+        assert decoded.mode == "RGB" and decoded.size == (320, 240)
+        assert np.abs(np.asarray(decoded, np.float32) - np.asarray(smooth, np.float32)).mean() < 4
+    index = scan_dataset(tmp_path, 0.5, 0.0, 0)
+    assert not index.skipped and len(index.samples) == 4
+    cut = tmp_path / "a" / "photo.HEIC"
+    cut.write_bytes(cut.read_bytes()[:1000])
+    assert _reason(cut) == "truncated or corrupt"

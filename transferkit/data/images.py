@@ -7,6 +7,7 @@ short, human reason (an :class:`UnreadableImage`) rather than a crash or a silen
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -20,7 +21,7 @@ from transferkit.data.members import is_shard_member, member_exists, read_member
 from transferkit.errors import UnreadableImage
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".heic", ".heif", ".avif"}
 )
 """Suffixes (lowercase, with the dot) treated as images when scanning folders."""
 
@@ -31,7 +32,9 @@ _WHITE = (255, 255, 255)
 
 # Decoders for exactly the listed extensions. Sniffing stays on (a PNG named .jpg is fine) but exotic
 # plugins never see dataset files: EPS, for one, would hand them to Ghostscript.
-_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "HEIF", "AVIF")
+# ISO base media files whose brand (bytes 8-12) is HEIF: iPhones' photos. AVIF is Pillow's own.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 
 # What Pillow raises on damaged data besides OSError: broken chunks, bad headers, bad EXIF.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
@@ -88,8 +91,12 @@ def _decode(fh: BinaryIO, size: int, max_pixels: int, reduce_to: int | None) -> 
     """Decode an open file of `size` bytes; map every Pillow failure to one short reason."""
     if size == 0:
         raise UnreadableImage("empty file")
+    head = fh.read(12)
+    fh.seek(0)
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        _register_heif()
     try:
-        with Image.open(fh, formats=_FORMATS) as im:
+        with Image.open(fh, formats=_openable_formats()) as im:
             _check_pixels(im.size, max_pixels)
             if reduce_to:  # libjpeg's scaled decoding: a 12-megapixel photo 7x faster; other formats ignore it
                 im.draft(im.mode, (reduce_to, reduce_to))
@@ -104,6 +111,20 @@ def _decode(fh: BinaryIO, size: int, max_pixels: int, reduce_to: int | None) -> 
         raise UnreadableImage("too large: out of memory while decoding") from exc
     except _DECODE_ERRORS as exc:
         raise UnreadableImage("truncated or corrupt") from exc
+
+
+def _openable_formats() -> list[str]:
+    """_FORMATS this Pillow can open now (AVIF: Pillow 11.2 and later; HEIF: once pillow-heif is registered)."""
+    Image.init()
+    return [name for name in _FORMATS if name in Image.OPEN]
+
+
+@functools.cache
+def _register_heif() -> None:
+    """Pillow reads HEIC through pillow-heif's plugin (decision 0296); imported for the first such file only."""
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
