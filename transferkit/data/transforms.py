@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.transforms import v2 as T
 
@@ -44,14 +46,18 @@ class RandomDihedral(torch.nn.Module):
 
 
 def decode_size(transform: object) -> int | None:
-    """The short side `transform` first resizes every image to, or None when it starts otherwise (a random resized
-    crop wants every pixel): how small a JPEG may be decoded for it (data.images.load_rgb's `reduce_to`)."""
+    """How small a JPEG may be decoded for `transform` (data.images.load_rgb's `reduce_to`): the short side its first
+    resize makes; for a random resized crop, the short side whose smallest crop still covers the output (so no crop
+    is ever enlarged); None for anything else."""
     first = transform
     while isinstance(first, T.Compose):
         first = first.transforms[0]
-    if not isinstance(first, T.Resize):
-        return None
-    return first.size if isinstance(first.size, int) else min(first.size)
+    if isinstance(first, T.Resize):
+        return first.size if isinstance(first.size, int) else min(first.size)
+    if isinstance(first, T.RandomResizedCrop):  # a crop of area s*A and aspect r has a short side >= sqrt(s*r')*S
+        narrowest = min(first.ratio[0], 1 / first.ratio[1])
+        return math.ceil(max(first.size) / math.sqrt(first.scale[0] * narrowest))
+    return None
 
 
 def _normalize(pre: Preprocess) -> list:
