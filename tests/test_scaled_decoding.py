@@ -17,6 +17,8 @@ from transferkit.data.preprocess import Preprocess
 from transferkit.data.sources import image_problems
 from transferkit.data.transforms import Symmetry, decode_size, eval_transform, train_transform
 from transferkit.options import AUGMENT_PRESETS
+from transferkit.report.figures import THUMBNAIL_PX, upscale_note
+from transferkit.report.images import Predictions, load_chosen
 
 PRE = Preprocess(image_size=224, interpolation="bicubic", crop_pct=0.875, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -74,3 +76,11 @@ def test_datasets_decode_as_small_as_their_transform_allows(transform, expected:
     assert decode_size(transform) == expected
     assert ImageDataset(["x.jpg"], None, transform).reduce_to == expected
 
+
+
+def test_the_reports_pictures_decode_large_jpegs_no_smaller_than_they_are_shown(tmp_path: Path) -> None:
+    path = photo(tmp_path / "big.jpg", (2400, 1800))
+    pred = Predictions([str(path), str(tmp_path / "gone.jpg")], np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))
+    kept, unreadable = load_chosen(pred, [0, 1], THUMBNAIL_PX)
+    assert unreadable == 1 and kept[0][1].size == (300, 225)  # 1/8: both sides still at least 128
+    assert upscale_note(kept[0][1].size, THUMBNAIL_PX) == ""  # not mistaken for a small image

@@ -85,13 +85,13 @@ def content_key(path: str) -> str:
         return path
 
 
-def load_chosen(pred: Predictions, chosen: list[int]) -> tuple[list[tuple[int, Image.Image]], int]:
-    """(index, decoded image) for each chosen image still readable, and how many are not (moved or deleted since
-    evaluation: the report says so instead of failing)."""
+def load_chosen(pred: Predictions, chosen: list[int], reduce_to: int) -> tuple[list[tuple[int, Image.Image]], int]:
+    """(index, decoded image, a large JPEG no smaller than `reduce_to` on either side) for each chosen image still
+    readable, and how many are not (moved or deleted since evaluation: the report says so instead of failing)."""
     kept = []
     for i in chosen:
         try:
-            kept.append((i, load_image(pred.paths[i], pred.crops[i] if pred.crops else None)))
+            kept.append((i, load_image(pred.paths[i], pred.crops[i] if pred.crops else None, reduce_to)))
         except UnreadableImage:
             continue
     return kept, len(chosen) - len(kept)
@@ -120,7 +120,7 @@ def gallery_section(run: Run, pred: Predictions) -> dict:
     predicted class: one batch through the model."""
     correct = spread_over_classes(pred.distinct(pred.correct_most_confident()), pred.y_true, GALLERY_EACH)
     wrong = pred.distinct(pred.wrong_largest_loss(), GALLERY_EACH)
-    kept, unreadable = load_chosen(pred, correct + [int(i) for i in wrong])
+    kept, unreadable = load_chosen(pred, correct + [int(i) for i in wrong], run.explained.preprocess.resize_size)
     overlays = explain_images(run, [image for _, image in kept], [int(pred.y_pred[i]) for i, _ in kept]) if kept else []
     # the overlay is the network's view: note an image the network saw enlarged
     network_px = run.preprocess.image_size
@@ -131,7 +131,8 @@ def gallery_section(run: Run, pred: Predictions) -> dict:
 
 
 def top_losses_section(pred: Predictions, classes: list[str]) -> dict:
-    kept, unreadable = load_chosen(pred, [int(i) for i in pred.distinct(pred.wrong_largest_loss(), TOP_LOSSES)])
+    kept, unreadable = load_chosen(pred, [int(i) for i in pred.distinct(pred.wrong_largest_loss(), TOP_LOSSES)],
+                                   THUMBNAIL_PX)
     cards = [card(pred, i, classes, image_uri(image), upscale_note(image.size, THUMBNAIL_PX)) for i, image in kept]
     return {"cards": cards, "wrong": int((pred.y_pred != pred.y_true).sum()), "unreadable": unreadable}
 
@@ -140,7 +141,8 @@ def similarity_section(run: Run, pred: Predictions) -> dict:
     """Cosine similarity of the run's embeddings of each class's most confidently recognised images."""
     n_classes = len(np.unique(pred.y_true))
     per_class = 2 if 2 * n_classes <= SIMILARITY_MAX else 1
-    kept, unreadable = load_chosen(pred, [int(i) for i in pred.best_of_each_class(per_class, SIMILARITY_MAX)])
+    kept, unreadable = load_chosen(pred, [int(i) for i in pred.best_of_each_class(per_class, SIMILARITY_MAX)],
+                                   SIMILARITY_PX)
     if len(kept) < 2:
         return {"missing": "fewer than two of the evaluated images can be read from here"}
     # of the regions that were evaluated: a boxed run's crops, as the thumbnails show them
