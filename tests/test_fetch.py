@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image
 
@@ -32,6 +33,7 @@ from transferkit.data.sources import scan_dataset
 from transferkit.fetch import REPORT_NAME, STATE_NAME
 from transferkit.fetch.download import MB
 from transferkit.fetch.rows import MAX_NAME_BYTES, safe_name
+from transferkit.fetch.store import image_extension
 
 # Fast bounds: reads time out after 1 s, one retry after 0.5 s, 4 s per URL in all, bodies up to 50 KB.
 FAST = ["--workers", "8", "--timeout", "1", "--retries", "1", "--max-time", "4", "--max-mb", "0.05"]
@@ -401,3 +403,13 @@ def test_fetch_from_code_that_runs_an_event_loop(server, tmp_path):
 
     report = asyncio.run(cell())
     assert report["counts"]["stored"] == 2 and len(stored_files(tmp_path / "data")) == 2
+
+
+def test_heic_and_avif_bodies_are_stored_as_images() -> None:
+    """An iPhone's HEIC and an AVIF from the web are photos like any other, each stored under its format's name
+    (decision 0296)."""
+    image = make_image(0, np.random.default_rng(0), 64)
+    heic, avif = io.BytesIO(), io.BytesIO()
+    pillow_heif.from_pillow(image).save(heic, format="HEIF", quality=90)
+    image.save(avif, format="AVIF", quality=90)
+    assert (image_extension(heic.getvalue()), image_extension(avif.getvalue())) == (".heif", ".avif")

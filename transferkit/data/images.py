@@ -94,7 +94,7 @@ def _decode(fh: BinaryIO, size: int, max_pixels: int, reduce_to: int | None) -> 
     head = fh.read(12)
     fh.seek(0)
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
-        _register_heif()
+        register_heif()
     try:
         with Image.open(fh, formats=_openable_formats()) as im:
             _check_pixels(im.size, max_pixels)
@@ -120,8 +120,9 @@ def _openable_formats() -> list[str]:
 
 
 @functools.cache
-def _register_heif() -> None:
-    """Pillow reads HEIC through pillow-heif's plugin (decision 0296); imported for the first such file only."""
+def register_heif() -> None:
+    """Pillow reads HEIC through pillow-heif's plugin (decision 0296): registered for the first such file only (its
+    import costs ~30 ms), or by a reader that must know the format beforehand (fetch)."""
     from pillow_heif import register_heif_opener
 
     register_heif_opener()

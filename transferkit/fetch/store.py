@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from transferkit.data.images import IMAGE_EXTENSIONS, decode_rgb
+from transferkit.data.images import IMAGE_EXTENSIONS, decode_rgb, register_heif
 from transferkit.errors import UnreadableImage, UserError
 from transferkit.fetch.download import FetchFailure
 from transferkit.fileio import atomic_write
@@ -26,6 +26,7 @@ _STATUSES = ("stored", "duplicate", "failed")
 def _extension_by_format() -> dict[str, str]:
     """Pillow format -> the suffix to store it under: one the dataset readers accept, the format's own name
     when that is one (.jpeg, .png, .tiff), else the shortest."""
+    register_heif()  # a downloaded HEIC is stored as .heic like any other photo
     candidates: dict[str, list[str]] = defaultdict(list)
     for extension, image_format in Image.registered_extensions().items():
         if extension in IMAGE_EXTENSIONS:
