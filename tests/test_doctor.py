@@ -169,7 +169,7 @@ def test_odd_size_is_judged_on_each_files_own_size_and_the_rest_on_scaled_pixels
     samples = [Sample(str(path), "a", "train") for path in sorted(tmp_path.glob("*.jpg"))]
     assert [f["path"] for f in image_issues(samples, workers=0)] == [str(tmp_path / "huge.jpg")]
     assert image_issues(samples, workers=0)[0]["issues"] == ["odd_size"]
-    pixels = quality.SampleImages(samples, quality.SCALED_SIDE)
+    pixels = quality.SampleImages(samples)
     assert pixels[[s.path for s in samples].index(str(tmp_path / "huge.jpg"))][0].size == (256, 256)
 
 

@@ -33,8 +33,8 @@ def image_issues(samples: Sequence[Sample], workers: int) -> list[dict]:
     """One entry per image with a problem: its file and the CleanVision issue types it has. `odd_size` is judged on
     each file's own size, every other check on the image as large JPEGs decode for the model (decision 0295)."""
     pixel_checks = [name for name in ISSUE_TYPES if name != SIZE_CHECK]
-    flags = {**cleanvision_flags(SampleImages(samples, SCALED_SIDE), pixel_checks, workers),
-             **cleanvision_flags(SampleImages(samples, None), [SIZE_CHECK], workers)}
+    flags = {**cleanvision_flags(SampleImages(samples), pixel_checks, workers),
+             **cleanvision_flags(SampleImages(samples, sizes_only=True), [SIZE_CHECK], workers)}
     if flags["grayscale"].mean() >= GRAYSCALE_MINORITY:
         flags["grayscale"][:] = False
     found = []
@@ -64,19 +64,19 @@ def cleanvision_flags(images: SampleImages, checks: list[str], workers: int) -> 
 
 class SampleImages:
     """The samples as the (image, label) pairs CleanVision reads from a torchvision dataset: decoded by transferkit
-    (shard members, EXIF orientation, any bit depth, large JPEGs at a reduced scale down to `reduce_to`), grayscale
-    files kept grayscale so CleanVision can tell them. With `reduce_to` None, blank images of each file's own size:
-    all that CleanVision's size check reads."""
+    (shard members, EXIF orientation, any bit depth, large JPEGs at a reduced scale down to SCALED_SIDE), grayscale
+    files kept grayscale so CleanVision can tell them. `sizes_only`: blank images of each file's own size, all that
+    CleanVision's size check reads."""
 
-    def __init__(self, samples: Sequence[Sample], reduce_to: int | None) -> None:
-        self.samples, self.reduce_to = list(samples), reduce_to
+    def __init__(self, samples: Sequence[Sample], sizes_only: bool = False) -> None:
+        self.samples, self.sizes_only = list(samples), sizes_only
         self.key = id(self)
 
     def __getstate__(self) -> dict:
-        return {"key": self.key, "reduce_to": self.reduce_to}  # the samples travel through _SHARED (see there)
+        return {"key": self.key, "sizes_only": self.sizes_only}  # the samples travel through _SHARED (see there)
 
     def __setstate__(self, state: dict) -> None:
-        self.key, self.reduce_to, self.samples = state["key"], state["reduce_to"], _SHARED[state["key"]]
+        self.key, self.sizes_only, self.samples = state["key"], state["sizes_only"], _SHARED[state["key"]]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -86,9 +86,9 @@ class SampleImages:
         try:
             with open_image_file(sample.path) as handle, Image.open(handle) as header:
                 gray, size = header.mode in GRAY_MODES, header.size  # an area: turning it changes nothing
-            if self.reduce_to is None:
+            if self.sizes_only:
                 return Image.new("L", size), sample.label
-            image = load_rgb(sample.path, reduce_to=self.reduce_to)
+            image = load_rgb(sample.path, reduce_to=SCALED_SIDE)
         except (OSError, UnreadableImage):
             return None, sample.label  # CleanVision leaves an image it cannot read out of every check
         return (image.convert("L") if gray else image), sample.label
