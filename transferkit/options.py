@@ -12,7 +12,8 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 ENGINES = ("auto", "openvino", "onnx", "torch")  # what runs the frozen backbone for features
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TTA_MODES = ("none", "flip", "dihedral")  # test-time views: 1, 2 or 8
+TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # test-time views of each mode (symmetries of the square)
+TTA_MODES = tuple(TTA_VIEWS)
 TTA_CHOICES = ("auto", *TTA_MODES)
 OPERATING_POINTS = ("default", "accuracy", "balanced", "recall=R", "precision=P")
 
@@ -55,8 +56,9 @@ class Augment:
         """How many symmetries of the square the frozen stage trains on exactly, as test-time augmentation's views:
         8 for dihedral, 2 (the image and its mirror) for a mirror alone, else 0 (random augmented views)."""
         if self.dihedral:
-            return 8
-        return 2 if self == Augment(horizontal_flip=True, samplewise_center=self.samplewise_center) else 0
+            return TTA_VIEWS["dihedral"]
+        mirror_only = self == Augment(horizontal_flip=True, samplewise_center=self.samplewise_center)
+        return TTA_VIEWS["flip"] if mirror_only else 0
 
 
 AUGMENT_PRESETS: dict[str, Augment] = {

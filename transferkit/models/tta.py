@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from transferkit.data.transforms import symmetry
-from transferkit.options import TTA_CHOICES, TTA_MODES
+from transferkit.options import TTA_CHOICES, TTA_MODES, TTA_VIEWS
 
 MODES, CHOICES = TTA_MODES, TTA_CHOICES
-VIEWS = {"none": 1, "flip": 2, "dihedral": 8}
+VIEWS = TTA_VIEWS
 INFERENCE_BATCH = 32  # views per forward pass when inferring: all views of an image go through together
 
 
