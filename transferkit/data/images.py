@@ -199,13 +199,18 @@ def _full_scale(data: np.ndarray, floating: bool) -> float:
 
 def load_image(path: str, region: Box | None = None, reduce_to: int | None = None) -> Image.Image:
     """The decoded image, cropped to `region` when it has one: what every consumer of a dataset image sees.
-    `reduce_to`: see load_rgb (not with a region, whose coordinates are the full image's)."""
-    return crop_to(load_rgb(path, reduce_to=None if region else reduce_to), region)
+    `reduce_to`: see load_rgb (see scale_for with a region)."""
+    return crop_to(load_rgb(path, reduce_to=scale_for(region, reduce_to)), region)
 
 
 def decode_image(data: bytes, region: Box | None = None, reduce_to: int | None = None) -> Image.Image:
     """load_image for an image's bytes (a packed shard's member)."""
-    return crop_to(decode_rgb(data, reduce_to=None if region else reduce_to), region)
+    return crop_to(decode_rgb(data, reduce_to=scale_for(region, reduce_to)), region)
+
+
+def scale_for(region: Box | None, reduce_to: int | None) -> int | None:
+    """load_rgb's `reduce_to` for an image read for `region`: none with one, whose coordinates are the full image's."""
+    return None if region else reduce_to
 
 
 VALIDATION_SCALE = 1  # reduce_to when an image is only checked: libjpeg still reads (and checks) all of its data

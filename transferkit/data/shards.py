@@ -38,7 +38,7 @@ from pathlib import Path
 from transferkit import __version__
 from transferkit.data import remote
 from transferkit.data.boxes import Box
-from transferkit.data.images import VALIDATION_SCALE, decode_rgb
+from transferkit.data.images import VALIDATION_SCALE, decode_rgb, scale_for
 from transferkit.data.members import (
     FORMAT,
     INDEX_NAME,
@@ -278,7 +278,7 @@ def _read_verified(item: _Item) -> tuple[bytes, str, str | None]:
     except OSError as exc:
         return b"", "", f"cannot read: {exc.strerror or exc}"
     try:
-        image = decode_rgb(data, reduce_to=None if item.box else VALIDATION_SCALE)  # a box is checked at full size
+        image = decode_rgb(data, reduce_to=scale_for(item.box, VALIDATION_SCALE))
     except UnreadableImage as exc:
         return b"", "", str(exc)
     problem = item.box.outside(*image.size) if item.box else None

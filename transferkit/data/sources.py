@@ -23,6 +23,7 @@ from transferkit.data.images import (
     VALIDATION_SCALE,
     has_image_extension,
     load_rgb,
+    scale_for,
 )
 from transferkit.data.labelsets import canonical_label_set, is_label_set, label_set
 from transferkit.data.members import looks_packed
@@ -316,7 +317,7 @@ def image_problems(paths: list[str], max_pixels: int = MAX_PIXELS, boxes: list[B
 
 def _unusable_reason(path: str, max_pixels: int, box: Box | None) -> str | None:
     try:
-        image = load_rgb(path, max_pixels, None if box else VALIDATION_SCALE)  # a box is checked at full size
+        image = load_rgb(path, max_pixels, scale_for(box, VALIDATION_SCALE))
     except UnreadableImage as exc:
         return str(exc)
     return box.outside(*image.size) if box else None
