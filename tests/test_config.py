@@ -26,7 +26,10 @@ def test_recipes_reproduce_the_tutorials():
     assert (chess.head_dropout, chess.head_batchnorm, chess.adam_eps, chess.lr_decay) == (0.3, True, 0.01, 1e-4)
     cars = resolve_config("xception-cars")
     assert cars.backbone == "xception" and cars.head_hidden == [1024] and cars.finetune_lr == 1e-4
-    assert set(RECIPES) == {"default", "urban-rural", "cats-dogs", "chess", "xception-cars"}
+    assert set(RECIPES) == {"default", "urban-rural", "cats-dogs", "chess", "xception-cars", "accurate"}
+    accurate = resolve_config("accurate")
+    assert accurate.members() == [("tf_efficientnet_lite0", None), ("tf_efficientnet_lite2", None)]
+    assert resolve_config("accurate", backbone="resnet50").members() == [("resnet50", None)]  # a flag beats it
 
 
 def test_layering_defaults_recipe_file_flags(tmp_path):

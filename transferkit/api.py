@@ -27,6 +27,7 @@ from transferkit.models.device import resolve_device
 from transferkit.models.registry import BackboneSpec, create_imagenet_model, get_backbone
 from transferkit.progress import Reporter
 from transferkit.report import write_report
+from transferkit.runs.ensemble import MEMBERS, Ensemble, ensemble_gain, write_ensemble
 from transferkit.runs.files import build_meta, save_weights, write_json
 from transferkit.runs.run import Run, open_run
 from transferkit.task.kinds import Task, task_for
@@ -110,6 +111,11 @@ def resume(out: str | Path, data: str | Path | DatasetIndex | None = None, quiet
 def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool = False,
            resume_split: dict | None = None, callbacks: Sequence[Callback] = ()) -> Run | None:
     ranks = current_ranks(cfg.device)
+    if len(cfg.members()) > 1:
+        if ranks.distributed:
+            raise UserError("several backbones train one after another in one process: drop --num-processes")
+        return _train_ensemble(checked_data(data, out, cfg, reporter, resume_split), out, cfg, reporter, overwrite,
+                               resume_split is not None, callbacks)
     if not ranks.main:  # rank 0 alone reports and writes
         reporter = Reporter(quiet=True)
     index = checked_data(data, out, cfg, reporter, resume_split)
@@ -148,6 +154,46 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     extract = save_run(out, built, trainer, index, val_data, interrupted=False)
     checkpoints.remove()
     return _evaluate_and_report(Run(out), index, cfg, reporter, extract)
+
+
+def _train_ensemble(index: DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool,
+                    resuming: bool, callbacks: Sequence[Callback]) -> Ensemble | None:
+    """One run per backbone in RUN/members/NAME, each trained as `train` trains one and on the same split; RUN is
+    their equal-weight average, evaluated and reported as one run (decision 0297). A resumed ensemble keeps its
+    finished members and resumes the one that was interrupted."""
+    members = cfg.members()
+    for name, weights in members:  # before any member trains: a bad name or file fails the run at once
+        get_backbone(name)
+        if weights and not Path(weights).is_file():
+            raise UserError(f"weights file not found: {weights}")
+    if not resuming:
+        prepare_out(out, overwrite)
+        write_json(out / "split.json", {**index.split_json(), "root": index.root})
+        write_config(cfg, out / "config.yaml")  # last: a folder with both can be resumed
+    runs = []
+    for number, (name, weights) in enumerate(members, 1):
+        reporter.log(f"member {number} of {len(members)}: {name}")
+        folder, member_cfg = out / MEMBERS / name, dataclasses.replace(cfg, backbone=name, weights=weights)
+        if resuming and (folder / "config.yaml").is_file():
+            run = resume(folder, index, reporter.quiet)
+        else:
+            run = _train(index, folder, member_cfg, reporter, overwrite=True, callbacks=callbacks)
+        if run is None:  # paused: `resume` goes on from this member
+            return None
+        on_feature_engine(run, member_cfg, reporter)
+        runs.append(run)
+    names = [name for name, _ in members]
+    gain = ensemble_gain(runs, names, index, cfg.monitor)
+    if not gain["better"]:
+        reporter.warn(f"the average is not better on validation than {names[0]} alone ({cfg.monitor} "
+                      f"{gain['ensemble'][cfg.monitor]:.4f} vs {gain['winner'][cfg.monitor]:.4f}); kept as asked")
+    ensemble = write_ensemble(out, runs, names, gain)
+    ensemble.members = runs  # the same runs, still on their feature engines
+    warn_leaks(ensemble.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
+    write_report(ensemble)
+    for run in runs:  # their engines are released: later calls on the returned ensemble go eager
+        run.view_logits = None
+    return ensemble
 
 
 def checked_data(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter,
@@ -253,17 +299,24 @@ def _finished_training(out: Path) -> bool:
 def _evaluate_and_report(run: Run, index: DatasetIndex, cfg: TrainConfig, reporter: Reporter,
                          extract: FeatureExtractor | None = None) -> Run:
     """Metrics and report of a saved run; `extract`: save_run's (one feature extractor for both)."""
-    if extract is None:
-        extract = trained_extractor(run.model, cfg, reporter, pretrained_backbone(cfg, run.meta.get("kept")))
-    samplewise_center = cfg.augmentation().samplewise_center
-    run.view_logits = head_logits(run.model, run.preprocess, samplewise_center, extract)
-    run.plain_features = view_features(clean_view(run.preprocess, samplewise_center), extract)
+    extract = on_feature_engine(run, cfg, reporter, extract)
+    run.plain_features = view_features(clean_view(run.preprocess, cfg.augmentation().samplewise_center), extract)
     warn_leaks(run.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(run)
     # the compiled engine and its memory are released here, not at some later garbage collection: later calls on
     # the returned run go eager
     run.view_logits = run.plain_features = None
     return run
+
+
+def on_feature_engine(run: Run, cfg: TrainConfig, reporter: Reporter, extract: FeatureExtractor | None = None
+                      ) -> FeatureExtractor:
+    """Make the saved run's logits come from the feature engine (and the cache, for a pretrained backbone) instead
+    of eager PyTorch, until its `view_logits` is reset; the extractor used."""
+    if extract is None:
+        extract = trained_extractor(run.model, cfg, reporter, pretrained_backbone(cfg, run.meta.get("kept")))
+    run.view_logits = head_logits(run.model, run.preprocess, cfg.augmentation().samplewise_center, extract)
+    return extract
 
 
 def pretrained_backbone(cfg: TrainConfig, kept: dict | None) -> bool:

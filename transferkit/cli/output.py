@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from transferkit.config import RECIPES
 from transferkit.progress import print_warning
 
 if TYPE_CHECKING:  # the CLI's help must not load image decoding
@@ -18,7 +19,7 @@ QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output."
 WORKERS = Annotated[int | None, typer.Option(help="Image decoding worker processes.")]
 CACHE_DIR = Annotated[str | None, typer.Option(help="Feature cache folder ($TRANSFERKIT_CACHE).")]
 NO_CACHE = Annotated[bool, typer.Option("--no-cache", help="Compute features afresh; use no cache.")]
-RECIPE = Annotated[str | None, typer.Option(help="default, urban-rural, cats-dogs, chess, xception-cars.")]
+RECIPE = Annotated[str | None, typer.Option(help=f"{', '.join(RECIPES)}.")]
 CONFIG = Annotated[str | None, typer.Option(help="YAML file of configuration keys.")]
 SETTINGS = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", help="Any configuration key, repeatable (`transferkit config` lists them).")]

@@ -88,7 +88,9 @@ def train(
         help="Optimizer steps between checkpoints (also one per epoch); 0: per epoch only.")] = None,
     num_processes: Annotated[int | None, typer.Option(
         min=1, help="Train in N processes on this machine (DDP via accelerate: gloo on CPU, nccl on GPUs).")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone (see `transferkit backbones`).")] = None,
+    backbone: Annotated[str | None, typer.Option(
+        help="Backbone (see `transferkit backbones`); several, comma-separated, train one run each and keep their "
+             "average.")] = None,
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
     recipe: RECIPE = None,
     config: CONFIG = None,

@@ -74,6 +74,8 @@ ALIASES = {
 
 def get_backbone(name: str) -> BackboneSpec:
     """The registered spec, or a plain one for any other timm architecture."""
+    if "," in name:  # only `train` makes an ensemble of a list (decision 0297)
+        raise UserError(f"'{name}' lists several backbones: only train takes a list; name one here")
     name = ALIASES.get(name, name)
     if name in BACKBONES:
         return BACKBONES[name]

@@ -17,14 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.metrics import balanced_accuracy_score
 
 import transferkit
-from transferkit.data.boxes import Box
+from transferkit.data.boxes import Box, crop_regions
+from transferkit.data.sources import DatasetIndex
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_write
+from transferkit.options import as_loss
 from transferkit.prediction import ENSEMBLE, averaged, ensemble_members
 from transferkit.runs.files import FORMAT_VERSION, write_json
 from transferkit.runs.run import Run
+from transferkit.task.calibration import decide
 from transferkit.task.kinds import task_of
 
 MEMBERS = "members"
@@ -98,3 +102,29 @@ def write_ensemble(folder: Path, members: list[Run], names: list[str], gain: dic
     atomic_write(folder / "split.json", (members[0].path / "split.json").read_text())
     write_json(folder / "meta.json", ensemble_meta(members, names, gain))
     return Ensemble(folder)
+
+
+def ensemble_gain(runs: list[Run], names: list[str], index: DatasetIndex, monitor: str) -> dict:
+    """Each finalist's and the equal-weight average's validation loss and accuracy, and whether the average beats
+    the first (the winner) by `monitor`."""
+    val = index.split("val")
+    targets = np.array([runs[0].classes.index(s.label) for s in val])
+    probs = [run.probabilities([s.path for s in val], crop_regions([s.box for s in val], run.box_margin)
+                               if any(s.box for s in val) else None) for run in runs]
+    thresholds = [run.threshold for run in runs]
+    mean_threshold = float(np.mean(thresholds)) if None not in thresholds else None
+    members = {name: val_scores(p, targets, run.threshold) for name, p, run in zip(names, probs, runs, strict=True)}
+    ours = val_scores(averaged(probs, [1 / len(runs)] * len(runs)), targets, mean_threshold)
+    winner = members[names[0]]
+    better = as_loss(ours[monitor], monitor) < as_loss(winner[monitor], monitor)
+    return {"monitor": monitor, "winner": {"name": names[0], **winner}, "ensemble": ours, "members": members,
+            "better": bool(better), "val_images": len(val)}
+
+
+def val_scores(probs: np.ndarray, targets: np.ndarray, threshold: float | None) -> dict:
+    """Log loss (the negative log of the true class's calibrated probability), accuracy and balanced accuracy."""
+    chosen = np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1.0)
+    predicted = decide(probs, threshold)
+    return {"val_loss": round(float(-np.log(chosen).mean()), 6),
+            "val_acc": round(float((predicted == targets).mean()), 6),
+            "val_balanced_acc": round(float(balanced_accuracy_score(targets, predicted)), 6)}

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from transferkit.options import as_loss
 from transferkit.training.callbacks import BatchEnd, Callback
-from transferkit.training.state import EpochLog, Scores, Stage, as_loss
+from transferkit.training.state import EpochLog, Scores, Stage
 
 if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer

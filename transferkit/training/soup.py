@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from transferkit.config import TrainConfig
+from transferkit.options import as_loss
 from transferkit.training.callbacks import Callback
-from transferkit.training.state import EpochLog, as_loss
+from transferkit.training.state import EpochLog
 
 if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from transferkit.options import as_loss
+
 Batches = Callable[[int, int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 # (logits, targets) -> (N,) how right each image's prediction is, 1 or 0 (or, multi-label, the fraction of its
 # labels right): the accuracy in the training log is its mean.
@@ -27,11 +29,6 @@ class Scores:
 
     def of(self, monitor: str) -> float:
         return {"val_loss": self.loss, "val_acc": self.acc, "val_balanced_acc": self.balanced_acc}[monitor]
-
-
-def as_loss(value: float, monitor: str) -> float:
-    """A monitored value made lower-is-better (accuracies negated), so every comparison is one `<`."""
-    return value if monitor == "val_loss" else -value
 
 
 @dataclass

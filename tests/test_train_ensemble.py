@@ -1,0 +1,94 @@
+"""`train --backbone a,b` (decision 0297): one run per backbone on the same split, kept as their average; an
+interrupted ensemble resumes member by member; bad lists fail in one line before anything trains."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import make_class_folders
+from tests.test_cli import fails_with
+from transferkit import api
+from transferkit.runs.ensemble import Ensemble
+from transferkit.runs.run import Run
+from transferkit.training.callbacks import PauseAfter
+
+OPTIONS = dict(image_size=32, batch_size=8, workers=0, epochs_frozen=3, epochs_finetune=2, augment="none",
+               test_split=0.2, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str) -> str:
+    """Two tiny architectures, each with its own seeded random 'ImageNet' weights file."""
+    torch.manual_seed(1)
+    resnet = tmp_path_factory.mktemp("resnet") / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(resnet))
+    return f"test_efficientnet={tiny_weights},test_resnet={resnet}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_class_folders(tmp_path_factory.mktemp("data") / "images", classes=3, per_class=12)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data: Path, backbones: str) -> Path:
+    out = tmp_path_factory.mktemp("ensemble") / "run"
+    assert isinstance(api.train(data, out, backbone=backbones, **OPTIONS), Ensemble)
+    return out
+
+
+def test_several_backbones_train_one_run_each_on_one_split_and_keep_their_average(trained: Path, data: Path) -> None:
+    meta = json.loads((trained / "meta.json").read_text())
+    assert [m["path"] for m in meta["ensemble"]["members"]] == ["members/test_efficientnet", "members/test_resnet"]
+    members = [Run(trained / "members" / name) for name in ("test_efficientnet", "test_resnet")]
+    assert [m.meta["backbone"] for m in members] == ["test_efficientnet", "test_resnet"]
+    split = json.loads((trained / "split.json").read_text())
+    assert all(json.loads((m.path / "split.json").read_text()) == split for m in members)
+    paths = split["test"]
+    ensemble = api.load(trained)
+    np.testing.assert_allclose(ensemble.probabilities(paths), np.mean([m.probabilities(paths) for m in members], 0),
+                               atol=1e-6)
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["n"] == len(paths)
+    # evaluated through each member's feature engine and cache: the probabilities eager PyTorch gives
+    with (trained / "predictions.csv").open(newline="") as handle:
+        rows = {row["path"]: [float(row[f"p:{c}"]) for c in ensemble.classes] for row in csv.DictReader(handle)}
+    np.testing.assert_allclose([rows[p] for p in paths], ensemble.probabilities(paths), atol=1e-4)
+    assert set(meta["ensemble"]["gain"]["members"]) == {"test_efficientnet", "test_resnet"}
+    assert 'id="ensemble"' in (trained / "report.html").read_text()
+
+
+def test_an_interrupted_ensemble_resumes_member_by_member_to_the_same_result(
+        tmp_path: Path, data: Path, backbones: str, trained: Path) -> None:
+    out = tmp_path / "run"
+    assert api.train(data, out, backbone=backbones, callbacks=[PauseAfter(1)], **OPTIONS) is None
+    assert not (out / "meta.json").exists() and not (out / "members" / "test_resnet").exists()
+    resumed = api.resume(out, quiet=True)
+    assert isinstance(resumed, Ensemble)
+    paths = json.loads((out / "split.json").read_text())["test"]
+    np.testing.assert_allclose(resumed.probabilities(paths), api.load(trained).probabilities(paths), atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--backbone", "test_efficientnet,test_efficientnet"], "several different ones"),
+    (["--backbone", "test_efficientnet,"], "several different ones"),
+    (["--backbone", "test_efficientnet,test_resnet", "--weights", "w.safetensors"], "NAME=FILE"),
+    (["--backbone", "test_efficientnet,no_such_net_xyz"], "unknown backbone 'no_such_net_xyz'"),
+    (["--backbone", "test_efficientnet,test_resnet=missing.safetensors"], "weights file not found: missing"),
+])
+def test_a_bad_list_of_backbones_fails_in_one_line_before_anything_trains(
+        capsys: pytest.CaptureFixture, tmp_path: Path, data: Path, flags: list[str], fragment: str) -> None:
+    fails_with(capsys, ["train", str(data), "--out", str(tmp_path / "run"), *flags], fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_commands_of_one_backbone_refuse_a_list_in_one_line(capsys: pytest.CaptureFixture, data: Path) -> None:
+    fails_with(capsys, ["lr-find", str(data), "--backbone", "test_efficientnet,test_resnet"], "only train takes a list")
