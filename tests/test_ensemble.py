@@ -21,7 +21,7 @@ from transferkit.config import resolve_config
 from transferkit.data.sources import scan_dataset
 from transferkit.predictor import EnsemblePredictor, load_predictor
 from transferkit.progress import Reporter
-from transferkit.runs.ensemble import Ensemble, write_ensemble
+from transferkit.runs.ensemble import Ensemble, ensemble_gain, write_ensemble
 from transferkit.runs.run import Run, open_run
 from transferkit.serve import create_app
 
@@ -37,7 +37,7 @@ def ensemble(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str) -> Pat
     members = [api.train(data, out / "members" / name, head_dropout=dropout, **options)
                for name, dropout in (("a", 0.2), ("b", 0.0))]
     index = scan_dataset(data, 0.2, 0.0, 0)
-    gain = race.ensemble_gain(members, ["a", "b"], index, "val_loss")
+    gain = ensemble_gain(members, ["a", "b"], index, "val_loss")
     write_ensemble(out, members, ["a", "b"], gain)
     return out
 

@@ -175,7 +175,7 @@ def _train_ensemble(index: DatasetIndex, out: Path, cfg: TrainConfig, reporter: 
         reporter.log(f"member {number} of {len(members)}: {name}")
         folder, member_cfg = out / MEMBERS / name, dataclasses.replace(cfg, backbone=name, weights=weights)
         if resuming and (folder / "config.yaml").is_file():
-            run = resume(folder, index, reporter.quiet)
+            run = resume(folder, index, reporter.quiet, **{option: getattr(cfg, option) for option in RESUME_OPTIONS})
         else:
             run = _train(index, folder, member_cfg, reporter, overwrite=True, callbacks=callbacks)
         if run is None:  # paused: `resume` goes on from this member
