@@ -42,9 +42,7 @@ AUTO_VIEWS = 3
 
 @dataclass
 class TrainConfig:
-    # one backbone, or several separated by commas (each NAME or NAME=WEIGHTS_FILE): train makes one run per backbone
-    # on the same split and keeps their average, an ensemble (decision 0297)
-    backbone: str = DEFAULT_BACKBONE
+    backbone: str = DEFAULT_BACKBONE  # or several, comma-separated (NAME or NAME=FILE): train averages their runs
     weights: str | None = None  # a local weights file, for backbones without offline weights (one backbone)
     recipe: str = "default"
     # head
