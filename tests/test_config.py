@@ -29,6 +29,7 @@ def test_recipes_reproduce_the_tutorials():
     assert set(RECIPES) == {"default", "urban-rural", "cats-dogs", "chess", "xception-cars", "accurate"}
     accurate = resolve_config("accurate")
     assert accurate.members() == [("tf_efficientnet_lite0", None), ("tf_efficientnet_lite2", None)]
+    assert accurate.epochs_finetune == 0 and accurate.head_fit == "exact"
     assert resolve_config("accurate", backbone="resnet50").members() == [("resnet50", None)]  # a flag beats it
 
 
