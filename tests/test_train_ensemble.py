@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tests.conftest import make_class_folders
 from tests.test_cli import fails_with
 from transferkit import api
+from transferkit.cli.main import run_cli
 from transferkit.runs.ensemble import Ensemble
 from transferkit.runs.run import Run
 from transferkit.training.callbacks import PauseAfter
@@ -92,3 +93,16 @@ def test_a_bad_list_of_backbones_fails_in_one_line_before_anything_trains(
 
 def test_commands_of_one_backbone_refuse_a_list_in_one_line(capsys: pytest.CaptureFixture, data: Path) -> None:
     fails_with(capsys, ["lr-find", str(data), "--backbone", "test_efficientnet,test_resnet"], "only train takes a list")
+
+
+def test_the_accurate_recipe_averages_lite0_and_lite2_from_their_offline_weights(
+        capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=8)
+    code = run_cli(["train", str(data), "--out", str(tmp_path / "run"), "--recipe", "accurate", "--workers", "0",
+                    "--quiet", "--json"])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert [m["backbone"] for m in meta["ensemble"]["members"]] == ["tf_efficientnet_lite0", "tf_efficientnet_lite2"]
+    for member in ("tf_efficientnet_lite0", "tf_efficientnet_lite2"):
+        kept = json.loads((tmp_path / "run" / "members" / member / "meta.json").read_text())
+        assert kept["weights_source"].startswith("offline:") and kept["kept"]["stage"] == "frozen"
