@@ -64,7 +64,10 @@ def test_several_backbones_train_one_run_each_on_one_split_and_keep_their_averag
         rows = {row["path"]: [float(row[f"p:{c}"]) for c in ensemble.classes] for row in csv.DictReader(handle)}
     np.testing.assert_allclose([rows[p] for p in paths], ensemble.probabilities(paths), atol=1e-4)
     assert set(meta["ensemble"]["gain"]["members"]) == {"test_efficientnet", "test_resnet"}
-    assert 'id="ensemble"' in (trained / "report.html").read_text()
+    html = (trained / "report.html").read_text()
+    assert 'id="ensemble"' in html and "each member&#39;s training is in its own report" in html
+    verdict = "beat" if meta["ensemble"]["gain"]["better"] else "did not beat"
+    assert f"the average {verdict} the first member alone" in " ".join(html.split())
 
 
 def test_an_interrupted_ensemble_resumes_member_by_member_to_the_same_result(

@@ -16,6 +16,7 @@ import yaml
 
 from transferkit.data.labelsets import label_set
 from transferkit.fileio import atomic_write
+from transferkit.prediction import ENSEMBLE
 from transferkit.report.ensemble import ensemble_model_rows, ensemble_section
 from transferkit.report.figures import confusion_uri, precision_recall_uri, reliability_uri, roc_uri, stage_curves
 from transferkit.report.images import Predictions, gallery_section, similarity_section, top_losses_section
@@ -30,6 +31,7 @@ STAGE_TITLES = {"frozen": "Stage 1: the new head on the frozen backbone", "finet
 UNDONE = " (undone: the model is the frozen stage's head, see above)"
 SKIPPED_SHOWN = 100
 CONFUSION_TABLE_MAX = 30  # classes; beyond this the figure alone (its cells unlabelled) is readable
+MEMBERS_TRAINED = "an ensemble: each member's training is in its own report, members/NAME/report.html"
 NO_PREDICTIONS = ("no predictions.csv in the run folder: `transferkit report RUN --data DATA` (or `transferkit "
                   "evaluate RUN DATA`) evaluates the run and writes it")
 
@@ -54,7 +56,8 @@ def gather(run: Run) -> dict:
         "title": run.path.resolve().name,
         "classes": run.classes,
         "dataset": dataset_section(run.path, run.classes, metrics, label_set if run.multilabel else None),
-        "training": training_section(run.path, run.meta.get("kept")),
+        "training": missing(MEMBERS_TRAINED) if ENSEMBLE in run.meta else training_section(run.path,
+                                                                                            run.meta.get("kept")),
         "notes": evaluation_notes(metrics),
         **(multilabel_sections(metrics) if run.multilabel else single_label_sections(run, metrics)),
         "model": model_section(run),

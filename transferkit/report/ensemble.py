@@ -1,5 +1,5 @@
 """The report's ensemble section (decision 0275): its members, each one's validation and evaluated scores beside
-the ensemble's, and what averaging gained over the race's winner."""
+the ensemble's, and what averaging gained over the first member (auto's race winner, or train's first backbone)."""
 
 from __future__ import annotations
 
