@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import make_class_folders
 from tests.test_cli import fails_with
+from tests.test_multilabel import multilabel_csv
 from transferkit import api
 from transferkit.cli.main import run_cli
 from transferkit.runs.ensemble import Ensemble
@@ -109,3 +110,12 @@ def test_the_accurate_recipe_averages_lite0_and_lite2_from_their_offline_weights
     for member in ("tf_efficientnet_lite0", "tf_efficientnet_lite2"):
         kept = json.loads((tmp_path / "run" / "members" / member / "meta.json").read_text())
         assert kept["weights_source"].startswith("offline:") and kept["kept"]["stage"] == "frozen"
+
+
+def test_an_ensemble_of_multilabel_data_is_refused_in_one_line(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                  backbones: str) -> None:
+    data = multilabel_csv(tmp_path / "data", per_combination=3)
+    fails_with(capsys, ["train", str(data), "--out", str(tmp_path / "run"), "--backbone", backbones],
+               "needs one label per image")
+    assert not (tmp_path / "run").exists()
+

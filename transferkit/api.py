@@ -162,6 +162,9 @@ def _train_ensemble(index: DatasetIndex, out: Path, cfg: TrainConfig, reporter: 
     their equal-weight average, evaluated and reported as one run (decision 0297). A resumed ensemble keeps its
     finished members and resumes the one that was interrupted."""
     members = cfg.members()
+    if index.multilabel:  # the average's validation record (ensemble_gain) scores one label per image
+        raise UserError(f"an ensemble of backbones needs one label per image; {index.root} has label sets: train "
+                        "one backbone")
     for name, weights in members:  # before any member trains: a bad name or file fails the run at once
         get_backbone(name)
         if weights and not Path(weights).is_file():
