@@ -125,3 +125,19 @@ def test_racing_is_planned_only_when_both_finalists_keep_their_reserved_epochs()
     tight = plan_race(400, ELPV, [ELPV_SPEEDS, slower], config)
     assert tight == [plan_training(400, ELPV, ELPV_SPEEDS, config)]  # no room to race: the probe's pick alone
     assert plan_race(1800, ELPV, [ELPV_SPEEDS], config) == [alone]
+
+
+def test_with_ensemble_on_both_finalists_whole_runs_fit_the_budget() -> None:
+    config = resolve_config(augment="light", feature_views=1, ensemble=True)
+    slower = Speeds(inference=ELPV_SPEEDS.inference * 1.5, finetune=ELPV_SPEEDS.finetune * 1.5, head=6e-5)
+    both = plan_race(1800, ELPV, [ELPV_SPEEDS, slower], config)
+    assert len(both) == 2 and both[0].epochs_finetune == both[1].epochs_finetune >= RESERVED_EPOCHS
+    assert sum(plan.estimated_seconds for plan in both) <= 1800
+    budget = sum(plan.estimated_seconds for plan in both) - 1  # one second short of two whole runs at that length
+    tighter = plan_race(budget, ELPV, [ELPV_SPEEDS, slower], config)
+    assert RESERVED_EPOCHS <= tighter[0].epochs_finetune == tighter[1].epochs_finetune < both[0].epochs_finetune
+    assert sum(plan.estimated_seconds for plan in tighter) <= budget
+    racing = plan_race(budget, ELPV, [ELPV_SPEEDS, slower], resolve_config(augment="light", feature_views=1))
+    assert racing[0].epochs_finetune > tighter[0].epochs_finetune  # without ensemble only the winner goes on
+    assert plan_race(400, ELPV, [ELPV_SPEEDS, slower], config) == [plan_training(400, ELPV, ELPV_SPEEDS, config)]
+

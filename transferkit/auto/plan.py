@@ -135,10 +135,13 @@ def plan_race(seconds_left: float, work: Workload, speeds: list[Speeds], config:
     """Plans for the finalists (speeds[i] is finalist i's) when racing them leaves each at least RESERVED_EPOCHS
     fine-tuning epochs, with the other's part of the race (its frozen stage and RACE_EPOCHS) paid out of the
     budget; the same epochs for both, so that their schedules, and so their race scores, compare. Otherwise the
-    first finalist's plan alone: no race."""
+    first finalist's plan alone: no race. With `ensemble` on, both finalists finish their runs, so both are paid
+    for in full."""
     alone = [plan_training(seconds_left, work, s, config) for s in speeds]
     if len(speeds) < 2:
         return alone
+    if config.ensemble:
+        return plans_for_both(seconds_left, work, speeds, alone, config)
     costs = [training_seconds(work, s, config, p.feature_views, RACE_EPOCHS)
              for s, p in zip(speeds, alone, strict=True)]
     shared = [plan_training(seconds_left - costs[1 - i], work, s, config) for i, s in enumerate(speeds)]
@@ -147,6 +150,19 @@ def plan_race(seconds_left: float, work: Workload, speeds: list[Speeds], config:
         return alone[:1]
     return [Plan(epochs, p.feature_views, training_seconds(work, s, config, p.feature_views, epochs))
             for s, p in zip(speeds, shared, strict=True)]
+
+
+def plans_for_both(seconds_left: float, work: Workload, speeds: list[Speeds], alone: list[Plan],
+                   config: TrainConfig) -> list[Plan]:
+    """The most fine-tuning epochs, the same for both finalists and at least RESERVED_EPOCHS, whose two whole runs
+    fit in `seconds_left` together; else the first finalist's plan alone."""
+    def both(epochs: int) -> list[Plan]:
+        return [Plan(epochs, plan.feature_views, training_seconds(work, s, config, plan.feature_views, epochs))
+                for s, plan in zip(speeds, alone, strict=True)]
+
+    fitting = [epochs for epochs in range(RESERVED_EPOCHS, MAX_FINETUNE_EPOCHS + 1)
+               if sum(plan.estimated_seconds for plan in both(epochs)) <= seconds_left]
+    return both(max(fitting)) if fitting else alone[:1]
 
 
 def epoch_seconds(work: Workload, speeds: Speeds) -> float:
