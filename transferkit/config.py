@@ -151,14 +151,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def backbone_checks(self) -> list[tuple[bool, str]]:
+        names = [name for name, _ in self.members()]
+        return [(all(names) and len(set(names)) == len(names),
+                 "backbone must name one backbone, or several different ones separated by commas"),
+                (len(names) == 1 or self.weights is None,
+                 "weights is the file of one backbone; with several, give each its own as NAME=FILE in backbone")]
+
     def validate(self) -> TrainConfig:
         self.feature_depths = str(self.feature_depths).replace(" ", "")  # YAML reads `feature_depths: 3` as a number
-        names = [name for name, _ in self.members()]
         checks = [
-            (all(names) and len(set(names)) == len(names),
-             "backbone must name one backbone, or several different ones separated by commas"),
-            (len(names) == 1 or self.weights is None,
-             "weights is the file of one backbone; with several, give each its own as NAME=FILE in backbone"),
+            *self.backbone_checks(),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (
                 self.finetune_optimizer in (None, *OPTIMIZERS),
