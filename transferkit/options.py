@@ -13,12 +13,6 @@ ENGINES = ("auto", "openvino", "onnx", "torch")  # what runs the frozen backbone
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # test-time views of each mode (symmetries of the square)
-
-
-def as_loss(value: float, monitor: str) -> float:
-    """A monitored value (`monitor`: val_loss or an accuracy) made lower-is-better (accuracies negated), so every
-    comparison is one `<`."""
-    return value if monitor == "val_loss" else -value
 TTA_MODES = tuple(TTA_VIEWS)
 TTA_CHOICES = ("auto", *TTA_MODES)
 OPERATING_POINTS = ("default", "accuracy", "balanced", "recall=R", "precision=P")
@@ -96,3 +90,9 @@ def parse_operating_point(value: str) -> tuple[str, float | None]:
         if 0 < number <= 1:
             return name, number
     raise UserError(f"operating point must be one of {', '.join(OPERATING_POINTS)} (R, P in (0, 1]), not '{value}'")
+
+
+def as_loss(value: float, monitor: str) -> float:
+    """A monitored value (`monitor`: val_loss or an accuracy) made lower-is-better (accuracies negated), so every
+    comparison is one `<`."""
+    return value if monitor == "val_loss" else -value

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from transferkit.training.trainer import Trainer
 
 
-
 def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preprocess,
                  transforms: tuple[Callable, Callable]) -> Stage | None:
     """Stage 1: the backbone's features never change, so compute them once per view and train the head on them.
