@@ -190,8 +190,7 @@ def _train_ensemble(index: DatasetIndex, out: Path, cfg: TrainConfig, reporter: 
     if not gain["better"]:
         reporter.warn(f"the average is not better on validation than {names[0]} alone ({cfg.monitor} "
                       f"{gain['ensemble'][cfg.monitor]:.4f} vs {gain['winner'][cfg.monitor]:.4f}); kept as asked")
-    ensemble = write_ensemble(out, runs, names, gain)
-    ensemble.members = runs  # the same runs, still on their feature engines
+    ensemble = write_ensemble(out, runs, names, gain)  # on these runs, still on their feature engines
     warn_leaks(ensemble.evaluate(index, drop_leaks=cfg.drop_leaks), reporter)
     write_report(ensemble)
     for run in runs:  # their engines are released: later calls on the returned ensemble go eager

@@ -38,7 +38,8 @@ class Ensemble(Run):
     """Member runs, each with its own preprocessing, test-time views and temperature; the ensemble's probabilities
     are their weighted average (its own temperature is 1: the members are calibrated already)."""
 
-    def __init__(self, path: str | Path, device: str = "auto") -> None:  # noqa: D107 - a Run's without a model
+    def __init__(self, path: str | Path, device: str = "auto", loaded: list[Run] | None = None) -> None:
+        """`loaded`: the member runs, already open in the order meta.json lists them (else each is loaded)."""
         self.path = Path(path)
         self.meta = json.loads((self.path / "meta.json").read_text())
         if self.meta.get("format_version") != FORMAT_VERSION:
@@ -48,7 +49,7 @@ class Ensemble(Run):
         missing = [str(folder) for folder, _ in listed if not (folder / "meta.json").is_file()]
         if not listed or missing:
             raise UserError(f"ensemble {self.path} lacks its member run folders: {', '.join(missing) or 'none listed'}")
-        self.members = [Run(folder, device) for folder, _ in listed]
+        self.members = loaded if loaded is not None else [Run(folder, device) for folder, _ in listed]
         self.weights = [weight for _, weight in listed]
         self.classes = self.meta["classes"]
         if any(member.classes != self.classes for member in self.members):
@@ -98,10 +99,11 @@ def ensemble_meta(members: list[Run], names: list[str], gain: dict) -> dict:
 
 
 def write_ensemble(folder: Path, members: list[Run], names: list[str], gain: dict) -> Ensemble:
-    """Write RUN/meta.json (last: it marks the folder complete) and split.json for members already in place."""
+    """Write RUN/meta.json (last: it marks the folder complete) and split.json for members already in place; the
+    ensemble opened on the given member runs (not loaded again)."""
     atomic_write(folder / "split.json", (members[0].path / "split.json").read_text())
     write_json(folder / "meta.json", ensemble_meta(members, names, gain))
-    return Ensemble(folder)
+    return Ensemble(folder, loaded=members)
 
 
 def ensemble_gain(runs: list[Run], names: list[str], index: DatasetIndex, monitor: str) -> dict:
