@@ -25,6 +25,7 @@ from transferkit.options import (
     TTA_CHOICES,
     Augment,
     HeadSpec,
+    backbone_entries,
     parse_operating_point,
     valid_policy,
 )
@@ -118,10 +119,7 @@ class TrainConfig:
 
     def members(self) -> list[tuple[str, str | None]]:
         """(backbone, weights file or None) of each network `backbone` names; one unless it lists several."""
-        if "," not in self.backbone:
-            return [(self.backbone, self.weights)]
-        entries = (entry.partition("=") for entry in self.backbone.split(","))
-        return [(name.strip(), path.strip() or None) for name, _, path in entries]
+        return [(self.backbone, self.weights)] if "," not in self.backbone else backbone_entries(self.backbone)
 
     def head_spec(self) -> HeadSpec:
         return HeadSpec(tuple(self.head_hidden), self.head_dropout, self.head_batchnorm)

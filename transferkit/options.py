@@ -96,3 +96,11 @@ def as_loss(value: float, monitor: str) -> float:
     """A monitored value (`monitor`: val_loss or an accuracy) made lower-is-better (accuracies negated), so every
     comparison is one `<`."""
     return value if monitor == "val_loss" else -value
+
+
+def backbone_entries(text: str) -> list[tuple[str, str | None]]:
+    """`a,b=FILE,c` -> (name, weights file or None) per comma-separated entry, stripped; an empty entry is ("", None)
+    (train refuses it, auto's --backbones skips it)."""
+    entries = (entry.partition("=") for entry in text.split(","))
+    return [(name.strip(), path.strip() or None) for name, _, path in entries]
+

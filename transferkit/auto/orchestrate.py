@@ -52,6 +52,7 @@ from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
 from transferkit.models.pretrained import Backbone
 from transferkit.models.registry import BACKBONES, count_parameters, get_backbone, has_offline_weights
+from transferkit.options import backbone_entries
 from transferkit.progress import Reporter
 from transferkit.runs.files import write_json
 from transferkit.runs.run import Run
@@ -112,8 +113,8 @@ class AutoResult:
 def parse_candidates(backbones: str | Sequence[str] | None, weights: str | None = None) -> list[Candidate]:
     """`a,b=FILE,c` (or a list of such entries) -> candidates; none given: every registered backbone with offline
     weights. `weights` is the file of the single backbone given."""
-    entries = backbones.split(",") if isinstance(backbones, str) else list(backbones or [])
-    entries = [entry.strip() for entry in entries if entry.strip()]
+    text = backbones if isinstance(backbones, str) else ",".join(backbones or [])
+    entries = [(name, path) for name, path in backbone_entries(text) if name or path]
     if weights and len(entries) != 1:
         raise UserError("--weights needs exactly one backbone in --backbones; for several: --backbones NAME=FILE,...")
     if not entries:
@@ -122,12 +123,11 @@ def parse_candidates(backbones: str | Sequence[str] | None, weights: str | None 
             raise UserError(NO_WEIGHTS)
         return found
     candidates = []
-    for entry in entries:
-        name, _, path = entry.partition("=")
-        path = path.strip() or weights
+    for name, path in entries:
+        path = path or weights
         if path and not Path(path).is_file():
             raise UserError(f"weights file not found: {path}")
-        candidates.append(Candidate(get_backbone(name.strip()).name, path or None))
+        candidates.append(Candidate(get_backbone(name).name, path or None))
     twice = [name for name, n in Counter(c.name for c in candidates).items() if n > 1]
     if twice:
         raise UserError(f"--backbones lists '{twice[0]}' more than once")
