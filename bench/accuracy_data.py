@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ def food_folder(folder: Path) -> Path:
         if len(files) >= MIN_FOOD_GROUP:
             (staging / group).mkdir(parents=True, exist_ok=True)
             for path in files.values():
-                (staging / group / path.name).write_bytes(path.read_bytes())
+                shutil.copyfile(path, staging / group / path.name)
     staging.rename(root)
     return root
 
