@@ -5,7 +5,8 @@ only in what they make of them: the linear-probe anchor (scikit-learn logistic r
 features, C by 5-fold cross-validation on the training split), stage 1 as it runs in transferkit with each head
 and depth option, and (--finetune, slow on CPU) both stages. Metrics on the test split: accuracy, balanced
 accuracy, ROC AUC (macro one-vs-rest for several classes), log-loss, expected calibration error (15 bins), and the
-wall time of the row (features come from the cache, warmed first; the extraction time is reported apart).
+wall time of the row (features come from the cache, warmed first; the extraction time is reported apart). Rows pool
+the feature maps by their average, as transferkit did before decision 0298, unless their name ends in `-max`.
 
     python bench/accuracy.py                        # elpv, fmnist20, fmnist100; 3 seeds; frozen rows + probe
     python bench/accuracy.py --quick                # smoke test: fmnist20, 2 seeds, 500 test images
@@ -71,6 +72,11 @@ ROWS: dict[str, dict | None] = {
     "dihedral-depths-exact": {**DIHEDRAL, "feature_depths": "auto"},
     # the image and its mirror, as training views and as test-time views (decision 0294)
     "flip-exact": {"head_fit": "exact", "augment": "flip", "tta": "flip"},
+    # feature maps pooled by their maximum instead of their average (decision 0298); every other row pools by average
+    "default-max": {"feature_views": "auto", "pool": "max"},
+    "frozen-max": {"head_fit": "exact", "pool": "max"},  # one clean view, where auto gives small sets 3
+    "depths-max": {"head_fit": "exact", "feature_depths": "auto", "pool": "max"},
+    "dihedral-max": {**DIHEDRAL, "pool": "max"},
     # class_balance on the solved head (decision 0280): inverse-frequency class weights
     "exact-weighted": {"head_fit": "exact", "class_balance": "weights"},
     "dihedral-exact-weighted": {**DIHEDRAL, "class_balance": "weights"},
@@ -98,6 +104,8 @@ FINETUNE_ROWS = {
     "train-default": {"feature_views": "auto", "epochs_finetune": 3},
     "lite2-train-default": {"feature_views": "auto", "epochs_finetune": 3, "backbone": "tf_efficientnet_lite2"},
     "lite2-default": {"feature_views": "auto", "backbone": "tf_efficientnet_lite2"},
+    "train-default-max": {"feature_views": "auto", "epochs_finetune": 3, "pool": "max"},
+    "lite2-default-max": {"feature_views": "auto", "backbone": "tf_efficientnet_lite2", "pool": "max"},
     "finetune-sgd": {"head_fit": "sgd", "epochs_finetune": 5},
     "finetune-exact": {"head_fit": "exact", "epochs_finetune": 5},
     "finetune-soup": {"head_fit": "sgd", "epochs_finetune": 5, "soup": 3},  # greedy soup of the best 3 (0275)
@@ -134,11 +142,11 @@ def scores(y: np.ndarray, probs: np.ndarray, seconds: float) -> dict[str, float]
 def fresh_model(classes: int, options: dict, seed: int) -> Classifier:
     """A new Lite0 classifier (offline weights), its head seeded as `api.train` seeds it."""
     torch.manual_seed(seed)
-    options = {"backbone": BACKBONE, **options}
+    options = {"backbone": BACKBONE, "pool": "avg", **options}
     imagenet, _ = create_imagenet_model(get_backbone(options["backbone"]))
     config = resolve_config(None, None, **options)
     return new_classifier(imagenet, task_for([str(c) for c in range(classes)], False, config.binary_logit).outputs,
-                          config.head_spec(), config.depths())
+                          config.head_spec(), config.depths(), config.pool)
 
 
 def features(model: Classifier, paths: list[str], pre: Preprocess, cache: Path, depths: tuple[int, ...] = (),
@@ -155,13 +163,15 @@ def features(model: Classifier, paths: list[str], pre: Preprocess, cache: Path, 
 
 
 def warm_cache(split: Split, cache: Path) -> float:
-    """Extract (or find) every image's last-layer and all-level features once; the seconds it took."""
+    """Extract (or find) every image's last-layer and all-level features once, under both poolings; the seconds it
+    took."""
     start = time.perf_counter()
-    model = fresh_model(len(split.classes), split.settings, 0)
-    pre = Preprocess.for_model(model.backbone, None, split.settings["crop_pct"])
-    paths = split.train.paths + split.val.paths + split.test.paths
-    for depths in ((), depth_levels(model.backbone)):
-        features(model, paths, pre, cache, depths)
+    for pool in ("avg", "max"):
+        model = fresh_model(len(split.classes), {**split.settings, "pool": pool}, 0)
+        pre = Preprocess.for_model(model.backbone, None, split.settings["crop_pct"])
+        paths = split.train.paths + split.val.paths + split.test.paths
+        for depths in ((), depth_levels(model.backbone)):
+            features(model, paths, pre, cache, depths)
     return time.perf_counter() - start
 
 
@@ -179,7 +189,7 @@ def run_probe(split: Split, cache: Path, seed: int) -> np.ndarray:
 def run_transferkit(split: Split, options: dict, cache: Path, seed: int) -> np.ndarray:
     """Test probabilities of a model trained by transferkit's two stages with `options` (stage 1 only unless they
     fine-tune); a frozen-only model's test features come from the cache, a fine-tuned one's from its backbone."""
-    values = {"epochs_finetune": 0, "feature_views": 1, **split.settings, **options, "seed": seed,
+    values = {"epochs_finetune": 0, "feature_views": 1, "pool": "avg", **split.settings, **options, "seed": seed,
               "cache_dir": str(cache), "workers": 2}
     config = resolve_config(None, None, **{"backbone": BACKBONE, **values})
     model = fresh_model(len(split.classes), values, seed)

@@ -298,10 +298,11 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_weights, capsys):
     assert err.startswith("transferkit: error:") and "\n" not in err and "Traceback" not in err
 
 
-def test_train_after_doctor_reuses_its_features(binary_dataset, tiny_options, fast, tmp_path):
+def test_an_average_pooled_train_after_doctor_reuses_its_features(binary_dataset, tiny_options, fast, tmp_path):
     cache = tmp_path / "cache"
     diagnose(binary_dataset, DoctorOptions(**tiny_options, cache_dir=str(cache)))
     shards = sorted(cache.glob("features/*/*.npy"))
     assert shards
-    api.train(binary_dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0}, cache_dir=str(cache))
+    # doctor's thresholds were measured on average-pooled embeddings (decision 0298 keeps them)
+    api.train(binary_dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0, "pool": "avg"}, cache_dir=str(cache))
     assert sorted(cache.glob("features/*/*.npy")) == shards  # nothing new went through the backbone

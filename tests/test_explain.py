@@ -131,9 +131,11 @@ def patch_image(rng: np.random.Generator, with_patch: bool) -> tuple[Image.Image
     return Image.fromarray(pixels), (left, top)
 
 
-@pytest.fixture(scope="module")
-def patch_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str) -> tuple[Run, dict[str, tuple[int, int]]]:
-    """A run that tells "patch" from "plain" images, and where each patch image's square is. Seconds."""
+@pytest.fixture(scope="module", params=["max", "avg"])
+def patch_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_weights: str
+              ) -> tuple[Run, dict[str, tuple[int, int]]]:
+    """A run that tells "patch" from "plain" images, and where each patch image's square is, its feature maps pooled
+    by their maximum (the default) or their average (each weighs Grad-CAM's map its own way). Seconds."""
     root = tmp_path_factory.mktemp("patch")
     rng = np.random.default_rng(1)
     squares = {}
@@ -147,7 +149,7 @@ def patch_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str) -> tu
     # crop_pct 1: the whole image is resized to the input, so input coordinates are image coordinates x UPSCALE.
     run = api.train(root / "data", root / "run", backbone="test_efficientnet", weights=tiny_weights,
                     image_size=PATCH_IMAGE * UPSCALE, crop_pct=1.0, batch_size=8, workers=0, epochs_frozen=15,
-                    epochs_finetune=0, lr=0.03, patience=0, augment="none", quiet=True)
+                    epochs_finetune=0, lr=0.03, patience=0, augment="none", pool=request.param, quiet=True)
     assert run.metrics["accuracy"] == 1.0
     return run, squares
 

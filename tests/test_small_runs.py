@@ -21,13 +21,15 @@ from transferkit.training.compute import intra_op_threads
 from transferkit.training.state import BestKeeper, EpochLog
 
 
-def test_feature_views_auto_extracts_augmented_views_only_for_an_exact_head_on_a_small_training_set():
-    sgd = resolve_config(None, None, head_fit="sgd")
+def test_feature_views_auto_extracts_augmented_views_only_for_an_exact_head_on_a_small_average_pooled_set():
+    sgd = resolve_config(None, None, head_fit="sgd", pool="avg")
     assert sgd.feature_views == "auto"
     assert sgd.views_for(10) == sgd.views_for(10**6) == 1
-    assert resolve_config(None, None, head_hidden=[16]).views_for(10) == 1  # a hidden layer keeps SGD
-    exact = resolve_config(None, None)
-    assert exact.head_fit == "exact"  # the default (decision 0280)
+    assert resolve_config(None, None, head_hidden=[16], pool="avg").views_for(10) == 1  # a hidden layer keeps SGD
+    default = resolve_config(None, None)
+    assert default.head_fit == "exact" and default.pool == "auto"  # the defaults (decisions 0280, 0298)
+    assert default.views_for(10) == resolve_config(None, None, pool="max").views_for(10) == 1
+    exact = resolve_config(None, None, pool="avg")
     assert exact.views_for(config.AUTO_VIEWS_MAX_IMAGES) == config.AUTO_VIEWS == 3
     assert exact.views_for(config.AUTO_VIEWS_MAX_IMAGES + 1) == 1
     assert resolve_config(None, None, feature_views=2).views_for(10**6) == 2  # a number is used as given
@@ -53,9 +55,10 @@ def views_extracted(dataset, out, fast, monkeypatch, **options) -> int:
 
 def test_frozen_stage_extracts_as_many_views_as_auto_chooses(dataset, tmp_path, fast, monkeypatch):
     assert views_extracted(dataset, tmp_path / "sgd", fast, monkeypatch) == 1
-    assert views_extracted(dataset, tmp_path / "small", fast, monkeypatch, head_fit="exact") == 3  # 29 images
+    assert views_extracted(dataset, tmp_path / "max", fast, monkeypatch, head_fit="exact") == 1  # max-pooled
+    assert views_extracted(dataset, tmp_path / "small", fast, monkeypatch, head_fit="exact", pool="avg") == 3  # 29
     monkeypatch.setattr(config, "AUTO_VIEWS_MAX_IMAGES", 20)
-    assert views_extracted(dataset, tmp_path / "large", fast, monkeypatch, head_fit="exact") == 1
+    assert views_extracted(dataset, tmp_path / "large", fast, monkeypatch, head_fit="exact", pool="avg") == 1
     assert views_extracted(dataset, tmp_path / "asked", fast, monkeypatch, feature_views=2) == 2
 
 

@@ -237,7 +237,7 @@ class Built:
         pre = Preprocess.for_model(imagenet_model, cfg.image_size, cfg.crop_pct)
         task = task_for(index.classes, index.multilabel, cfg.binary_logit)
         model = new_classifier(imagenet_model, task.outputs, cfg.head_spec(),
-                               checked_depths(imagenet_model, cfg, index.multilabel))
+                               checked_depths(imagenet_model, cfg, index.multilabel), cfg.pool)
         return cls(spec, weights_source, model.to(compute.device), task, pre, compute)
 
 
@@ -256,7 +256,7 @@ def save_run(out: Path, built: Built, trainer: Trainer, index: DatasetIndex, val
     extract = trained_extractor(model, cfg, trainer.reporter, pretrained_backbone(cfg, kept), compiled)
     fast_logits = head_logits(model, built.pre, cfg.augmentation().samplewise_center, extract)
     meta.update(task_meta(model, built.task, index, val, built.pre, cfg, trainer.reporter, fast_logits),
-                feature_depths=list(model.depths),
+                feature_depths=list(model.depths), global_pool=model.global_pool,
                 head_fit="exact" if cfg.solves_head and not index.multilabel else "sgd",
                 **({"kept": kept} if kept else {}), **trainer.records)
     write_json(out / "meta.json", {**meta, "skipped_files": len(index.skipped)})

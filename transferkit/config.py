@@ -21,6 +21,7 @@ from transferkit.options import (
     DEFAULT_BACKBONE,
     DEVICES,
     ENGINES,
+    POOLS,
     PRECISIONS,
     TTA_CHOICES,
     Augment,
@@ -35,8 +36,8 @@ SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
 MONITORS = ("val_loss", "val_acc", "val_balanced_acc")
 HEAD_FITS = ("sgd", "exact")
 CLASS_BALANCES = ("none", "weights", "sampler")
-# feature_views auto: augmented views only where they were measured to help, an exact head, and only for training
-# sets this small, where two more extraction passes are cheap (decision 0260)
+# feature_views auto: augmented views only where they were measured to help, an exact head on average-pooled
+# features (decisions 0260, 0298), and only for training sets this small, where two more extraction passes are cheap
 AUTO_VIEWS_MAX_IMAGES = 300
 AUTO_VIEWS = 3
 
@@ -65,6 +66,7 @@ class TrainConfig:
     # last | auto | levels like "2,3,4": features also pooled from intermediate levels (timm forward_intermediates
     # indices); auto chooses the set on validation
     feature_depths: str = "last"
+    pool: str = "auto"  # how a CNN's feature maps are pooled: auto (max) | max | avg (decision 0298)
     feature_engine: str = "auto"  # auto | openvino | onnx | torch: what runs the frozen backbone for features
     cache: bool = True  # reuse frozen-backbone features across runs (keyed by weights, preprocessing, content)
     cache_dir: str | None = None  # None: $TRANSFERKIT_CACHE, else the user cache folder
@@ -131,11 +133,13 @@ class TrainConfig:
         return tuple(sorted({int(level) for level in self.feature_depths.split(",")}))
 
     def views_for(self, train_images: int) -> int:
-        """How many feature views stage 1 extracts for a training set of this size: auto's choice (decision 0260:
-        the clean view alone for an SGD head, which augmented views did not improve), else the configured number."""
+        """How many feature views stage 1 extracts for a training set of this size: auto's choice (the clean view
+        alone for an SGD head or features not pooled by average, which augmented views did not improve: decisions
+        0260, 0298), else the configured number."""
         if self.feature_views != "auto":
             return int(self.feature_views)
-        return AUTO_VIEWS if self.solves_head and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
+        views_help = self.solves_head and self.pool == "avg"
+        return AUTO_VIEWS if views_help and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
 
     @property
     def solves_head(self) -> bool:
@@ -185,6 +189,7 @@ class TrainConfig:
             (self.head_fit in HEAD_FITS, f"head_fit must be one of {', '.join(HEAD_FITS)}"),
             (self.feature_depths in ("last", "auto") or all(p.isdigit() for p in self.feature_depths.split(",")),
              "feature_depths must be last, auto or levels like 2,3,4"),
+            (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}"),
             (self.feature_engine in ENGINES, f"feature_engine must be one of {', '.join(ENGINES)}"),
             (self.workers >= 0, "workers must be 0 or more"),
             (self.checkpoint_every >= 0, "checkpoint_every must be 0 (per epoch only) or more steps"),

@@ -10,6 +10,7 @@ from transferkit.errors import UserError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 ENGINES = ("auto", "openvino", "onnx", "torch")  # what runs the frozen backbone for features
+POOLS = ("auto", "max", "avg")  # how a CNN's feature maps are pooled (auto: max, decision 0298)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # test-time views of each mode (symmetries of the square)

@@ -19,7 +19,7 @@ from transferkit.progress import Reporter
 
 def load_candidate(name: str, weights: str | None, config: TrainConfig) -> Backbone:
     """A candidate backbone with the config's image size and crop, on the config's device."""
-    backbone = load_backbone(name, weights, config.image_size, config.crop_pct)
+    backbone = load_backbone(name, weights, config.image_size, config.crop_pct, config.pool)
     backbone.model.to(resolve_device(config.device))
     return backbone
 

@@ -62,9 +62,9 @@ def summarize(report: dict) -> dict:
 
 
 def embed(samples: list[Sample], options: DoctorOptions, reporter: Reporter) -> tuple[np.ndarray, dict]:
-    """Clean-view backbone features of every sample, through the same cache key as train's frozen stage (view 0),
-    so doctor then train on the same data and settings runs the backbone once."""
-    backbone = load_backbone(options.backbone, options.weights, options.image_size, options.crop_pct)
+    """Clean-view, average-pooled backbone features of every sample (what doctor's thresholds were measured on,
+    decision 0223), through the feature cache: `train --pool avg` on the same data and settings reads them."""
+    backbone = load_backbone(options.backbone, options.weights, options.image_size, options.crop_pct, pool="avg")
     extract = FeatureExtractor(backbone.model, options.engine, options.batch_size, options.workers, reporter,
                                cache_root(options.cache, options.cache_dir))
     [features] = extract([s.path for s in samples], [clean_view(backbone.pre)], "features")

@@ -260,6 +260,8 @@ class FeatureExtractor:
                  **view.spec}
         if getattr(self.model, "depths", ()):  # multi-depth features are another space (last-layer keys unchanged)
             space["depths"] = list(self.model.depths)
+        if getattr(self.model, "global_pool", None) == "max":  # so are max-pooled ones (average-pooled keys unchanged)
+            space["pool"] = "max"
         store = FeatureStore(self.cache_root, space, self.reporter)
         first_missing = {d: i for i, d in reversed(list(enumerate(digests))) if d not in store.rows}
         missing = sorted(first_missing.values())  # identical files are computed once

@@ -40,7 +40,9 @@ def gradcam(model: Classifier, inputs: torch.Tensor, targets: Sequence[int], tas
     # the gradient of its own score: one backward pass for the whole batch.
     (grads,) = torch.autograd.grad(scores.sum(), activation)
     act, grads = feature_grid(model.backbone, activation.detach()), feature_grid(model.backbone, grads)
-    weights = grads.mean(dim=(2, 3), keepdim=True)  # a channel's importance: its spatially pooled gradient
+    # Grad-CAM: a channel's importance is its spatially averaged gradient. Under max pooling only each channel's peak
+    # cell has a gradient, so every cell is weighed by its own: gradient x activation, what the cell adds to the score.
+    weights = grads if model.global_pool == "max" else grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * act).sum(dim=1, keepdim=True))  # only evidence *for* the class
     cam = F.interpolate(cam.float(), size=tuple(inputs.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import timm
 import torch
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from transferkit.errors import UserError
@@ -30,13 +31,17 @@ class Classifier(nn.Module):
 
     With `depths` (multi-depth features, Head2Toe-style) the features are the pooled outputs of those
     intermediate levels (timm's `forward_intermediates` indices) followed by the usual pooled last-layer features:
-    every consumer (feature cache, predict, export, serve, embeddings) goes through `embed`, so all compute them."""
+    every consumer (feature cache, predict, export, serve, embeddings) goes through `embed`, so all compute them.
+    `global_pool` is how every map is pooled: "avg", "max", or None (a backbone that pools its own way: averaged
+    intermediate maps)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, depths: Sequence[int] = ()) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, depths: Sequence[int] = (),
+                 global_pool: str | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.depths = tuple(int(d) for d in depths)
+        self.global_pool = global_pool
 
     @property
     def num_features(self) -> int:
@@ -51,7 +56,10 @@ class Classifier(nn.Module):
 
     def pool(self, final: torch.Tensor, intermediates: Sequence[torch.Tensor]) -> torch.Tensor:
         pooled = self.backbone.forward_head(final, pre_logits=True)
-        return torch.cat([m.mean(dim=(2, 3)) for m in intermediates] + [pooled], dim=1) if intermediates else pooled
+        if not intermediates:
+            return pooled
+        pool = torch.amax if self.global_pool == "max" else torch.mean
+        return torch.cat([pool(m, dim=(2, 3)) for m in intermediates] + [pooled], dim=1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.pool(*self.maps(images))
@@ -92,20 +100,36 @@ def set_depths(model: Classifier, depths: Sequence[int]) -> None:
     model.head[index] = nn.Linear(embed_width(model.backbone, depths), first.out_features).to(first.weight.device)
 
 
-def new_classifier(imagenet_model: nn.Module, outputs: int, head_spec: HeadSpec, depths: Sequence[int] = ()
-                   ) -> Classifier:
-    """Drop the ImageNet top (timm's reset_classifier keeps the global pool) and attach a fresh head with `outputs`
-    logits (the task's: one for a binary task)."""
-    imagenet_model.reset_classifier(0)
+def drop_top(backbone: nn.Module, pool: str | None) -> str | None:
+    """Drop the ImageNet top (timm's reset_classifier) and set how the last feature map is pooled: `pool` "avg" or
+    "max", auto (max for a CNN, decision 0298), or None (as the backbone pools: a run from before the choice).
+    Only a timm CNN's adaptive pool can be changed; the pooling set, None where the backbone keeps its own."""
+    adaptive = isinstance(getattr(backbone, "global_pool", None), SelectAdaptivePool2d)
+    if pool is None or (pool == "auto" and not adaptive):
+        backbone.reset_classifier(0)
+        return backbone.global_pool.pool_type if adaptive else None
+    if not adaptive:
+        raise UserError(f"pool {pool}: {type(backbone).__name__} does not pool a feature map through timm's "
+                        "global_pool: use pool auto")
+    chosen = "max" if pool == "auto" else pool
+    backbone.reset_classifier(0, global_pool=chosen)
+    return chosen
+
+
+def new_classifier(imagenet_model: nn.Module, outputs: int, head_spec: HeadSpec, depths: Sequence[int] = (),
+                   pool: str | None = "auto") -> Classifier:
+    """The ImageNet model without its top, pooled as `pool` says (`drop_top`), with a fresh head of `outputs` logits
+    (the task's: one for a binary task)."""
+    global_pool = drop_top(imagenet_model, pool)
     head = build_head(embed_width(imagenet_model, depths), outputs, head_spec)
-    return Classifier(imagenet_model, head, depths)
+    return Classifier(imagenet_model, head, depths, global_pool)
 
 
-def empty_classifier(timm_name: str, num_outputs_: int, head_spec: HeadSpec, depths: Sequence[int] = ()
-                     ) -> Classifier:
+def empty_classifier(timm_name: str, num_outputs_: int, head_spec: HeadSpec, depths: Sequence[int] = (),
+                     pool: str | None = None) -> Classifier:
     """The architecture alone, for loading a saved run: no ImageNet weights are needed to predict."""
     backbone = timm.create_model(timm_name, pretrained=False, num_classes=0)
-    return Classifier(backbone, build_head(embed_width(backbone, depths), num_outputs_, head_spec), depths)
+    return new_classifier(backbone, num_outputs_, head_spec, depths, pool)
 
 
 def backbone_groups(backbone: nn.Module) -> list[list[nn.Parameter]]:

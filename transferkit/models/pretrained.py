@@ -18,11 +18,11 @@ class Backbone:
 
 
 def load_backbone(name: str, weights: str | None, image_size: int | None = None,
-                  crop_pct: float | None = None) -> Backbone:
-    """The ImageNet backbone and its preprocessing (image size and crop overridden where given), as api.train
-    builds them, so that the feature-cache keys agree with training's."""
+                  crop_pct: float | None = None, pool: str = "auto") -> Backbone:
+    """The ImageNet backbone, pooled as `pool` says, and its preprocessing (image size and crop overridden where
+    given), as api.train builds them, so that the feature-cache keys agree with training's."""
     spec = get_backbone(name)
     imagenet_model, weights_source = create_imagenet_model(spec, weights)
     pre = Preprocess.for_model(imagenet_model, image_size, crop_pct)
     # the head is never used: the classifier wrapper gives FeatureExtractor its `embed` and the cache its backbone
-    return Backbone(spec, weights_source, new_classifier(imagenet_model, 1, HeadSpec()), pre)
+    return Backbone(spec, weights_source, new_classifier(imagenet_model, 1, HeadSpec(), pool=pool), pre)

@@ -57,6 +57,7 @@ class Run:
             self.task.outputs,
             HeadSpec(tuple(head["hidden"]), head["dropout"], head["batchnorm"]),
             self.meta.get("feature_depths", ()),
+            self.meta.get("global_pool"),  # a run from before decision 0298 pools as its backbone does (avg)
         )
         self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
         self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
