@@ -27,6 +27,10 @@ def test_recipes_reproduce_the_tutorials():
     cars = resolve_config("xception-cars")
     assert cars.backbone == "xception" and cars.head_hidden == [1024] and cars.finetune_lr == 1e-4
     assert set(RECIPES) == {"default", "urban-rural", "cats-dogs", "chess", "xception-cars", "accurate"}
+    # the tutorials' GlobalAveragePooling2D; everything else pools CNN maps by their maximum (decision 0298)
+    assert {recipe: resolve_config(recipe).pool for recipe in RECIPES} == {
+        "default": "auto", "urban-rural": "avg", "cats-dogs": "avg", "chess": "avg", "xception-cars": "avg",
+        "accurate": "auto"}
     accurate = resolve_config("accurate")
     assert accurate.members() == [("tf_efficientnet_lite0", None), ("tf_efficientnet_lite2", None)]
     assert accurate.epochs_finetune == 0 and accurate.head_fit == "exact"

@@ -220,13 +220,15 @@ class TrainConfig:
         return self
 
 
-# The tutorials' recipes train their heads with an optimizer for a number of epochs, as the tutorials do.
+# The tutorials' recipes train their heads with an optimizer for a number of epochs and pool by average (Keras'
+# GlobalAveragePooling2D), as the tutorials do.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     # Keras guide (urban vs rural photos): ResNet50, GAP + Dense(1) logits, BCE, light augmentation, batch 8,
     # 20 frozen epochs, then every layer with RMSprop 1e-5 for 10.
     "urban-rural": dict(
         head_fit="sgd",
+        pool="avg",
         backbone="resnet50",
         head_hidden=[],
         head_dropout=0.0,
@@ -247,6 +249,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Cats vs dogs: ResNet50, GAP + Dense 1024 x3 + 512 relu + softmax, Adam, 5 epochs, base frozen throughout.
     "cats-dogs": dict(
         head_fit="sgd",
+        pool="avg",
         backbone="resnet50",
         head_hidden=[1024, 1024, 1024, 512],
         head_dropout=0.0,
@@ -264,6 +267,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # with Keras decay 1e-4, 10 epochs.
     "chess": dict(
         head_fit="sgd",
+        pool="avg",
         backbone="resnet50",
         head_hidden=[1024],
         head_dropout=0.3,
@@ -282,6 +286,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Stanford cars: Xception at 299 px, GAP + Dense 1024 relu + softmax, Adam 1e-3 frozen then 1e-4 unfrozen.
     "xception-cars": dict(
         head_fit="sgd",
+        pool="avg",
         backbone="xception",
         head_hidden=[1024],
         head_dropout=0.0,
