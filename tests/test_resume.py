@@ -70,6 +70,18 @@ def test_resumed_run_ends_as_the_uninterrupted_one(dataset: Path, tmp_path: Path
     assert not (tmp_path / "crashed" / CHECKPOINT).exists()  # the finished run drops it
 
 
+def test_a_run_begun_before_max_pooling_resumes_average_pooled(dataset: Path, tmp_path: Path, resumable: dict
+                                                                ) -> None:
+    straight = api.train(dataset, tmp_path / "straight", **{**resumable, "pool": "avg"})
+    with pytest.raises(Crash):
+        api.train(dataset, tmp_path / "old", callbacks=[RaiseAtBatch(11, Crash)], **{**resumable, "pool": "avg"})
+    config = tmp_path / "old" / "config.yaml"  # as a run from before decision 0298 wrote it: no pool key
+    config.write_text("".join(line for line in config.read_text().splitlines(True) if not line.startswith("pool:")))
+    resumed = api.resume(tmp_path / "old")
+    assert json.loads((tmp_path / "old" / "meta.json").read_text())["global_pool"] == "avg"
+    assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
+
+
 def test_resume_after_ctrl_c_continues_training(dataset: Path, tmp_path: Path, resumable: dict,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     straight = api.train(dataset, tmp_path / "straight", **resumable)

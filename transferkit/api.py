@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferkit.config import TrainConfig, resolve_config, write_config
+from transferkit.config import TrainConfig, read_config_file, resolve_config, write_config
 from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
@@ -104,8 +104,14 @@ def resume(out: str | Path, data: str | Path | DatasetIndex | None = None, quiet
     if unknown:
         raise UserError(f"a resumed run keeps its configuration; only {', '.join(RESUME_OPTIONS)} can change, "
                         f"not {', '.join(sorted(unknown))}")
-    cfg = resolve_config(None, str(out / "config.yaml"), **machine)
+    cfg = resolve_config(None, str(out / "config.yaml"), **machine, **legacy_defaults(out / "config.yaml"))
     return _train(data or saved_split["root"], out, cfg, reporter, resume_split=saved_split)
+
+
+def legacy_defaults(config_path: Path) -> dict[str, Any]:
+    """Values a run's config.yaml from before a default changed means by leaving them out: its feature maps were
+    average-pooled (decision 0298)."""
+    return {} if "pool" in read_config_file(config_path) else {"pool": "avg"}
 
 
 def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool = False,
