@@ -103,7 +103,8 @@ def set_depths(model: Classifier, depths: Sequence[int]) -> None:
 def drop_top(backbone: nn.Module, pool: str | None) -> str | None:
     """Drop the ImageNet top (timm's reset_classifier) and set how the last feature map is pooled: `pool` "avg" or
     "max", auto (max for a CNN, decision 0298), or None (as the backbone pools: a run from before the choice).
-    Only a timm CNN's adaptive pool can be changed; the pooling set, None where the backbone keeps its own."""
+    Only a timm CNN's adaptive pool can be changed. Returns the pooling in use: "avg" or "max", or None where the
+    backbone keeps its own."""
     adaptive = isinstance(getattr(backbone, "global_pool", None), SelectAdaptivePool2d)
     if pool is None or (pool == "auto" and not adaptive):
         backbone.reset_classifier(0)
