@@ -104,4 +104,3 @@ def backbone_entries(text: str) -> list[tuple[str, str | None]]:
     (train refuses it, auto's --backbones skips it)."""
     entries = (entry.partition("=") for entry in text.split(","))
     return [(name.strip(), path.strip() or None) for name, _, path in entries]
-

@@ -28,7 +28,7 @@ from transferkit.errors import UserError  # noqa: E402
 from transferkit.features.cache import cache_root  # noqa: E402
 from transferkit.features.extract import FeatureExtractor, View, clean_view  # noqa: E402
 from transferkit.fileio import atomic_write  # noqa: E402
-from transferkit.models.classifier import Classifier  # noqa: E402
+from transferkit.models.classifier import Classifier, drop_top  # noqa: E402
 from transferkit.models.registry import create_imagenet_model, get_backbone  # noqa: E402
 from transferkit.prediction import collect_images  # noqa: E402
 from transferkit.progress import Reporter  # noqa: E402
@@ -65,9 +65,10 @@ def run_source(run: Run) -> EmbeddingSource:
 def backbone_source(name: str, weights: str | None = None) -> EmbeddingSource:
     """Embeddings from the untouched ImageNet backbone (timm's pooled features), without any run."""
     imagenet_model, _ = create_imagenet_model(get_backbone(name), weights)
-    imagenet_model.reset_classifier(0)  # keeps timm's global pooling: forward_head now ends at the pooled features
+    # timm's own global pooling, as before decision 0298: forward_head now ends at the pooled features
+    pooled_by = drop_top(imagenet_model, None)
     pre = Preprocess.from_timm_config(imagenet_model.pretrained_cfg)
-    return EmbeddingSource(Classifier(imagenet_model, nn.Identity()).eval(), pre)
+    return EmbeddingSource(Classifier(imagenet_model, nn.Identity(), global_pool=pooled_by).eval(), pre)
 
 
 class Embedder:
