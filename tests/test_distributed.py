@@ -101,7 +101,7 @@ def test_a_bad_input_in_the_ranks_is_one_line_and_exit_2(dataset: Path, tmp_path
 def test_num_processes_checks_its_input_before_starting_anything(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     assert run_cli(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--num-processes", "2"]) == 2
-    assert "existing DATA" in capsys.readouterr().err
+    assert "path does not exist" in capsys.readouterr().err
     assert run_cli(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--num-processes", "2",
                     "--optimizer", "nope"]) == 2
     assert "optimizer must be one of" in capsys.readouterr().err

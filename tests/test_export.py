@@ -220,7 +220,7 @@ def test_auto_engine_prefers_a_current_int8_export(multiclass, tmp_path, capsys)
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["export", "{tmp}/missing"], "not a complete run folder"),
+        (["export", "{tmp}/missing"], "no such run folder"),
         (["export", "{run}", "--format", "tflite"], "unknown export format 'tflite'"),
         (["export", "{run}", "--format", "torchscript", "--int8"], "--int8 needs --format onnx"),
         (["predict", "{run}", "{run}", "--engine", "tpu"], "unknown engine 'tpu'"),

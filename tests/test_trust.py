@@ -96,6 +96,21 @@ def test_evaluate_on_other_data_scores_every_image(leaky_run, tmp_path, capsys):
     assert "AUC undefined: no class_2 images in the evaluated split" in capsys.readouterr().err
 
 
+def test_evaluate_scores_photos_of_one_class_and_skips_an_empty_class_folder(leaky_run, tmp_path, capsys):
+    """New photos of one class are data to score, not to train on: no "at least 2 classes" refusal."""
+    run, _ = leaky_run
+    other = make_class_folders(tmp_path / "new_photos", classes=3, per_class=4, seed=9)
+    shutil.rmtree(other / "class_0")
+    for image in (other / "class_1").iterdir():
+        image.unlink()  # an empty class folder
+    assert run_cli(["evaluate", str(run.path), str(other), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 4 and metrics["per_class"]["class_2"]["support"] == 4
+    assert metrics["per_class"]["class_0"]["recall"] is None and metrics["auc"] is None
+    paths, y_true, _ = read_predictions(run.path / "predictions.csv", run.classes)
+    assert sorted(paths) == sorted(str(p) for p in (other / "class_2").iterdir()) and set(y_true) == {2}
+
+
 def test_evaluate_on_own_data_names_the_role_of_val(tmp_path, dataset, tiny_weights, capsys):
     run = train_tiny(dataset, tmp_path / "run", tiny_weights)
     assert run.metrics["split"] == "val"

@@ -21,7 +21,7 @@ from transferkit.data.transforms import Preprocess, eval_transform
 from transferkit.errors import UserError
 from transferkit.features.cache import cache_root
 from transferkit.features.extract import FeatureExtractor, ViewLogitsOf, clean_view, head_logits, view_features
-from transferkit.fileio import output_folder
+from transferkit.fileio import check_out_free, output_folder
 from transferkit.models.classifier import Classifier, depth_levels, new_classifier
 from transferkit.models.device import resolve_device
 from transferkit.models.registry import BackboneSpec, create_imagenet_model, get_backbone
@@ -47,10 +47,8 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """Never clobber a finished run by accident; a folder without meta.json is a crashed run and is reused."""
+    check_out_free(out, overwrite)
     if (out / "meta.json").exists():
-        if not overwrite:
-            raise UserError(f"{out} already holds a run: choose another --out or pass --overwrite")
         shutil.rmtree(out)
     output_folder(out)
 

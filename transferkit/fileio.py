@@ -42,6 +42,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_out_free(out: Path, overwrite: bool) -> None:
+    """Never clobber a finished run by accident (a folder without meta.json is a crashed run, reused)."""
+    if (out / "meta.json").exists() and not overwrite:
+        raise UserError(f"{out} already holds a run: choose another --out or pass --overwrite")
+
+
 def output_folder(folder: Path) -> Path:
     """Create an output folder now and prove it writable, so a path that cannot be written fails (as a UserError)
     before any work is done."""

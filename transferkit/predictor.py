@@ -22,6 +22,7 @@ from transferkit.errors import UserError
 from transferkit.parity import INT8_MIN_AGREEMENT, PROBES_KEY, probe_failure
 from transferkit.prediction import averaged, ensemble_members
 from transferkit.progress import print_warning
+from transferkit.runs.folder import check_run_folder, require_run_dir
 from transferkit.task import multilabel
 
 if TYPE_CHECKING:
@@ -146,8 +147,7 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
     run_dir = Path(run_dir)
     if engine == "torch":
         return _torch_run(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"no such run folder: {run_dir}")
+    require_run_dir(run_dir)
     ensemble = ensemble_members(run_dir) is not None
     files = ENSEMBLE_EXPORTS if ensemble else EXPORT_FILES
     load = _ensemble_predictor if ensemble else _export_predictor
@@ -164,6 +164,7 @@ def load_predictor(run_dir: str | Path, engine: str = "auto") -> Run | OnnxPredi
 
 
 def _torch_run(run_dir: Path) -> Run:
+    check_run_folder(run_dir)  # before PyTorch is imported
     from transferkit.runs.run import open_run
 
     return open_run(run_dir)

@@ -22,6 +22,7 @@ from transferkit.cli.output import (
     TEST_SPLIT,
     VAL_SPLIT,
     WORKERS,
+    check_paths,
     print_json,
 )
 from transferkit.cli.training import print_metrics_summary
@@ -54,6 +55,7 @@ def auto(
     """Pick the backbone that transfers best (cross-validated linear probes on cached features, then a fine-tuning
     race of the two best), its head, learning rate and how much to fine-tune, and train it within the time
     budget; writes a run folder with leaderboard.csv."""
+    check_paths(data, out, overwrite)
     from transferkit.auto import auto as run_auto
 
     result = run_auto(data, out, time_budget=time_budget, backbones=backbones, weights=weights, overwrite=overwrite,

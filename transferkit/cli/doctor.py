@@ -21,6 +21,7 @@ from transferkit.cli.output import (
     TEST_SPLIT,
     VAL_SPLIT,
     WORKERS,
+    check_paths,
     print_json,
 )
 from transferkit.errors import UserError
@@ -57,11 +58,12 @@ def doctor(
     """Check a dataset before training: unreadable files, exact and near duplicates, train/val leakage, class
     imbalance, tiny images, blurry / dark / light / low-information / odd-sized / grayscale images, likely
     mislabeled images. Exit code 0 whatever it finds."""
+    if out is not None and out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'doctor.json'}")
+    check_paths(data)
     from transferkit.doctor import DoctorOptions, diagnose
     from transferkit.runs.files import write_json
 
-    if out is not None and out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'doctor.json'}")
     given = dict(backbone=backbone, weights=weights, image_size=image_size, crop_pct=crop_pct,
                  near_threshold=near_threshold, max_imbalance=max_imbalance, min_size=min_size, val_split=val_split,
                  test_split=test_split, seed=seed, batch_size=batch_size, workers=workers, cache_dir=cache_dir)

@@ -10,6 +10,7 @@ import typer
 from transferkit.cli.main import app
 from transferkit.cli.output import JSON, print_json
 from transferkit.progress import console
+from transferkit.runs.folder import check_run_folder
 
 
 def print_report(report: dict) -> None:
@@ -39,6 +40,7 @@ def export(
     """Export the classifier ([0, 1] pixels in, probabilities out); refused unless it matches PyTorch."""
     from dataclasses import asdict
 
+    check_run_folder(run)
     from transferkit.export.onnx import export_run
 
     report = asdict(export_run(run, format_, int8, out, log=console.print))

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, print_json, report_skipped
+from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, check_paths, print_json, report_skipped
 from transferkit.errors import UserError
 from transferkit.fileio import output_folder
 from transferkit.progress import console
+from transferkit.runs.folder import check_run_folder
 
 if TYPE_CHECKING:
     from transferkit.insight.similarity import Embedder, EmbeddingSource
@@ -25,8 +26,7 @@ def load_run(path: Path, ensemble: bool = False) -> Run:
     """The run; an ensemble only where the command handles one (explain), else its one-line refusal."""
     from transferkit.runs.run import Run, open_run
 
-    if not path.exists():
-        raise UserError(f"no such run folder: {path}")
+    check_run_folder(path)
     return open_run(path) if ensemble else Run(path)
 
 
@@ -56,11 +56,12 @@ def explain(
     json_out: JSON = False,
 ) -> None:
     """Grad-CAM overlays: where in each image the evidence for a class lies."""
+    check_run_folder(run)
+    paths = readable_images(images)  # wrong paths answer before PyTorch is imported
     from transferkit.insight.explain import class_index, explain_files
 
     model = load_run(run, ensemble=True)
     target = class_index(model, class_name) if class_name is not None else None
-    paths = readable_images(images)
     output_folder(out)
     results = explain_files(model, paths, out, target)
     if json_out:
@@ -73,16 +74,19 @@ def explain(
 
 def embedding_source(inputs: list[str], backbone: str | None, weights: str | None) -> tuple[EmbeddingSource, list]:
     """RUN IMG... or, with --backbone, IMG... alone: the network to embed with, and the image arguments."""
-    from transferkit.insight.similarity import backbone_source, run_source
-
     if backbone is None:
         if weights is not None:
             raise UserError("--weights needs --backbone (a run folder holds its own weights)")
         if len(inputs) < 2:
             raise UserError("give a run folder and then images or folders (or --backbone NAME and images)")
+        check_run_folder(Path(inputs[0]))
+        from transferkit.insight.similarity import run_source
+
         return run_source(load_run(Path(inputs[0]))), inputs[1:]
     if (Path(inputs[0]) / "meta.json").is_file():
         raise UserError(f"give either a run folder ({inputs[0]}) or --backbone, not both")
+    from transferkit.insight.similarity import backbone_source
+
     return backbone_source(backbone, weights), inputs
 
 
@@ -97,11 +101,11 @@ def similarity(
     json_out: JSON = False,
 ) -> None:
     """Cosine similarity between the images' embeddings, as a matrix and an annotated heatmap."""
-    from transferkit.insight.similarity import cosine_matrix, plot_similarity
-
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, not '{out.name}'")
     source, images = embedding_source(inputs, backbone, weights)
+    from transferkit.insight.similarity import cosine_matrix, plot_similarity
+
     paths = readable_images(images)
     output_folder(out.parent)
     matrix = cosine_matrix(embedder(source, cache_dir, no_cache)(paths))
@@ -121,6 +125,8 @@ def embed(
     no_cache: NO_CACHE = False,
 ) -> None:
     """Embeddings of every image with its path and label, for your own analysis (UMAP, kNN, deduplication)."""
+    check_run_folder(run)
+    check_paths(data)
     from transferkit.insight.similarity import check_embeddings_path, labelled_images, run_source, write_embeddings
 
     check_embeddings_path(out)
@@ -144,13 +150,14 @@ def search(
     json_out: JSON = False,
 ) -> None:
     """The gallery images most similar to a query image (cosine of embeddings); gallery embeddings are cached."""
-    from transferkit.insight.similarity import nearest, run_source
-
     if Path(query).is_dir():
         raise UserError(f"the query must be one image file, not a folder: {query}")
-    source = run_source(load_run(run))
+    check_run_folder(run)
     [query_path] = readable_images([query])
     gallery_paths = readable_images(gallery)
+    from transferkit.insight.similarity import nearest, run_source
+
+    source = run_source(load_run(run))
     # One pass for gallery and query: the query costs nothing more when it is in the (cached) gallery.
     embeddings = embedder(source, cache_dir, no_cache)(gallery_paths + [query_path])
     neighbours = nearest(embeddings[-1], embeddings[:-1], k)

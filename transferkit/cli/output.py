@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from transferkit.config import RECIPES
+from transferkit.fileio import check_out_free
 from transferkit.progress import print_warning
 
 if TYPE_CHECKING:  # the CLI's help must not load image decoding
@@ -32,6 +34,15 @@ DROP_LEAKS = Annotated[bool, typer.Option(
     "--drop-leaks", help="Score held-out images without the byte-identical copies of training images.")]
 OVERWRITE = Annotated[bool, typer.Option(help="Replace an existing run in --out.")]
 ENGINE = Annotated[str, typer.Option(help="auto (the int8 export, else the fp32 one, else torch), int8, onnx, torch.")]
+
+
+def check_paths(data: str, out: Path | None = None, overwrite: bool = False) -> None:
+    """A missing DATA or a finished run in --out answers at once, before PyTorch (seconds to import) is loaded."""
+    from transferkit.data.sources import check_data_path
+
+    check_data_path(data)
+    if out is not None:
+        check_out_free(out, overwrite)
 
 
 def print_json(value: object) -> None:

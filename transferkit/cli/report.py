@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from transferkit.cli.main import app
+from transferkit.cli.output import check_paths
 from transferkit.progress import console
+from transferkit.runs.folder import check_run_folder
 
 
 @app.command()
@@ -19,6 +21,9 @@ def report(
     ] = None,
 ) -> None:
     """One self-contained HTML page: data, curves, metrics, confusion, ROC, Grad-CAM, top losses, similarity."""
+    check_run_folder(run)
+    if data is not None:
+        check_paths(data)
     from transferkit.cli.training import print_metrics_summary, report_skipped_dicts
     from transferkit.report import write_report
     from transferkit.runs.run import open_run

@@ -26,6 +26,7 @@ from transferkit.cli.output import (
     TEST_SPLIT,
     VAL_SPLIT,
     WORKERS,
+    check_paths,
     print_json,
     print_predictions,
     report_skipped,
@@ -35,6 +36,7 @@ from transferkit.config_keys import parse_settings
 from transferkit.errors import UserError
 from transferkit.options import AUGMENT_PRESETS
 from transferkit.progress import console
+from transferkit.runs.folder import check_run_folder
 
 
 def parse_hidden(value: str | None) -> list[int] | None:
@@ -138,8 +140,6 @@ def train(
     json_out: JSON = False,
 ) -> None:
     """Train a classifier: frozen pretrained base + new head, then fine-tune; writes a run folder."""
-    from transferkit import api
-
     options = dict(
         backbone=backbone,
         weights=weights,
@@ -176,14 +176,14 @@ def train(
         drop_leaks=True if drop_leaks else None,
     )
     options = {**parse_settings(settings), **{key: value for key, value in options.items() if value is not None}}
+    if resume is None:  # bad options and paths fail here: once, not in every process, and before torch loads
+        check_train_arguments(data, out, overwrite, recipe, config, options)
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        if resume is None:  # bad options and a missing DATA fail here, once, not in every process
-            resolve_config(recipe, config, **options)
-            if data is None or out is None or not Path(data).exists():
-                raise UserError("train needs an existing DATA and --out (or --resume RUN)")
         from transferkit.cli.launch import launch_processes
 
         raise typer.Exit(launch_processes(num_processes, INVOCATION))
+    from transferkit import api
+
     if resume is not None:
         machine = {name: options.pop(name, None) for name in api.RESUME_OPTIONS}
         given = [name for name, value in {**options, "recipe": recipe, "config": config, "out": out}.items()
@@ -192,8 +192,6 @@ def train(
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
             raise UserError(f"--resume continues the run with its own config.yaml: drop {flags}")
         run = api.resume(resume, data, quiet, **machine)
-    elif data is None or out is None:
-        raise UserError("train needs DATA and --out (or --resume RUN)")
     else:
         run = api.train(data, out, overwrite=overwrite, quiet=quiet, recipe=recipe, config=config, **options)
     if run is None:  # a rank other than 0 of a multi-process run: rank 0 reports
@@ -204,6 +202,14 @@ def train(
         print_metrics_summary(run.metrics)
         console.print(f"run folder: {run.path}")
 
+
+def check_train_arguments(data: str | None, out: Path | None, overwrite: bool, recipe: str | None,
+                          config: str | None, options: dict) -> None:
+    """Bad options and paths answer before PyTorch is imported (see check_paths)."""
+    if data is None or out is None:
+        raise UserError("train needs DATA and --out (or --resume RUN)")
+    resolve_config(recipe, config, **options)
+    check_paths(data, out, overwrite)
 
 
 @app.command()
@@ -218,13 +224,15 @@ def evaluate(
 ) -> None:
     """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json, predictions.csv,
     figures and report.html."""
+    if split not in (None, "train", "val", "test", "all"):
+        raise UserError(f"--split must be train, val, test or all, not '{split}'")
+    check_run_folder(run)
+    check_paths(data)
     from transferkit.api import warn_leaks
     from transferkit.progress import Reporter
     from transferkit.report import write_report
     from transferkit.runs.run import open_run
 
-    if split not in (None, "train", "val", "test", "all"):
-        raise UserError(f"--split must be train, val, test or all, not '{split}'")
     loaded = open_run(run)
     metrics = loaded.evaluate(data, split, drop_leaks=drop_leaks)
     warn_leaks(metrics, Reporter())
@@ -252,8 +260,8 @@ def predict(
     from transferkit.prediction import collect_inputs, prediction_records
     from transferkit.predictor import load_predictor
 
+    paths, boxes, skipped = collect_inputs(images)  # a wrong path answers before a model is loaded
     predictor = load_predictor(run, engine)
-    paths, boxes, skipped = collect_inputs(images)
     results = prediction_records(predictor, paths, boxes, top_k)
     report_skipped(skipped)
     if json_out:

@@ -132,9 +132,7 @@ def scan_dataset(
         from transferkit.data.shards import shard_dataset  # noqa: PLC0415 - shards builds on this module
 
         return shard_dataset(os.fspath(path).rstrip("/"))
-    root = Path(os.path.abspath(os.path.expanduser(path)))
-    if not root.exists():
-        raise UserError(f"path does not exist: {root}")
+    root = existing_root(path)
     if root.is_dir() and looks_packed(root):  # `transferkit pack` output: its split is frozen, its images verified
         from transferkit.data.shards import shard_dataset  # noqa: PLC0415 - shards builds on this module
 
@@ -148,6 +146,20 @@ def scan_dataset(
     samples = _assign_splits(entries, *fractions, seed)
     samples.sort(key=lambda s: (SPLITS.index(s.split), s.label, s.path))
     return DatasetIndex(str(root), sorted(found.declared), samples, skipped, layout, seed, found.multilabel)
+
+
+def existing_root(path: str | os.PathLike[str]) -> Path:
+    """The absolute local folder or file that `path` names; one line when there is none."""
+    root = Path(os.path.abspath(os.path.expanduser(path)))
+    if not root.exists():
+        raise UserError(f"path does not exist: {root}")
+    return root
+
+
+def check_data_path(path: str | os.PathLike[str]) -> None:
+    """What a command can check of its DATA before importing PyTorch: a local path exists (a URL is read later)."""
+    if not remote.is_url(path):
+        existing_root(path)
 
 
 def _check_fractions(val_split: float, test_split: float) -> None:

@@ -125,7 +125,7 @@ def labelled_images(data: str) -> tuple[list[str], list[str], list[Skipped]]:
     if folder.is_dir() and not any(child.is_dir() and not child.name.startswith(".") for child in folder.iterdir()):
         paths, skipped = collect_images([data])
         return paths, [""] * len(paths), skipped
-    index = scan_dataset(data)
+    index = scan_dataset(data, trainable=False)
     return [s.path for s in index.samples], [s.label for s in index.samples], index.skipped
 
 

@@ -23,6 +23,7 @@ from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
 from transferkit.models.device import resolve_device
 from transferkit.prediction import collect_inputs, ensemble_members, prediction_records
 from transferkit.runs.files import FORMAT_VERSION, read_history, write_json, write_predictions
+from transferkit.runs.folder import require_model_files
 from transferkit.runs.scope import check_leaks, choose_scope, is_own_data, leak_record
 from transferkit.task import multilabel
 from transferkit.task.calibration import decide, expected_calibration_error
@@ -37,8 +38,7 @@ class Run:
         meta_path = self.path / "meta.json"
         if ensemble_members(self.path) is not None:  # commands that take an ensemble open it with open_run
             raise UserError(f"{self.path} is an ensemble: this needs one model, e.g. {self.path / 'members'}/NAME")
-        if not meta_path.is_file() or not (self.path / "model.safetensors").is_file():
-            raise UserError(f"not a complete run folder (no meta.json/model.safetensors): {self.path}")
+        require_model_files(self.path)
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise UserError(
@@ -111,7 +111,9 @@ class Run:
         image of other data, or what `split` names ("all": every image). Images copied from training are counted
         (`leaked_from_train`, with the accuracy without them) and left out with `drop_leaks`. Writes
         metrics.json, predictions.csv and the figures into the run folder."""
-        index = data if isinstance(data, DatasetIndex) else scan_dataset(data, **self.meta["data_split"])
+        # Data to score need not be data to train on: one class of new photos, or an empty class folder, will do.
+        index = data if isinstance(data, DatasetIndex) else scan_dataset(data, **self.meta["data_split"],
+                                                                         trainable=False)
         own = is_own_data(self.path, index)
         scope = choose_scope(index, split, own)
         self._check_labels(index, scope.samples, scope.split)

@@ -1,0 +1,27 @@
+"""What a run folder must hold, checked without importing PyTorch, so a command answers a wrong path at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transferkit.errors import UserError
+
+
+def require_run_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"no such run folder: {path}")
+
+
+def require_model_files(path: Path) -> None:
+    if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
+        raise UserError(f"not a complete run folder (no meta.json/model.safetensors): {path}")
+
+
+def check_run_folder(path: Path) -> None:
+    """A finished run folder, or an ensemble whose members all are finished; one line otherwise."""
+    from transferkit.prediction import ensemble_members  # numpy and image decoding: not for every command's --help
+
+    require_run_dir(path)
+    members = ensemble_members(path)
+    for folder in [member for member, _ in members] if members is not None else [path]:
+        require_model_files(folder)
