@@ -93,6 +93,9 @@ SIZE_ROWS = {
     "mobilenetv2-exact": {"head_fit": "exact", "backbone": "mobilenetv2_100"},
     "lite1-exact": {"head_fit": "exact", "backbone": "tf_efficientnet_lite1"},
     "lite2-exact": {"head_fit": "exact", "backbone": "tf_efficientnet_lite2"},
+    "mobilenetv2-max": {"head_fit": "exact", "backbone": "mobilenetv2_100", "pool": "max"},
+    "lite1-max": {"head_fit": "exact", "backbone": "tf_efficientnet_lite1", "pool": "max"},
+    "lite2-max": {"head_fit": "exact", "backbone": "tf_efficientnet_lite2", "pool": "max"},
     "lite2-flip-exact": {"head_fit": "exact", "augment": "flip", "tta": "flip", "backbone": "tf_efficientnet_lite2"},
 }
 # --views: stage 1 on 3 feature views per training image (1 clean + 2 augmented) against the rows' single clean view

@@ -197,6 +197,15 @@ def test_pick_prefers_the_cheaper_only_within_a_tie() -> None:
     assert pick([noisy, option("small", 0.80, 0.01, 3e6)]).name == "noisy"
 
 
+def test_a_tie_goes_to_the_preferred_backbone_when_it_is_tied() -> None:
+    best, cheap = option("best", 0.70, 0.02, 5e6), option("cheap", 0.69, 0.03, 2e6)
+    default = option("default", 0.695, 0.02, 3e6)
+    assert pick([best, cheap, default], preferred="default").name == "default"
+    assert pick([best, cheap, default]).name == "cheap"
+    behind = option("default", 0.60, 0.02, 3e6)  # not tied: the preference does not rescue it
+    assert pick([best, cheap, behind], preferred="default").name == "cheap"
+
+
 def test_unfreeze_grows_with_the_data() -> None:
     assert [unfreeze_rule(n, 8) for n in (100, 1000, 5000, 20000, 100000)] == ["1", "3", "3", "5", "all"]
     assert unfreeze_rule(20000, 4) == "4"  # never more blocks than the backbone has

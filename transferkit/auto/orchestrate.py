@@ -52,7 +52,7 @@ from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
 from transferkit.models.pretrained import Backbone
 from transferkit.models.registry import BACKBONES, count_parameters, get_backbone, has_offline_weights
-from transferkit.options import backbone_entries
+from transferkit.options import DEFAULT_BACKBONE, backbone_entries
 from transferkit.progress import Reporter
 from transferkit.runs.files import write_json
 from transferkit.runs.run import Run
@@ -220,8 +220,11 @@ def chosen_settings(chosen: Finalist) -> dict[str, Any]:
 
 
 def ranking(probed: dict[str, Probed]) -> list[Probed]:
-    """The probe's pick (the best, or a cheaper one within a tie) first, then the others by probe accuracy."""
-    first = probed[pick([Option(p.candidate.name, p.score, p.params) for p in probed.values()]).name]
+    """The probe's pick (the best; within a tie, the default backbone, else the cheapest) first, then the others by
+    probe accuracy. The default is preferred in a tie because the probe cannot separate backbones on small data
+    while the benchmarks can (decision 0299)."""
+    options = [Option(p.candidate.name, p.score, p.params) for p in probed.values()]
+    first = probed[pick(options, preferred=DEFAULT_BACKBONE).name]
     return [first, *sorted((p for p in probed.values() if p is not first), key=lambda p: -p.score.mean)]
 
 

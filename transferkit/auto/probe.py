@@ -54,13 +54,14 @@ class Option:
     cost: float  # e.g. parameters: among ties the cheapest wins
 
 
-def pick(options: Sequence[Option]) -> Option:
-    """The best mean accuracy, unless a cheaper option ties with it: within one sd of the best (capped at TIE_CAP),
-    so an option clearly worse than another is never picked."""
+def pick(options: Sequence[Option], preferred: str | None = None) -> Option:
+    """The best mean accuracy, unless another option ties with it: within one sd of the best (capped at TIE_CAP),
+    so an option clearly worse than another is never picked. A tie goes to `preferred` when it is tied (the
+    option with the best record beyond this probe), else to the cheapest."""
     best = max(options, key=lambda o: o.score.mean)
     tolerance = min(best.score.sd, TIE_CAP)
     tied = [o for o in options if o.score.mean >= best.score.mean - tolerance]
-    return min(tied, key=lambda o: (o.cost, -o.score.mean))
+    return next((o for o in tied if o.name == preferred), None) or min(tied, key=lambda o: (o.cost, -o.score.mean))
 
 
 def probe_subset(samples: Sequence[Sample], limit: int, seed: int) -> list[Sample]:
