@@ -175,6 +175,22 @@ def test_auto_depths_are_recorded_and_followed_by_predict(dataset, tmp_path, fas
     np.testing.assert_allclose(got, expected, atol=1e-3 * max(1.0, np.abs(expected).max()))
 
 
+def test_depths_are_compared_on_the_clean_view_and_solved_on_every_view(dataset, tmp_path, fast, monkeypatch):
+    """With the 8 symmetries as views, comparing depth sets on all 8 cost 8x for the same choice (decision 0300):
+    the comparison sees the clean rows, the kept head every view's rows."""
+    from transferkit.training import two_stage
+
+    rows: dict[str, list[int]] = {"compared": [], "solved": []}
+    compare, solve = two_stage.choose_depths, two_stage.fit_linear
+    monkeypatch.setattr(two_stage, "choose_depths", lambda c, x, *a, **k: rows["compared"].append(len(x)) or
+                        compare(c, x, *a, **k))
+    monkeypatch.setattr(two_stage, "fit_linear", lambda x, *a, **k: rows["solved"].append(len(x)) or solve(x, *a, **k))
+    run = api.train(dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0, "feature_depths": "auto",
+                                                  "head_fit": "exact", "augment": "dihedral"})
+    train_images = len(json.loads((run.path / "split.json").read_text())["train"])
+    assert rows == {"compared": [train_images], "solved": [8 * train_images]}
+
+
 def test_fine_tuning_starts_from_the_solved_head_and_works_with_depths(dataset, tmp_path, fast):
     run = api.train(dataset, tmp_path / "run", **{**fast, "feature_depths": "1,2", "head_fit": "exact"})
     history = (tmp_path / "run" / "history.csv").read_text().splitlines()

@@ -118,8 +118,13 @@ def validated_head(trainer: Trainer, features: list[FeatureTable], train_y: torc
     if auto:
         computed = model.depths
         columns = {d: depth_columns(model.backbone, computed, d) for d in depth_candidates(computed)}
-        depths, fit = choose_depths(columns, x, y, *val, outputs, weights)
+        # The depth set is compared on the clean view's rows (the augmented views multiply the cost, not the
+        # evidence); its head is then solved on every view's rows.
+        clean = len(features[0])
+        depths, fit = choose_depths(columns, x[:clean], y[:clean], *val, outputs, weights)
         chosen = columns[depths]
+        if exact and len(features) > 1:
+            fit = fit_linear(x[:, chosen], y, val[0][:, chosen], val[1], outputs, class_weights=weights)
         torch.manual_seed(config.seed)  # the new head's initial weights must not depend on what the cache supplied
         set_depths(model, depths)
         features, val_x = [ColumnTable(table, chosen) for table in features], val_x[:, chosen]
