@@ -70,6 +70,7 @@ def test_symmetries_that_contradict_the_classes_are_refused(monkeypatch: pytest.
 @pytest.mark.parametrize(("gains", "chosen"), [
     ([0.004, 0.003, 0.004, 0.003, 0.004], False),  # steady, far beyond its standard error, but under MIN_GAIN
     ([0.02, 0.03, 0.02, 0.03, 0.02], True),
+    ([0.009, 0.012, 0.003, 0.01, 0.011], True),  # ELPV's gain on Lite1's max-pooled features (decision 0301)
     ([0.06, -0.04, 0.05, -0.03, 0.0], False),  # a mean of 0.008 inside its standard error of 0.02
 ])
 def test_the_views_must_win_beyond_their_standard_error_and_by_the_minimum_gain(gains: list[float],
