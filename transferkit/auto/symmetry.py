@@ -70,7 +70,7 @@ def choose_symmetry(backbone: Backbone, clean: np.ndarray, samples: Sequence[Sam
     chosen, gain, gain_se = judge(plain, dihedral)
     clean_score, views_score = (Score(float(a.mean()), float(a.std()), len(a)) for a in (plain, dihedral))
     note = (f"the 8 symmetries {'beat' if chosen else 'did not beat'} the clean view by more than a standard "
-            f"error and {MIN_GAIN:.2f} ({gain:+.3f} ± {gain_se:.3f})")
+            f"error and {MIN_GAIN:g} ({gain:+.3f} ± {gain_se:.3f})")
     reporter.log(f"symmetry: probe {clean_score.mean:.3f} on the clean view, {views_score.mean:.3f} on the 8 "
                  f"symmetries: {'dihedral views' if chosen else 'clean view'}")
     return SymmetryChoice(chosen, note, clean_score, views_score, gain_se)
