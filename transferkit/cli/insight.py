@@ -23,10 +23,10 @@ CLASS = Annotated[str | None, typer.Option("--class", help="Class to explain (de
 
 
 def load_run(path: Path, ensemble: bool = False) -> Run:
-    """The run; an ensemble only where the command handles one (explain), else its one-line refusal."""
+    """The run (its folder already checked by the command, before PyTorch loaded); an ensemble only where the command
+    handles one (explain), else its one-line refusal."""
     from transferkit.runs.run import Run, open_run
 
-    check_run_folder(path)
     return open_run(path) if ensemble else Run(path)
 
 
