@@ -97,6 +97,11 @@ SIZE_ROWS = {
     "lite1-max": {"head_fit": "exact", "backbone": "tf_efficientnet_lite1", "pool": "max"},
     "lite2-max": {"head_fit": "exact", "backbone": "tf_efficientnet_lite2", "pool": "max"},
     "lite2-flip-exact": {"head_fit": "exact", "augment": "flip", "tta": "flip", "backbone": "tf_efficientnet_lite2"},
+    # Lite0's max-pooled head above its 224 px training size (FixRes: objects look larger after training's crops)
+    "max-256": {"head_fit": "exact", "pool": "max", "image_size": 256},
+    "max-288": {"head_fit": "exact", "pool": "max", "image_size": 288},
+    "max-320": {"head_fit": "exact", "pool": "max", "image_size": 320},
+    "max-uncropped": {"head_fit": "exact", "pool": "max", "crop_pct": 1.0},
 }
 # --views: stage 1 on 3 feature views per training image (1 clean + 2 augmented) against the rows' single clean view
 VIEW_ROWS = {
