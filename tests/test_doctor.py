@@ -286,23 +286,27 @@ def test_one_class_skips_the_mislabel_check_with_a_note(tmp_path, tiny_weights, 
     assert report["mislabeled"] == [] and any("mislabel check skipped" in note for note in report["notes"])
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "bad-threshold", "out-is-folder"])
+@pytest.mark.parametrize("case", ["missing", "empty", "bad-threshold", "bad-pool", "out-is-folder"])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_weights, capsys):
     data = make_class_folders(tmp_path / "data", classes=2, per_class=2)
     (tmp_path / "empty").mkdir()
     args = {"missing": [str(tmp_path / "nope")], "empty": [str(tmp_path / "empty")],
-            "bad-threshold": [str(data), "--near-threshold", "1.5"],
+            "bad-threshold": [str(data), "--near-threshold", "1.5"], "bad-pool": [str(data), "--pool", "median"],
             "out-is-folder": [str(data), "--out", str(tmp_path)]}
     assert run_cli(["doctor", *args[case], *tiny_cli_args(tiny_weights), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("transferkit: error:") and "\n" not in err and "Traceback" not in err
 
 
-def test_an_average_pooled_train_after_doctor_reuses_its_features(binary_dataset, tiny_options, fast, tmp_path):
+@pytest.mark.parametrize("pool", [None, "avg"])
+def test_train_after_doctor_reuses_its_features(binary_dataset, tiny_options, fast, tmp_path, pool):
+    """Doctor embeds as train pools (decision 0302): by default max, or as --pool says, so train after doctor finds
+    every image's features in the cache."""
     cache = tmp_path / "cache"
-    diagnose(binary_dataset, DoctorOptions(**tiny_options, cache_dir=str(cache)))
+    chosen = {} if pool is None else {"pool": pool}
+    report = diagnose(binary_dataset, DoctorOptions(**tiny_options, **chosen, cache_dir=str(cache)))
+    assert report["backbone"]["pool"] == (pool or "max")
     shards = sorted(cache.glob("features/*/*.npy"))
     assert shards
-    # doctor's thresholds were measured on average-pooled embeddings (decision 0298 keeps them)
-    api.train(binary_dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0, "pool": "avg"}, cache_dir=str(cache))
+    api.train(binary_dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0, **chosen}, cache_dir=str(cache))
     assert sorted(cache.glob("features/*/*.npy")) == shards  # nothing new went through the backbone

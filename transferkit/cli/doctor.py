@@ -17,6 +17,7 @@ from transferkit.cli.output import (
     IMAGE_SIZE,
     JSON,
     NO_CACHE,
+    POOL,
     QUIET,
     TEST_SPLIT,
     VAL_SPLIT,
@@ -38,6 +39,7 @@ def doctor(
     weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
     image_size: IMAGE_SIZE = None,
     crop_pct: Annotated[float | None, typer.Option(help="Centre-crop fraction (default: the backbone's).")] = None,
+    pool: POOL = None,
     near_threshold: Annotated[float | None, typer.Option(help="Embedding cosine from which images are near "
                                                          "duplicates (default 0.95).")] = None,
     max_imbalance: Annotated[float | None, typer.Option(help="Flag largest / smallest class count above this "
@@ -64,7 +66,7 @@ def doctor(
     from transferkit.doctor import DoctorOptions, diagnose
     from transferkit.runs.files import write_json
 
-    given = dict(backbone=backbone, weights=weights, image_size=image_size, crop_pct=crop_pct,
+    given = dict(backbone=backbone, weights=weights, image_size=image_size, crop_pct=crop_pct, pool=pool,
                  near_threshold=near_threshold, max_imbalance=max_imbalance, min_size=min_size, val_split=val_split,
                  test_split=test_split, seed=seed, batch_size=batch_size, workers=workers, cache_dir=cache_dir)
     options = DoctorOptions(**{k: v for k, v in given.items() if v is not None}, cache=not no_cache, quiet=quiet)
@@ -78,7 +80,8 @@ def print_report(report: dict) -> None:
     backbone, settings = report["backbone"], report["settings"]
     root = _common_folder(report)
     out_console.print(f"{len(report['classes'])} classes, {report['images']} images in {escape(report['data'])} "
-                      f"({report['layout']}); embeddings: {backbone['name']} at {backbone['image_size']} px; "
+                      f"({report['layout']}); embeddings: {backbone['name']} at {backbone['image_size']} px"
+                      f"{_pooled(backbone['pool'])}; "
                       f"paths below are relative to {escape(root)}")
     show = _lister(root)
     show(report["skipped"], "unreadable or skipped", "file", lambda f: f"{_rel(f['path'], root)}: {f['reason']}")
@@ -100,6 +103,10 @@ def print_report(report: dict) -> None:
         out_console.print(f"note: {escape(note)}")
     findings = report["summary"]["findings"]
     out_console.print("no problems found" if not findings else f"{findings} findings")
+
+
+def _pooled(pool: str | None) -> str:
+    return f", {pool}-pooled" if pool else ""
 
 
 def _lister(root: str) -> Callable[[list, str, str, Callable[[Any], str]], None]:

@@ -26,6 +26,7 @@ CONFIG = Annotated[str | None, typer.Option(help="YAML file of configuration key
 SETTINGS = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", help="Any configuration key, repeatable (`transferkit config` lists them).")]
 IMAGE_SIZE = Annotated[int | None, typer.Option(help="Input size (default: the backbone's).")]
+POOL = Annotated[str | None, typer.Option(help="How a CNN's feature maps are pooled: auto (max), max or avg.")]
 BATCH_SIZE = Annotated[int | None, typer.Option(help="Images per step.")]
 VAL_SPLIT = Annotated[float | None, typer.Option(help="Validation fraction when the data has no val split.")]
 TEST_SPLIT = Annotated[float | None, typer.Option(help="Test fraction when the data has no test split.")]

@@ -20,6 +20,7 @@ from transferkit.cli.output import (
     JSON,
     NO_CACHE,
     OVERWRITE,
+    POOL,
     QUIET,
     RECIPE,
     SETTINGS,
@@ -113,8 +114,7 @@ def train(
         help="Frozen-stage linear head: exact (solved, C chosen on validation; default) or sgd (epochs).")] = None,
     feature_depths: Annotated[str | None, typer.Option(
         help="last, auto (chosen on validation) or levels like 2,3,4: features also from intermediate depths.")] = None,
-    pool: Annotated[str | None, typer.Option(
-        help="How a CNN's feature maps are pooled: auto (max), max or avg.")] = None,
+    pool: POOL = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
     tta: Annotated[str | None, typer.Option(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transferkit.errors import UserError
-from transferkit.options import DEFAULT_BACKBONE, ENGINES
+from transferkit.options import DEFAULT_BACKBONE, ENGINES, POOLS
 
 # Re-encoded, brightened and resized copies score above it, distinct photos far below (decision 0223).
 NEAR_THRESHOLD = 0.95
@@ -23,6 +23,7 @@ class DoctorOptions:
     weights: str | None = None  # a local ImageNet weights file, as for train
     image_size: int | None = None  # None: the backbone's input size
     crop_pct: float | None = None  # None: the backbone's
+    pool: str = "auto"  # as train's, so that train finds doctor's features in the cache (decision 0302)
     near_threshold: float = NEAR_THRESHOLD
     max_imbalance: float = MAX_IMBALANCE  # largest / smallest class count above this is flagged
     min_size: int = MIN_SIDE  # pixels; the input size / 4 when that is larger
@@ -46,6 +47,7 @@ class DoctorOptions:
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.workers >= 0, "workers must be 0 or more"),
             (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
+            (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}"),
         ]
         for ok, message in rules:
             if not ok:

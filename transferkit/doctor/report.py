@@ -62,16 +62,16 @@ def summarize(report: dict) -> dict:
 
 
 def embed(samples: list[Sample], options: DoctorOptions, reporter: Reporter) -> tuple[np.ndarray, dict]:
-    """Clean-view, average-pooled backbone features of every sample (what doctor's thresholds were measured on,
-    decision 0223), through the feature cache: `train --pool avg` on the same data and settings reads them."""
-    backbone = load_backbone(options.backbone, options.weights, options.image_size, options.crop_pct, pool="avg")
+    """Clean-view backbone features of every sample, pooled as `train`'s (doctor's thresholds hold for either
+    pooling, decisions 0223 and 0302), through the feature cache: `train` on the same data and settings reads them."""
+    backbone = load_backbone(options.backbone, options.weights, options.image_size, options.crop_pct, options.pool)
     extract = FeatureExtractor(backbone.model, options.engine, options.batch_size, options.workers, reporter,
                                cache_root(options.cache, options.cache_dir))
     [features] = extract([s.path for s in samples], [clean_view(backbone.pre)], "features")
     reporter.log(f"features: {extract.computed} images through the backbone, the other "
                  f"{len(samples) - extract.computed} from the cache")
     return features.numpy(), {"name": backbone.spec.name, "weights": backbone.weights_source,
-                              "image_size": backbone.pre.image_size}
+                              "image_size": backbone.pre.image_size, "pool": backbone.model.global_pool}
 
 
 def _alike_note(near: list[dict], n_images: int, threshold: float) -> list[str]:
