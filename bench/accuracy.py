@@ -78,6 +78,7 @@ ROWS: dict[str, dict | None] = {
     "depths-max": {"head_fit": "exact", "feature_depths": "auto", "pool": "max"},
     "dihedral-max": {**DIHEDRAL, "pool": "max"},
     "dihedral-depths-max": {**DIHEDRAL, "feature_depths": "auto", "pool": "max"},
+    "flip-max": {"head_fit": "exact", "augment": "flip", "tta": "flip", "pool": "max"},
     # class_balance on the solved head (decision 0280): inverse-frequency class weights
     "exact-weighted": {"head_fit": "exact", "class_balance": "weights"},
     "dihedral-exact-weighted": {**DIHEDRAL, "class_balance": "weights"},
