@@ -52,6 +52,8 @@ def places(tmp_path):
     ("auto MISSING --out OUT", "path does not exist"),
     ("auto DATA --out RUN", "already holds a run"),
     ("doctor MISSING", "path does not exist"),
+    ("doctor DATA --pool median", "pool must be one of"),
+    ("doctor DATA --near-threshold 1.5", "near threshold must be in"),
     ("evaluate MISSING DATA", "no such run folder"),
     ("evaluate EMPTY DATA", "not a complete run folder"),
     ("evaluate RUN MISSING", "path does not exist"),

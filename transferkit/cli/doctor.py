@@ -63,13 +63,17 @@ def doctor(
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'doctor.json'}")
     check_paths(data)
-    from transferkit.doctor import DoctorOptions, diagnose
-    from transferkit.runs.files import write_json
+    from transferkit.doctor import DoctorOptions
 
     given = dict(backbone=backbone, weights=weights, image_size=image_size, crop_pct=crop_pct, pool=pool,
                  near_threshold=near_threshold, max_imbalance=max_imbalance, min_size=min_size, val_split=val_split,
                  test_split=test_split, seed=seed, batch_size=batch_size, workers=workers, cache_dir=cache_dir)
-    options = DoctorOptions(**{k: v for k, v in given.items() if v is not None}, cache=not no_cache, quiet=quiet)
+    # validated before `diagnose` imports PyTorch: a bad option answers at once, like a bad path
+    options = DoctorOptions(**{k: v for k, v in given.items() if v is not None}, cache=not no_cache,
+                            quiet=quiet).validate()
+    from transferkit.doctor import diagnose
+    from transferkit.runs.files import write_json
+
     report = diagnose(data, options)
     print_json(report) if json_out else print_report(report)
     if out is not None:
