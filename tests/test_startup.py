@@ -49,15 +49,21 @@ def places(tmp_path):
     ("train MISSING --out OUT", "path does not exist"),
     ("train DATA --out RUN", "already holds a run"),
     ("train DATA --out OUT --optimizer nope", "optimizer must be one of"),
+    ("train DATA --out OUT --seed -1", "seed must be between 0 and 4294967295"),
     ("auto MISSING --out OUT", "path does not exist"),
     ("auto DATA --out RUN", "already holds a run"),
+    ("auto DATA --out OUT --time-budget 0", "--time-budget must be more than 0 minutes"),
+    ("auto DATA --out OUT --seed -1", "seed must be between"),
     ("doctor MISSING", "path does not exist"),
     ("doctor DATA --pool median", "pool must be one of"),
     ("doctor DATA --near-threshold 1.5", "near threshold must be in"),
+    ("doctor DATA --seed -1", "seed must be between"),
     ("evaluate MISSING DATA", "no such run folder"),
     ("evaluate EMPTY DATA", "not a complete run folder"),
     ("evaluate RUN MISSING", "path does not exist"),
     ("export EMPTY", "not a complete run folder"),
+    ("export RUN --format nope", "unknown export format 'nope'"),
+    ("export RUN --format torchscript --int8", "--int8 needs --format onnx"),
     ("report MISSING", "no such run folder"),
     ("report RUN --data MISSING", "path does not exist"),
     ("predict RUN MISSING", "no such file or folder"),
@@ -67,13 +73,13 @@ def places(tmp_path):
     ("similarity EMPTY IMG --out OUT.png", "not a complete run folder"),
     ("embed MISSING DATA --out OUT.npz", "no such run folder"),
     ("embed RUN MISSING --out OUT.npz", "path does not exist"),
+    ("embed RUN DATA --out OUT.txt", "--out must end in .npz or .parquet"),
     ("search RUN MISSING --gallery DATA", "no such file or folder"),
 ])
 def test_bad_paths_answer_before_any_heavy_library_loads(places, argv, message):
     """A typo in a path costs a fraction of a second, not the seconds of importing PyTorch: one line, exit 2."""
     args = [places.get(word, word) for word in argv.split()]
-    args = [places["OUT"] + ".png" if a == "OUT.png" else places["OUT"] + ".npz" if a == "OUT.npz" else a
-            for a in args]
+    args = [places["OUT"] + a.removeprefix("OUT") if a.startswith("OUT.") else a for a in args]
     done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2, done.stderr

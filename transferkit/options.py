@@ -17,6 +17,20 @@ TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # test-time views of each mod
 TTA_MODES = tuple(TTA_VIEWS)
 TTA_CHOICES = ("auto", *TTA_MODES)
 OPERATING_POINTS = ("default", "accuracy", "balanced", "recall=R", "precision=P")
+MAX_SEED = 2**32 - 1  # NumPy's seeds are unsigned 32-bit
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+def check_export_choice(fmt: str, int8: bool) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format '{fmt}': choose one of {', '.join(EXPORT_FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise UserError("--int8 needs --format onnx")
+
+
+def check_time_budget(minutes: float) -> None:
+    if not minutes > 0:
+        raise UserError(f"--time-budget must be more than 0 minutes, not {minutes:g}")
 
 
 @dataclass(frozen=True)

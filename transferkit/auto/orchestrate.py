@@ -52,7 +52,7 @@ from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
 from transferkit.models.pretrained import Backbone
 from transferkit.models.registry import BACKBONES, count_parameters, get_backbone, has_offline_weights
-from transferkit.options import DEFAULT_BACKBONE, backbone_entries
+from transferkit.options import DEFAULT_BACKBONE, backbone_entries, check_time_budget
 from transferkit.progress import Reporter
 from transferkit.runs.files import write_json
 from transferkit.runs.run import Run
@@ -140,8 +140,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     """Choose and train the best backbone for `data` in about `time_budget` minutes; `options` are TrainConfig
     fields as for api.train (backbone, weights, head, learning rates, unfreeze and epochs_finetune are chosen)."""
     start = time.perf_counter()
-    if not time_budget > 0:
-        raise UserError(f"--time-budget must be more than 0 minutes, not {time_budget:g}")
+    check_time_budget(time_budget)
     budget = time_budget * 60
     cfg = resolve_config(recipe, config, **options)
     candidates = parse_candidates(backbones, weights)

@@ -26,6 +26,8 @@ from transferkit.cli.output import (
     print_json,
 )
 from transferkit.cli.training import print_metrics_summary
+from transferkit.config import resolve_config
+from transferkit.options import check_time_budget
 from transferkit.progress import console
 
 
@@ -55,6 +57,9 @@ def auto(
     """Pick the backbone that transfers best (cross-validated linear probes on cached features, then a fine-tuning
     race of the two best), its head, learning rate and how much to fine-tune, and train it within the time
     budget; writes a run folder with leaderboard.csv."""
+    check_time_budget(time_budget)
+    resolve_config(recipe, config, image_size=image_size, batch_size=batch_size, val_split=val_split,
+                   test_split=test_split, seed=seed, workers=workers, device=device)
     check_paths(data, out, overwrite)
     from transferkit.auto import auto as run_auto
 

@@ -9,6 +9,7 @@ import typer
 
 from transferkit.cli.main import app
 from transferkit.cli.output import JSON, print_json
+from transferkit.options import check_export_choice
 from transferkit.progress import console
 from transferkit.runs.folder import check_run_folder
 
@@ -40,6 +41,7 @@ def export(
     """Export the classifier ([0, 1] pixels in, probabilities out); refused unless it matches PyTorch."""
     from dataclasses import asdict
 
+    check_export_choice(format_, int8)
     check_run_folder(run)
     from transferkit.export.onnx import export_run
 

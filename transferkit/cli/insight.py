@@ -11,6 +11,7 @@ from transferkit.cli.main import app
 from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, check_paths, print_json, report_skipped
 from transferkit.errors import UserError
 from transferkit.fileio import output_folder
+from transferkit.insight.embedding_files import check_embeddings_path
 from transferkit.progress import console
 from transferkit.runs.folder import check_run_folder
 
@@ -127,9 +128,9 @@ def embed(
     """Embeddings of every image with its path and label, for your own analysis (UMAP, kNN, deduplication)."""
     check_run_folder(run)
     check_paths(data)
-    from transferkit.insight.similarity import check_embeddings_path, labelled_images, run_source, write_embeddings
-
     check_embeddings_path(out)
+    from transferkit.insight.similarity import labelled_images, run_source, write_embeddings
+
     source = run_source(load_run(run))
     paths, labels, skipped = labelled_images(data)
     report_skipped(skipped)

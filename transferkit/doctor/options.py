@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transferkit.errors import UserError
-from transferkit.options import DEFAULT_BACKBONE, ENGINES, POOLS
+from transferkit.options import DEFAULT_BACKBONE, ENGINES, MAX_SEED, POOLS
 
 # Re-encoded, brightened and resized copies score above it, distinct photos far below (decision 0223).
 NEAR_THRESHOLD = 0.95
@@ -46,6 +46,7 @@ class DoctorOptions:
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.workers >= 0, "workers must be 0 or more"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}"),
             (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}"),
         ]

@@ -28,13 +28,13 @@ from transferkit.export.check import validation_images
 from transferkit.fileio import atomic_path
 from transferkit.models.classifier import evaluate_logits
 from transferkit.models.tta import tta_logits
+from transferkit.options import check_export_choice
 from transferkit.parity import PROBES_KEY, Check, compare, make_probes
 from transferkit.prediction import ENSEMBLE, ensemble_members
 from transferkit.predictor import ENSEMBLE_EXPORTS, EXPORT_FILES, OnnxSession
 from transferkit.runs.files import write_json
 from transferkit.runs.run import Run
 
-FORMATS = ("onnx", "torchscript")
 CALIBRATION_IMAGES = 256  # int8 ranges settle long before this; more only costs export time
 TIMING_IMAGES = 64
 BATCH_SIZE = 32
@@ -240,10 +240,7 @@ def _build(fmt: str, int8: bool, run: Run, wrapper: nn.Module, pixels: torch.Ten
 def export_run(run_dir: str | Path, fmt: str = "onnx", int8: bool = False, out: str | Path | None = None,
                log: Callable[[str], None] = lambda _: None) -> ExportReport:
     """Export, check against eager PyTorch on the validation images, and only then move the file to `out`."""
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
-    if int8 and fmt != "onnx":
-        raise UserError("--int8 needs --format onnx")
+    check_export_choice(fmt, int8)
     if (members := ensemble_members(Path(run_dir))) is not None:
         return export_ensemble(Path(run_dir), members, fmt, int8, out, log)
     run = Run(run_dir)

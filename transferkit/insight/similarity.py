@@ -7,7 +7,6 @@ and an unchanged backbone shares the clean view its training already cached.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from collections import Counter
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from torch import nn  # noqa: E402
 from transferkit.data.boxes import Box  # noqa: E402
 from transferkit.data.sources import Skipped, scan_dataset  # noqa: E402
 from transferkit.data.transforms import Preprocess  # noqa: E402
-from transferkit.errors import UserError  # noqa: E402
 from transferkit.features.cache import cache_root  # noqa: E402
 from transferkit.features.extract import FeatureExtractor, View, clean_view  # noqa: E402
 from transferkit.fileio import atomic_write  # noqa: E402
+from transferkit.insight.embedding_files import check_embeddings_path  # noqa: E402
 from transferkit.models.classifier import Classifier, drop_top  # noqa: E402
 from transferkit.models.registry import create_imagenet_model, get_backbone  # noqa: E402
 from transferkit.prediction import collect_images  # noqa: E402
@@ -127,17 +126,6 @@ def labelled_images(data: str) -> tuple[list[str], list[str], list[Skipped]]:
         return paths, [""] * len(paths), skipped
     index = scan_dataset(data, trainable=False)
     return [s.path for s in index.samples], [s.label for s in index.samples], index.skipped
-
-
-EMBEDDING_FORMATS = (".npz", ".parquet")
-
-
-def check_embeddings_path(path: Path) -> None:
-    """Refuse an output the writer cannot produce before any image is embedded."""
-    if path.suffix.lower() not in EMBEDDING_FORMATS:
-        raise UserError(f"--out must end in {' or '.join(EMBEDDING_FORMATS)}, not '{path.name}'")
-    if path.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
-        raise UserError("writing .parquet needs pyarrow (pip install pyarrow); or write .npz")
 
 
 def write_embeddings(path: Path, embeddings: np.ndarray, paths: list[str], labels: list[str]) -> None:
