@@ -58,6 +58,7 @@ def places(tmp_path):
     ("doctor DATA --pool median", "pool must be one of"),
     ("doctor DATA --near-threshold 1.5", "near threshold must be in"),
     ("doctor DATA --seed -1", "seed must be between"),
+    ("doctor DATA --val-split 1.5", "bad val_split 1.5"),
     ("evaluate MISSING DATA", "no such run folder"),
     ("evaluate EMPTY DATA", "not a complete run folder"),
     ("evaluate RUN MISSING", "path does not exist"),

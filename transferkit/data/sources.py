@@ -127,7 +127,7 @@ def scan_dataset(
     ``trainable=False`` (data checks) indexes data that could not train yet (one class, a class with one image);
     only "no images at all" is then an error.
     """
-    _check_fractions(val_split, test_split)
+    check_fractions(val_split, test_split)
     if remote.is_url(path):  # only packed datasets live at a URL: their index lists every image
         from transferkit.data.shards import shard_dataset  # noqa: PLC0415 - shards builds on this module
 
@@ -162,7 +162,7 @@ def check_data_path(path: str | os.PathLike[str]) -> None:
         existing_root(path)
 
 
-def _check_fractions(val_split: float, test_split: float) -> None:
+def check_fractions(val_split: float, test_split: float) -> None:
     """Reject split fractions that would leave no training or no validation data."""
     if not 0 < val_split < 1:
         raise UserError(f"bad val_split {val_split}: must be between 0 and 1 (exclusive)")

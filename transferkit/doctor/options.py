@@ -53,4 +53,7 @@ class DoctorOptions:
         for ok, message in rules:
             if not ok:
                 raise UserError(f"bad doctor option: {message}")
+        from transferkit.data.sources import check_fractions  # reads images: not for `--help`
+
+        check_fractions(self.val_split, self.test_split)
         return self
