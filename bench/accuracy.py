@@ -82,6 +82,7 @@ ROWS: dict[str, dict | None] = {
     # class_balance on the solved head (decision 0280): inverse-frequency class weights
     "exact-weighted": {"head_fit": "exact", "class_balance": "weights"},
     "dihedral-exact-weighted": {**DIHEDRAL, "class_balance": "weights"},
+    "max-weighted": {"head_fit": "exact", "pool": "max", "class_balance": "weights"},
 }
 # the dihedral head at other input sizes and on larger backbones (ELPV's cells are 300 px)
 SIZE_ROWS = {
