@@ -57,16 +57,15 @@ def auto(
     """Pick the backbone that transfers best (cross-validated linear probes on cached features, then a fine-tuning
     race of the two best), its head, learning rate and how much to fine-tune, and train it within the time
     budget; writes a run folder with leaderboard.csv."""
+    options = dict(image_size=image_size, batch_size=batch_size, val_split=val_split, test_split=test_split,
+                   seed=seed, workers=workers, device=device, cache_dir=cache_dir, cache=False if no_cache else None)
     check_time_budget(time_budget)
-    resolve_config(recipe, config, image_size=image_size, batch_size=batch_size, val_split=val_split,
-                   test_split=test_split, seed=seed, workers=workers, device=device)
+    resolve_config(recipe, config, **options)  # a bad option answers here, before PyTorch loads
     check_paths(data, out, overwrite)
     from transferkit.auto import auto as run_auto
 
     result = run_auto(data, out, time_budget=time_budget, backbones=backbones, weights=weights, overwrite=overwrite,
-                      quiet=quiet, recipe=recipe, config=config, image_size=image_size, batch_size=batch_size,
-                      val_split=val_split, test_split=test_split, seed=seed, workers=workers, device=device,
-                      cache_dir=cache_dir, cache=False if no_cache else None)
+                      quiet=quiet, recipe=recipe, config=config, **options)
     if json_out:
         print_json({**result.summary, "metrics": result.run.metrics})
     elif not quiet:
