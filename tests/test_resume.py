@@ -116,6 +116,8 @@ def test_resume_refuses_bad_requests(dataset: Path, tmp_path: Path, capsys: pyte
     assert "no run to resume" in capsys.readouterr().err
     assert run_cli(["train", "--resume", str(tmp_path), "--lr", "0.1"]) == 2
     assert "drop --lr" in capsys.readouterr().err
+    assert run_cli(["train", "--resume", str(tmp_path), "--lr", "0.1", "--set", "mixup=0.2", "--overwrite"]) == 2
+    assert "drop --mixup, --lr, --overwrite" in capsys.readouterr().err
     assert run_cli(["train", str(dataset)]) == 2
     assert "needs DATA and --out" in capsys.readouterr().err
 

@@ -161,10 +161,9 @@ class TrainConfig:
                 (len(names) == 1 or self.weights is None,
                  "weights is the file of one backbone; with several, give each its own as NAME=FILE in backbone")]
 
-    def validate(self) -> TrainConfig:
-        self.feature_depths = str(self.feature_depths).replace(" ", "")  # YAML reads `feature_depths: 3` as a number
-        checks = [
-            *self.backbone_checks(),
+    def choice_checks(self) -> list[tuple[bool, str]]:
+        """Options that name one of a fixed set of choices."""
+        return [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (
                 self.finetune_optimizer in (None, *OPTIMIZERS),
@@ -174,6 +173,20 @@ class TrainConfig:
             (self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}"),
             (self.augment in AUGMENT_PRESETS, f"augment must be one of {', '.join(AUGMENT_PRESETS)}"),
             (self.unfreeze == "all" or str(self.unfreeze).isdigit(), "unfreeze must be 'all' or a number of blocks"),
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.head_fit in HEAD_FITS, f"head_fit must be one of {', '.join(HEAD_FITS)}"),
+            (self.feature_depths in ("last", "auto") or all(p.isdigit() for p in self.feature_depths.split(",")),
+             "feature_depths must be last, auto or levels like 2,3,4"),
+            (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}"),
+            (self.feature_engine in ENGINES, f"feature_engine must be one of {', '.join(ENGINES)}"),
+            (self.class_balance in CLASS_BALANCES, f"class_balance must be one of {', '.join(CLASS_BALANCES)}"),
+            (self.tta in TTA_CHOICES, f"tta must be one of {', '.join(TTA_CHOICES)}"),
+        ]
+
+    def number_checks(self) -> list[tuple[bool, str]]:
+        """Options that are counts, rates or fractions within their range."""
+        return [
             (0 < self.val_split < 1, "val_split must be between 0 and 1"),
             (0 <= self.test_split < 1 and self.val_split + self.test_split < 1, "val_split + test_split must be < 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
@@ -183,22 +196,15 @@ class TrainConfig:
             (self.lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),
             (0 <= self.head_dropout < 1, "head_dropout must be in [0, 1)"),
             (all(width >= 1 for width in self.head_hidden), "head_hidden widths must be at least 1"),
+            (self.feature_views == "auto" or (isinstance(self.feature_views, int) and self.feature_views >= 1),
+             "feature_views must be auto or at least 1"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.patience >= 0, "patience must be 0 (off) or more epochs"),
             (self.backbone_lr_mult >= 0 and self.weight_decay >= 0 and self.lr_decay >= 0,
              "backbone_lr_mult, weight_decay and lr_decay must be 0 or more"),
             (self.adam_eps > 0 and 0 <= self.momentum < 1, "adam_eps must be positive and momentum in [0, 1)"),
             (self.warmup_epochs >= 0, "warmup_epochs must be 0 or more"),
-            (self.feature_views == "auto" or (isinstance(self.feature_views, int) and self.feature_views >= 1),
-             "feature_views must be auto or at least 1"),
-            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
-            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.accumulate >= 1, "accumulate must be at least 1"),
-            (self.head_fit in HEAD_FITS, f"head_fit must be one of {', '.join(HEAD_FITS)}"),
-            (self.feature_depths in ("last", "auto") or all(p.isdigit() for p in self.feature_depths.split(",")),
-             "feature_depths must be last, auto or levels like 2,3,4"),
-            (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}"),
-            (self.feature_engine in ENGINES, f"feature_engine must be one of {', '.join(ENGINES)}"),
             (self.workers >= 0, "workers must be 0 or more"),
             (0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}"),
             (self.checkpoint_every >= 0, "checkpoint_every must be 0 (per epoch only) or more steps"),
@@ -208,10 +214,12 @@ class TrainConfig:
             (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1] (1: off)"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: off)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be 0 (off) or positive alphas"),
-            (self.class_balance in CLASS_BALANCES, f"class_balance must be one of {', '.join(CLASS_BALANCES)}"),
             (self.soup == 0 or self.soup >= 2, "soup must be 0 (off) or the number of epochs to average, 2 or more"),
         ]
-        checks.append((self.tta in TTA_CHOICES, f"tta must be one of {', '.join(TTA_CHOICES)}"))
+
+    def validate(self) -> TrainConfig:
+        self.feature_depths = str(self.feature_depths).replace(" ", "")  # YAML reads `feature_depths: 3` as a number
+        checks = [*self.backbone_checks(), *self.choice_checks(), *self.number_checks()]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad configuration: {message}")

@@ -80,102 +80,68 @@ def print_metrics_summary(metrics: dict) -> None:
             for name, m in metrics["per_class"].items()))
 
 
+DATA = Annotated[str | None, typer.Argument(
+    help="Image folder (train/val[/test] or class subfolders), CSV or packed shards.")]
+OUT = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to write.")]
+RESUME = Annotated[Path | None, typer.Option(
+    help="Continue this interrupted run from its last checkpoint, with its own config and data.")]
+CHECKPOINT_EVERY = Annotated[int | None, typer.Option(
+    help="Optimizer steps between checkpoints (also one per epoch); 0: per epoch only.")]
+NUM_PROCESSES = Annotated[int | None, typer.Option(
+    min=1, help="Train in N processes on this machine (DDP via accelerate: gloo on CPU, nccl on GPUs).")]
+BACKBONE = Annotated[str | None, typer.Option(
+    help="Backbone (see `transferkit backbones`); several, comma-separated, train one run each and keep their "
+         "average.")]
+WEIGHTS = Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")]
+EPOCHS_FROZEN = Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")]
+EPOCHS_FINETUNE = Annotated[int | None, typer.Option(help="Epochs fine-tuning after unfreezing.")]
+UNFREEZE = Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")]
+LR = Annotated[float | None, typer.Option(help="Head learning rate in the frozen stage.")]
+FINETUNE_LR = Annotated[float | None, typer.Option(help="Head learning rate when fine-tuning.")]
+OPTIMIZER = Annotated[str | None, typer.Option(help="adam, adamw, rmsprop or sgd.")]
+SCHEDULE = Annotated[str | None, typer.Option(help="constant, cosine, onecycle or inverse_time.")]
+AUGMENT = Annotated[str | None, typer.Option(help=f"{', '.join(AUGMENT_PRESETS)}.")]
+HEAD_HIDDEN = Annotated[str | None, typer.Option(help="Hidden dense layers, e.g. 1024,512.")]
+HEAD_DROPOUT = Annotated[float | None, typer.Option(help="Dropout before the head.")]
+HEAD_FIT = Annotated[str | None, typer.Option(
+    help="Frozen-stage linear head: exact (solved, C chosen on validation; default) or sgd (epochs).")]
+FEATURE_DEPTHS = Annotated[str | None, typer.Option(
+    help="last, auto (chosen on validation) or levels like 2,3,4: features also from intermediate depths.")]
+LABEL_SMOOTHING = Annotated[float | None, typer.Option(help="Label smoothing.")]
+PATIENCE = Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")]
+TTA = Annotated[str | None, typer.Option(
+    help="Test-time augmentation: auto (chosen on validation), none, flip or dihedral (8 views).")]
+OPERATING_POINT = Annotated[str | None, typer.Option(
+    help="Two classes: the decision threshold chosen on validation: default (p >= 0.5), accuracy, balanced, "
+         "recall=R or precision=P.")]
+BOX_MARGIN = Annotated[float | None, typer.Option(help="CSV boxes: fraction of the box's size added on each side.")]
+SEED = Annotated[int | None, typer.Option(help="Seed: same seed, same run.")]
+PRECISION = Annotated[str | None, typer.Option(help="auto (CUDA: fp16 AMP, CPU: fp32), fp32, bf16, fp16.")]
+ACCUMULATE = Annotated[int | None, typer.Option(help="Gradient accumulation: step every N batches.")]
+
+# train's arguments that are not configuration keys: everything else it takes is passed on under its own name
+NOT_CONFIGURATION = ("data", "out", "resume", "num_processes", "recipe", "config", "settings", "no_cache",
+                     "drop_leaks", "overwrite", "quiet", "json_out")
+
+
 @app.command()
 def train(
-    data: Annotated[str | None, typer.Argument(
-        help="Image folder (train/val[/test] or class subfolders), CSV or packed shards.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to write.")] = None,
-    resume: Annotated[Path | None, typer.Option(
-        help="Continue this interrupted run from its last checkpoint, with its own config and data.")] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(
-        help="Optimizer steps between checkpoints (also one per epoch); 0: per epoch only.")] = None,
-    num_processes: Annotated[int | None, typer.Option(
-        min=1, help="Train in N processes on this machine (DDP via accelerate: gloo on CPU, nccl on GPUs).")] = None,
-    backbone: Annotated[str | None, typer.Option(
-        help="Backbone (see `transferkit backbones`); several, comma-separated, train one run each and keep their "
-             "average.")] = None,
-    weights: Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")] = None,
-    recipe: RECIPE = None,
-    config: CONFIG = None,
-    settings: SETTINGS = None,
-    epochs_frozen: Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")] = None,
-    epochs_finetune: Annotated[int | None, typer.Option(help="Epochs fine-tuning after unfreezing.")] = None,
-    unfreeze: Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")] = None,
-    batch_size: BATCH_SIZE = None,
-    lr: Annotated[float | None, typer.Option(help="Head learning rate in the frozen stage.")] = None,
-    finetune_lr: Annotated[float | None, typer.Option(help="Head learning rate when fine-tuning.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam, adamw, rmsprop or sgd.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant, cosine, onecycle or inverse_time.")] = None,
-    augment: Annotated[str | None, typer.Option(help=f"{', '.join(AUGMENT_PRESETS)}.")] = None,
-    image_size: IMAGE_SIZE = None,
-    head_hidden: Annotated[str | None, typer.Option(help="Hidden dense layers, e.g. 1024,512.")] = None,
-    head_dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
-    head_fit: Annotated[str | None, typer.Option(
-        help="Frozen-stage linear head: exact (solved, C chosen on validation; default) or sgd (epochs).")] = None,
-    feature_depths: Annotated[str | None, typer.Option(
-        help="last, auto (chosen on validation) or levels like 2,3,4: features also from intermediate depths.")] = None,
-    pool: POOL = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
-    tta: Annotated[str | None, typer.Option(
-        help="Test-time augmentation: auto (chosen on validation), none, flip or dihedral (8 views).")] = None,
-    operating_point: Annotated[str | None, typer.Option(
-        help="Two classes: the decision threshold chosen on validation: default (p >= 0.5), accuracy, balanced, "
-             "recall=R or precision=P.")] = None,
-    val_split: VAL_SPLIT = None,
-    test_split: TEST_SPLIT = None,
-    box_margin: Annotated[
-        float | None, typer.Option(help="CSV boxes: fraction of the box's size added on each side.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same run.")] = None,
-    workers: WORKERS = None,
-    device: DEVICE = None,
-    precision: Annotated[str | None, typer.Option(help="auto (CUDA: fp16 AMP, CPU: fp32), fp32, bf16, fp16.")] = None,
-    accumulate: Annotated[int | None, typer.Option(help="Gradient accumulation: step every N batches.")] = None,
-    cache_dir: CACHE_DIR = None,
-    no_cache: NO_CACHE = False,
-    drop_leaks: DROP_LEAKS = False,
-    overwrite: OVERWRITE = False,
-    quiet: QUIET = False,
+    data: DATA = None, out: OUT = None, resume: RESUME = None, checkpoint_every: CHECKPOINT_EVERY = None,
+    num_processes: NUM_PROCESSES = None, backbone: BACKBONE = None, weights: WEIGHTS = None, recipe: RECIPE = None,
+    config: CONFIG = None, settings: SETTINGS = None, epochs_frozen: EPOCHS_FROZEN = None,
+    epochs_finetune: EPOCHS_FINETUNE = None, unfreeze: UNFREEZE = None, batch_size: BATCH_SIZE = None,
+    lr: LR = None, finetune_lr: FINETUNE_LR = None, optimizer: OPTIMIZER = None, schedule: SCHEDULE = None,
+    augment: AUGMENT = None, image_size: IMAGE_SIZE = None, head_hidden: HEAD_HIDDEN = None,
+    head_dropout: HEAD_DROPOUT = None, head_fit: HEAD_FIT = None, feature_depths: FEATURE_DEPTHS = None,
+    pool: POOL = None, label_smoothing: LABEL_SMOOTHING = None, patience: PATIENCE = None, tta: TTA = None,
+    operating_point: OPERATING_POINT = None, val_split: VAL_SPLIT = None, test_split: TEST_SPLIT = None,
+    box_margin: BOX_MARGIN = None, seed: SEED = None, workers: WORKERS = None, device: DEVICE = None,
+    precision: PRECISION = None, accumulate: ACCUMULATE = None, cache_dir: CACHE_DIR = None,
+    no_cache: NO_CACHE = False, drop_leaks: DROP_LEAKS = False, overwrite: OVERWRITE = False, quiet: QUIET = False,
     json_out: JSON = False,
 ) -> None:
     """Train a classifier: frozen pretrained base + new head, then fine-tune; writes a run folder."""
-    options = dict(
-        backbone=backbone,
-        weights=weights,
-        epochs_frozen=epochs_frozen,
-        epochs_finetune=epochs_finetune,
-        unfreeze=unfreeze,
-        batch_size=batch_size,
-        lr=lr,
-        finetune_lr=finetune_lr,
-        optimizer=optimizer,
-        schedule=schedule,
-        augment=augment,
-        image_size=image_size,
-        head_hidden=parse_hidden(head_hidden),
-        head_dropout=head_dropout,
-        head_fit=head_fit,
-        feature_depths=feature_depths,
-        pool=pool,
-        label_smoothing=label_smoothing,
-        patience=patience,
-        tta=tta,
-        operating_point=operating_point,
-        val_split=val_split,
-        test_split=test_split,
-        box_margin=box_margin,
-        seed=seed,
-        workers=workers,
-        device=device,
-        precision=precision,
-        accumulate=accumulate,
-        checkpoint_every=checkpoint_every,
-        cache_dir=cache_dir,
-        cache=False if no_cache else None,
-        drop_leaks=True if drop_leaks else None,
-    )
-    options = {**parse_settings(settings), **{key: value for key, value in options.items() if value is not None}}
+    options = configuration_options(locals())
     if resume is None:  # bad options and paths fail here: once, not in every process, and before torch loads
         check_train_arguments(data, out, overwrite, recipe, config, options)
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -185,13 +151,8 @@ def train(
     from transferkit import api
 
     if resume is not None:
-        machine = {name: options.pop(name, None) for name in api.RESUME_OPTIONS}
-        given = [name for name, value in {**options, "recipe": recipe, "config": config, "out": out}.items()
-                 if value is not None] + (["overwrite"] if overwrite else [])
-        if given:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
-            raise UserError(f"--resume continues the run with its own config.yaml: drop {flags}")
-        run = api.resume(resume, data, quiet, **machine)
+        check_resume_alone({**options, "recipe": recipe, "config": config, "out": out, "overwrite": overwrite or None})
+        run = api.resume(resume, data, quiet, **{name: options.get(name) for name in api.RESUME_OPTIONS})
     else:
         run = api.train(data, out, overwrite=overwrite, quiet=quiet, recipe=recipe, config=config, **options)
     if run is None:  # a rank other than 0 of a multi-process run: rank 0 reports
@@ -201,6 +162,25 @@ def train(
     elif not quiet:
         print_metrics_summary(run.metrics)
         console.print(f"run folder: {run.path}")
+
+
+def configuration_options(arguments: dict) -> dict:
+    """train's given options as configuration keys, `--set` ones first so that a named option wins over them."""
+    given = {name: value for name, value in arguments.items() if name not in NOT_CONFIGURATION}
+    given.update(head_hidden=parse_hidden(given["head_hidden"]), cache=False if arguments["no_cache"] else None,
+                 drop_leaks=True if arguments["drop_leaks"] else None)
+    named = {key: value for key, value in given.items() if value is not None}
+    return {**parse_settings(arguments["settings"]), **named}
+
+
+def check_resume_alone(given: dict) -> None:
+    """--resume takes only the machine's options (api.RESUME_OPTIONS): the run's config.yaml holds the rest."""
+    from transferkit.api import RESUME_OPTIONS
+
+    flags = [f"--{name.replace('_', '-')}" for name, value in given.items()
+             if value is not None and name not in RESUME_OPTIONS]
+    if flags:
+        raise UserError(f"--resume continues the run with its own config.yaml: drop {', '.join(flags)}")
 
 
 def check_train_arguments(data: str | None, out: Path | None, overwrite: bool, recipe: str | None,
