@@ -171,6 +171,7 @@ def test_planted_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     (root / "README.md").write_text("hi")
     _image(root / "dog" / ".thumbs" / "t.png")
     _image(root / ".cache" / "c.png")
+    _image(root / "__MACOSX" / "cat" / "._good.png")  # what unzipping a Mac-made archive leaves: not a class
     index = scan_dataset(root)
     assert {(os.path.relpath(s.path, root), s.reason) for s in index.skipped} == {
         ("cat/truncated.png", "truncated or corrupt"),
@@ -181,6 +182,7 @@ def test_planted_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
         ("dog/.thumbs", "hidden folder"),
         (".DS_Store", "hidden file"),
         (".cache", "hidden folder"),
+        ("__MACOSX", "system folder"),
         ("README.md", "not in a class folder"),
     }
     assert index.classes == ["cat", "dog"] and str(good) in {s.path for s in index.samples}

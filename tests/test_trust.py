@@ -111,6 +111,16 @@ def test_evaluate_scores_photos_of_one_class_and_skips_an_empty_class_folder(lea
     assert sorted(paths) == sorted(str(p) for p in (other / "class_2").iterdir()) and set(y_true) == {2}
 
 
+def test_evaluate_names_the_classes_it_knows_when_a_folder_holds_another(leaky_run, tmp_path, capsys):
+    run, _ = leaky_run
+    other = make_class_folders(tmp_path / "new_photos", classes=2, per_class=2, seed=9)
+    (other / "class_1").rename(other / "ducks")
+    assert run_cli(["evaluate", str(run.path), str(other)]) == 2
+    error = capsys.readouterr().err
+    assert "classes not known to this model: ducks (it knows class_0, class_1, class_2)" in error
+    assert len(error.strip().splitlines()) == 1
+
+
 def test_evaluate_on_own_data_names_the_role_of_val(tmp_path, dataset, tiny_weights, capsys):
     run = train_tiny(dataset, tmp_path / "run", tiny_weights)
     assert run.metrics["split"] == "val"

@@ -219,6 +219,10 @@ def _read_class_folders(folder: Path, split: str | None, found: _Found) -> None:
                 found.entries.append(_Entry(full, label, split))
 
 
+# Folders that archivers, NAS boxes and Windows add beside a user's own: never a class.
+SYSTEM_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
+
+
 def _sorted_walk(folder: Path, skipped: list[Skipped]) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk`` in name order, independent of the filesystem; hidden entries and unreadable or
     already-visited (symlink loop) folders are recorded in ``skipped`` and never entered."""
@@ -236,6 +240,8 @@ def _sorted_walk(folder: Path, skipped: list[Skipped]) -> Iterator[tuple[str, li
         for names, kind in ((dirnames, "hidden folder"), (filenames, "hidden file")):
             skipped.extend(Skipped(os.path.join(dirpath, n), kind) for n in sorted(names) if n.startswith("."))
             names[:] = sorted(n for n in names if not n.startswith("."))
+        skipped.extend(Skipped(os.path.join(dirpath, n), "system folder") for n in dirnames if n in SYSTEM_FOLDERS)
+        dirnames[:] = [n for n in dirnames if n not in SYSTEM_FOLDERS]
         yield dirpath, dirnames, filenames
 
 

@@ -29,6 +29,8 @@ from transferkit.task import multilabel
 from transferkit.task.calibration import decide, expected_calibration_error
 from transferkit.task.kinds import Task, task_of
 
+KNOWN_SHOWN = 10  # the classes named when a folder holds others: enough to spot a renamed one
+
 
 class Run:
     """A trained classifier loaded from its run folder alone (no pretrained weights, no training data needed)."""
@@ -173,7 +175,9 @@ class Run:
             raise UserError(f"{index.root} has multi-label rows ('|' in labels) but this run is single-label")
         unknown = sorted({label for s in samples for label in index.labels_of(s)} - set(self.classes))
         if unknown:
-            raise UserError(f"classes not known to this model: {', '.join(unknown)}")
+            known = ", ".join(self.classes[:KNOWN_SHOWN]) + (", ..." if len(self.classes) > KNOWN_SHOWN else "")
+            raise UserError(f"classes not known to this model: {', '.join(unknown)} (it knows {known}); "
+                            "a folder per known class, or a CSV with their names, is what it can score")
         if not samples:
             raise UserError(f"the '{split}' split of {index.root} has no images")
 
