@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from tests.conftest import make_class_folders, make_image
@@ -95,6 +96,18 @@ def test_val_class_missing_from_train(capsys, tmp_path):
 def test_bad_flags(capsys, dataset, tmp_path, flags, fragment):
     fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "run"), *flags], fragment)
     assert not (tmp_path / "run" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02junk" * 50, b"# a README\n", "pickled object"])
+def test_unreadable_weights_file_is_one_line(capsys, dataset, tmp_path, content):
+    """An empty file once raised IndexError while the message was built; a pickled object is refused unrun."""
+    weights = tmp_path / "w.pth"
+    if content == "pickled object":
+        torch.save({"model": torch.nn.Linear(2, 2)}, weights)
+    else:
+        weights.write_bytes(content)
+    fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "run"), "--weights", str(weights)],
+               f"cannot read weights file {weights}: not a .safetensors file or a PyTorch file of tensors")
 
 
 def test_backbone_without_offline_weights_fails_fast_when_offline(capsys, dataset, tmp_path, monkeypatch):

@@ -95,8 +95,9 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user-facing problem
-        raise UserError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+    except Exception:  # noqa: BLE001 - any failure to parse is the same user-facing problem
+        raise UserError(f"cannot read weights file {path}: not a .safetensors file or a PyTorch file of tensors "
+                        "(a pickled model object is refused: save its state_dict())") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
