@@ -313,3 +313,21 @@ def test_finetune_options_are_listed_with_their_help(capsys):
     assert "ema_decay = 0.999  (default 0.0)" in out and "augment = 'randaugment'" in out
     for key in ("layer_decay", "ema_warmup", "mixup", "cutmix", "class_balance"):
         assert re.search(rf"^\s*{key} = .*\n\s+\S", out, re.MULTILINE), f"{key} has no help line"
+
+
+def test_a_killed_loader_worker_is_one_line(capsys, dataset, tmp_path, monkeypatch):
+    """What PyTorch raises after the system's out-of-memory killer takes a loader process; other errors surface."""
+    from transferkit import api
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid(s) 5099) exited unexpectedly")
+
+    monkeypatch.setattr(api, "train", killed)
+    fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "run")], "worker process died", "--batch-size")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(api, "train", broken)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        run_cli(["train", str(dataset), "--out", str(tmp_path / "run")])

@@ -52,7 +52,8 @@ def test_layering_defaults_recipe_file_flags(tmp_path):
      {"augment_options": {"twirl": 3}}, {"epochs_frozen": 0, "epochs_finetune": 0}, {"crop_pct": 1.5},
      # each of these crashed, or ran on quietly, before a rule named it
      {"seed": -1}, {"seed": 2**32}, {"label_smoothing": 2.0}, {"patience": -1}, {"momentum": 1.5},
-     {"weight_decay": -1.0}, {"warmup_epochs": -1.0}, {"head_hidden": [0]}, {"adam_eps": 0.0}],
+     {"weight_decay": -1.0}, {"warmup_epochs": -1.0}, {"head_hidden": [0]}, {"adam_eps": 0.0},
+     {"image_size": 100_000}],  # the last exhausted memory in a loader worker: a traceback after its OOM kill
 )
 def test_bad_values_are_user_errors(values):
     with pytest.raises(UserError, match="bad configuration"):

@@ -18,6 +18,7 @@ TTA_MODES = tuple(TTA_VIEWS)
 TTA_CHOICES = ("auto", *TTA_MODES)
 OPERATING_POINTS = ("default", "accuracy", "balanced", "recall=R", "precision=P")
 MAX_SEED = 2**32 - 1  # NumPy's seeds are unsigned 32-bit
+MAX_IMAGE_SIZE = 2048  # pixels a side: 32 inputs of 2048² already take 1.6 GB before the network runs
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 

@@ -16,6 +16,9 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from transferkit.errors import UserError
 
+# PyTorch reports a loader process killed by the system (its out-of-memory killer, usually) as a plain RuntimeError.
+LOADER_WORKER_DIED = "DataLoader worker"
+
 app = typer.Typer(
     name="transferkit",
     help="Transfer learning for image classification: a folder of images in, a fine-tuned classifier out.",
@@ -90,6 +93,11 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 0
     except click_errors.UsageError as exc:
         return fail(exc.format_message().replace("\n", " "))
+    except RuntimeError as exc:
+        if LOADER_WORKER_DIED not in str(exc):
+            raise
+        return fail("an image-loading worker process died, most likely killed for lack of memory: try a smaller "
+                    "--batch-size or --image-size, or --workers 0")
     except (typer.Abort, KeyboardInterrupt):
         print("transferkit: interrupted", file=sys.stderr)
         return 130
