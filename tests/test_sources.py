@@ -132,6 +132,19 @@ def test_csv_with_splits_relative_and_absolute_paths(tmp_path: Path) -> None:
     assert index.skipped == [Skipped(str(imgs / "gone.png"), "file not found")]
 
 
+@pytest.mark.parametrize(("header", "delimiter"), [("path,label", ","), ("Filename;Class", ";"),
+                                                  ("image\tcategory", "\t"), ("\ufeffPath,Label,file", ",")])
+def test_csv_as_spreadsheets_save_it(tmp_path: Path, header: str, delimiter: str) -> None:
+    """Excel in comma-decimal locales writes `;`, Keras names its columns filename and class; a BOM, upper case or
+    a second path-like column change nothing (the first known name of each column is used)."""
+    rows = [f"{_image(tmp_path / f'{name}.png').name}{delimiter}{name[0]}" for name in ("a0", "a1", "b0", "b1")]
+    if header.endswith(",file"):
+        rows = [f"{row},ignored.png" for row in rows]
+    (tmp_path / "labels.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    index = scan_dataset(tmp_path / "labels.csv")
+    assert index.classes == ["a", "b"] and len(index.samples) == 4 and not index.skipped
+
+
 def test_csv_with_train_and_test_rows_carves_val_from_train_like_folders(tmp_path: Path) -> None:
     rows = [(str(_image(tmp_path / f"{c}{i}.png")), c, "test" if i < 2 else "train") for c in "ab" for i in range(12)]
     index = scan_dataset(_write_csv(tmp_path / "labels.csv", rows), val_split=0.2, test_split=0.3)
@@ -283,7 +296,10 @@ def test_split_folder_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (b"file,class\nx.png,a\n", "must have 'path' and 'label' columns in its header; found: file, class"),
+        (b"file,kind\nx.png,a\n", "needs a label column ('label' or 'class' or 'labels') in its header row; "
+                                  "found: file, kind"),
+        (b"imgs/a.png,a\n", "needs a path column ('path' or 'filename' or 'file') in its header row; "
+                             "found: imgs/a.png, a"),
         (b"", "found: none"),
         (b"path,label\n\xff\xfe\xfa,a\n", "cannot read CSV"),
         (b"path,label,split\nimgs/a.png,a,holdout\n", "unknown split 'holdout'"),

@@ -27,6 +27,7 @@ from transferkit.data.images import (
 )
 from transferkit.data.labelsets import canonical_label_set, is_label_set, label_set
 from transferkit.data.members import looks_packed
+from transferkit.data.tables import open_table
 from transferkit.errors import UnreadableImage, UserError
 
 SPLITS = ("train", "val", "test")
@@ -278,11 +279,7 @@ def _csv_rows(csv_path: Path) -> tuple[bool, list[tuple[int, dict[str, str]]]]:
     UserErrors."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            reader.fieldnames = [(c or "").strip().lower() for c in reader.fieldnames or []]
-            if not {"path", "label"} <= set(reader.fieldnames):
-                found = ", ".join(c for c in reader.fieldnames if c) or "none"
-                raise UserError(f"CSV {csv_path} must have 'path' and 'label' columns in its header; found: {found}")
+            reader = open_table(fh, str(csv_path))
             with_boxes = has_box_columns(reader.fieldnames)
             cells = ("path", "label", "split") + (BOX_COLUMNS if with_boxes else ())
             return with_boxes, [(reader.line_num, {c: (row.get(c) or "").strip() for c in cells}) for row in reader]
