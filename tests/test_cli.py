@@ -331,3 +331,27 @@ def test_a_killed_loader_worker_is_one_line(capsys, dataset, tmp_path, monkeypat
     monkeypatch.setattr(api, "train", broken)
     with pytest.raises(RuntimeError, match="a bug of ours"):
         run_cli(["train", str(dataset), "--out", str(tmp_path / "run")])
+
+
+def test_train_without_out_writes_runs_named_after_the_data(capsys, dataset, tmp_path, tiny_weights, monkeypatch):
+    """`transferkit train my_photos/` as the README's first line types it: runs/my_photos, then runs/my_photos-2."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["train", f"{dataset}/", *fast_args(tiny_weights)]) == 0
+    assert f"run folder: runs/{dataset.name} (--out chooses another)" in capsys.readouterr().err
+    assert run_cli(["train", str(dataset), "--quiet", *fast_args(tiny_weights)]) == 0
+    assert (tmp_path / "runs" / dataset.name / "meta.json").is_file()
+    assert (tmp_path / "runs" / f"{dataset.name}-2" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(("data", "name"), [("photos/", "photos"), ("sheets/labels.csv", "labels"),
+                                            ("https://host/d/shards-{000..009}.tar", "shards-_000..009"),
+                                            ("https://host/d/", "d")])
+def test_default_run_folder_names(tmp_path, monkeypatch, data, name):
+    from transferkit.cli.output import default_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert default_run_folder(data) == Path("runs") / name
+    (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / "runs" / f"{name}-2").mkdir()
+    assert default_run_folder(data) == Path("runs") / f"{name}-3"
+    assert default_run_folder(data, "-auto") == Path("runs") / f"{name}-auto"

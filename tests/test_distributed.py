@@ -70,11 +70,14 @@ def test_two_ranks_under_accelerate_agree_and_match_one_process(dataset: Path, t
 
 def test_train_num_processes_runs_the_ranks_itself_on_streamed_shards(dataset: Path, tmp_path: Path,
                                                                       tiny_weights: str,
-                                                                      capfd: pytest.CaptureFixture) -> None:
-    """Each rank streams its own shards while fine-tuning (and the same number of batches: DDP needs that)."""
+                                                                      capfd: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank streams its own shards while fine-tuning (and the same number of batches: DDP needs that). Without
+    --out every rank writes the one default folder the launcher chose."""
     pack(dataset, tmp_path / "shards", shard_size_bytes=8000, reporter=Reporter(quiet=True))
-    out = tmp_path / "run"
-    code = run_cli(["train", str(tmp_path / "shards"), "--out", str(out), "--backbone", "test_efficientnet",
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "shards"
+    code = run_cli(["train", str(tmp_path / "shards"), "--backbone", "test_efficientnet",
                     "--weights", tiny_weights, "--image-size", "32", "--batch-size", "8", "--workers", "0",
                     "--epochs-frozen", "1", "--epochs-finetune", "1", "--num-processes", "2"])
     captured = capfd.readouterr()
@@ -83,6 +86,7 @@ def test_train_num_processes_runs_the_ranks_itself_on_streamed_shards(dataset: P
     assert (out / "metrics.json").is_file() and (out / "report.html").is_file()
     rows = (out / "history.csv").read_text().splitlines()[1:]
     assert [row.split(",")[1] for row in rows] == ["frozen", "finetune"]
+    assert [path.name for path in (tmp_path / "runs").iterdir()] == ["shards"]
 
 
 def test_a_bad_input_in_the_ranks_is_one_line_and_exit_2(dataset: Path, tmp_path: Path, tiny_weights: str,

@@ -96,10 +96,12 @@ def test_auto_follows_the_race_not_the_probe(tmp_path: Path, tiny_weights: str, 
     config = tmp_path / "fast.yaml"
     config.write_text("augment: none\nepochs_frozen: 3\n")
     backbones = f"test_efficientnet={tiny_weights},test_efficientnet_gn={crippled_weights}"
-    code, printed = run_and_capture(["auto", str(data), "--out", str(tmp_path / "run"), "--backbones", backbones,
+    monkeypatch.chdir(tmp_path)  # and no --out: the run goes to runs/data-auto
+    code, printed = run_and_capture(["auto", str(data), "--backbones", backbones,
                                      "--time-budget", "5", "--config", str(config), "--json", "--image-size", "32",
                                      "--batch-size", "8", "--workers", "0", "--quiet"])
     assert code == 0
+    (tmp_path / "runs" / "data-auto").rename(tmp_path / "run")
     summary = json.loads(printed)
     assert [row["backbone"] for row in summary["leaderboard"]][0] == "test_efficientnet"  # the probe's favourite
     assert summary["chosen"] == "test_efficientnet_gn"

@@ -118,8 +118,8 @@ def test_resume_refuses_bad_requests(dataset: Path, tmp_path: Path, capsys: pyte
     assert "drop --lr" in capsys.readouterr().err
     assert run_cli(["train", "--resume", str(tmp_path), "--lr", "0.1", "--set", "mixup=0.2", "--overwrite"]) == 2
     assert "drop --mixup, --lr, --overwrite" in capsys.readouterr().err
-    assert run_cli(["train", str(dataset)]) == 2
-    assert "needs DATA and --out" in capsys.readouterr().err
+    assert run_cli(["train"]) == 2
+    assert "train needs DATA (or --resume RUN)" in capsys.readouterr().err
 
 
 def test_resume_refuses_changed_data(dataset: Path, tmp_path: Path, resumable: dict,

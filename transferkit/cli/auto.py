@@ -23,6 +23,7 @@ from transferkit.cli.output import (
     VAL_SPLIT,
     WORKERS,
     check_paths,
+    default_run_folder,
     print_json,
 )
 from transferkit.cli.training import print_metrics_summary
@@ -34,7 +35,8 @@ from transferkit.progress import console
 @app.command()
 def auto(
     data: Annotated[str, typer.Argument(help="Image folder (train/val[/test] or class subfolders) or CSV.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to write.",
+                                             show_default="runs/NAME-auto, NAME being the data's")] = None,
     time_budget: Annotated[float, typer.Option(help="Minutes for everything: probing and training.")] = 30.0,
     backbones: Annotated[str | None, typer.Option(help="Candidates, e.g. a,b or a=weights.safetensors,b "
                                                   "(default: every backbone with offline weights).")] = None,
@@ -62,6 +64,10 @@ def auto(
     check_time_budget(time_budget)
     resolve_config(recipe, config, **options)  # a bad option answers here, before PyTorch loads
     check_paths(data, out, overwrite)
+    if out is None:
+        out = default_run_folder(data, "-auto")
+        if not quiet:
+            console.print(f"run folder: {out} (--out chooses another)")
     from transferkit.auto import auto as run_auto
 
     result = run_auto(data, out, time_budget=time_budget, backbones=backbones, weights=weights, overwrite=overwrite,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -44,6 +45,18 @@ def check_paths(data: str, out: Path | None = None, overwrite: bool = False) -> 
     check_data_path(data)
     if out is not None:
         check_out_free(out, overwrite)
+
+
+def default_run_folder(data: str, suffix: str = "") -> Path:
+    """runs/NAME for data called NAME (a folder, a CSV's stem, a URL's last part), else runs/NAME-2, -3, …: a
+    command run twice keeps both runs, as ultralytics' runs/train, train2 do."""
+    last = data.rstrip("/").rsplit("/", 1)[-1] if "://" in data else Path(data).resolve().name
+    name = re.sub(r"[^\w.-]+", "_", Path(last).stem).strip("_.") or "run"
+    base = Path("runs") / f"{name}{suffix}"
+    folder, number = base, 2
+    while folder.exists():
+        folder, number = base.with_name(f"{base.name}-{number}"), number + 1
+    return folder
 
 
 def print_json(value: object) -> None:

@@ -28,6 +28,7 @@ from transferkit.cli.output import (
     VAL_SPLIT,
     WORKERS,
     check_paths,
+    default_run_folder,
     print_json,
     print_predictions,
     report_skipped,
@@ -82,7 +83,8 @@ def print_metrics_summary(metrics: dict) -> None:
 
 DATA = Annotated[str | None, typer.Argument(
     help="Image folder (train/val[/test] or class subfolders), CSV or packed shards.")]
-OUT = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to write.")]
+OUT = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to write.",
+                                          show_default="runs/NAME, NAME being the data's; runs/NAME-2, … if taken")]
 RESUME = Annotated[Path | None, typer.Option(
     help="Continue this interrupted run from its last checkpoint, with its own config and data.")]
 CHECKPOINT_EVERY = Annotated[int | None, typer.Option(
@@ -142,12 +144,18 @@ def train(
 ) -> None:
     """Train a classifier: frozen pretrained base + new head, then fine-tune; writes a run folder."""
     options = configuration_options(locals())
+    argv = INVOCATION
     if resume is None:  # bad options and paths fail here: once, not in every process, and before torch loads
         check_train_arguments(data, out, overwrite, recipe, config, options)
+        if out is None:
+            out = default_run_folder(data)
+            argv = [*argv, "--out", str(out)]  # every process of a multi-process run writes this one folder
+            if not quiet:
+                console.print(f"run folder: {out} (--out chooses another)")
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from transferkit.cli.launch import launch_processes
 
-        raise typer.Exit(launch_processes(num_processes, INVOCATION))
+        raise typer.Exit(launch_processes(num_processes, argv))
     from transferkit import api
 
     if resume is not None:
@@ -186,8 +194,8 @@ def check_resume_alone(given: dict) -> None:
 def check_train_arguments(data: str | None, out: Path | None, overwrite: bool, recipe: str | None,
                           config: str | None, options: dict) -> None:
     """Bad options and paths answer before PyTorch is imported (see check_paths)."""
-    if data is None or out is None:
-        raise UserError("train needs DATA and --out (or --resume RUN)")
+    if data is None:
+        raise UserError("train needs DATA (or --resume RUN)")
     resolve_config(recipe, config, **options)
     check_paths(data, out, overwrite)
 
