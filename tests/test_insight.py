@@ -115,7 +115,7 @@ def test_short_names_keep_the_folder_only_where_file_names_repeat() -> None:
     assert len(short_names(["/x/" + "n" * 60 + ".png"])[0]) == 24
 
 
-def test_explain_command_writes_an_overlay_per_image(trained: Run, tmp_path: Path, capsys) -> None:
+def test_explain_command_writes_an_overlay_per_image(trained: Run, tmp_path: Path, capsys, monkeypatch) -> None:
     images = class_images(trained)[:2]
     assert run_cli(["explain", str(trained.path), *images, "--out", str(tmp_path / "cams"), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
@@ -127,9 +127,11 @@ def test_explain_command_writes_an_overlay_per_image(trained: Run, tmp_path: Pat
     for result in results:
         with Image.open(result["overlay"]) as image:
             assert image.size == (32, 32)
-    assert run_cli(["explain", str(trained.path), images[0], "--out", str(tmp_path / "c2"), "--class", "class_2"]) == 0
+    monkeypatch.chdir(tmp_path)  # and no --out: runs/RUN-explain
+    assert run_cli(["explain", str(trained.path), images[0], "--class", "class_2"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{images[0]}: {predictions[0]['label']} ") and line.endswith("_gradcam.png")
+    assert f"-> runs/{trained.path.name}-explain/" in line
     assert ("(explaining class_2)" in line) == (predictions[0]["label"] != "class_2")
 
 

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from transferkit.cli.main import app
-from transferkit.cli.output import CACHE_DIR, JSON, NO_CACHE, check_paths, print_json, report_skipped
+from transferkit.cli.output import (
+    CACHE_DIR,
+    JSON,
+    NO_CACHE,
+    check_paths,
+    default_run_folder,
+    print_json,
+    report_skipped,
+)
 from transferkit.errors import UserError
 from transferkit.fileio import output_folder
 from transferkit.insight.embedding_files import check_embeddings_path
@@ -52,7 +60,8 @@ def readable_images(inputs: list[str]) -> list[str]:
 def explain(
     run: RUN,
     images: Annotated[list[str], typer.Argument(help="Images or folders of images.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the overlay PNGs.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the overlay PNGs.",
+                                             show_default="runs/NAME-explain, NAME being the run's")] = None,
     class_name: CLASS = None,
     json_out: JSON = False,
 ) -> None:
@@ -63,6 +72,7 @@ def explain(
 
     model = load_run(run, ensemble=True)
     target = class_index(model, class_name) if class_name is not None else None
+    out = out or default_run_folder(str(run), "-explain")
     output_folder(out)
     results = explain_files(model, paths, out, target)
     if json_out:
