@@ -275,7 +275,8 @@ def test_help_shows_the_defaults_a_config_fills_in(capsys, command):
         assert re.search(rf"--{option} <int> [^\[]*\[default: {value}\]", text), option
     if command == "train":
         assert "Epochs training the head on the frozen base. [default: 30]" in text
-        assert "Epochs fine-tuning after unfreezing. [default: 3]" in text
+        assert "Epochs fine-tuning after unfreezing; auto: 3 on a GPU, none on a CPU," in text
+        assert re.search(r"--epochs-finetune <str> [^\[]*\[default: auto\]", text)
 
 
 def test_training_data_that_leaves_no_validation_image_is_one_line(tmp_path, capsys, tiny_weights):
@@ -355,3 +356,21 @@ def test_default_run_folder_names(tmp_path, monkeypatch, data, name):
     (tmp_path / "runs" / f"{name}-2").mkdir()
     assert default_run_folder(data) == Path("runs") / f"{name}-3"
     assert default_run_folder(data, "-auto") == Path("runs") / f"{name}-auto"
+
+
+def test_train_on_a_cpu_skips_fine_tuning_unless_asked(capsys, dataset, tmp_path, tiny_weights):
+    """epochs_finetune auto (decision 0303): the frozen stage alone on a CPU, said once and written down."""
+    args = fast_args(tiny_weights)
+    at = args.index("--epochs-finetune")
+    without = args[:at] + args[at + 2:]
+    assert run_cli(["train", str(dataset), "--out", str(tmp_path / "auto"), *without]) == 0
+    assert "fine-tuning: none on a CPU" in capsys.readouterr().err
+    history = (tmp_path / "auto" / "history.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[1] for row in history} == {"frozen"}
+    assert "epochs_finetune: 0\n" in (tmp_path / "auto" / "config.yaml").read_text()
+    assert run_cli(["train", str(dataset), "--out", str(tmp_path / "asked"), *without, "--epochs-finetune", "1"]) == 0
+    assert "fine-tuning: none" not in capsys.readouterr().err
+    history = (tmp_path / "asked" / "history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in history][-1] == "finetune"
+    fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "bad"), "--epochs-finetune", "x"],
+               "epochs_finetune must be auto or 0 or more")

@@ -7,10 +7,11 @@ import timm
 import torch
 from PIL import Image
 
-from transferkit.config import RECIPES, resolve_config
+from transferkit.config import resolve_config
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
 from transferkit.errors import UserError
 from transferkit.options import AUGMENT_PRESETS
+from transferkit.recipes import RECIPES
 from transferkit.training.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -126,3 +127,18 @@ def test_strong_preset_and_samplewise_center():
     assert train_transform(pre, AUGMENT_PRESETS["strong"])(image).shape == (3, 224, 224)
     centred = train_transform(pre, dataclasses.replace(AUGMENT_PRESETS["light"], samplewise_center=True))(image)
     assert abs(float(centred.mean())) < 1e-5
+
+
+def test_finetune_epochs_auto_fine_tunes_on_a_gpu_only():
+    """Decision 0303: on a CPU the stage never beat the frozen head on the benchmark data, at 5-10x the time."""
+    default = resolve_config()
+    assert default.epochs_finetune == "auto"
+    assert default.for_device("cpu").epochs_finetune == 0
+    assert default.for_device("cuda").epochs_finetune == 3
+    assert resolve_config(epochs_frozen=0).for_device("cpu").epochs_finetune == 3  # fine-tuning is all there is
+    assert resolve_config(epochs_finetune=5).for_device("cpu").epochs_finetune == 5
+    assert resolve_config(recipe="xception-cars").for_device("cpu").epochs_finetune == 5
+    with pytest.raises(UserError, match="epochs_finetune must be auto or 0 or more"):
+        resolve_config(epochs_finetune="some")
+    with pytest.raises(UserError, match="nothing to train"):
+        resolve_config(epochs_frozen=0, epochs_finetune=0)

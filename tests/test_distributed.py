@@ -92,7 +92,7 @@ def test_train_num_processes_runs_the_ranks_itself_on_streamed_shards(dataset: P
 def test_a_bad_input_in_the_ranks_is_one_line_and_exit_2(dataset: Path, tmp_path: Path, tiny_weights: str,
                                                          capfd: pytest.CaptureFixture) -> None:
     config = tmp_path / "sync.yaml"
-    config.write_text("sync_bn: true\n")
+    config.write_text("sync_bn: true\nepochs_finetune: 1\n")  # it applies to fine-tuning
     code = run_cli(["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", "test_efficientnet",
                     "--weights", tiny_weights, "--image-size", "32", "--workers", "0", "--config", str(config),
                     "--num-processes", "2", "--quiet"])

@@ -143,7 +143,8 @@ def test_full_disk_while_checkpointing_is_one_line_and_no_finished_run(
 
     monkeypatch.setattr(torch, "save", full)
     args = ["train", str(dataset), "--out", str(tmp_path / "run"), "--backbone", resumable["backbone"],
-            "--weights", resumable["weights"], "--image-size", "32", "--workers", "0", "--quiet"]
+            "--weights", resumable["weights"], "--image-size", "32", "--workers", "0", "--epochs-finetune", "1",
+            "--quiet"]
     assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import make_image
 from transferkit import api
 from transferkit.cli.main import run_cli
-from transferkit.config import RECIPES
+from transferkit.recipes import RECIPES
 
 PAGES = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
 TINY = dict(backbone="test_efficientnet", image_size=32, workers=0, batch_size=8, quiet=True)

@@ -127,6 +127,7 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
         return _evaluate_and_report(Run(out), index, cfg, reporter) if ranks.main else None
     built = Built.for_data(index, cfg, ranks)
+    cfg = with_finetune_epochs(cfg, built.compute.device.type, reporter)
     if not resuming and ranks.main:
         prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     if ranks.main:
@@ -158,6 +159,15 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     extract = save_run(out, built, trainer, index, val_data, interrupted=False)
     checkpoints.remove()
     return _evaluate_and_report(Run(out), index, cfg, reporter, extract)
+
+
+def with_finetune_epochs(cfg: TrainConfig, device_type: str, reporter: Reporter) -> TrainConfig:
+    """`epochs_finetune: auto` resolved for the device (TrainConfig.for_device), saying so where it skips the stage."""
+    resolved = cfg.for_device(device_type)
+    if cfg.epochs_finetune == "auto" and resolved.epochs_finetune == 0:
+        reporter.log("fine-tuning: none on a CPU (epochs_finetune auto: there it has not beaten the frozen head on "
+                     "the benchmark data; --epochs-finetune N fine-tunes)")
+    return resolved
 
 
 def _train_ensemble(index: DatasetIndex, out: Path, cfg: TrainConfig, reporter: Reporter, overwrite: bool,

@@ -32,6 +32,7 @@ from transferkit.options import (
     parse_operating_point,
     valid_policy,
 )
+from transferkit.recipes import RECIPES
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
@@ -42,6 +43,9 @@ CLASS_BALANCES = ("none", "weights", "sampler")
 # features (decisions 0260, 0298), and only for training sets this small, where two more extraction passes are cheap
 AUTO_VIEWS_MAX_IMAGES = 300
 AUTO_VIEWS = 3
+# epochs_finetune auto: fine-tuning on a CPU never beat the frozen head on the benchmark data, at 5-10x the time
+# (decision 0303); on a GPU, where it is cheap, the stage runs as before.
+AUTO_FINETUNE_EPOCHS = 3
 
 
 @dataclass
@@ -86,7 +90,7 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: str = "adamw"
     # stage 2: fine-tune
-    epochs_finetune: int = 3
+    epochs_finetune: int | str = "auto"  # auto: AUTO_FINETUNE_EPOCHS on a GPU, none on a CPU (see above)
     unfreeze: str = "3"  # "all" or the number of top blocks (timm coarse groups: stem, stages..., head conv)
     finetune_lr: float = 3e-4  # head learning rate in stage 2 (stage 1: lr)
     backbone_lr_mult: float = 0.3  # backbone lr = finetune_lr * this
@@ -143,6 +147,14 @@ class TrainConfig:
         views_help = self.solves_head and self.pool == "avg"
         return AUTO_VIEWS if views_help and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
 
+    def for_device(self, device_type: str) -> TrainConfig:
+        """This configuration with `epochs_finetune: auto` made a number for a device of this type ("cpu", "cuda"):
+        AUTO_FINETUNE_EPOCHS on a GPU, or where there is no frozen stage; none on a CPU."""
+        if self.epochs_finetune != "auto":
+            return self
+        fine_tunes = device_type == "cuda" or self.epochs_frozen == 0
+        return dataclasses.replace(self, epochs_finetune=AUTO_FINETUNE_EPOCHS if fine_tunes else 0)
+
     @property
     def solves_head(self) -> bool:
         """Whether stage 1 solves a single linear layer exactly (head_fit exact and no hidden layers) for
@@ -192,8 +204,11 @@ class TrainConfig:
             (0 <= self.test_split < 1 and self.val_split + self.test_split < 1, "val_split + test_split must be < 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.shuffle_buffer >= 1, "shuffle_buffer must be at least 1"),
-            (self.epochs_frozen >= 0 and self.epochs_finetune >= 0, "epochs must be 0 or more"),
-            (self.epochs_frozen + self.epochs_finetune > 0, "nothing to train: both epoch counts are 0"),
+            (self.epochs_frozen >= 0, "epochs_frozen must be 0 or more"),
+            (self.epochs_finetune == "auto" or (isinstance(self.epochs_finetune, int) and self.epochs_finetune >= 0),
+             "epochs_finetune must be auto or 0 or more"),
+            (not isinstance(self.epochs_finetune, int) or self.epochs_frozen + self.epochs_finetune > 0,
+             "nothing to train: both epoch counts are 0"),
             (self.lr > 0 and self.finetune_lr > 0, "learning rates must be positive"),
             (0 <= self.head_dropout < 1, "head_dropout must be in [0, 1)"),
             (all(width >= 1 for width in self.head_hidden), "head_hidden widths must be at least 1"),
@@ -237,93 +252,6 @@ class TrainConfig:
             raise UserError(f"bad configuration: {exc}") from None
         self.unfreeze = str(self.unfreeze)
         return self
-
-
-# The tutorials' recipes train their heads with an optimizer for a number of epochs and pool by average (Keras'
-# GlobalAveragePooling2D), as the tutorials do.
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    # Keras guide (urban vs rural photos): ResNet50, GAP + Dense(1) logits, BCE, light augmentation, batch 8,
-    # 20 frozen epochs, then every layer with RMSprop 1e-5 for 10.
-    "urban-rural": dict(
-        head_fit="sgd",
-        pool="avg",
-        backbone="resnet50",
-        head_hidden=[],
-        head_dropout=0.0,
-        augment="light",
-        batch_size=8,
-        epochs_frozen=20,
-        optimizer="adam",
-        lr=1e-3,
-        epochs_finetune=10,
-        unfreeze="all",
-        finetune_optimizer="rmsprop",
-        finetune_lr=1e-5,
-        backbone_lr_mult=1.0,
-        schedule="constant",
-        weight_decay=0.0,
-        patience=0,
-    ),
-    # Cats vs dogs: ResNet50, GAP + Dense 1024 x3 + 512 relu + softmax, Adam, 5 epochs, base frozen throughout.
-    "cats-dogs": dict(
-        head_fit="sgd",
-        pool="avg",
-        backbone="resnet50",
-        head_hidden=[1024, 1024, 1024, 512],
-        head_dropout=0.0,
-        binary_logit=False,
-        optimizer="adam",
-        lr=1e-3,
-        epochs_frozen=5,
-        epochs_finetune=0,
-        augment="none",
-        schedule="constant",
-        weight_decay=0.0,
-        patience=0,
-    ),
-    # Chess pieces: ResNet50, dropout 0.3 + GAP + Dense 1024 relu + BN + softmax, Adam lr 1e-3 eps 0.01
-    # with Keras decay 1e-4, 10 epochs.
-    "chess": dict(
-        head_fit="sgd",
-        pool="avg",
-        backbone="resnet50",
-        head_hidden=[1024],
-        head_dropout=0.3,
-        head_batchnorm=True,
-        binary_logit=False,
-        optimizer="adam",
-        lr=1e-3,
-        adam_eps=0.01,
-        schedule="inverse_time",
-        lr_decay=1e-4,
-        epochs_frozen=10,
-        epochs_finetune=0,
-        weight_decay=0.0,
-        patience=0,
-    ),
-    # Stanford cars: Xception at 299 px, GAP + Dense 1024 relu + softmax, Adam 1e-3 frozen then 1e-4 unfrozen.
-    "xception-cars": dict(
-        head_fit="sgd",
-        pool="avg",
-        backbone="xception",
-        head_hidden=[1024],
-        head_dropout=0.0,
-        binary_logit=False,
-        optimizer="adam",
-        lr=1e-3,
-        epochs_frozen=5,
-        epochs_finetune=5,
-        unfreeze="all",
-        finetune_lr=1e-4,
-        backbone_lr_mult=1.0,
-        schedule="constant",
-        weight_decay=0.0,
-    ),
-    # Not a tutorial's: two backbones' frozen stages, kept as their average; it beat Lite0 alone on every benchmark
-    # data set, and fine-tuning never beat a frozen head there, so it is skipped (decision 0297).
-    "accurate": dict(backbone="tf_efficientnet_lite0,tf_efficientnet_lite2", epochs_finetune=0),
-}
 
 
 def field_types() -> dict[str, str]:

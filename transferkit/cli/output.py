@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from transferkit.config import RECIPES
 from transferkit.fileio import check_out_free
 from transferkit.progress import print_warning
+from transferkit.recipes import RECIPES
 
 if TYPE_CHECKING:  # the CLI's help must not load image decoding
     from transferkit.data.sources import Skipped

@@ -96,7 +96,9 @@ BACKBONE = Annotated[str | None, typer.Option(
          "average.")]
 WEIGHTS = Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")]
 EPOCHS_FROZEN = Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")]
-EPOCHS_FINETUNE = Annotated[int | None, typer.Option(help="Epochs fine-tuning after unfreezing.")]
+EPOCHS_FINETUNE = Annotated[str | None, typer.Option(
+    help="Epochs fine-tuning after unfreezing; auto: 3 on a GPU, none on a CPU, where it has not beaten the frozen "
+         "head on the benchmark data.")]
 UNFREEZE = Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")]
 LR = Annotated[float | None, typer.Option(help="Head learning rate in the frozen stage.")]
 FINETUNE_LR = Annotated[float | None, typer.Option(help="Head learning rate when fine-tuning.")]
@@ -175,7 +177,9 @@ def train(
 def configuration_options(arguments: dict) -> dict:
     """train's given options as configuration keys, `--set` ones first so that a named option wins over them."""
     given = {name: value for name, value in arguments.items() if name not in NOT_CONFIGURATION}
-    given.update(head_hidden=parse_hidden(given["head_hidden"]), cache=False if arguments["no_cache"] else None,
+    epochs = given["epochs_finetune"]
+    given.update(epochs_finetune=int(epochs) if epochs and epochs.isdigit() else epochs,
+                 head_hidden=parse_hidden(given["head_hidden"]), cache=False if arguments["no_cache"] else None,
                  drop_leaks=True if arguments["drop_leaks"] else None)
     named = {key: value for key, value in given.items() if value is not None}
     return {**parse_settings(arguments["settings"]), **named}
