@@ -275,7 +275,7 @@ def test_help_shows_the_defaults_a_config_fills_in(capsys, command):
         assert re.search(rf"--{option} <int> [^\[]*\[default: {value}\]", text), option
     if command == "train":
         assert "Epochs training the head on the frozen base. [default: 30]" in text
-        assert "Epochs fine-tuning after unfreezing; auto: 3 on a GPU, none on a CPU," in text
+        assert "Epochs fine-tuning after unfreezing; auto: 3 on a GPU, and on a CPU from 500 training images" in text
         assert re.search(r"--epochs-finetune <str> [^\[]*\[default: auto\]", text)
 
 
@@ -358,13 +358,14 @@ def test_default_run_folder_names(tmp_path, monkeypatch, data, name):
     assert default_run_folder(data, "-auto") == Path("runs") / f"{name}-auto"
 
 
-def test_train_on_a_cpu_skips_fine_tuning_unless_asked(capsys, dataset, tmp_path, tiny_weights):
-    """epochs_finetune auto (decision 0303): the frozen stage alone on a CPU, said once and written down."""
+def test_train_on_a_cpu_skips_fine_tuning_unless_asked(capsys, dataset, tmp_path, tiny_weights, monkeypatch):
+    """epochs_finetune auto (decision 0303): the frozen stage alone on a CPU for a small training split, said once
+    and written down."""
     args = fast_args(tiny_weights)
     at = args.index("--epochs-finetune")
     without = args[:at] + args[at + 2:]
     assert run_cli(["train", str(dataset), "--out", str(tmp_path / "auto"), *without]) == 0
-    assert "fine-tuning: none on a CPU" in capsys.readouterr().err
+    assert "fine-tuning: none (epochs_finetune auto: on a CPU, from 500 training images" in capsys.readouterr().err
     history = (tmp_path / "auto" / "history.csv").read_text().splitlines()[1:]
     assert {row.split(",")[1] for row in history} == {"frozen"}
     assert "epochs_finetune: 0\n" in (tmp_path / "auto" / "config.yaml").read_text()
@@ -374,3 +375,8 @@ def test_train_on_a_cpu_skips_fine_tuning_unless_asked(capsys, dataset, tmp_path
     assert [row.split(",")[1] for row in history][-1] == "finetune"
     fails_with(capsys, ["train", str(dataset), "--out", str(tmp_path / "bad"), "--epochs-finetune", "x"],
                "epochs_finetune must be auto or 0 or more")
+    monkeypatch.setattr("transferkit.config.AUTO_FINETUNE_MIN_CPU_IMAGES", 2)  # a training split this size "is large"
+    assert run_cli(["train", str(dataset), "--out", str(tmp_path / "large"), *without, "--quiet"]) == 0
+    history = (tmp_path / "large" / "history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in history][-1] == "finetune"
+    assert "epochs_finetune: 3\n" in (tmp_path / "large" / "config.yaml").read_text()

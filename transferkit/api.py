@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferkit.config import TrainConfig, read_config_file, resolve_config, write_config
+from transferkit.config import (
+    AUTO_FINETUNE_MIN_CPU_IMAGES,
+    TrainConfig,
+    read_config_file,
+    resolve_config,
+    write_config,
+)
 from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
@@ -127,7 +133,7 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     if resuming and _finished_training(out):  # trained and saved; it stopped while evaluating
         return _evaluate_and_report(Run(out), index, cfg, reporter) if ranks.main else None
     built = Built.for_data(index, cfg, ranks)
-    cfg = with_finetune_epochs(cfg, built.compute.device.type, reporter)
+    cfg = with_finetune_epochs(cfg, built.compute.device.type, len(index.split("train")), reporter)
     if not resuming and ranks.main:
         prepare_out(out, overwrite)  # only once everything that can fail on bad input has been checked
     if ranks.main:
@@ -161,12 +167,13 @@ def _train(data: str | Path | DatasetIndex, out: Path, cfg: TrainConfig, reporte
     return _evaluate_and_report(Run(out), index, cfg, reporter, extract)
 
 
-def with_finetune_epochs(cfg: TrainConfig, device_type: str, reporter: Reporter) -> TrainConfig:
-    """`epochs_finetune: auto` resolved for the device (TrainConfig.for_device), saying so where it skips the stage."""
-    resolved = cfg.for_device(device_type)
+def with_finetune_epochs(cfg: TrainConfig, device_type: str, train_images: int, reporter: Reporter) -> TrainConfig:
+    """`epochs_finetune: auto` resolved for the device and data (TrainConfig.for_device), saying so where it skips
+    the stage."""
+    resolved = cfg.for_device(device_type, train_images)
     if cfg.epochs_finetune == "auto" and resolved.epochs_finetune == 0:
-        reporter.log("fine-tuning: none on a CPU (epochs_finetune auto: there it has not beaten the frozen head on "
-                     "the benchmark data; --epochs-finetune N fine-tunes)")
+        reporter.log(f"fine-tuning: none (epochs_finetune auto: on a CPU, from {AUTO_FINETUNE_MIN_CPU_IMAGES} "
+                     f"training images; below that it did not beat the frozen head; --epochs-finetune N fine-tunes)")
     return resolved
 
 

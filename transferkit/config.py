@@ -43,9 +43,10 @@ CLASS_BALANCES = ("none", "weights", "sampler")
 # features (decisions 0260, 0298), and only for training sets this small, where two more extraction passes are cheap
 AUTO_VIEWS_MAX_IMAGES = 300
 AUTO_VIEWS = 3
-# epochs_finetune auto: fine-tuning on a CPU never beat the frozen head on the benchmark data, at 5-10x the time
-# (decision 0303); on a GPU, where it is cheap, the stage runs as before.
+# epochs_finetune auto (decision 0303): on a CPU, fine-tuning lost a little to the frozen head on the benchmark's
+# small training sets and gained a little on its larger ones, at 5-100x the time; on a GPU it is cheap.
 AUTO_FINETUNE_EPOCHS = 3
+AUTO_FINETUNE_MIN_CPU_IMAGES = 500
 
 
 @dataclass
@@ -90,7 +91,7 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: str = "adamw"
     # stage 2: fine-tune
-    epochs_finetune: int | str = "auto"  # auto: AUTO_FINETUNE_EPOCHS on a GPU, none on a CPU (see above)
+    epochs_finetune: int | str = "auto"  # auto: 3 on a GPU, and on a CPU from 500 training images; else none
     unfreeze: str = "3"  # "all" or the number of top blocks (timm coarse groups: stem, stages..., head conv)
     finetune_lr: float = 3e-4  # head learning rate in stage 2 (stage 1: lr)
     backbone_lr_mult: float = 0.3  # backbone lr = finetune_lr * this
@@ -147,13 +148,14 @@ class TrainConfig:
         views_help = self.solves_head and self.pool == "avg"
         return AUTO_VIEWS if views_help and train_images <= AUTO_VIEWS_MAX_IMAGES else 1
 
-    def for_device(self, device_type: str) -> TrainConfig:
-        """This configuration with `epochs_finetune: auto` made a number for a device of this type ("cpu", "cuda"):
-        AUTO_FINETUNE_EPOCHS on a GPU, or where there is no frozen stage; none on a CPU."""
+    def for_device(self, device_type: str, train_images: int) -> TrainConfig:
+        """This configuration with `epochs_finetune: auto` made a number for a device of this type ("cpu", "cuda")
+        and a training split this large: AUTO_FINETUNE_EPOCHS on a GPU, on a CPU from AUTO_FINETUNE_MIN_CPU_IMAGES,
+        or where there is no frozen stage; else none."""
         if self.epochs_finetune != "auto":
             return self
-        fine_tunes = device_type == "cuda" or self.epochs_frozen == 0
-        return dataclasses.replace(self, epochs_finetune=AUTO_FINETUNE_EPOCHS if fine_tunes else 0)
+        pays = device_type == "cuda" or train_images >= AUTO_FINETUNE_MIN_CPU_IMAGES or self.epochs_frozen == 0
+        return dataclasses.replace(self, epochs_finetune=AUTO_FINETUNE_EPOCHS if pays else 0)
 
     @property
     def solves_head(self) -> bool:

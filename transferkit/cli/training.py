@@ -97,8 +97,8 @@ BACKBONE = Annotated[str | None, typer.Option(
 WEIGHTS = Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")]
 EPOCHS_FROZEN = Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")]
 EPOCHS_FINETUNE = Annotated[str | None, typer.Option(
-    help="Epochs fine-tuning after unfreezing; auto: 3 on a GPU, none on a CPU, where it has not beaten the frozen "
-         "head on the benchmark data.")]
+    help="Epochs fine-tuning after unfreezing; auto: 3 on a GPU, and on a CPU from 500 training images (below, it "
+         "did not beat the frozen head there); else none.")]
 UNFREEZE = Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")]
 LR = Annotated[float | None, typer.Option(help="Head learning rate in the frozen stage.")]
 FINETUNE_LR = Annotated[float | None, typer.Option(help="Head learning rate when fine-tuning.")]
@@ -144,7 +144,8 @@ def train(
     no_cache: NO_CACHE = False, drop_leaks: DROP_LEAKS = False, overwrite: OVERWRITE = False, quiet: QUIET = False,
     json_out: JSON = False,
 ) -> None:
-    """Train a classifier: frozen pretrained base + new head, then fine-tune; writes a run folder."""
+    """Train a classifier: a new head on a frozen pretrained base, then fine-tuning where it pays (on a GPU, or from
+    500 training images); writes a run folder."""
     options = configuration_options(locals())
     argv = INVOCATION
     if resume is None:  # bad options and paths fail here: once, not in every process, and before torch loads
