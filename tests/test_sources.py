@@ -145,6 +145,14 @@ def test_csv_as_spreadsheets_save_it(tmp_path: Path, header: str, delimiter: str
     assert index.classes == ["a", "b"] and len(index.samples) == 4 and not index.skipped
 
 
+def test_csv_written_on_windows_finds_its_files(tmp_path: Path) -> None:
+    """`imgs\\a0.png`, as a CSV saved on Windows holds it, names imgs/a0.png here."""
+    rows = [(f"imgs\\{_image(tmp_path / 'imgs' / f'{name}.png').name}", name[0]) for name in ("a0", "a1", "b0", "b1")]
+    index = scan_dataset(_write_csv(tmp_path / "labels.csv", rows))
+    assert sorted(s.path for s in index.samples) == sorted(str(p) for p in (tmp_path / "imgs").iterdir())
+    assert not index.skipped
+
+
 def test_csv_with_train_and_test_rows_carves_val_from_train_like_folders(tmp_path: Path) -> None:
     rows = [(str(_image(tmp_path / f"{c}{i}.png")), c, "test" if i < 2 else "train") for c in "ab" for i in range(12)]
     index = scan_dataset(_write_csv(tmp_path / "labels.csv", rows), val_split=0.2, test_split=0.3)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -16,7 +15,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from transferkit.data import remote
-from transferkit.data.boxes import BOX_COLUMNS, Box, has_box_columns, parse_box
+from transferkit.data.boxes import BOX_COLUMNS, Box, parse_box
 from transferkit.data.images import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
@@ -27,7 +26,7 @@ from transferkit.data.images import (
 )
 from transferkit.data.labelsets import canonical_label_set, is_label_set, label_set
 from transferkit.data.members import looks_packed
-from transferkit.data.tables import open_table
+from transferkit.data.tables import read_rows, row_file, row_problem
 from transferkit.errors import UnreadableImage, UserError
 
 SPLITS = ("train", "val", "test")
@@ -250,16 +249,16 @@ def _read_csv(csv_path: Path) -> _Found:
     """``path,label[,split][,x1,y1,x2,y2]`` rows with a header; relative paths are relative to the CSV's folder.
     Labels holding `|` make the index multi-label; box columns crop each image to its row's box."""
     found, seen = _Found(), set()
-    with_boxes, rows = _csv_rows(csv_path)
+    with_boxes, rows = read_rows(csv_path)
     found.multilabel = any(is_label_set(row["label"]) for _, row in rows)
     for line, row in rows:
         where, raw_path, split = f"{csv_path}:{line}", row["path"], row["split"]
-        full = os.path.normpath(os.path.join(csv_path.parent, os.path.expanduser(raw_path)))
+        full = row_file(csv_path.parent, raw_path)
         label = canonical_label_set(row["label"], where) if found.multilabel and row["label"] else row["label"]
         if label:
             found.declared.update(label_set(label) if found.multilabel else (label,))
         box, reason = parse_box([row[c] for c in BOX_COLUMNS]) if with_boxes else (None, None)
-        reason = _csv_row_problem(raw_path, label, full, (full, box), seen) or reason
+        reason = row_problem(raw_path, label, full, (full, box), seen) or reason
         if reason:
             found.skipped.append(Skipped(full if raw_path else where, reason))
             continue
@@ -272,31 +271,6 @@ def _read_csv(csv_path: Path) -> _Found:
         found.entries = [replace(e, split=None) if e.split == "train" else e for e in found.entries]
         found.explicit = named - {"train"}
     return found
-
-
-def _csv_rows(csv_path: Path) -> tuple[bool, list[tuple[int, dict[str, str]]]]:
-    """Whether the CSV has box columns, and (line, stripped cells) per row; unreadable or header-less CSVs are
-    UserErrors."""
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = open_table(fh, str(csv_path))
-            with_boxes = has_box_columns(reader.fieldnames)
-            cells = ("path", "label", "split") + (BOX_COLUMNS if with_boxes else ())
-            return with_boxes, [(reader.line_num, {c: (row.get(c) or "").strip() for c in cells}) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read CSV {csv_path}: {' '.join(str(exc).split())}") from exc
-
-
-def _csv_row_problem(raw_path: str, label: str, full: str, key: tuple, seen: set[tuple]) -> str | None:
-    """Why a CSV row cannot be used, short of decoding its file; None when it can. One file may be listed with
-    several boxes (two cars in one photo), not twice with the same one."""
-    if not raw_path or not label:
-        return "row without path or label"
-    if key in seen:
-        return "listed twice in CSV"
-    if not os.path.isfile(full):
-        return "file not found"
-    return None if has_image_extension(full) else "not an image extension"
 
 
 def _no_images_message(root: Path, skipped: list[Skipped]) -> str:

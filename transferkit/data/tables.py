@@ -1,11 +1,15 @@
-"""Dataset CSVs as people save them: comma-, semicolon- or tab-separated (Excel writes `;` where the decimal mark
+"""Dataset CSVs read as people save them: comma-, semicolon- or tab-separated (Excel writes `;` where the decimal mark
 is a comma), with the column names of Keras' `flow_from_dataframe` (filename, class) and Kaggle's sheets too."""
 
 from __future__ import annotations
 
 import csv
+import os
+from pathlib import Path
 from typing import TextIO
 
+from transferkit.data.boxes import BOX_COLUMNS, has_box_columns
+from transferkit.data.images import has_image_extension
 from transferkit.errors import UserError
 
 DELIMITERS = (",", ";", "\t")
@@ -32,3 +36,37 @@ def open_table(handle: TextIO, source: str) -> csv.DictReader:
         names[names.index(given)] = canonical
     reader.fieldnames = names
     return reader
+
+
+def row_file(folder: Path, raw_path: str) -> str:
+    """A row's file: relative to the CSV's folder; a Windows path (`imgs\\cat\\1.jpg`, as a CSV written there
+    holds) read with `/` where no file has the name as written."""
+    full = os.path.normpath(os.path.join(folder, os.path.expanduser(raw_path)))
+    if "\\" in raw_path and not os.path.exists(full):
+        return os.path.normpath(os.path.join(folder, raw_path.replace("\\", "/")))
+    return full
+
+
+def read_rows(csv_path: Path) -> tuple[bool, list[tuple[int, dict[str, str]]]]:
+    """Whether the CSV has box columns, and (line, stripped cells) per row; unreadable or header-less CSVs are
+    UserErrors."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = open_table(fh, str(csv_path))
+            with_boxes = has_box_columns(reader.fieldnames)
+            cells = ("path", "label", "split") + (BOX_COLUMNS if with_boxes else ())
+            return with_boxes, [(reader.line_num, {c: (row.get(c) or "").strip() for c in cells}) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"cannot read CSV {csv_path}: {' '.join(str(exc).split())}") from exc
+
+
+def row_problem(raw_path: str, label: str, full: str, key: tuple, seen: set[tuple]) -> str | None:
+    """Why a CSV row cannot be used, short of decoding its file; None when it can. One file may be listed with
+    several boxes (two cars in one photo), not twice with the same one."""
+    if not raw_path or not label:
+        return "row without path or label"
+    if key in seen:
+        return "listed twice in CSV"
+    if not os.path.isfile(full):
+        return "file not found"
+    return None if has_image_extension(full) else "not an image extension"
