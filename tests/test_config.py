@@ -133,8 +133,8 @@ def test_finetune_epochs_auto_fine_tunes_on_a_gpu_or_a_larger_training_split():
     """Decision 0303: on a CPU the stage lost a little on small training sets and gained a little on larger ones."""
     default = resolve_config()
     assert default.epochs_finetune == "auto"
-    assert default.for_device("cpu", 499).epochs_finetune == 0
-    assert default.for_device("cpu", 500).epochs_finetune == 3
+    assert default.for_device("cpu", 699).epochs_finetune == 0
+    assert default.for_device("cpu", 700).epochs_finetune == 3
     assert default.for_device("cuda", 20).epochs_finetune == 3
     assert resolve_config(epochs_frozen=0).for_device("cpu", 20).epochs_finetune == 3  # fine-tuning is all there is
     assert resolve_config(epochs_finetune=5).for_device("cpu", 20).epochs_finetune == 5

@@ -97,7 +97,7 @@ BACKBONE = Annotated[str | None, typer.Option(
 WEIGHTS = Annotated[str | None, typer.Option(help="ImageNet weights file when offline.")]
 EPOCHS_FROZEN = Annotated[int | None, typer.Option(help="Epochs training the head on the frozen base.")]
 EPOCHS_FINETUNE = Annotated[str | None, typer.Option(
-    help="Epochs fine-tuning after unfreezing; auto: 3 on a GPU, and on a CPU from 500 training images (below, it "
+    help="Epochs fine-tuning after unfreezing; auto: 3 on a GPU, and on a CPU from 700 training images (below, it "
          "did not beat the frozen head there); else none.")]
 UNFREEZE = Annotated[str | None, typer.Option(help="'all' or the number of top blocks to unfreeze.")]
 LR = Annotated[float | None, typer.Option(help="Head learning rate in the frozen stage.")]
@@ -145,7 +145,7 @@ def train(
     json_out: JSON = False,
 ) -> None:
     """Train a classifier: a new head on a frozen pretrained base, then fine-tuning where it pays (on a GPU, or from
-    500 training images); writes a run folder."""
+    700 training images); writes a run folder."""
     options = configuration_options(locals())
     argv = INVOCATION
     if resume is None:  # bad options and paths fail here: once, not in every process, and before torch loads
