@@ -365,7 +365,7 @@ def test_train_on_a_cpu_skips_fine_tuning_unless_asked(capsys, dataset, tmp_path
     at = args.index("--epochs-finetune")
     without = args[:at] + args[at + 2:]
     assert run_cli(["train", str(dataset), "--out", str(tmp_path / "auto"), *without]) == 0
-    assert "fine-tuning: none (epochs_finetune auto: on a CPU, from 700 training images" in capsys.readouterr().err
+    assert "fine-tuning: none (epochs_finetune auto: 30 training images on a CPU are too few" in capsys.readouterr().err
     history = (tmp_path / "auto" / "history.csv").read_text().splitlines()[1:]
     assert {row.split(",")[1] for row in history} == {"frozen"}
     assert "epochs_finetune: 0\n" in (tmp_path / "auto" / "config.yaml").read_text()

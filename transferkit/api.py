@@ -14,13 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferkit.config import (
-    AUTO_FINETUNE_MIN_CPU_IMAGES,
-    TrainConfig,
-    read_config_file,
-    resolve_config,
-    write_config,
-)
+from transferkit.config import TrainConfig, read_config_file, resolve_config, write_config
 from transferkit.data.loader import Labelled, labelled_split
 from transferkit.data.sources import SPLITS, DatasetIndex, scan_dataset
 from transferkit.data.transforms import Preprocess, eval_transform
@@ -172,8 +166,8 @@ def with_finetune_epochs(cfg: TrainConfig, device_type: str, train_images: int, 
     the stage."""
     resolved = cfg.for_device(device_type, train_images)
     if cfg.epochs_finetune == "auto" and resolved.epochs_finetune == 0:
-        reporter.log(f"fine-tuning: none (epochs_finetune auto: on a CPU, from {AUTO_FINETUNE_MIN_CPU_IMAGES} "
-                     f"training images; below that it did not beat the frozen head; --epochs-finetune N fine-tunes)")
+        reporter.log(f"fine-tuning: none (epochs_finetune auto: {train_images} training images on a CPU are too few "
+                     "for it to have paid on the benchmark data; --epochs-finetune N fine-tunes)")
     return resolved
 
 
