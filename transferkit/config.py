@@ -23,6 +23,7 @@ from transferkit.options import (
     ENGINES,
     MAX_IMAGE_SIZE,
     MAX_SEED,
+    MIN_IMAGE_SIZE,
     POOLS,
     PRECISIONS,
     TTA_CHOICES,
@@ -30,6 +31,7 @@ from transferkit.options import (
     HeadSpec,
     backbone_entries,
     parse_operating_point,
+    valid_image_size,
     valid_policy,
 )
 from transferkit.recipes import RECIPES
@@ -226,8 +228,8 @@ class TrainConfig:
             (self.workers >= 0, "workers must be 0 or more"),
             (0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}"),
             (self.checkpoint_every >= 0, "checkpoint_every must be 0 (per epoch only) or more steps"),
-            (self.image_size is None or 16 <= self.image_size <= MAX_IMAGE_SIZE,
-             f"image_size must be between 16 and {MAX_IMAGE_SIZE} pixels"),
+            (valid_image_size(self.image_size),
+             f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels"),
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (0 <= self.box_margin <= 10, "box_margin must be between 0 and 10 (a fraction of the box's size)"),
             (0 < self.layer_decay <= 1, "layer_decay must be in (0, 1] (1: off)"),

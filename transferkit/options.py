@@ -18,8 +18,14 @@ TTA_MODES = tuple(TTA_VIEWS)
 TTA_CHOICES = ("auto", *TTA_MODES)
 OPERATING_POINTS = ("default", "accuracy", "balanced", "recall=R", "precision=P")
 MAX_SEED = 2**32 - 1  # NumPy's seeds are unsigned 32-bit
+MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 2048  # pixels a side: 32 inputs of 2048² already take 1.6 GB before the network runs
 EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+def valid_image_size(size: int | None) -> bool:
+    """An input size a run can use: None (the backbone's own) or MIN_IMAGE_SIZE..MAX_IMAGE_SIZE pixels a side."""
+    return size is None or MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
 
 
 def check_export_choice(fmt: str, int8: bool) -> None:

@@ -22,8 +22,8 @@ from transferkit.cli.output import (
     TEST_SPLIT,
     VAL_SPLIT,
     WORKERS,
+    announced_run_folder,
     check_paths,
-    default_run_folder,
     print_json,
 )
 from transferkit.cli.training import print_metrics_summary
@@ -65,9 +65,7 @@ def auto(
     resolve_config(recipe, config, **options)  # a bad option answers here, before PyTorch loads
     check_paths(data, out, overwrite)
     if out is None:
-        out = default_run_folder(data, "-auto")
-        if not quiet:
-            console.print(f"run folder: {out} (--out chooses another)")
+        out = announced_run_folder(data, "-auto", quiet)
     from transferkit.auto import auto as run_auto
 
     result = run_auto(data, out, time_budget=time_budget, backbones=backbones, weights=weights, overwrite=overwrite,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from transferkit.fileio import check_out_free
-from transferkit.progress import print_warning
+from transferkit.progress import console, print_warning
 from transferkit.recipes import RECIPES
 
 if TYPE_CHECKING:  # the CLI's help must not load image decoding
@@ -56,6 +56,14 @@ def default_run_folder(data: str, suffix: str = "") -> Path:
     folder, number = base, 2
     while folder.exists():
         folder, number = base.with_name(f"{base.name}-{number}"), number + 1
+    return folder
+
+
+def announced_run_folder(data: str, suffix: str, quiet: bool) -> Path:
+    """default_run_folder, said on the console (unless quiet) before the run starts writing there."""
+    folder = default_run_folder(data, suffix)
+    if not quiet:
+        console.print(f"run folder: {folder} (--out chooses another)")
     return folder
 
 

@@ -27,8 +27,8 @@ from transferkit.cli.output import (
     TEST_SPLIT,
     VAL_SPLIT,
     WORKERS,
+    announced_run_folder,
     check_paths,
-    default_run_folder,
     print_json,
     print_predictions,
     report_skipped,
@@ -151,10 +151,8 @@ def train(
     if resume is None:  # bad options and paths fail here: once, not in every process, and before torch loads
         check_train_arguments(data, out, overwrite, recipe, config, options)
         if out is None:
-            out = default_run_folder(data)
+            out = announced_run_folder(data, "", quiet)
             argv = [*argv, "--out", str(out)]  # every process of a multi-process run writes this one folder
-            if not quiet:
-                console.print(f"run folder: {out} (--out chooses another)")
     if num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from transferkit.cli.launch import launch_processes
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transferkit.errors import UserError
-from transferkit.options import DEFAULT_BACKBONE, ENGINES, MAX_IMAGE_SIZE, MAX_SEED, POOLS
+from transferkit.options import (
+    DEFAULT_BACKBONE,
+    ENGINES,
+    MAX_IMAGE_SIZE,
+    MAX_SEED,
+    MIN_IMAGE_SIZE,
+    POOLS,
+    valid_image_size,
+)
 
 # Re-encoded, brightened and resized copies score above it, distinct photos far below (decision 0223).
 NEAR_THRESHOLD = 0.95
@@ -42,8 +50,8 @@ class DoctorOptions:
             (0 < self.near_threshold <= 1, "near threshold must be in (0, 1]"),
             (self.max_imbalance >= 1, "max imbalance must be at least 1"),
             (self.min_size >= 1, "min size must be at least 1 pixel"),
-            (self.image_size is None or 16 <= self.image_size <= MAX_IMAGE_SIZE,
-             f"image size must be between 16 and {MAX_IMAGE_SIZE} pixels"),
+            (valid_image_size(self.image_size),
+             f"image size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels"),
             (self.crop_pct is None or 0.2 <= self.crop_pct <= 1.0, "crop_pct must be between 0.2 and 1"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.workers >= 0, "workers must be 0 or more"),
