@@ -129,6 +129,45 @@ def test_racing_is_planned_only_when_both_finalists_keep_their_reserved_epochs()
     assert plan_race(1800, ELPV, [ELPV_SPEEDS], config) == [alone]
 
 
+def test_a_plan_without_fine_tuning_races_the_frozen_stages_when_both_fit() -> None:
+    """epochs_finetune 0 (what auto sets where fine-tuning does not pay, decision 0304): no plan buys an epoch; the
+    finalists race when both whole frozen runs fit, else the probe's pick trains alone; a number caps the plan."""
+    config = resolve_config(augment="light", feature_views=1, epochs_finetune=0)
+    slower = Speeds(inference=ELPV_SPEEDS.inference * 1.5, finetune=ELPV_SPEEDS.finetune * 1.5, head=6e-5)
+    frozen = plan_race(1800, ELPV, [ELPV_SPEEDS, slower], config)
+    assert [plan.epochs_finetune for plan in frozen] == [0, 0]
+    assert sum(plan.estimated_seconds for plan in frozen) <= 1800
+    budget = sum(plan.estimated_seconds for plan in frozen)
+    assert len(plan_race(budget + 1, ELPV, [ELPV_SPEEDS, slower], config)) == 2
+    assert plan_race(budget - 1, ELPV, [ELPV_SPEEDS, slower], config) == [frozen[0]]
+    capped = plan_race(1800, ELPV, [ELPV_SPEEDS, slower], resolve_config(augment="light", feature_views=1,
+                                                                         epochs_finetune=2))
+    assert [plan.epochs_finetune for plan in capped] == [2, 2]  # the race needs 2, not RESERVED_EPOCHS, then
+
+
+def test_auto_fine_tunes_on_a_small_cpu_set_only_when_the_config_asks(tmp_path: Path, tiny_weights: str,
+                                                                      crippled_weights: str) -> None:
+    """On a CPU with fewer training images than fine-tuning needs to pay (decision 0303) auto races the frozen
+    stages; epochs_finetune in the config brings the fine-tuning race back, at most that many epochs."""
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=12)
+    backbones = f"test_efficientnet={tiny_weights},test_efficientnet_gn={crippled_weights}"
+    summaries = {}
+    for name, extra in (("frozen", ""), ("asked", "epochs_finetune: 4\n")):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"augment: none\nepochs_frozen: 3\n{extra}")
+        code, printed = run_and_capture(["auto", str(data), "--out", str(tmp_path / name), "--backbones", backbones,
+                                         "--time-budget", "5", "--config", str(config), "--json", "--image-size",
+                                         "32", "--batch-size", "8", "--workers", "0", "--quiet"])
+        assert code == 0
+        summaries[name] = json.loads(printed)
+    frozen, asked = summaries["frozen"], summaries["asked"]
+    assert frozen["plan"]["epochs_finetune"] == 0 and [lap["finetune_epochs"] for lap in frozen["race"]] == [0, 0]
+    assert "finetune" not in {row[1] for row in history(tmp_path / "frozen")[1:]}
+    assert 0 < asked["plan"]["epochs_finetune"] <= 4
+    assert [lap["finetune_epochs"] for lap in asked["race"]] == [RACE_EPOCHS, RACE_EPOCHS]
+    assert "finetune" in {row[1] for row in history(tmp_path / "asked")[1:]}
+
+
 def test_with_ensemble_on_both_finalists_whole_runs_fit_the_budget() -> None:
     config = resolve_config(augment="light", feature_views=1, ensemble=True)
     slower = Speeds(inference=ELPV_SPEEDS.inference * 1.5, finetune=ELPV_SPEEDS.finetune * 1.5, head=6e-5)

@@ -167,7 +167,8 @@ def with_finetune_epochs(cfg: TrainConfig, device_type: str, train_images: int, 
     resolved = cfg.for_device(device_type, train_images)
     if cfg.epochs_finetune == "auto" and resolved.epochs_finetune == 0:
         reporter.log(f"fine-tuning: none (epochs_finetune auto: {train_images} training images on a CPU are too few "
-                     "for it to have paid on the benchmark data; --epochs-finetune N fine-tunes)")
+                     "for it to have paid on the benchmark data; epochs_finetune N, in --config or --epochs-finetune, "
+                     "fine-tunes)")
     return resolved
 
 

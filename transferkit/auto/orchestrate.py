@@ -20,7 +20,6 @@ from transferkit import api
 from transferkit.auto.embedding import clean_features, load_candidate
 from transferkit.auto.plan import (
     RACE_EPOCHS,
-    RESERVED_EPOCHS,
     Plan,
     Speeds,
     Workload,
@@ -28,6 +27,7 @@ from transferkit.auto.plan import (
     measure_speeds,
     plan_race,
     reserve_seconds,
+    reserved_epochs,
     unfreeze_rule,
 )
 from transferkit.auto.probe import (
@@ -50,6 +50,7 @@ from transferkit.data.boxes import Box
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
+from transferkit.models.device import resolve_device
 from transferkit.models.pretrained import Backbone
 from transferkit.models.registry import BACKBONES, count_parameters, get_backbone, has_offline_weights
 from transferkit.options import DEFAULT_BACKBONE, backbone_entries, check_time_budget
@@ -146,6 +147,7 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     candidates = parse_candidates(backbones, weights)
     reporter = Reporter(quiet)
     index = single_label(scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed))
+    cfg = where_finetuning_pays(cfg, len(index.split("train")), reporter)
     out = Path(out)
     api.prepare_out(out, overwrite)
     samples = probe_subset(index.split("train") + index.split("val"), MAX_PROBE_IMAGES, cfg.seed)
@@ -190,12 +192,22 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     return AutoResult(run, summary)
 
 
+def where_finetuning_pays(cfg: TrainConfig, train_images: int, reporter: Reporter) -> TrainConfig:
+    """`epochs_finetune: auto` made 0 where fine-tuning did not pay on this kind of device and this much data
+    (decision 0303): the plan then buys none and the race compares frozen stages (0304). Otherwise unchanged: the
+    plan chooses the epochs, up to the number the config names."""
+    resolved = api.with_finetune_epochs(cfg, resolve_device(cfg.device).type, train_images, reporter)
+    return resolved if resolved.epochs_finetune == 0 else cfg
+
+
 def run_race(finalists: list[Finalist], index: DatasetIndex, out: Path, quiet: bool, train_options: dict,
              monitor: str, reporter: Reporter) -> tuple[Finalist, list[Lap]]:
     """The finalist to train on (the race's winner; the only one when there is one) and the race's laps."""
     if len(finalists) == 1:
         return finalists[0], []
-    reporter.log(f"race: {' vs '.join(f.name for f in finalists)}, {RACE_EPOCHS} fine-tuning epochs each")
+    epochs = min(RACE_EPOCHS, finalists[0].options["epochs_finetune"])
+    reporter.log(f"race: {' vs '.join(f.name for f in finalists)}, "
+                 f"{f'{epochs} fine-tuning epochs each' if epochs else 'their frozen stages'}")
     laps = race({f.name: f.options for f in finalists}, index, out, quiet, train_options)
     won = race_winner(laps, monitor, len(index.split("val")))
     return next(f for f in finalists if f.name == won.name), laps
@@ -249,7 +261,7 @@ def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sampl
               reporter: Reporter, clock: tuple[float, float], work: Workload) -> tuple[dict[str, Probed], float]:
     """Probe each candidate in turn (the first always) while less than PROBE_SHARE of the budget is spent and
     probing one more, if it takes as long as the slowest probe so far, still leaves the reserve: the plan's minimum
-    and RESERVED_EPOCHS of fine-tuning, timed on the first backbone probed. Fine-tuning is worth more than the
+    and `reserved_epochs` of fine-tuning, timed on the first backbone probed. Fine-tuning is worth more than the
     runners-up's probes (decision 0220). When the reserve is out of reach already (a slow machine, a small budget),
     it protects nothing and probing goes on to PROBE_SHARE: a better backbone is then the best use of the time. A
     backbone whose weights cannot be had is left out with a warning. `clock` is (start, budget) in seconds; returns
@@ -264,8 +276,9 @@ def probe_all(candidates: list[Candidate], cfg: TrainConfig, samples: list[Sampl
             continue
         reachable = now + reserve <= start + budget  # else no probe skipped now would buy the reserved epochs
         if probed and reachable and now + max(p.seconds for p in probed.values()) + reserve > start + budget:
-            reporter.warn(f"time budget: {candidate.name} not probed (it would leave less than {RESERVED_EPOCHS} "
-                          f"fine-tuning epochs, ~{reserve:.0f}s with the minimum)")
+            epochs = reserved_epochs(cfg)
+            reporter.warn(f"time budget: {candidate.name} not probed (it would leave less than ~{reserve:.0f}s for "
+                          f"training: the minimum run{f' and {epochs} fine-tuning epochs' if epochs else ''})")
             continue
         began = time.perf_counter()
         backbone = load_or_skip(candidate, cfg, reporter)

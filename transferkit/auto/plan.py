@@ -17,8 +17,8 @@ from transferkit.training.prefix import with_frozen_prefix
 # Fewer training images than N -> unfreeze the top K coarse blocks: little data overfits a deeply fine-tuned network
 # (decision 0220, as are the three constants below).
 UNFREEZE_BY_TRAIN_IMAGES = ((500, 1), (10000, 3), (50000, 5))
-# The most fine-tuning epochs a plan buys: the validation loss bottoms out as the cosine schedule anneals, and a
-# longer plan overfits while its rate is still high.
+# The most fine-tuning epochs a plan buys (unless the config names a number): the validation loss bottoms out as the
+# cosine schedule anneals, and a longer plan overfits while its rate is still high.
 MAX_FINETUNE_EPOCHS = 5
 # Fine-tuning epochs that probing one more backbone may not eat into: fewer do not get past the frozen head's loss.
 RESERVED_EPOCHS = 4
@@ -28,6 +28,21 @@ RACE_EPOCHS = 3
 SAFETY = 1.25  # estimates leave out image decoding and Python overhead: plan with a quarter more time
 REPORT_SECONDS = 10.0  # report.html: Grad-CAM and similarity on a few images
 TIMING_BATCH = 8  # images per timed step: per-image cost is what matters, and a small batch costs little to time
+
+
+def most_finetune_epochs(config: TrainConfig) -> int:
+    """The most fine-tuning epochs a plan may buy: the config's number (0 where auto() found that fine-tuning does
+    not pay, decision 0304), MAX_FINETUNE_EPOCHS for auto."""
+    return MAX_FINETUNE_EPOCHS if config.epochs_finetune == "auto" else int(config.epochs_finetune)
+
+
+def race_epochs(config: TrainConfig) -> int:
+    """Fine-tuning epochs each finalist trains in the race: none when the plan buys none (a race of frozen stages)."""
+    return min(RACE_EPOCHS, most_finetune_epochs(config))
+
+
+def reserved_epochs(config: TrainConfig) -> int:
+    return min(RESERVED_EPOCHS, most_finetune_epochs(config))
 
 
 def unfreeze_rule(train_images: int, blocks: int) -> str:
@@ -112,7 +127,7 @@ class Plan:
 
 def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: TrainConfig) -> Plan:
     """Spend `seconds_left` in this order: the minimum (missing clean features, the head's epochs, evaluation, the
-    report), then fine-tuning epochs up to MAX_FINETUNE_EPOCHS, then, only from what is left after those, augmented
+    report), then fine-tuning epochs up to `most_finetune_epochs`, then, only from what is left after those, augmented
     feature views (up to the config's).
 
     Fine-tuning comes before augmented views because it is what moves accuracy (decision 0220). Views only vary the
@@ -121,10 +136,11 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
     plan is the minimum (no fine-tuning)."""
     epoch = epoch_seconds(work, speeds)
     minimum = fixed_seconds(work, speeds, config, 1)
-    fitting = max(0, min(MAX_FINETUNE_EPOCHS, math.floor((seconds_left - minimum) / epoch)))
+    most = most_finetune_epochs(config)
+    fitting = max(0, min(most, math.floor((seconds_left - minimum) / epoch)))
     epochs = max(fitting, 0 if config.epochs_frozen else 1)  # a run with no head epochs must fine-tune at least once
     views = 1
-    if epochs == MAX_FINETUNE_EPOCHS and not config.augmentation().is_identity:
+    if epochs == most and not config.augmentation().is_identity:
         spare = seconds_left - epochs * epoch
         most = config.views_for(work.train)
         views = max([v for v in range(1, most + 1) if fixed_seconds(work, speeds, config, v) <= spare], default=1)
@@ -132,21 +148,22 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
 
 
 def plan_race(seconds_left: float, work: Workload, speeds: list[Speeds], config: TrainConfig) -> list[Plan]:
-    """Plans for the finalists (speeds[i] is finalist i's) when racing them leaves each at least RESERVED_EPOCHS
-    fine-tuning epochs, with the other's part of the race (its frozen stage and RACE_EPOCHS) paid out of the
-    budget; the same epochs for both, so that their schedules, and so their race scores, compare. Otherwise the
-    first finalist's plan alone: no race. With `ensemble` on, both finalists finish their runs, so both are paid
-    for in full."""
+    """Plans for the finalists (speeds[i] is finalist i's) when racing them leaves each at least `reserved_epochs`
+    fine-tuning epochs, with the other's part of the race (its frozen stage and `race_epochs`) paid out of the
+    budget (a plan that buys no fine-tuning races the frozen stages, when both fit); the same epochs for both, so
+    that their schedules, and so their race scores, compare. Otherwise the first finalist's plan alone: no race.
+    With `ensemble` on, both finalists finish their runs, so both are paid for in full."""
     alone = [plan_training(seconds_left, work, s, config) for s in speeds]
     if len(speeds) < 2:
         return alone
     if config.ensemble:
         return plans_for_both(seconds_left, work, speeds, alone, config)
-    costs = [training_seconds(work, s, config, p.feature_views, RACE_EPOCHS)
+    costs = [training_seconds(work, s, config, p.feature_views, race_epochs(config))
              for s, p in zip(speeds, alone, strict=True)]
     shared = [plan_training(seconds_left - costs[1 - i], work, s, config) for i, s in enumerate(speeds)]
     epochs = min(p.epochs_finetune for p in shared)
-    if epochs < RESERVED_EPOCHS:
+    fits = all(p.estimated_seconds + costs[1 - i] <= seconds_left for i, p in enumerate(shared))
+    if epochs < reserved_epochs(config) or not fits:
         return alone[:1]
     return [Plan(epochs, p.feature_views, training_seconds(work, s, config, p.feature_views, epochs))
             for s, p in zip(speeds, shared, strict=True)]
@@ -154,13 +171,13 @@ def plan_race(seconds_left: float, work: Workload, speeds: list[Speeds], config:
 
 def plans_for_both(seconds_left: float, work: Workload, speeds: list[Speeds], alone: list[Plan],
                    config: TrainConfig) -> list[Plan]:
-    """The most fine-tuning epochs, the same for both finalists and at least RESERVED_EPOCHS, whose two whole runs
+    """The most fine-tuning epochs, the same for both finalists and at least `reserved_epochs`, whose two whole runs
     fit in `seconds_left` together; else the first finalist's plan alone."""
     def both(epochs: int) -> list[Plan]:
         return [Plan(epochs, plan.feature_views, training_seconds(work, s, config, plan.feature_views, epochs))
                 for s, plan in zip(speeds, alone, strict=True)]
 
-    fitting = [epochs for epochs in range(RESERVED_EPOCHS, MAX_FINETUNE_EPOCHS + 1)
+    fitting = [epochs for epochs in range(reserved_epochs(config), most_finetune_epochs(config) + 1)
                if sum(plan.estimated_seconds for plan in both(epochs)) <= seconds_left]
     return both(max(fitting)) if fitting else alone[:1]
 
@@ -171,12 +188,12 @@ def epoch_seconds(work: Workload, speeds: Speeds) -> float:
 
 
 def reserve_seconds(work: Workload, speeds: Speeds, config: TrainConfig) -> float:
-    """What probing another backbone must leave: the plan's minimum and RESERVED_EPOCHS of fine-tuning."""
-    return fixed_seconds(work, speeds, config, 1) + RESERVED_EPOCHS * epoch_seconds(work, speeds)
+    """What probing another backbone must leave: the plan's minimum and `reserved_epochs` of fine-tuning."""
+    return fixed_seconds(work, speeds, config, 1) + reserved_epochs(config) * epoch_seconds(work, speeds)
 
 
 def training_seconds(work: Workload, speeds: Speeds, config: TrainConfig, views: int, epochs: int) -> float:
-    """A run with `views` and `epochs` of fine-tuning, evaluated and reported (with RACE_EPOCHS: a finalist's
+    """A run with `views` and `epochs` of fine-tuning, evaluated and reported (with `race_epochs`: a finalist's
     part of the race)."""
     return fixed_seconds(work, speeds, config, views) + epochs * epoch_seconds(work, speeds)
 

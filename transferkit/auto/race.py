@@ -1,6 +1,7 @@
 """The race: the two backbones the probe ranks highest each train as a real run until RACE_EPOCHS fine-tuning epochs
-are done; the one with the better validation score then goes on from its checkpoint (none of its work is redone)
-and the other is dropped. Successive halving (Jamieson & Talwalkar 2016) with two arms and one cut.
+are done (or their runs end: a plan without fine-tuning races the frozen stages, decision 0304); the one with the
+better validation score then goes on from its checkpoint (none of its work is redone) and the other is dropped.
+Successive halving (Jamieson & Talwalkar 2016) with two arms and one cut.
 
 Why not trust the probe alone: it ranks frozen features, and what the user gets is a fine-tuned network; the two
 orders disagreed on the demo data (decision 0221)."""

@@ -47,7 +47,7 @@ class SymmetryChoice:
 
 def allowance(seconds_left: float, plans: Sequence[Plan]) -> float:
     """What the check may spend: SYMMETRY_SHARE of the time left, or all that the finalists' plans leave unused
-    (they stop at MAX_FINETUNE_EPOCHS), counting every finalist's whole plan."""
+    (they stop at `most_finetune_epochs`), counting every finalist's whole plan."""
     return max(SYMMETRY_SHARE * seconds_left, seconds_left - sum(plan.estimated_seconds for plan in plans))
 
 
