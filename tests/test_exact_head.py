@@ -24,6 +24,7 @@ from transferkit.insight.explain import _activation_and_logits, explain_files
 from transferkit.models.classifier import Classifier, HeadSpec, build_head, depth_columns, embed_width
 from transferkit.predictor import OnnxPredictor
 from transferkit.runs.run import Run, image_loader
+from transferkit.training import exact_head
 from transferkit.training.callbacks import PauseAfter
 from transferkit.training.exact_head import C_GRID, choose_depths, depth_candidates, fit_linear
 
@@ -92,6 +93,27 @@ def test_the_depth_set_carrying_the_signal_is_chosen():
     chosen, fit = choose_depths(columns, x[:300], y[:300], val_x, val_y, 3)
     assert 1 in chosen
     assert fit.weight.shape == (3, len(columns[chosen]))
+
+
+def test_the_c_grid_is_solved_on_one_blas_thread(monkeypatch):
+    """Head-sized problems: one BLAS thread (decision 0305), seen from inside each fit."""
+    from threadpoolctl import threadpool_limits
+
+    from tests.test_cpu import blas_threads
+
+    seen: list[int] = []
+
+    class Recording(exact_head.LogisticRegression):
+        def fit(self, *args, **kwargs):
+            seen.append(blas_threads())
+            return super().fit(*args, **kwargs)
+
+    monkeypatch.setattr(exact_head, "LogisticRegression", Recording)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((60, 16)), np.arange(60) % 3
+    with threadpool_limits(limits=2, user_api="blas"):  # as a 2-core process has them
+        exact_head.fit_linear(x, y, x, y, 3)
+    assert seen and set(seen) == {1}
 
 
 def test_depth_candidates_are_nested_from_the_last_layer_alone():

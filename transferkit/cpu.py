@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+
+# A dense fit with fewer multiply-adds per pass (rows x features x outputs) runs on one BLAS thread: a second thread
+# made head-sized scikit-learn fits 2-8x slower on 2 cores, and first paid at about 2.6e9 (decision 0305).
+ONE_BLAS_THREAD_BELOW = 1e9
 
 # The instruction sets that change our numbers: AVX-512 and AVX2 speed, VNNI int8 (without it u8 x s8 sums
 # saturate), BF16/AMX bf16 arithmetic in hardware rather than emulated.
@@ -44,3 +50,16 @@ def has_bf16() -> bool:
 def describe() -> str:
     """One line for logs and benchmark tables: model, the flags that matter, usable cores."""
     return f"{cpu_model()} ({isa_summary()}), {len(os.sched_getaffinity(0))} cores"
+
+
+@contextmanager
+def blas_threads_for(rows: int, features: int, outputs: int) -> Iterator[None]:
+    """One BLAS thread (OpenBLAS/MKL under numpy, scipy and scikit-learn) inside the block when the problem is small
+    (ONE_BLAS_THREAD_BELOW); a larger one keeps the process's threads."""
+    if rows * features * max(outputs, 1) >= ONE_BLAS_THREAD_BELOW:
+        yield
+        return
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency; only where a fit runs
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

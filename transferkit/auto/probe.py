@@ -19,6 +19,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer
 
+from transferkit.cpu import blas_threads_for
 from transferkit.data.sources import Sample
 
 MAX_FOLDS = 5
@@ -88,16 +89,17 @@ def folds(labels: np.ndarray, seed: int) -> StratifiedKFold:
 
 def cv_accuracy(estimator: Pipeline, features: np.ndarray, labels: np.ndarray, seed: int) -> Score:
     cv = folds(labels, seed)
-    with quiet_fits():
+    with quiet_fits(*features.shape, len(np.unique(labels))):
         scores = cross_val_score(estimator, features, labels, cv=cv, scoring="accuracy")
     return Score(float(scores.mean()), float(scores.std()), cv.get_n_splits())
 
 
 @contextmanager
-def quiet_fits() -> Iterator[None]:
-    """A fit stopped at max_iter still scores; a class smaller than K only makes its folds uneven."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+def quiet_fits(rows: int, features: int, outputs: int) -> Iterator[None]:
+    """Fits of a problem this size, quietly (a fit stopped at max_iter still scores; a class smaller than K only
+    makes its folds uneven) and on the BLAS threads that suit its size (cpu.blas_threads_for)."""
+    with warnings.catch_warnings(), blas_threads_for(rows, features, outputs):
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
         warnings.filterwarnings("ignore", message="The least populated class")
         yield
 
@@ -135,7 +137,7 @@ def choose_head(features: np.ndarray, labels: np.ndarray, seed: int, linear: Sco
     dim, classes = features.shape[1], len(np.unique(labels))
     linear_option = Option("linear", linear, dim * classes)
     start = time.perf_counter()
-    with quiet_fits():
+    with quiet_fits(*features.shape, HIDDEN_UNITS):
         splits = list(folds(labels, seed).split(features, labels))
     estimate = calibrated_fold_seconds(features[splits[0][0]], labels[splits[0][0]], seed, cap)
     scores: list[float] = []
@@ -146,7 +148,7 @@ def choose_head(features: np.ndarray, labels: np.ndarray, seed: int, linear: Sco
                     f"within the {cap:.0f}s cap")
             return HeadChoice([], {"linear": linear}, time.perf_counter() - start, note)
         fold_start = time.perf_counter()
-        with quiet_fits():
+        with quiet_fits(len(train), dim, HIDDEN_UNITS):
             scores.append(mlp_probe(seed).fit(features[train], labels[train]).score(features[test], labels[test]))
         fold_seconds.append(time.perf_counter() - fold_start)
         estimate = max(fold_seconds)  # measured folds replace the calibration
@@ -162,6 +164,6 @@ def calibrated_fold_seconds(features: np.ndarray, labels: np.ndarray, seed: int,
     if cap <= 0:
         return math.inf
     start = time.perf_counter()
-    with quiet_fits():
+    with quiet_fits(*features.shape, HIDDEN_UNITS):
         mlp_probe(seed, CALIBRATION_ITERS).fit(features, labels)
     return (time.perf_counter() - start) * MLP_MAX_ITER / CALIBRATION_ITERS

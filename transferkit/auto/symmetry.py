@@ -88,7 +88,8 @@ def paired_fold_accuracies(views: list[np.ndarray], labels: np.ndarray, seed: in
     """Per-fold accuracy of the probe on views[0] (the clean view) and of the probe trained on every view of the
     training folds that averages its probabilities over the views of each held-out image; the same folds."""
     plain, averaged = [], []
-    with quiet_fits():
+    rows, dim = views[0].shape
+    with quiet_fits(rows * len(views), dim, len(np.unique(labels))):
         for train, test in folds(labels, seed).split(views[0], labels):
             probe = linear_probe().fit(views[0][train], labels[train])
             plain.append(probe.score(views[0][test], labels[test]))

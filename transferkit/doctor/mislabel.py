@@ -18,6 +18,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 
+from transferkit.cpu import blas_threads_for
 from transferkit.data.sources import Sample
 
 MAX_FOLDS = 5
@@ -59,8 +60,8 @@ def out_of_fold_probabilities(vectors: np.ndarray, given: np.ndarray, seed: int)
     2 images, so a fold can train without a class."""
     folds = min(MAX_FOLDS, int(np.bincount(given).min()))
     model = make_pipeline(Normalizer(), LogisticRegression(C=INVERSE_REGULARISATION, max_iter=2000))
-    with warnings.catch_warnings():
-        # a fit stopped at max_iter still ranks images by confidence, which is all the check uses
+    # a fit stopped at max_iter still ranks images by confidence, which is all the check uses
+    with warnings.catch_warnings(), blas_threads_for(*vectors.shape, int(given.max()) + 1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return cross_val_predict(model, vectors, given, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                                  method="predict_proba")

@@ -21,6 +21,8 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from transferkit.cpu import blas_threads_for
+
 C_GRID = tuple(float(c) for c in np.logspace(-4, 0, 9))  # half-decade steps; the optimum is often 1e-3..1e-2
 MAX_ITER = 1000
 PATIENCE = 2  # grid steps the validation loss may rise before the search stops
@@ -55,7 +57,8 @@ def fit_linear(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     model = LogisticRegression(max_iter=MAX_ITER, warm_start=True, class_weight=weighted)
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
     rises = 0
-    with warnings.catch_warnings():  # the weakest regularisations may stop at MAX_ITER; their fit still scores
+    # the weakest regularisations may stop at MAX_ITER; their fit still scores
+    with warnings.catch_warnings(), blas_threads_for(*train_x.shape, outputs):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in sorted(grid):
             model.set_params(C=c).fit(train_s, train_y)

@@ -1,0 +1,90 @@
+"""BLAS threads for the frozen stage's solved head and auto's probes (decision 0305): scikit-learn fits of head-sized
+problems timed on 1 and on the process's BLAS threads, alternating, on this machine.
+
+Each row is a problem of rows x features x outputs like the ones transferkit solves: the exact head's whole C grid
+(`fit_linear`, on features with a learnable signal so that L-BFGS runs as long as on real features) and auto's MLP
+probe. Prints a table and writes JSON.
+
+    .venv/bin/python bench/head_threads.py --out bench/results/head-threads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from statistics import median
+from unittest.mock import patch
+
+import numpy as np
+from measure import machine_info, table  # bench/: run as a script, no package
+from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from transferkit.cpu import ONE_BLAS_THREAD_BELOW
+from transferkit.training import exact_head
+
+# (rows, features, outputs): a few hundred photos, Fashion-MNIST 100/class, ELPV's 8 views, many classes, a large set
+SIZES = [(250, 1280, 11), (800, 1280, 10), (13648, 1280, 2), (5000, 1280, 50), (20000, 1280, 100)]
+
+
+def problem(rows: int, features: int, outputs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Max-pooled-like features (non-negative, correlated) whose classes are separable only in part."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(rows) % outputs
+    centres = rng.standard_normal((outputs, features)) * 0.3
+    return np.maximum(rng.standard_normal((rows, features)) + centres[labels], 0).astype(np.float32), labels
+
+
+def head_seconds(x: np.ndarray, y: np.ndarray, threads: int) -> float:
+    """The whole C grid of the exact head on `threads` BLAS threads (its own choice of threads set aside)."""
+    split = len(y) * 4 // 5
+    with threadpool_limits(limits=threads, user_api="blas"), patch.object(exact_head, "blas_threads_for",
+                                                                          lambda *shape: nullcontext()):
+        start = time.perf_counter()
+        exact_head.fit_linear(x[:split], y[:split], x[split:], y[split:], int(y.max()) + 1)
+        return time.perf_counter() - start
+
+
+def mlp_seconds(x: np.ndarray, y: np.ndarray, threads: int) -> float:
+    with threadpool_limits(limits=threads, user_api="blas"):
+        start = time.perf_counter()
+        MLPClassifier((256,), solver="lbfgs", max_iter=100, random_state=0).fit(x, y)
+        return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "head-threads.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    most = max((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"), default=1)
+    rows = []
+    for size in SIZES:
+        x, y = problem(*size)
+        for name, timer in (("exact head (C grid)", head_seconds), ("MLP probe, 100 iterations", mlp_seconds)):
+            if name.startswith("MLP") and size[0] > 2000:
+                continue  # auto probes at most 2,000 images
+            seconds: dict[int, list[float]] = {1: [], most: []}
+            for _ in range(args.repeats):
+                for threads in dict.fromkeys((1, most)):
+                    seconds[threads].append(timer(x, y, threads))
+            work = size[0] * size[1] * (256 if name.startswith("MLP") else size[2])
+            rows.append([name, "x".join(map(str, size)), f"{work:.1e}", f"{median(seconds[1]):.3f}",
+                         f"{median(seconds[most]):.3f}", "one" if work < ONE_BLAS_THREAD_BELOW else "as set"])
+    header = ["fit", "rows x features x outputs", "multiply-adds per pass", "1 thread, s", f"{most} threads, s",
+              "transferkit uses"]
+    print("\n".join(table(header, rows)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine_info(), "blas_threads": most, "header": header, "rows": rows}
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
