@@ -146,7 +146,8 @@ def test_a_plan_without_fine_tuning_races_the_frozen_stages_when_both_fit() -> N
 
 
 def test_auto_fine_tunes_on_a_small_cpu_set_only_when_the_config_asks(tmp_path: Path, tiny_weights: str,
-                                                                      crippled_weights: str) -> None:
+                                                                      crippled_weights: str,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """On a CPU with fewer training images than fine-tuning needs to pay (decision 0303) auto races the frozen
     stages; epochs_finetune in the config brings the fine-tuning race back, at most that many epochs."""
     data = make_class_folders(tmp_path / "data", classes=2, per_class=12)
@@ -157,10 +158,14 @@ def test_auto_fine_tunes_on_a_small_cpu_set_only_when_the_config_asks(tmp_path: 
         config.write_text(f"augment: none\nepochs_frozen: 3\n{extra}")
         code, printed = run_and_capture(["auto", str(data), "--out", str(tmp_path / name), "--backbones", backbones,
                                          "--time-budget", "5", "--config", str(config), "--json", "--image-size",
-                                         "32", "--batch-size", "8", "--workers", "0", "--quiet"])
+                                         "32", "--batch-size", "8", "--workers", "0"])
         assert code == 0
         summaries[name] = json.loads(printed)
+        said = capsys.readouterr().err
+        assert "nothing to resume" not in said  # the finished winner is taken as it is, not "resumed"
+        assert ("their frozen stages" in said) == (name == "frozen")
     frozen, asked = summaries["frozen"], summaries["asked"]
+    assert frozen["metrics"] == json.loads((tmp_path / "frozen" / "metrics.json").read_text())
     assert frozen["plan"]["epochs_finetune"] == 0 and [lap["finetune_epochs"] for lap in frozen["race"]] == [0, 0]
     assert "finetune" not in {row[1] for row in history(tmp_path / "frozen")[1:]}
     assert 0 < asked["plan"]["epochs_finetune"] <= 4

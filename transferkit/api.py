@@ -91,9 +91,7 @@ def resume(out: str | Path, data: str | Path | DatasetIndex | None = None, quiet
         raise UserError(f"{out} holds no run to resume (no config.yaml and split.json)")
     if (out / "meta.json").is_file() and (out / "metrics.json").is_file():
         reporter.log(f"{out} is already complete: nothing to resume")
-        run = open_run(out)
-        run.metrics = json.loads((out / "metrics.json").read_text())
-        return run
+        return load(out)
     try:
         saved_split = json.loads((out / "split.json").read_text())
     except (OSError, ValueError) as exc:
@@ -394,5 +392,8 @@ def task_meta(model: torch.nn.Module, task: Task, index: DatasetIndex, val: Labe
 
 
 def load(path: str | Path) -> Run:
-    """A run folder, or an ensemble's (the same interface)."""
-    return open_run(path)
+    """A run folder, or an ensemble's (the same interface), with `metrics` from its metrics.json where it has one."""
+    run, metrics = open_run(path), Path(path) / "metrics.json"
+    if metrics.is_file():
+        run.metrics = json.loads(metrics.read_text())
+    return run

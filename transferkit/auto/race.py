@@ -104,9 +104,10 @@ def finish(lap: Lap, index: DatasetIndex, out: Path, quiet: bool) -> Run:
     for entry in folder.iterdir():
         entry.rename(out / entry.name)
     shutil.rmtree(out / RACE_FOLDER)
-    run = api.resume(out, index, quiet=quiet)
-    if lap.finished:
-        write_report(run)
+    if not lap.finished:
+        return api.resume(out, index, quiet=quiet)
+    run = api.load(out)
+    write_report(run)
     return run
 
 
