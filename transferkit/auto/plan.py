@@ -42,6 +42,7 @@ def race_epochs(config: TrainConfig) -> int:
 
 
 def reserved_epochs(config: TrainConfig) -> int:
+    """Fine-tuning epochs that probing may not eat into: none when the plan buys none."""
     return min(RESERVED_EPOCHS, most_finetune_epochs(config))
 
 
@@ -136,11 +137,11 @@ def plan_training(seconds_left: float, work: Workload, speeds: Speeds, config: T
     plan is the minimum (no fine-tuning)."""
     epoch = epoch_seconds(work, speeds)
     minimum = fixed_seconds(work, speeds, config, 1)
-    most = most_finetune_epochs(config)
-    fitting = max(0, min(most, math.floor((seconds_left - minimum) / epoch)))
+    ceiling = most_finetune_epochs(config)
+    fitting = max(0, min(ceiling, math.floor((seconds_left - minimum) / epoch)))
     epochs = max(fitting, 0 if config.epochs_frozen else 1)  # a run with no head epochs must fine-tune at least once
     views = 1
-    if epochs == most and not config.augmentation().is_identity:
+    if epochs == ceiling and not config.augmentation().is_identity:
         spare = seconds_left - epochs * epoch
         most = config.views_for(work.train)
         views = max([v for v in range(1, most + 1) if fixed_seconds(work, speeds, config, v) <= spare], default=1)
