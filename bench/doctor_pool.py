@@ -3,10 +3,12 @@
 1. Near duplicates (cosine 0.95): scikit-image's photos at twice their size, against their JPEG re-encodes,
    brightened and shrunk copies (all should score at or above 0.95), the other photos and the four tiles of each
    photo (all should score below it).
-2. Likely mislabeled (C = 100 on L2-normalised embeddings, cleanlab): 5 % of the labels flipped at random (3 seeds)
-   on the benchmark data sets of `accuracy_data.py`; how many flips are found, how many other images are flagged.
+2. Likely mislabeled (a logistic regression on L2-normalised embeddings, `--mislabel-c` its C values, cleanlab): 5 %
+   of the labels flipped at random (3 seeds) on the benchmark data sets of `accuracy_data.py`; how many flips are
+   found, how many other images are flagged.
 
     cd bench && ../.venv/bin/python doctor_pool.py --datasets food,fmnist20,elpv --out results/doctor-pool.json
+    cd bench && ../.venv/bin/python doctor_pool.py --pools max --mislabel-c 10,100 --out results/doctor-mislabel-c.json
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from transferkit.data.transforms import Preprocess, eval_transform
-from transferkit.doctor.mislabel import label_issues, out_of_fold_probabilities
+from transferkit.doctor.mislabel import INVERSE_REGULARISATION, label_issues, out_of_fold_probabilities
 from transferkit.features.cache import default_cache_dir
 from transferkit.models.pretrained import load_backbone
 
@@ -99,7 +101,7 @@ def near_duplicate_scores(pool: str) -> dict:
     return {"lowest_copy": copies, "highest_distinct": float(others.max()), "highest_tiles": max(tile_scores)}
 
 
-def planted_flips(name: str, pool: str, cache: Path, seeds: int) -> dict:
+def planted_flips(name: str, pool: str, cache: Path, seeds: int, inverse_regularisation: float) -> dict:
     """Recall of flipped labels and other images flagged, by cleanlab on doctor's out-of-fold probabilities."""
     split = load_split(name, cache, 0, False)
     paths = split.train.paths + split.val.paths + split.test.paths
@@ -113,7 +115,8 @@ def planted_flips(name: str, pool: str, cache: Path, seeds: int) -> dict:
         flipped = rng.choice(len(labels), int(FLIPPED_SHARE * len(labels)), replace=False)
         noisy = labels.copy()
         noisy[flipped] = (labels[flipped] + rng.integers(1, classes, len(flipped))) % classes
-        flagged = {row for row, _ in label_issues(out_of_fold_probabilities(vectors, noisy, seed), noisy)}
+        probs = out_of_fold_probabilities(vectors, noisy, seed, inverse_regularisation)
+        flagged = {row for row, _ in label_issues(probs, noisy)}
         recall.append(len(flagged & set(flipped)) / len(flipped))
         others.append(len(flagged - set(flipped)))
     return {"images": len(labels), "flipped": int(FLIPPED_SHARE * len(labels)), "recall": recall,
@@ -124,17 +127,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="food,fmnist20,elpv")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pools", default=",".join(POOLS))
+    parser.add_argument("--mislabel-c", default=str(INVERSE_REGULARISATION),
+                        help="the mislabel model's C values to compare, e.g. 10,100")
     parser.add_argument("--out", type=Path, default=Path("results/doctor-pool.json"))
     args = parser.parse_args()
     cache = default_cache_dir() / "bench"
     results = {"machine": machine_info(), "near_duplicates": {}, "mislabels": {}}
-    for pool in POOLS:
+    for pool in args.pools.split(","):
         results["near_duplicates"][pool] = near_duplicate_scores(pool)
         print(pool, json.dumps(results["near_duplicates"][pool]), flush=True)
         for name in args.datasets.split(","):
-            found = results["mislabels"].setdefault(name, {})[pool] = planted_flips(name, pool, cache, args.seeds)
-            print(pool, name, f"recall {np.mean(found['recall']):.3f}, "
-                              f"others flagged {np.mean(found['other_flagged']):.1f}", flush=True)
+            for c in (float(text) for text in args.mislabel_c.split(",")):
+                found = planted_flips(name, pool, cache, args.seeds, c)
+                results["mislabels"].setdefault(name, {}).setdefault(pool, {})[f"C={c:g}"] = found
+                print(pool, name, f"C={c:g}: recall {np.mean(found['recall']):.3f}, "
+                                  f"others flagged {np.mean(found['other_flagged']):.1f}", flush=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
