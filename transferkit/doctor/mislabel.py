@@ -50,6 +50,10 @@ def likely_mislabeled(samples: Sequence[Sample], vectors: np.ndarray, seed: int)
             "label_probability": round(float(probs[row, given[row]]), 4),
             "margin": round(float(probs[row, rival] - probs[row, given[row]]), 4),
         })
+    if suspects:
+        agreement = float(np.mean(probs.argmax(axis=1) == given))
+        notes.append(f"mislabel check: its model agrees with {agreement:.0%} of the labels out of fold; the lower that "
+                     "is, the more of the suspects are hard images rather than wrong labels (decision 0306)")
     return sorted(suspects, key=lambda s: -s["margin"]), notes
 
 
