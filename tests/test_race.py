@@ -164,6 +164,9 @@ def test_auto_fine_tunes_on_a_small_cpu_set_only_when_the_config_asks(tmp_path: 
         said = capsys.readouterr().err
         assert "nothing to resume" not in said  # the finished winner is taken as it is, not "resumed"
         assert ("their frozen stages" in said) == (name == "frozen")
+        # the announced plan names a learning rate and unfrozen blocks only where fine-tuning uses them
+        assert ("no fine-tuning" in said and "unfreeze" not in said) == (name == "frozen")
+        assert "head linear, solved" in said and ", lr " not in said
     frozen, asked = summaries["frozen"], summaries["asked"]
     assert frozen["metrics"] == json.loads((tmp_path / "frozen" / "metrics.json").read_text())
     assert frozen["plan"]["epochs_finetune"] == 0 and [lap["finetune_epochs"] for lap in frozen["race"]] == [0, 0]

@@ -168,7 +168,8 @@ def auto(data: str | Path, out: str | Path, *, time_budget: float = 30.0,
     if plans[0].estimated_seconds > left:
         reporter.warn(f"the time budget is too small: training is expected to take {plans[0].estimated_seconds:.0f}s, "
                       f"{max(left, 0):.0f}s are left; the plan is cut to its minimum (clean view, no fine-tuning)")
-    announce(finalists, head.hidden, symmetry.dihedral, reporter)
+    announce(finalists, head.hidden, dataclasses.replace(cfg, head_hidden=head.hidden).solves_head, symmetry.dihedral,
+             reporter)
     seconds_before_training = time.perf_counter() - start
     train_options = {**options, "recipe": recipe, "config": config}
     chosen, laps = run_race(finalists, index, out, quiet, train_options, cfg.monitor, reporter)
@@ -213,13 +214,17 @@ def run_race(finalists: list[Finalist], index: DatasetIndex, out: Path, quiet: b
     return next(f for f in finalists if f.name == won.name), laps
 
 
-def announce(finalists: list[Finalist], head_hidden: list[int], dihedral: bool, reporter: Reporter) -> None:
+def announce(finalists: list[Finalist], head_hidden: list[int], solved: bool, dihedral: bool,
+             reporter: Reporter) -> None:
+    """One line per finalist with what will be trained; a learning rate or unfrozen blocks only where they are
+    used (an SGD head, fine-tuning)."""
     for f in finalists:
         assert f.plan is not None
-        reporter.log(f"auto: {f.name}, {f.choices['image_size']}px, head {head_hidden or 'linear'}, "
-                     f"lr {f.choices['lr']:.2e}, unfreeze {f.choices['unfreeze']}, "
-                     f"{'dihedral' if dihedral else 'clean'} views, {f.plan.epochs_finetune} fine-tuning epochs "
-                     f"(~{f.plan.estimated_seconds:.0f}s)")
+        head = "linear, solved" if solved else f"{head_hidden or 'linear'}, lr {f.choices['lr']:.2e}"
+        epochs = f.plan.epochs_finetune
+        tuning = f"{epochs} fine-tuning epochs (unfreeze {f.choices['unfreeze']})" if epochs else "no fine-tuning"
+        reporter.log(f"auto: {f.name}, {f.choices['image_size']}px, head {head}, "
+                     f"{'dihedral' if dihedral else 'clean'} views, {tuning} (~{f.plan.estimated_seconds:.0f}s)")
 
 
 def chosen_settings(chosen: Finalist) -> dict[str, Any]:
