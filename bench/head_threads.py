@@ -22,13 +22,14 @@ from unittest.mock import patch
 
 import numpy as np
 from measure import machine_info, table  # bench/: run as a script, no package
-from sklearn.neural_network import MLPClassifier
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
-from transferkit.cpu import ONE_BLAS_THREAD_BELOW
+from transferkit.auto.probe import HIDDEN_UNITS, mlp_probe
+from transferkit.cpu import blas_threads, one_blas_thread
 from transferkit.training import exact_head
 
 # (rows, features, outputs): a few hundred photos, Fashion-MNIST 100/class, ELPV's 8 views, many classes, a large set
+MLP_ITERATIONS = 100  # auto's MLP probe, cut short: per-iteration cost is what the threads change
 SIZES = [(250, 1280, 11), (800, 1280, 10), (13648, 1280, 2), (5000, 1280, 50), (20000, 1280, 100)]
 
 
@@ -53,7 +54,7 @@ def head_seconds(x: np.ndarray, y: np.ndarray, threads: int) -> float:
 def mlp_seconds(x: np.ndarray, y: np.ndarray, threads: int) -> float:
     with threadpool_limits(limits=threads, user_api="blas"):
         start = time.perf_counter()
-        MLPClassifier((256,), solver="lbfgs", max_iter=100, random_state=0).fit(x, y)
+        mlp_probe(0, MLP_ITERATIONS).fit(x, y)
         return time.perf_counter() - start
 
 
@@ -63,20 +64,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "head-threads.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    most = max((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"), default=1)
+    most = blas_threads()
     rows = []
     for size in SIZES:
         x, y = problem(*size)
-        for name, timer in (("exact head (C grid)", head_seconds), ("MLP probe, 100 iterations", mlp_seconds)):
+        timers = (("exact head (C grid)", head_seconds), (f"MLP probe, {MLP_ITERATIONS} iterations", mlp_seconds))
+        for name, timer in timers:
             if name.startswith("MLP") and size[0] > 2000:
                 continue  # auto probes at most 2,000 images
             seconds: dict[int, list[float]] = {1: [], most: []}
             for _ in range(args.repeats):
                 for threads in dict.fromkeys((1, most)):
                     seconds[threads].append(timer(x, y, threads))
-            work = size[0] * size[1] * (256 if name.startswith("MLP") else size[2])
-            rows.append([name, "x".join(map(str, size)), f"{work:.1e}", f"{median(seconds[1]):.3f}",
-                         f"{median(seconds[most]):.3f}", "one" if work < ONE_BLAS_THREAD_BELOW else "as set"])
+            shape = (size[0], size[1], HIDDEN_UNITS if name.startswith("MLP") else size[2])
+            rows.append([name, "x".join(map(str, size)), f"{np.prod(shape, dtype=float):.1e}",
+                         f"{median(seconds[1]):.3f}", f"{median(seconds[most]):.3f}",
+                         "one" if one_blas_thread(*shape) else "as set"])
     header = ["fit", "rows x features x outputs", "multiply-adds per pass", "1 thread, s", f"{most} threads, s",
               "transferkit uses"]
     print("\n".join(table(header, rows)))

@@ -33,21 +33,15 @@ def test_bf16_on_a_cpu_without_it_warns(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def blas_threads() -> int:
-    from threadpoolctl import threadpool_info
-
-    return max((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"), default=1)
-
-
 def test_a_small_fit_runs_on_one_blas_thread_and_a_large_one_keeps_the_process_s():
     """Decision 0305: a second BLAS thread made head-sized fits slower; problems from ONE_BLAS_THREAD_BELOW keep
     what the process has."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=2, user_api="blas"):
-        before = blas_threads()
+        before = cpu.blas_threads()
         with cpu.blas_threads_for(250, 1280, 11):
-            assert blas_threads() == 1
-        assert blas_threads() == before
+            assert cpu.blas_threads() == 1
+        assert cpu.blas_threads() == before
         with cpu.blas_threads_for(20000, 1280, 100):
-            assert blas_threads() == before
+            assert cpu.blas_threads() == before

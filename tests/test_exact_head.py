@@ -99,7 +99,7 @@ def test_the_c_grid_is_solved_on_one_blas_thread(monkeypatch):
     """Head-sized problems: one BLAS thread (decision 0305), seen from inside each fit."""
     from threadpoolctl import threadpool_limits
 
-    from tests.test_cpu import blas_threads
+    from transferkit.cpu import blas_threads
 
     seen: list[int] = []
 

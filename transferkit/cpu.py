@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 
 # A dense fit with fewer multiply-adds per pass (rows x features x outputs) runs on one BLAS thread: a second thread
-# made head-sized scikit-learn fits 2-8x slower on 2 cores, and first paid at about 2.6e9 (decision 0305).
+# made head-sized scikit-learn fits up to 7.5x slower on 2 cores, and first paid at about 2.6e9 (decision 0305).
 ONE_BLAS_THREAD_BELOW = 1e9
 
 # The instruction sets that change our numbers: AVX-512 and AVX2 speed, VNNI int8 (without it u8 x s8 sums
@@ -52,11 +52,23 @@ def describe() -> str:
     return f"{cpu_model()} ({isa_summary()}), {len(os.sched_getaffinity(0))} cores"
 
 
+def one_blas_thread(rows: int, features: int, outputs: int) -> bool:
+    """Whether a dense fit this size runs on one BLAS thread (ONE_BLAS_THREAD_BELOW multiply-adds per pass)."""
+    return rows * features * max(outputs, 1) < ONE_BLAS_THREAD_BELOW
+
+
+def blas_threads() -> int:
+    """The most threads a loaded BLAS library (OpenBLAS, MKL) would use now."""
+    from threadpoolctl import threadpool_info  # scikit-learn's own dependency; only where it is asked
+
+    return max((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"), default=1)
+
+
 @contextmanager
 def blas_threads_for(rows: int, features: int, outputs: int) -> Iterator[None]:
     """One BLAS thread (OpenBLAS/MKL under numpy, scipy and scikit-learn) inside the block when the problem is small
     (ONE_BLAS_THREAD_BELOW); a larger one keeps the process's threads."""
-    if rows * features * max(outputs, 1) >= ONE_BLAS_THREAD_BELOW:
+    if not one_blas_thread(rows, features, outputs):
         yield
         return
     from threadpoolctl import threadpool_limits  # scikit-learn's own dependency; only where a fit runs
