@@ -34,9 +34,9 @@ def validation_choices(model: torch.nn.Module, val: Labelled, transform, task: T
     candidates = tta.per_mode(logits, tta.MODES if tta_choice == "auto" else (tta_choice,))
     mode, losses = choose_tta({m: v.numpy() for m, v in candidates.items()}, targets, task.kind)
     temperature = calibration.fit_temperature(candidates[mode].numpy(), targets, task.kind)
-    reporter.log(f"test-time augmentation: {mode} ({tta.VIEWS[mode]} views per image, "
-                 f"~{1000 * seconds_per_view * tta.VIEWS[mode]:.0f} ms per image here); "
-                 f"calibrating temperature {temperature:.3f}")
+    cost = (f" ({tta.VIEWS[mode]} views per image, ~{1000 * seconds_per_view * tta.VIEWS[mode]:.0f} ms per image "
+            f"here)" if tta.VIEWS[mode] > 1 else "")
+    reporter.log(f"test-time augmentation: {mode}{cost}; calibrating temperature {temperature:.3f}")
     meta: dict = {"tta": mode, "temperature": temperature}
     if tta_choice == "auto":
         meta["tta_selection"] = {"val_loss": losses, "seconds_per_view": seconds_per_view}

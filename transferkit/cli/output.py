@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import re
 import sys
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from transferkit.errors import UserError
 from transferkit.fileio import check_out_free
 from transferkit.progress import console, print_warning
 from transferkit.recipes import RECIPES
@@ -49,14 +52,27 @@ def check_paths(data: str, out: Path | None = None, overwrite: bool = False) -> 
 
 def default_run_folder(data: str, suffix: str = "") -> Path:
     """runs/NAME for data called NAME (a folder, a CSV's stem, a URL's last part), else runs/NAME-2, -3, …: a
-    command run twice keeps both runs, as ultralytics' runs/train, train2 do."""
+    command run twice keeps both runs, as ultralytics' runs/train, train2 do. The folder is created here, so two
+    commands started together never share one; it is removed at exit if the command wrote nothing in it."""
     last = data.rstrip("/").rsplit("/", 1)[-1] if "://" in data else Path(data).resolve().name
     name = re.sub(r"[^\w.-]+", "_", Path(last).stem).strip("_.") or "run"
     base = Path("runs") / f"{name}{suffix}"
     folder, number = base, 2
-    while folder.exists():
-        folder, number = base.with_name(f"{base.name}-{number}"), number + 1
-    return folder
+    while True:
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            folder, number = base.with_name(f"{base.name}-{number}"), number + 1
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot create {folder}: {exc.strerror or exc}; pass --out") from None
+        atexit.register(remove_if_empty, folder)
+        return folder
+
+
+def remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (the run was written) or already gone
+        folder.rmdir()
 
 
 def announced_run_folder(data: str, suffix: str, quiet: bool) -> Path:
