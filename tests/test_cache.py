@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -130,3 +131,14 @@ def test_interrupted_extraction_leaves_no_segment(dataset, tmp_path, monkeypatch
     again = extractor(tmp_path / "cache")
     again(paths, views()[:1], "x")
     assert again.computed == len(paths)
+
+
+def test_progress_counts_the_views_asked_for(dataset, tmp_path, monkeypatch):
+    """auto's symmetry check asks for views 1..7 (the clean view is already cached): its bars read 1/7 … 7/7."""
+    labels = []
+    monkeypatch.setattr(Reporter, "bar", lambda self, label, total: labels.append(label) or contextlib.nullcontext(
+        lambda n, status="": None))
+    pre = Preprocess(32, "bilinear", 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    turned = [View(k, eval_transform(pre), {"view": k}) for k in (1, 2, 3)]
+    extractor(None)(image_paths(dataset), turned, "symmetries")
+    assert labels == ["symmetries 1/3", "symmetries 2/3", "symmetries 3/3"]

@@ -244,8 +244,8 @@ class FeatureExtractor:
         crops = list(crops) if crops is not None else [None] * len(paths)
         digests = [image_key(file_digest(p), crop) for p, crop in zip(paths, crops, strict=True)]
         results = []
-        for view in views:
-            label = f"{description} {view.index + 1}/{len(views)}" if len(views) > 1 else description
+        for position, view in enumerate(views, 1):
+            label = f"{description} {position}/{len(views)}" if len(views) > 1 else description
             results.append(self._view(paths, crops, digests, view, label))
         return results
 
