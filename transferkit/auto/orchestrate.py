@@ -247,11 +247,15 @@ def ranking(probed: dict[str, Probed]) -> list[Probed]:
 def finalist(probed: Probed, head_hidden: list[int], labels: np.ndarray, train_images: int,
              cfg: TrainConfig) -> Finalist:
     """A backbone's training choices, from its probe features: the head's learning rate (range test, then the
-    best held-out loss among fractions of its suggestion), how many blocks to unfreeze, its measured speeds."""
+    best held-out loss among fractions of its suggestion, unless a solved head and no fine-tuning use none), how
+    many blocks to unfreeze, its measured speeds."""
     cfg = dataclasses.replace(cfg, head_hidden=head_hidden)
     classes = int(labels.max()) + 1
     found = lr_find(probed.features, labels, classes, cfg)
-    head_lr, rate_losses = best_rate(probed.features, labels, classes, cfg, found.suggested_lr)
+    if cfg.solves_head and cfg.epochs_finetune == 0:
+        head_lr, rate_losses = cfg.lr, {}
+    else:
+        head_lr, rate_losses = best_rate(probed.features, labels, classes, cfg, found.suggested_lr)
     backbone = probed.backbone
     blocks = unfreeze_rule(train_images, count_blocks(backbone.model))
     speeds = measure_speeds(backbone.model, blocks, backbone.pre.image_size, cfg, found.seconds_per_image)

@@ -63,26 +63,31 @@ class Speeds:
     """Seconds per image, measured on this machine."""
 
     inference: float  # the frozen backbone, forward only (features, validation, evaluation)
-    finetune: float  # forward and backward with the top blocks unfrozen
+    finetune: float  # forward and backward with the top blocks unfrozen (0 where nothing is fine-tuned)
     head: float  # one head training step on cached features (from the lr-find)
 
 
 def measure_speeds(model: Classifier, blocks: str, image_size: int, config: TrainConfig, head: float) -> Speeds:
     """Time a synthetic batch: the forward pass in eager PyTorch (the feature engine, used for features when it is
     faster, only makes the real run quicker than planned), the training step as stage 2 runs it (its frozen lower
-    blocks compiled where training.prefix compiles them)."""
+    blocks compiled where training.prefix compiles them). Where the config fine-tunes nothing the training step is
+    not timed (compiling its prefix alone takes seconds) and costs 0 in the plans."""
     device = next(model.parameters()).device
     images = torch.randn(min(TIMING_BATCH, config.batch_size), 3, image_size, image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     model.to(memory_format=torch.channels_last)
     freeze_backbone(model)
-    unfreeze(model, blocks)
 
     def forward() -> None:
         model.eval()
         with torch.inference_mode():
             model.embed(images)
 
+    per_image = len(images)
+    inference = best_time(forward, device) / per_image
+    if config.epochs_finetune == 0:
+        return Speeds(inference, 0.0, head)
+    unfreeze(model, blocks)
     stage2 = with_frozen_prefix(model, config.feature_engine, Reporter(quiet=True))
 
     def train_step() -> None:
@@ -90,8 +95,7 @@ def measure_speeds(model: Classifier, blocks: str, image_size: int, config: Trai
         model.zero_grad(set_to_none=True)
         stage2(images).float().sum().backward()
 
-    per_image = len(images)
-    return Speeds(best_time(forward, device) / per_image, best_time(train_step, device) / per_image, head)
+    return Speeds(inference, best_time(train_step, device) / per_image, head)
 
 
 def best_time(step: Callable[[], None], device: torch.device, repeats: int = 2) -> float:
