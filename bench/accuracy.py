@@ -103,6 +103,8 @@ SIZE_ROWS = {
     "max-256": {"head_fit": "exact", "pool": "max", "image_size": 256},
     "max-288": {"head_fit": "exact", "pool": "max", "image_size": 288},
     "max-320": {"head_fit": "exact", "pool": "max", "image_size": 320},
+    # ELPV's cells at their own 300 px, max-pooled (a crack is one strong activation however large the map)
+    "max-300": {"head_fit": "exact", "pool": "max", "image_size": 300},
     "max-uncropped": {"head_fit": "exact", "pool": "max", "crop_pct": 1.0},
 }
 # --views: stage 1 on 3 feature views per training image (1 clean + 2 augmented) against the rows' single clean view
