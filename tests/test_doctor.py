@@ -276,7 +276,7 @@ def test_text_summary_lists_findings_with_files(squares, tiny_weights, capsys):
     _, planted, _ = squares
     assert run_cli(["doctor", str(planted), *tiny_cli_args(tiny_weights), "--near-threshold", "0.999", "-q"]) == 0
     text = capsys.readouterr().out
-    assert "likely mislabeled: 1 image" in text
+    assert "review possibly mislabeled: 1 image" in text and "ok     exact duplicates: none" in text
     assert "class_1/from_class_0.png: labelled class_1" in text and "looks like class_0" in text
     assert "exact duplicates: none" in text
 

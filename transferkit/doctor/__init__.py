@@ -1,5 +1,5 @@
 """`transferkit doctor`: data health before training (unreadable files, duplicates, leakage, imbalance, tiny and
-likely mislabeled images), each finding with its files, as plain data shared by the CLI's text and JSON."""
+possibly mislabeled images), each finding with its files, as plain data shared by the CLI's text and JSON."""
 
 from transferkit.doctor.options import DoctorOptions
 

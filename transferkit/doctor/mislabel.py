@@ -1,4 +1,4 @@
-"""Likely mislabeled images: cleanlab's confident learning (Northcutt et al., 2021) on out-of-fold probabilities.
+"""Possibly mislabeled images: cleanlab's confident learning (Northcutt et al., 2021) on out-of-fold probabilities.
 
 A linear model on the frozen backbone's embeddings predicts each image from folds that did not see it; cleanlab's
 `find_label_issues` (the reference implementation of the paper) decides which given labels those probabilities
