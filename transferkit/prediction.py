@@ -24,9 +24,10 @@ def ensemble_members(folder: Path) -> list[tuple[Path, float]] | None:
     """An ensemble run folder's members (each a complete run folder) with their weights, which sum to 1; None for
     a single run (or a folder without a readable meta.json, which the caller reports as it does for any run)."""
     try:
-        spec = json.loads((Path(folder) / "meta.json").read_text()).get(ENSEMBLE)
+        meta = json.loads((Path(folder) / "meta.json").read_text())
     except (OSError, ValueError):
         return None
+    spec = meta.get(ENSEMBLE) if isinstance(meta, dict) else None
     if spec is None:
         return None
     total = sum(float(member["weight"]) for member in spec["members"])

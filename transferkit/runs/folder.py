@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transferkit.errors import UserError
+
+RETRAIN = "train the run again, or restore the file from a copy"
 
 
 def require_run_dir(path: Path) -> None:
@@ -13,8 +16,22 @@ def require_run_dir(path: Path) -> None:
 
 
 def require_model_files(path: Path) -> None:
+    """Both files of a finished run, and a meta.json that reads as a JSON object."""
     if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"not a complete run folder (no meta.json/model.safetensors): {path}")
+    read_meta(path)
+
+
+def read_meta(folder: Path) -> dict:
+    """A run folder's meta.json; one line naming the file when it is damaged (cut short, emptied, not an object)."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}): {RETRAIN}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): {RETRAIN}")
+    return meta
 
 
 def check_run_folder(path: Path) -> None:

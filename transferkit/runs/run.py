@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -23,7 +23,7 @@ from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
 from transferkit.models.device import resolve_device
 from transferkit.prediction import collect_inputs, ensemble_members, prediction_records
 from transferkit.runs.files import FORMAT_VERSION, read_history, write_json, write_predictions
-from transferkit.runs.folder import require_model_files
+from transferkit.runs.folder import RETRAIN, read_meta, require_model_files
 from transferkit.runs.scope import check_leaks, choose_scope, is_own_data, leak_record
 from transferkit.task import multilabel
 from transferkit.task.calibration import decide, expected_calibration_error
@@ -41,17 +41,34 @@ class Run:
         if ensemble_members(self.path) is not None:  # commands that take an ensemble open it with open_run
             raise UserError(f"{self.path} is an ensemble: this needs one model, e.g. {self.path / 'members'}/NAME")
         require_model_files(self.path)
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.path)
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"run folder {self.path} has format_version {self.meta.get('format_version')}; "
                 f"this transferkit reads {FORMAT_VERSION}"
             )
-        self.classes: list[str] = self.meta["classes"]
+        try:
+            self._describe_model()
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # a field missing or mistyped
+            raise UserError(f"{meta_path} is damaged ({type(exc).__name__}: {exc}): {RETRAIN}") from None
+        if self.tta not in tta.MODES:
+            raise UserError(f"{meta_path} has an unknown tta '{self.tta}': expected one of {', '.join(tta.MODES)}")
+        load_weights(self.model, self.path / "model.safetensors")
+        self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
+        self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
+        # the test-time views' logits without an eager pass (the feature engine: features.extract.head_logits)
+        self.view_logits: Callable[[list[str], list[Box | None] | None, int], torch.Tensor] | None = None
+        # and the clean view's pooled backbone features (the report's similarity heatmap reads them)
+        self.plain_features: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
+        self.metrics: dict | None = None
+
+    def _describe_model(self) -> None:
+        """The task, preprocessing and an empty classifier, as meta.json describes them."""
+        self.classes: list[str] = list(self.meta["classes"])
         self.task: Task = task_of(self.meta)
         self.multilabel, self.binary = self.task.multilabel, self.task.binary
         self.thresholds = multilabel.thresholds_of(self.meta["thresholds"], self.classes) if self.multilabel else None
-        self.box_margin: float = self.meta.get("box_margin", 0.0)
+        self.box_margin: float = float(self.meta.get("box_margin", 0.0))
         self.preprocess = Preprocess.from_dict(self.meta)
         head = self.meta["head"]
         self.model: Classifier = empty_classifier(
@@ -61,21 +78,12 @@ class Run:
             self.meta.get("feature_depths", ()),
             self.meta.get("global_pool"),  # a run from before decision 0298 pools as its backbone does (avg)
         )
-        self.model.load_state_dict(load_file(str(self.path / "model.safetensors")))
-        self.model.eval().to(resolve_device(device), memory_format=torch.channels_last)
-        self.transform = eval_transform(self.preprocess, self.meta.get("samplewise_center", False))
+        self.transform = eval_transform(self.preprocess, bool(self.meta.get("samplewise_center", False)))
         # chosen on validation after training (transferkit.tuning); a run from before them has none
         self.tta: str = self.meta.get("tta", "none")
-        if self.tta not in tta.MODES:
-            raise UserError(f"{meta_path} has an unknown tta '{self.tta}': expected one of {', '.join(tta.MODES)}")
         self.temperature: float = float(self.meta.get("temperature", 1.0))
-        self.threshold: float | None = self.meta.get("threshold")  # binary: p(second class) cut; None: larger p
-        self.inference = tta.Averaged(self.model, self.tta) if self.tta != "none" else self.model
-        # the test-time views' logits without an eager pass (the feature engine: features.extract.head_logits)
-        self.view_logits: Callable[[list[str], list[Box | None] | None, int], torch.Tensor] | None = None
-        # and the clean view's pooled backbone features (the report's similarity heatmap reads them)
-        self.plain_features: Callable[[list[str], list[Box | None] | None], torch.Tensor] | None = None
-        self.metrics: dict | None = None
+        threshold = self.meta.get("threshold")  # binary: p(second class) cut; None: the larger p
+        self.threshold: float | None = None if threshold is None else float(threshold)
 
     @property
     def explained(self) -> Run:
@@ -214,3 +222,15 @@ def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size
     """Logits for a list of readable images, in order."""
     logits, _ = evaluate_logits(model, image_loader(paths, transform, batch_size, crops))
     return logits
+
+
+
+def load_weights(model: Classifier, path: Path) -> None:
+    """model.safetensors into `model`; one line when the file is damaged or holds another model's tensors."""
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is damaged ({exc}): {RETRAIN}") from None
+    except RuntimeError:  # PyTorch's message lists every mismatched key: hundreds of lines
+        raise UserError(f"{path} does not fit the model its meta.json describes (another run's weights, or an "
+                        f"edited meta.json): {RETRAIN}") from None

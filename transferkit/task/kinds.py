@@ -209,6 +209,8 @@ def task_of(meta: dict) -> Task:
     """A saved run's (or an export's) task, from its meta.json entries."""
     kinds = {kind.kind: kind for kind in (MultiClass, Binary, MultiLabel)}
     kind = meta.get("task", "multiclass")
+    if kind == "binary" and len(meta["classes"]) != 2:
+        raise ValueError(f"a binary task has 2 classes, not {len(meta['classes'])}")
     if kind == "binary" and not meta.get("binary_logit", True):
         kind = "multiclass"  # two classes through a softmax of two logits
     return kinds[kind](meta["classes"])
