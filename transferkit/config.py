@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +42,7 @@ SCHEDULES = ("constant", "cosine", "onecycle", "inverse_time")
 MONITORS = ("val_loss", "val_acc", "val_balanced_acc")
 HEAD_FITS = ("sgd", "exact")
 CLASS_BALANCES = ("none", "weights", "sampler")
+FLOAT32_MAX = 3.4028234663852886e38
 # feature_views auto: augmented views only where they were measured to help, an exact head on average-pooled
 # features (decisions 0260, 0298), and only for training sets this small, where two more extraction passes are cheap
 AUTO_VIEWS_MAX_IMAGES = 300
@@ -49,6 +51,11 @@ AUTO_VIEWS = 3
 # ~700 training images and a few tenths of a point above, at 40-300x the frozen stage's time; on a GPU it is cheap.
 AUTO_FINETUNE_EPOCHS = 3
 AUTO_FINETUNE_MIN_CPU_IMAGES = 700
+
+
+def finite_float32(value: object) -> bool:
+    """True for anything but a float that is infinite, NaN or beyond float32's range (3.4e38)."""
+    return not isinstance(value, float) or (math.isfinite(value) and abs(value) <= FLOAT32_MAX)
 
 
 @dataclass
@@ -203,7 +210,9 @@ class TrainConfig:
 
     def number_checks(self) -> list[tuple[bool, str]]:
         """Options that are counts, rates or fractions within their range."""
+        unbounded = [f.name for f in fields(self) if not finite_float32(getattr(self, f.name))]
         return [
+            (not unbounded, f"{', '.join(unbounded)} must be a finite number (training computes in float32)"),
             (0 < self.val_split < 1, "val_split must be between 0 and 1"),
             (0 <= self.test_split < 1 and self.val_split + self.test_split < 1, "val_split + test_split must be < 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),

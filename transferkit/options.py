@@ -3,6 +3,7 @@ and the modules that act on a choice import it from here too, so `transferkit --
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -36,8 +37,8 @@ def check_export_choice(fmt: str, int8: bool) -> None:
 
 
 def check_time_budget(minutes: float) -> None:
-    if not minutes > 0:
-        raise UserError(f"--time-budget must be more than 0 minutes, not {minutes:g}")
+    if not (minutes > 0 and math.isfinite(minutes)):
+        raise UserError(f"--time-budget must be a number of minutes more than 0, not {minutes:g}")
 
 
 @dataclass(frozen=True)

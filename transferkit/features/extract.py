@@ -27,6 +27,7 @@ from transferkit.data.boxes import Box
 from transferkit.data.content import file_digest
 from transferkit.data.loader import ImageDataset, make_loader
 from transferkit.data.transforms import Preprocess, Symmetry, eval_transform
+from transferkit.errors import UserError
 from transferkit.features.cache import ArrayTable, FeatureStore, FeatureTable, module_digest
 from transferkit.progress import Reporter
 
@@ -155,6 +156,7 @@ def inference_engine(module: nn.Module, example: torch.Tensor, engine: str, repo
         return eager, "torch"
     example = example[:PARITY_IMAGES]
     reference = eager(example)
+    require_finite(reference, "sample images")
     for name in COMPILED_ENGINES if engine == "auto" else [engine]:
         label = ENGINE_NAMES[name]
         try:
@@ -164,7 +166,7 @@ def inference_engine(module: nn.Module, example: torch.Tensor, engine: str, repo
             reporter.warn(f"{label} unavailable for this backbone ({type(exc).__name__}: {exc})"[:200])
             continue
         deviation = float((reference - candidate).abs().max()) / max(1.0, float(reference.abs().max()))
-        if deviation > PARITY_TOLERANCE:
+        if not deviation <= PARITY_TOLERANCE:  # NaN too: an engine that hides PyTorch's NaN proves nothing
             reporter.warn(f"{label} {what} differ from PyTorch by {deviation:.2e}; not used")
             continue
         reporter.log(f"{what} engine: {label} (max deviation from eager fp32 {deviation:.1e})")
@@ -335,3 +337,11 @@ def head_logits(model: nn.Module, pre: Preprocess, samplewise_center: bool, extr
             return torch.stack([head(features) for features in tables], dim=1)
 
     return logits
+
+
+def require_finite(features: torch.Tensor, images: str) -> None:
+    """One line, instead of a model fitted on NaN, when the backbone's outputs are not finite (damaged weights)."""
+    broken = int((~torch.isfinite(features.reshape(len(features), -1)).all(dim=1)).sum())
+    if broken:
+        raise UserError(f"the backbone gives features that are not finite (NaN or infinite) for {broken} of "
+                        f"{len(features)} {images}: its weights are damaged (check --weights)")

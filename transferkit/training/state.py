@@ -85,7 +85,9 @@ class BestKeeper:
     def update(self, log: EpochLog, model: nn.Module) -> bool:
         """Record an epoch; True means stop this stage."""
         value = getattr(log, self.monitor)
-        better = self.best is None or as_loss(value, self.monitor) < as_loss(self.best, self.monitor)
+        # a diverged epoch (NaN or infinite) is never kept: NaN compares false with everything that comes after it
+        better = math.isfinite(value) and (self.best is None or
+                                           as_loss(value, self.monitor) < as_loss(self.best, self.monitor))
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, (log.stage, log.epoch), 0
             self.best_state = copied_state(model.state_dict(), self.best_state)

@@ -12,6 +12,7 @@ import torch
 from transferkit.config import TrainConfig
 from transferkit.data.loader import Labelled
 from transferkit.data.transforms import Preprocess, eval_transform, train_transform
+from transferkit.errors import UserError
 from transferkit.features.extract import FeatureExtractor
 from transferkit.models.classifier import Classifier, freeze_backbone
 from transferkit.progress import Reporter
@@ -44,6 +45,7 @@ class Trainer:
         self.features: FeatureExtractor | None = None  # stage 1's, its engine compiled for the pretrained backbone
         self.start = Position("frozen")
         self.stop_stage = False
+        self.diverged = False  # an epoch's loss or monitored value was not finite
         self.records: dict[str, dict] = {}  # meta.json entries callbacks add (the greedy soup's `soup`)
 
     def add_callback(self, callback: Callback) -> None:
@@ -66,6 +68,9 @@ class Trainer:
         finally:
             self.fire("after_fit")
         self.model.requires_grad_(False)
+        if self.diverged and self.keeper.best is None:
+            raise UserError(f"training diverged: no epoch reached a finite {self.config.monitor}; lower the learning "
+                            f"rate (lr {self.config.lr:g}, finetune_lr {self.config.finetune_lr:g})")
 
     def fit(self, stage: Stage, start: Position | None = None) -> None:
         """Train from `start` (default: the stage's beginning) for up to `stage.epochs`, validating each epoch."""
@@ -122,6 +127,7 @@ class Trainer:
         if not math.isfinite(log.train_loss):
             self.reporter.warn(f"{stage.name}: the training loss is not finite (learning rate too high?); stopping")
             self.stop_stage = True
+        self.diverged |= not (math.isfinite(log.train_loss) and math.isfinite(getattr(log, self.config.monitor)))
         self.fire("after_epoch", log)
 
     def _running(self, resumed: bool) -> Running:

@@ -18,7 +18,14 @@ from transferkit.data.loader import ImageDataset, Labelled, make_loader
 from transferkit.data.stream import is_sharded, stream_loader
 from transferkit.data.transforms import Preprocess
 from transferkit.features.cache import ArrayTable, ColumnTable, FeatureTable, cache_root
-from transferkit.features.extract import FeatureExtractor, View, clean_view, symmetry_view, view_spec
+from transferkit.features.extract import (
+    FeatureExtractor,
+    View,
+    clean_view,
+    require_finite,
+    symmetry_view,
+    view_spec,
+)
 from transferkit.models.classifier import (
     depth_columns,
     depth_levels,
@@ -56,6 +63,7 @@ def frozen_stage(trainer: Trainer, train: Labelled, val: Labelled, pre: Preproce
     features = shared_tables(extract, ranks, train.paths, views, "features train", train.crops)
     [val_table] = shared_tables(extract, ranks, val.paths, views[:1], "features val", val.crops)
     val_features = torch.from_numpy(val_table.take(np.arange(len(val_table))))
+    require_finite(val_features, "validation images")  # where no compiled engine checked them (torch, GPU)
     seconds, who = time.perf_counter() - begin, f" by rank 0 of {ranks.world}" if ranks.distributed else ""
     trainer.reporter.log(f"features: {extract.computed} images through the backbone{who}, the rest from the cache "
                      f"({seconds:.1f} s)" if cache else
