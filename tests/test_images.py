@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -219,8 +221,13 @@ def test_crafted_header_over_the_limit_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_with_header(9_500, 9_500))  # 90 M pixels: just over the default, 270 MB if decoded
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # pytest shows every warning; see below
         assert _reason(path) == f"too large: 9500×9500 pixels exceeds limit {MAX_PIXELS}"
+    # as a command runs it (Python's own warning filters): the reason is the one message, no Pillow warning
+    code = (f"from transferkit.data.images import UnreadableImage, load_rgb\n"
+            f"try:\n    load_rgb({str(path)!r})\nexcept UnreadableImage:\n    pass")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "DecompressionBombWarning" not in done.stderr, done.stderr
 
 
 def test_crafted_header_far_over_pillows_hard_limit_is_refused(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import functools
 import io
 import os
 import struct
+import warnings
 from typing import BinaryIO
 
 import numpy as np
@@ -27,6 +28,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 MAX_PIXELS = 89_478_485
 """Default pixel limit: Pillow's own decompression-bomb threshold."""
+# Pillow warns from that many pixels on; _check_pixels refuses those images with a reason of its own, so the
+# warning would only repeat it (with a traceback-like line) on the console
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _WHITE = (255, 255, 255)
 
@@ -103,7 +107,7 @@ def _decode(fh: BinaryIO, size: int, max_pixels: int, reduce_to: int | None) -> 
             im.load()
             oriented = ImageOps.exif_transpose(im)  # a new image, detached from ``fh``
         return to_rgb(oriented)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise UnreadableImage(f"too large: exceeds limit {_effective_limit(max_pixels)} pixels") from exc
     except UnidentifiedImageError as exc:
         raise UnreadableImage("not an image") from exc
