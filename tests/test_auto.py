@@ -355,8 +355,8 @@ def test_probing_stops_before_it_eats_the_fine_tuning_reserve(reserve: float, ex
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--backbones", "no_such_net"], "unknown backbone 'no_such_net'"),
-    (["--time-budget", "0"], "--time-budget must be more than 0"),
-    (["--time-budget", "-3"], "--time-budget must be more than 0"),
+    (["--time-budget", "0"], "--time-budget must be a number of minutes more than 0"),
+    (["--time-budget", "-3"], "--time-budget must be a number of minutes more than 0"),
     (["--backbones", "test_efficientnet,test_resnet", "--weights", "w.safetensors"], "--weights needs exactly one"),
     (["--backbones", "test_efficientnet=missing.safetensors"], "weights file not found"),
     (["--backbones", "test_efficientnet,test_efficientnet"], "more than once"),
