@@ -289,6 +289,19 @@ def test_one_class_skips_the_mislabel_check_with_a_note(tmp_path, tiny_weights, 
     assert run_cli(["doctor", str(tmp_path), *tiny_cli_args(tiny_weights), "--json", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mislabeled"] == [] and any("mislabel check skipped" in note for note in report["notes"])
+    # data `train` refuses is a finding, not "no problems found"
+    assert report["class_balance"]["flagged"] and report["class_balance"]["problem"] == \
+        "one class only: train needs at least 2"
+    assert report["summary"]["findings"] >= 1
+
+
+def test_a_class_of_one_image_is_a_finding(tmp_path, tiny_weights, capsys):
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=3)
+    for extra in sorted((data / "class_1").iterdir())[1:]:
+        extra.unlink()
+    assert run_cli(["doctor", str(data), *tiny_cli_args(tiny_weights), "-q"]) == 0
+    assert "fix    class balance: largest/smallest 3: class_0 3, class_1 1; train needs at least 2 images " \
+           "per class (class_1 has 1)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad-threshold", "bad-pool", "out-is-folder"])

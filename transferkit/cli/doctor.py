@@ -138,9 +138,11 @@ def _status(word: str) -> str:
 def _print_balance(balance: dict) -> None:
     counts = ", ".join(f"{name} {n}" for name, n in balance["counts"].items())
     ratio = "an empty class" if balance["ratio"] is None else f"largest/smallest {balance['ratio']:g}"
-    limit = f" (above {balance['max_ratio']:g})" if balance["flagged"] else ""
+    above = balance["ratio"] is not None and balance["ratio"] > balance["max_ratio"]
+    limit = f" (above {balance['max_ratio']:g})" if above else ""
+    problem = f"; {balance['problem']}" if balance["problem"] else ""
     out_console.print(f"{_status('fix' if balance['flagged'] else 'ok')}class balance: {ratio}{limit}: "
-                      f"{escape(counts)}")
+                      f"{escape(counts)}{escape(problem)}")
 
 
 def _files(files: list[dict], root: str) -> str:

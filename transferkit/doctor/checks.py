@@ -89,16 +89,21 @@ def leakage(exact: Sequence[dict], near: Sequence[dict]) -> list[dict]:
 
 
 def class_balance(samples: Sequence[Sample], classes: Sequence[str], max_ratio: float) -> dict:
-    """Images per class (over all splits) and largest / smallest; flagged above `max_ratio` or with an empty class."""
+    """Images per class (over all splits) and largest / smallest; flagged above `max_ratio`, with an empty class, or
+    where `train` would refuse the data (`problem`: one class, a class of fewer than 2 images)."""
     tally = Counter(s.label for s in samples)
     counts = {name: tally[name] for name in classes}
     largest, smallest = max(counts.values()), min(counts.values())
     ratio = largest / smallest if smallest else None
+    few = [f"{name} has {count}" for name, count in counts.items() if count < 2]
+    problem = ("one class only: train needs at least 2" if len(counts) < 2 else
+               f"train needs at least 2 images per class ({', '.join(few)})" if few else None)
     return {
         "counts": counts,
         "ratio": None if ratio is None else round(ratio, 2),
         "max_ratio": max_ratio,
-        "flagged": ratio is None or ratio > max_ratio,
+        "flagged": problem is not None or ratio is None or ratio > max_ratio,
+        "problem": problem,
     }
 
 
