@@ -120,6 +120,8 @@ def test_resume_refuses_bad_requests(dataset: Path, tmp_path: Path, capsys: pyte
     assert "drop --mixup, --lr, --overwrite" in capsys.readouterr().err
     assert run_cli(["train"]) == 2
     assert "train needs DATA (or --resume RUN)" in capsys.readouterr().err
+    assert run_cli(["train", str(tmp_path / "moved"), "--resume", str(tmp_path / "nothing")]) == 2
+    assert "path does not exist" in capsys.readouterr().err  # checked even before the run is looked at
 
 
 def test_resume_refuses_changed_data(dataset: Path, tmp_path: Path, resumable: dict,

@@ -161,6 +161,8 @@ def train(
 
     if resume is not None:
         check_resume_alone({**options, "recipe": recipe, "config": config, "out": out, "overwrite": overwrite or None})
+        if data is not None:  # where the images moved to: a wrong path answers even for a finished run
+            check_paths(data)
         run = api.resume(resume, data, quiet, **{name: options.get(name) for name in api.RESUME_OPTIONS})
     else:
         run = api.train(data, out, overwrite=overwrite, quiet=quiet, recipe=recipe, config=config, **options)
