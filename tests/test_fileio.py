@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from transferkit.errors import UserError
-from transferkit.fileio import atomic_path, atomic_write
+from transferkit.fileio import atomic_path, atomic_write, check_suffix, output_folder
 
 
 def test_written_file_has_umask_permissions_and_no_temp_file_remains(tmp_path):
@@ -50,3 +50,22 @@ def test_an_unwritable_folder_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot write"):
         atomic_write(tmp_path / "file" / "inside.json", "{}")  # its "folder" is a file
+
+
+def test_a_file_where_a_folder_should_be_is_named(tmp_path):
+    """`-o photo.jpg/model.onnx` said "File exists"; the message names the file in the way."""
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"photo\.jpg is a file, not a folder"):
+        atomic_write(tmp_path / "photo.jpg" / "deeper" / "model.onnx", "data")
+    with pytest.raises(UserError, match=r"photo\.jpg is a file, not a folder"):
+        output_folder(tmp_path / "photo.jpg" / "cams")
+
+
+@pytest.mark.parametrize(("name", "ok"), [("model.onnx", True), ("MODEL.ONNX", True), ("notes.txt", False),
+                                          ("model", False)])
+def test_an_out_file_must_say_what_it_holds(tmp_path, name, ok):
+    if ok:
+        check_suffix(tmp_path / name, (".onnx",))
+    else:
+        with pytest.raises(UserError, match=f"--out must end in .onnx, not '{name}'"):
+            check_suffix(tmp_path / name, (".onnx",))

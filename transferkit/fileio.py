@@ -27,7 +27,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {path}: {why_not(path, exc)}") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -40,6 +40,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_suffix(out: Path, suffixes: tuple[str, ...]) -> None:
+    """An --out file whose name says what is written there (a typo never replaces a file of another kind)."""
+    if out.suffix.lower() not in suffixes:
+        raise UserError(f"--out must end in {' or '.join(suffixes)}, not '{out.name}'")
 
 
 def check_out_free(out: Path, overwrite: bool) -> None:
@@ -59,8 +65,15 @@ def output_folder(folder: Path) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write to {folder}: {why_not(folder / 'x', exc)}") from None
     return folder
+
+
+def why_not(path: Path, exc: OSError) -> str:
+    """Why `path` cannot be created: a file where a folder above it should be ("File exists" says neither), else
+    the system's reason."""
+    in_the_way = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    return f"{in_the_way} is a file, not a folder" if in_the_way else exc.strerror or str(exc)
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

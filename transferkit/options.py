@@ -22,6 +22,7 @@ MAX_SEED = 2**32 - 1  # NumPy's seeds are unsigned 32-bit
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 2048  # pixels a side: 32 inputs of 2048² already take 1.6 GB before the network runs
 EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}  # what --out may end in
 
 
 def valid_image_size(size: int | None) -> bool:

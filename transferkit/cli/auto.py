@@ -28,6 +28,7 @@ from transferkit.cli.output import (
 )
 from transferkit.cli.training import print_metrics_summary
 from transferkit.config import resolve_config
+from transferkit.fileio import check_suffix
 from transferkit.options import check_time_budget
 from transferkit.progress import console
 
@@ -98,6 +99,8 @@ def lr_find(
     json_out: JSON = False,
 ) -> None:
     """Learning-rate range test for the head on the frozen features: suggests the stage-1 learning rate."""
+    if out is not None:
+        check_suffix(out, (".png",))
     from transferkit.auto import lr_find_data, plot_lr_find
 
     result = lr_find_data(source, quiet=quiet, recipe=recipe, config=config, backbone=backbone, weights=weights,

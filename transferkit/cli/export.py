@@ -9,7 +9,8 @@ import typer
 
 from transferkit.cli.main import app
 from transferkit.cli.output import JSON, print_json
-from transferkit.options import check_export_choice
+from transferkit.fileio import check_suffix
+from transferkit.options import EXPORT_SUFFIXES, check_export_choice
 from transferkit.progress import console
 from transferkit.runs.folder import check_run_folder
 
@@ -42,6 +43,8 @@ def export(
     from dataclasses import asdict
 
     check_export_choice(format_, int8)
+    if out is not None:
+        check_suffix(out, EXPORT_SUFFIXES[format_])
     check_run_folder(run)
     from transferkit.export.onnx import export_run
 

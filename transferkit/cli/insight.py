@@ -18,7 +18,7 @@ from transferkit.cli.output import (
     report_skipped,
 )
 from transferkit.errors import UserError
-from transferkit.fileio import output_folder
+from transferkit.fileio import check_suffix, output_folder
 from transferkit.insight.embedding_files import check_embeddings_path
 from transferkit.progress import console
 from transferkit.runs.folder import check_run_folder
@@ -112,8 +112,7 @@ def similarity(
     json_out: JSON = False,
 ) -> None:
     """Cosine similarity between the images' embeddings, as a matrix and an annotated heatmap."""
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out must be a .png file, not '{out.name}'")
+    check_suffix(out, (".png",))
     source, images = embedding_source(inputs, backbone, weights)
     from transferkit.insight.similarity import cosine_matrix, plot_similarity
 
