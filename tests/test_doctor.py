@@ -328,3 +328,16 @@ def test_train_after_doctor_reuses_its_features(binary_dataset, tiny_options, fa
     assert shards
     api.train(binary_dataset, tmp_path / "run", **{**fast, "epochs_finetune": 0, **chosen}, cache_dir=str(cache))
     assert sorted(cache.glob("features/*/*.npy")) == shards  # nothing new went through the backbone
+
+
+def test_hidden_files_and_system_folders_are_a_note_not_a_finding(tmp_path, tiny_options):
+    """A Mac's .DS_Store and an unzipped archive's __MACOSX are left out by design; a broken file is a finding."""
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=6)
+    (data / "class_0" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "__MACOSX").mkdir()
+    (data / "class_1" / "broken.jpg").write_bytes(b"not a jpeg")
+    report = diagnose(data, DoctorOptions(**tiny_options))
+    assert [Path(s["path"]).name for s in report["skipped"]] == ["broken.jpg"]
+    assert report["summary"]["skipped"] == 1
+    assert "2 hidden files or system folders (.DS_Store, __MACOSX, …) left out, as train leaves them out" in \
+        report["notes"]

@@ -21,9 +21,20 @@ def file_entry(sample: Sample) -> dict:
     return {"path": sample.path, "label": sample.label, "split": sample.split}
 
 
+# what every scan leaves out by design (a Mac's .DS_Store, an unzipped archive's __MACOSX): no finding to fix
+LEFT_OUT_BY_DESIGN = frozenset({"hidden file", "hidden folder", "system folder"})
+
+
 def skipped_files(skipped: Sequence[Skipped]) -> list[dict]:
-    """What the scan left out (unreadable, not an image, outside the layout), with its reason."""
-    return [{"path": s.path, "reason": s.reason} for s in skipped]
+    """What the scan left out (unreadable, not an image, outside the layout), with its reason; hidden files and
+    system folders are not findings (`ignored_note` counts them)."""
+    return [{"path": s.path, "reason": s.reason} for s in skipped if s.reason not in LEFT_OUT_BY_DESIGN]
+
+
+def ignored_note(skipped: Sequence[Skipped]) -> list[str]:
+    ignored = sum(s.reason in LEFT_OUT_BY_DESIGN for s in skipped)
+    what = "hidden file or system folder" if ignored == 1 else "hidden files or system folders"
+    return [f"{ignored} {what} (.DS_Store, __MACOSX, …) left out, as train leaves them out"] if ignored else []
 
 
 def exact_duplicates(samples: Sequence[Sample], contents: Sequence[list[int]]) -> list[dict]:

@@ -46,7 +46,8 @@ def diagnose(data: str | os.PathLike[str], options: DoctorOptions | None = None)
         "tiny_images": checks.tiny_images(index.samples, min_side),
         "image_issues": image_issues(index.samples, options.workers),
         "mislabeled": mislabeled,
-        "notes": notes + _alike_note(near, len(index.samples), options.near_threshold) + _split_note(index, options),
+        "notes": notes + _alike_note(near, len(index.samples), options.near_threshold) + _split_note(index, options)
+        + checks.ignored_note(index.skipped),
     }
     report["summary"] = summarize(report)
     return report
