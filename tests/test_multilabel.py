@@ -79,6 +79,16 @@ def test_thresholds_maximise_each_labels_f1() -> None:
     assert metrics["per_label"]["b"]["support"] == 2 and metrics["task"] == "multilabel"
 
 
+def test_a_score_that_is_0_over_0_is_null_not_0() -> None:
+    """A label no image has, or that nothing was predicted as: undefined (null in metrics.json), as single-label."""
+    probs = np.array([[0.9, 0.1, 0.8], [0.2, 0.1, 0.9]])
+    truth = np.array([[1, 0, 0], [0, 0, 0]])
+    scores = multilabel.compute_metrics(truth, probs, ["a", "b", "c"], np.full(3, 0.5))["per_label"]
+    assert scores["a"] == {**scores["a"], "precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert (scores["b"]["precision"], scores["b"]["recall"], scores["b"]["support"]) == (None, None, 0)
+    assert (scores["c"]["precision"], scores["c"]["recall"]) == (0.0, None)
+
+
 @pytest.fixture(scope="module")
 def multilabel_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: str):
     root = tmp_path_factory.mktemp("multilabel")

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support, roc_auc_score  # noqa: E402
 
-from transferkit.task.calibration import decide, expected_calibration_error  # noqa: E402
+from transferkit.task.calibration import decide, defined, expected_calibration_error  # noqa: E402
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None = None
@@ -36,9 +36,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
         "ece": expected_calibration_error(probs, y_true),
         "per_class": {
             name: {
-                "precision": _defined(precision[i]),
-                "recall": _defined(recall[i]),
-                "f1": _defined(f1[i]),
+                "precision": defined(precision[i]),
+                "recall": defined(recall[i]),
+                "f1": defined(f1[i]),
                 "support": int(support[i]),
             }
             for i, name in enumerate(classes)
@@ -53,10 +53,6 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
 def _top_k(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
     top = np.argsort(-probs, axis=1)[:, :k]
     return float((top == y_true[:, None]).any(axis=1).mean())
-
-
-def _defined(value: float) -> float | None:
-    return None if np.isnan(value) else float(value)
 
 
 def _auc(y_true: np.ndarray, probs: np.ndarray, labels: list[int], classes: list[str]) -> tuple[float | None, str]:

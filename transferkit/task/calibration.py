@@ -114,3 +114,9 @@ def rescaled(probs: np.ndarray, factor: float) -> np.ndarray:
     scaled = np.log(np.clip(probs, 1e-12, 1.0)) * factor
     scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
     return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def defined(score: float) -> float | None:
+    """A per-class score for metrics.json: None where it is 0/0 (no image of the class, nothing predicted as it),
+    which scikit-learn gives as NaN with zero_division=np.nan; never a misleading 0."""
+    return None if np.isnan(score) else float(score)

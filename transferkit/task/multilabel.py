@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from transferkit.task.calibration import defined
+
 if TYPE_CHECKING:  # training needs torch and metrics need scikit-learn; deciding labels (predict, serve) neither
     import torch
 
@@ -79,7 +81,8 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str], 
     from sklearn.metrics import average_precision_score, hamming_loss, precision_recall_fscore_support
 
     truth, decisions = targets > 0.5, decide(probs, thresholds)
-    precision, recall, f1, support = precision_recall_fscore_support(truth, decisions, average=None, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, decisions, average=None,
+                                                                     zero_division=np.nan)
     present = truth.any(axis=0)
     ap = [float(average_precision_score(truth[:, j], probs[:, j])) if present[j] else None for j in range(len(classes))]
     clipped = np.clip(probs, 1e-7, 1 - 1e-7)
@@ -91,7 +94,7 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str], 
         "hamming_loss": float(hamming_loss(truth, decisions)),
         "loss": float(-np.where(truth, np.log(clipped), np.log1p(-clipped)).mean()),  # the training BCE
         "per_label": {
-            name: {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
+            name: {"precision": defined(precision[j]), "recall": defined(recall[j]), "f1": defined(f1[j]),
                    "support": int(support[j]), "average_precision": ap[j], "threshold": float(thresholds[j])}
             for j, name in enumerate(classes)
         },
