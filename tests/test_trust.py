@@ -72,10 +72,10 @@ def test_drop_leaks_scores_without_the_copies(leaky_run, capsys):
     assert metrics["accuracy"] == pytest.approx(before["leaked_from_train"]["accuracy_without"])
     paths, _, _ = read_predictions(run.path / "predictions.csv", run.classes)
     assert not set(paths) & set(copies)
-    assert f"{LEAKED} of {before['n']} test images are copies of training images: left out" in captured.err
+    assert f"{LEAKED} of the {before['n']} test images are copies of training images: left out" in captured.err
     assert run_cli(["evaluate", str(run.path), str(data)]) == 0
     err = capsys.readouterr().err
-    assert f"{LEAKED} of {before['n']} test images are copies of training images" in err and "--drop-leaks" in err
+    assert f"{LEAKED} of the {before['n']} test images are copies of training images" in err and "--drop-leaks" in err
 
 
 def test_evaluate_on_other_data_scores_every_image(leaky_run, tmp_path, capsys):
@@ -85,6 +85,7 @@ def test_evaluate_on_other_data_scores_every_image(leaky_run, tmp_path, capsys):
     assert run_cli(["evaluate", str(run.path), str(other)]) == 0
     err = capsys.readouterr().err
     assert f"evaluated: all 19 images: {other} is not the data this run was trained on" in err
+    assert "warning: 1 of the 19 images are copies of training images" in err
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert metrics["split"] == "all" and metrics["n"] == 19
     assert metrics["leaked_from_train"]["files"] == [str(other / "class_0" / "again.png")]
@@ -173,7 +174,7 @@ def test_train_cli_warns_of_copies_and_says_fine_tuning_was_undone(tmp_path, tin
     assert run_cli(["train", str(data), "--out", str(tmp_path / "run"), *args, "--json"]) == 0
     captured = capsys.readouterr()
     metrics = json.loads(captured.out)
-    assert f"warning: {LEAKED} of {metrics['n']} test images are copies of training images" in captured.err
+    assert f"warning: {LEAKED} of the {metrics['n']} test images are copies of training images" in captured.err
     assert metrics["kept"]["stage"] == "frozen"
     assert "kept: fine-tuning did not beat the frozen head" in captured.err
     page = (tmp_path / "run" / "report.html").read_text()

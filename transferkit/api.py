@@ -362,8 +362,8 @@ def warn_leaks(metrics: dict, reporter: Reporter) -> None:
     accuracy = f"accuracy without them {without:.4f}" if without is not None else "none is left without them"
     action = "left out (--drop-leaks)" if leaked["dropped"] else \
         f"counted; {accuracy}, with them {leaked['accuracy_with']:.4f} (--drop-leaks leaves them out)"
-    reporter.warn(f"{leaked['count']} of {leaked['of']} {metrics['split']} images are copies of training images: "
-                  f"{action}")
+    scored = "" if metrics["split"] == "all" else f" {metrics['split']}"  # "all" is every image of another folder
+    reporter.warn(f"{leaked['count']} of the {leaked['of']}{scored} images are copies of training images: {action}")
 
 
 def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dict | None:
