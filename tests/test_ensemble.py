@@ -87,8 +87,12 @@ def test_explain_an_ensemble_explains_its_first_member(ensemble: Path, tmp_path:
 def test_export_an_ensemble_and_predict_from_it_without_torch(ensemble: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(ensemble, copy)
-    assert run_and_capture(["export", str(copy)])[0] == 0
+    code, printed = run_and_capture(["export", str(copy), "--json"])
+    assert code == 0
     assert (copy / "members" / "a" / "model.onnx").is_file() and (copy / "members" / "b" / "model.onnx").is_file()
+    report = json.loads(printed)  # its size is the members' files', and says so
+    member_mb = sum((copy / "members" / m / "model.onnx").stat().st_size for m in "ab") / 2**20
+    assert report["members"] == 2 and report["size_mb"] == pytest.approx(member_mb, abs=0.02)
     spec = json.loads((copy / "ensemble.onnx.json").read_text())
     assert [m["run"] for m in spec["members"]] == ["members/a", "members/b"] and spec["engine"] == "onnx"
     predictor = load_predictor(copy)

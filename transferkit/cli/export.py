@@ -26,7 +26,8 @@ def print_report(report: dict) -> None:
     engine = "TorchScript" if report["format"] == "torchscript" else "ONNX Runtime"
     engine += " int8" if report["int8"] else ""
     console.print(f"{engine} {speed:.1f} img/s vs eager PyTorch {eager:.1f} img/s (x{speed / eager:.2f})")
-    console.print(f"wrote {report['path']} ({report['size_mb']:.1f} MB)")
+    size = f"{report['size_mb']:.1f} MB" + (f" in its {report['members']} members' files" if report["members"] else "")
+    console.print(f"wrote {report['path']} ({size})")
 
 
 @app.command()

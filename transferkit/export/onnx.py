@@ -89,6 +89,7 @@ class ExportReport:
     export_img_s: float
     eager_img_s: float
     notes: list[str] = field(default_factory=list)
+    members: int = 0  # an ensemble's: `path` is its JSON description, `size_mb` its members' model files together
 
 
 def default_out(run_dir: Path, fmt: str, int8: bool) -> Path:
@@ -300,4 +301,4 @@ def export_ensemble(run_dir: Path, members: list[tuple[Path, float]], fmt: str, 
     notes = [f"{r.path}: max |dprob| {r.check.max_abs_diff:.1e}" for r in reports]
     return ExportReport(str(path), fmt, int8, round(sum(r.size_mb for r in reports), 2), worst.check,
                         1 / sum(1 / r.export_img_s for r in reports), 1 / sum(1 / r.eager_img_s for r in reports),
-                        notes=[note for r in reports for note in r.notes] + notes)
+                        notes=[note for r in reports for note in r.notes] + notes, members=len(reports))
