@@ -63,11 +63,13 @@ def test_resumed_run_ends_as_the_uninterrupted_one(dataset: Path, tmp_path: Path
     with pytest.raises(Crash):
         api.train(dataset, tmp_path / "crashed", callbacks=[RaiseAtBatch(calls, Crash)], **resumable)
     assert (tmp_path / "crashed" / CHECKPOINT).is_file() and not (tmp_path / "crashed" / "meta.json").exists()
+    (tmp_path / "crashed" / f".{CHECKPOINT}.x1y2z3.tmp").write_bytes(b"")  # what kill -9 mid-write leaves
     resumed = api.resume(tmp_path / "crashed")
     assert resumed.metrics["loss"] == pytest.approx(straight.metrics["loss"], abs=1e-5)
     assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
     assert history(tmp_path / "crashed") == history(tmp_path / "straight")  # no epoch lost or repeated
     assert not (tmp_path / "crashed" / CHECKPOINT).exists()  # the finished run drops it
+    assert not list((tmp_path / "crashed").glob(".*.tmp"))  # and any half-written file
 
 
 def test_a_run_begun_before_max_pooling_resumes_average_pooled(dataset: Path, tmp_path: Path, resumable: dict

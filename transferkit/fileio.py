@@ -42,6 +42,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_partial_writes(folder: Path) -> None:
+    """The temporary files atomic_path leaves in `folder` when the process is killed mid-write (kill -9, power
+    loss): removed once the run they belong to is finished."""
+    for partial in folder.glob(".*.*.tmp"):
+        partial.unlink(missing_ok=True)
+
+
 def check_suffix(out: Path, suffixes: tuple[str, ...]) -> None:
     """An --out file whose name says what is written there (a typo never replaces a file of another kind)."""
     if out.suffix.lower() not in suffixes:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from transferkit.errors import UserError
-from transferkit.fileio import atomic_path
+from transferkit.fileio import atomic_path, remove_partial_writes
 from transferkit.models.classifier import Classifier, set_depths
 from transferkit.training.state import BestKeeper, EpochLog, Position, Running, Stage
 
@@ -129,8 +129,10 @@ class Checkpoints:
         trainer.compute.scaler.load_state_dict(self.saved["scaler"])
 
     def remove(self) -> None:
-        """Once the run is saved the checkpoint is only a large duplicate of model.safetensors."""
+        """Once the run is saved the checkpoint is only a large duplicate of model.safetensors, and what a killed
+        process left half-written (a checkpoint, a log) is garbage."""
         self.path.unlink(missing_ok=True)
+        remove_partial_writes(self.path.parent)
 
 
 def _trained_part(state: dict, stage: Stage) -> dict:
