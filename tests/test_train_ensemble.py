@@ -119,3 +119,14 @@ def test_an_ensemble_of_multilabel_data_is_refused_in_one_line(capsys: pytest.Ca
                "needs one label per image")
     assert not (tmp_path / "run").exists()
 
+
+
+def test_a_two_class_ensemble_records_the_operating_point_it_decides_at(tmp_path: Path, backbones: str) -> None:
+    data = make_class_folders(tmp_path / "data", classes=2, per_class=12)
+    ensemble = api.train(data, tmp_path / "run", backbone=backbones, operating_point="balanced",
+                         **{**OPTIONS, "epochs_finetune": 0})
+    members = [json.loads((tmp_path / "run" / "members" / n / "meta.json").read_text())
+               for n in ("test_efficientnet", "test_resnet")]
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["operating_point"] == "balanced" and ensemble.metrics["operating_point"] == "balanced"
+    assert meta["threshold"] == pytest.approx(np.mean([m["threshold"] for m in members]))

@@ -91,6 +91,7 @@ def ensemble_meta(members: list[Run], names: list[str], gain: dict) -> dict:
         **first.task.meta(),
         "data_split": first.meta["data_split"],
         "threshold": float(np.mean(thresholds)) if len(thresholds) == len(members) else None,
+        "operating_point": first.meta.get("operating_point"),  # the members share the run's configuration
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "transferkit_version": transferkit.__version__,
         ENSEMBLE: {"members": [{"path": f"{MEMBERS}/{name}", "weight": 1 / len(members), "backbone": m.meta["backbone"]}
