@@ -170,6 +170,10 @@ def test_predict_from_the_dataset_csv_uses_the_crops(boxed_run, capsys) -> None:
     crops = [s.box.with_margin(0.1) for s in index.samples]
     expected = run.probabilities([s.path for s in index.samples], crops)
     assert np.allclose([r["probability"] for r in records], expected.max(axis=1), atol=1e-5)
+    assert run_cli(["predict", str(run.path), str(data), "--engine", "torch"]) == 0  # text: each line names its box
+    first = index.samples[0]
+    box = ",".join(f"{v:g}" for v in first.box.to_list())
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"{first.path} [box {box}]: ")
 
 
 @pytest.mark.parametrize("after_training", [True, False])

@@ -95,4 +95,11 @@ def report_skipped(skipped: list[Skipped]) -> None:
 def print_predictions(results: list[dict]) -> None:
     for result in results:
         others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result["top"][1:])
-        print(f"{result['path']}: {result['label']} {result['probability']:.3f}" + (f"  ({others})" if others else ""))
+        print(f"{predicted_image(result)}: {result['label']} {result['probability']:.3f}"
+              + (f"  ({others})" if others else ""))
+
+
+def predicted_image(result: dict) -> str:
+    """The image a prediction is of: its path, and the box it was cropped to (a CSV may list one file twice)."""
+    box = result.get("box")
+    return f"{result['path']} [box {','.join(f'{v:g}' for v in box)}]" if box else result["path"]

@@ -29,6 +29,7 @@ from transferkit.cli.output import (
     WORKERS,
     announced_run_folder,
     check_paths,
+    predicted_image,
     print_json,
     print_predictions,
     report_skipped,
@@ -270,4 +271,4 @@ def print_label_sets(results: list[dict]) -> None:
     for result in results:
         chosen = ", ".join(result["labels"]) or "(no label above its threshold)"
         scores = ", ".join(f"{label} {p:.3f}" for label, p in result["probabilities"].items())
-        print(f"{result['path']}: {chosen}  ({scores})")
+        print(f"{predicted_image(result)}: {chosen}  ({scores})")
