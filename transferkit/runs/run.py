@@ -224,7 +224,6 @@ def infer_logits(model: torch.nn.Module, paths: list[str], transform, batch_size
     return logits
 
 
-
 def load_weights(model: Classifier, path: Path) -> None:
     """model.safetensors into `model`; one line when the file is damaged or holds another model's tensors."""
     try:
