@@ -85,7 +85,7 @@ def test_evaluate_on_other_data_scores_every_image(leaky_run, tmp_path, capsys):
     assert run_cli(["evaluate", str(run.path), str(other)]) == 0
     err = capsys.readouterr().err
     assert f"evaluated: all 19 images: {other} is not the data this run was trained on" in err
-    assert "warning: 1 of the 19 images are copies of training images" in err
+    assert "warning: 1 of the 19 images is a copy of a training image" in err
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert metrics["split"] == "all" and metrics["n"] == 19
     assert metrics["leaked_from_train"]["files"] == [str(other / "class_0" / "again.png")]

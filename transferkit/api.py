@@ -30,6 +30,7 @@ from transferkit.report import write_report
 from transferkit.runs.ensemble import MEMBERS, Ensemble, ensemble_gain, write_ensemble
 from transferkit.runs.files import build_meta, save_weights, write_json
 from transferkit.runs.run import Run, open_run
+from transferkit.runs.scope import warn_leaks
 from transferkit.task.kinds import Task, task_for
 from transferkit.training.callbacks import Callback, History, TensorBoard
 from transferkit.training.checkpoint import Checkpoints
@@ -351,19 +352,6 @@ def trained_extractor(model: torch.nn.Module, cfg: TrainConfig, reporter: Report
         return compiled
     cache = cache_root(cfg.cache, cfg.cache_dir) if cached else None
     return FeatureExtractor(model, cfg.feature_engine, cfg.batch_size, cfg.workers, reporter, cache)
-
-
-def warn_leaks(metrics: dict, reporter: Reporter) -> None:
-    """One line when evaluated images are byte-identical copies of training images: the figure flatters the model."""
-    leaked = metrics.get("leaked_from_train")
-    if not leaked or not leaked["count"]:
-        return
-    without = leaked["accuracy_without"]
-    accuracy = f"accuracy without them {without:.4f}" if without is not None else "none is left without them"
-    action = "left out (--drop-leaks)" if leaked["dropped"] else \
-        f"counted; {accuracy}, with them {leaked['accuracy_with']:.4f} (--drop-leaks leaves them out)"
-    scored = "" if metrics["split"] == "all" else f" {metrics['split']}"  # "all" is every image of another folder
-    reporter.warn(f"{leaked['count']} of the {leaked['of']}{scored} images are copies of training images: {action}")
 
 
 def kept_weights(keeper: BestKeeper, cfg: TrainConfig, interrupted: bool) -> dict | None:

@@ -222,10 +222,10 @@ def evaluate(
         raise UserError(f"--split must be train, val, test or all, not '{split}'")
     check_run_folder(run)
     check_paths(data)
-    from transferkit.api import warn_leaks
     from transferkit.progress import Reporter
     from transferkit.report import write_report
     from transferkit.runs.run import open_run
+    from transferkit.runs.scope import warn_leaks
 
     loaded = open_run(run)
     metrics = loaded.evaluate(data, split, drop_leaks=drop_leaks)

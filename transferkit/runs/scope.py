@@ -13,6 +13,7 @@ import numpy as np
 from transferkit.data.content import file_digest, group_by_content
 from transferkit.data.members import is_shard_member
 from transferkit.data.sources import SPLITS, DatasetIndex, Sample
+from transferkit.progress import Reporter
 
 ROLES = {
     "test": "held out: never used in training",
@@ -102,3 +103,17 @@ def leak_record(scope: Scope, kept: np.ndarray, hits: np.ndarray) -> dict:
         "dropped": not kept.all(),
         "files": [scope.samples[row].path for row in scope.leaked],
     }}
+
+
+def warn_leaks(metrics: dict, reporter: Reporter) -> None:
+    """One line when evaluated images are byte-identical copies of training images: the figure flatters the model."""
+    leaked = metrics.get("leaked_from_train")
+    if not leaked or not leaked["count"]:
+        return
+    without = leaked["accuracy_without"]
+    accuracy = f"accuracy without them {without:.4f}" if without is not None else "none is left without them"
+    action = "left out (--drop-leaks)" if leaked["dropped"] else \
+        f"counted; {accuracy}, with them {leaked['accuracy_with']:.4f} (--drop-leaks leaves them out)"
+    scored = "" if metrics["split"] == "all" else f" {metrics['split']}"  # "all" is every image of another folder
+    copies = "is a copy of a training image" if leaked["count"] == 1 else "are copies of training images"
+    reporter.warn(f"{leaked['count']} of the {leaked['of']}{scored} images {copies}: {action}")
