@@ -81,6 +81,26 @@ def test_corrupt_segment_is_detected_and_rebuilt(dataset, tmp_path):
     assert torch.equal(clean, again)
 
 
+def test_a_segment_whose_keys_were_changed_is_rebuilt(dataset, tmp_path):
+    """The keys name the rows: rows checksummed under another order of keys would be other images' features."""
+    paths = image_paths(dataset)
+    [clean] = extractor(tmp_path / "cache")(paths, views()[:1], "x")
+    [index] = [p for p in (tmp_path / "cache").rglob("*.json") if p.name != "space.json"]
+    meta = json.loads(index.read_text())
+    index.write_text(json.dumps({**meta, "keys": meta["keys"][3:] + meta["keys"][:3]}))
+    rebuilt = extractor(tmp_path / "cache")
+    [again] = rebuilt(paths, views()[:1], "x")
+    assert rebuilt.computed == len(paths) and torch.equal(clean, again)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_warning_not_a_crash(dataset, tmp_path, fast, capsys):
+    (tmp_path / "a_file").write_text("")
+    run = api.train(dataset, tmp_path / "run", cache_dir=str(tmp_path / "a_file" / "cache"),
+                    **{**fast, "epochs_finetune": 0})
+    assert run.metrics["n"] > 0
+    assert "a_file is a file, not a folder; features are computed without a cache" in capsys.readouterr().err
+
+
 def test_cached_and_uncached_stage1_train_the_same_head(dataset, tmp_path, fast):
     options = {**fast, "epochs_finetune": 0, "epochs_frozen": 4, "augment": "light", "feature_views": 2}
     cold = api.train(dataset, tmp_path / "cold", cache_dir=str(tmp_path / "c"), **options)

@@ -214,6 +214,10 @@ def test_search_prints_rank_similarity_and_path(trained: Run, capsys) -> None:
     assert run_cli(["search", str(trained.path), query, "--gallery", str(data_dir(trained) / "class_0")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and lines[0].split() == ["1", "1.0000", query]
+    overlapping = ["--gallery", str(data_dir(trained)), "--gallery", str(data_dir(trained) / "class_0")]
+    assert run_cli(["search", str(trained.path), query, *overlapping, "-k", "4", "--json"]) == 0
+    found = [r["path"] for r in json.loads(capsys.readouterr().out)]
+    assert len(found) == len(set(found)) == 4  # a file in two --gallery folders is one candidate
 
 
 def bad_inputs(run: Path, data: Path, empty: Path, out: Path) -> list[tuple[list[str], str]]:

@@ -164,7 +164,7 @@ def search(
         raise UserError(f"the query must be one image file, not a folder: {query}")
     check_run_folder(run)
     [query_path] = readable_images([query])
-    gallery_paths = readable_images(gallery)
+    gallery_paths = list(dict.fromkeys(readable_images(gallery)))  # overlapping --gallery folders list a file once
     from transferkit.insight.similarity import nearest, run_source
 
     source = run_source(load_run(run))

@@ -10,6 +10,7 @@ not match is deleted and its rows recomputed, never trusted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 
 from transferkit.data.content import file_digest
-from transferkit.fileio import atomic_path, atomic_write
-from transferkit.progress import Reporter
+from transferkit.errors import UserError
+from transferkit.fileio import atomic_path, atomic_write, output_folder
+from transferkit.progress import Reporter, print_warning
 
 
 def default_cache_dir() -> Path:
@@ -35,10 +37,26 @@ def default_cache_dir() -> Path:
 
 
 def cache_root(enabled: bool, folder: str | Path | None) -> Path | None:
-    """Where features are cached: the given folder, else the default one; None when caching is off."""
+    """Where features are cached: the given folder, else the default one; None when caching is off, or when the
+    folder cannot be written (said once; features are then computed afresh)."""
     if not enabled:
         return None
-    return Path(folder) if folder else default_cache_dir()
+    root = Path(folder) if folder else default_cache_dir()
+    return root if writable_cache(root) else None
+
+
+@functools.cache
+def writable_cache(root: Path) -> bool:
+    try:
+        output_folder(root)
+    except UserError as exc:
+        print_warning("warning:", f"feature cache: {exc}; features are computed without a cache")
+        return False
+    return True
+
+
+def keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32]
 
 
 def module_digest(module: torch.nn.Module) -> str:
@@ -182,7 +200,8 @@ class FeatureStore:
         space_id = hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()[:24]
         self.folder = Path(root) / "features" / space_id
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "space.json").write_text(json.dumps(space, indent=1, sort_keys=True))
+        if not (self.folder / "space.json").is_file():  # a record for people; its name is its content's digest
+            atomic_write(self.folder / "space.json", json.dumps(space, indent=1, sort_keys=True))
         self.reporter = reporter
         self.rows: dict[str, tuple[str, int]] = {}
         for meta_path in sorted(self.folder.glob("*.json")):
@@ -193,7 +212,9 @@ class FeatureStore:
         data_path = meta_path.with_suffix(".npy")
         try:
             meta = json.loads(meta_path.read_text())
-            if file_digest(data_path) != meta["sha256"] or len(meta["keys"]) != meta["shape"][0]:
+            if (file_digest(data_path) != meta["sha256"] or len(meta["keys"]) != meta["shape"][0]
+                    or meta.get("keys_sha256", keys_digest(meta["keys"])) != keys_digest(meta["keys"])):
+                # the keys name the rows; a segment from before the keys were checksummed has no digest of them
                 raise ValueError("checksum mismatch")
         except (OSError, ValueError, KeyError, TypeError):
             self.reporter.warn(f"feature cache segment {meta_path.stem} is corrupt; it will be recomputed")
@@ -219,6 +240,6 @@ class FeatureStore:
                 digest = segment.finish()
             finally:
                 segment.close()
-        meta = {"keys": keys, "shape": [len(keys), segment.dim], "sha256": digest}
+        meta = {"keys": keys, "shape": [len(keys), segment.dim], "sha256": digest, "keys_sha256": keys_digest(keys)}
         atomic_write(self.folder / f"{name}.json", json.dumps(meta))
         self.rows.update({key: (data_path.name, row) for row, key in enumerate(keys)})

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,11 +110,13 @@ class Run:
         batch = [(torch.stack([self.transform(i) for i in images]), torch.zeros(0))]
         return self.to_probabilities(evaluate_logits(self.inference, batch)[0])
 
-    def predict(self, inputs: list[str], top_k: int = 5) -> tuple[list[dict], list[Skipped]]:
-        """Labels and probabilities for images, folders of images or dataset CSVs (cropped to their boxes);
-        unreadable files are skipped with a reason."""
-        paths, boxes, skipped = collect_inputs(inputs)
-        return prediction_records(self, paths, boxes, top_k), skipped
+    def predict(self, inputs: str | os.PathLike | Sequence[str | os.PathLike], top_k: int = 5
+                ) -> tuple[list[dict], list[Skipped]]:
+        """Labels and probabilities for images, folders of images or dataset CSVs (cropped to their boxes), one
+        path or a list; unreadable files are skipped with a reason."""
+        listed = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+        paths, boxes, skipped = collect_inputs([os.fspath(item) for item in listed])
+        return (prediction_records(self, paths, boxes, top_k) if paths else []), skipped
 
     def evaluate(self, data: str | Path | DatasetIndex, split: str | None = None, write: bool = True,
                  drop_leaks: bool = False) -> dict:
