@@ -32,7 +32,7 @@ from PIL import Image
 from tests.conftest import make_class_folders
 from transferkit import api
 from transferkit.cli.main import run_cli
-from transferkit.data.images import load_rgb
+from transferkit.data.images import load_rgb, register_heif
 from transferkit.export.check import pixel_transform
 from transferkit.runs.run import Run
 from transferkit.serve import Limits, create_app
@@ -351,6 +351,15 @@ def test_page_in_chromium_matches_the_cli(base: str, tiny_run: Run, images: list
             )
             page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
             expect(page.locator(".card.failed .error")).to_have_text("notes.png: not an image")
+            # An iPhone's HEIC: classified by the server, which reads it; Chromium cannot show it, so its card says so
+            heic = images[0].with_name("phone.heic")
+            register_heif()
+            Image.open(images[0]).convert("RGB").save(heic)
+            page.locator("#files").set_input_files(str(heic))
+            card = page.locator(".card", has_text="phone.heic")
+            expect(card.locator(".prediction .label")).to_have_count(1)
+            expect(card.locator(".no-preview")).to_have_text("No preview: this browser cannot show phone.heic")
+            assert card.locator("img.photo").count() == 0
 
             offsite: list[str] = []
             page.on("request", lambda r: offsite.append(r.url) if not r.url.startswith(base) else None)

@@ -60,6 +60,8 @@ function addFiles(fileList) {
     const image = el("img", "photo");
     image.src = URL.createObjectURL(file);
     image.alt = file.name;
+    // HEIC and other formats the server reads but this browser cannot show: words instead of a broken picture
+    image.addEventListener("error", () => image.replaceWith(el("p", "no-preview", `No preview: this browser cannot show ${file.name}`)), { once: true });
     figure.append(image);
     const body = el("div", "card-body");
     body.append(el("p", "filename", file.name), el("p", "state", "Classifying…"));
