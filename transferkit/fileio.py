@@ -27,7 +27,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {why_not(path, exc)}") from None
+        raise UserError(f"cannot write {path}: {why_not(path.parent, exc)}") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -72,14 +72,14 @@ def output_folder(folder: Path) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"cannot write to {folder}: {why_not(folder / 'x', exc)}") from None
+        raise UserError(f"cannot write to {folder}: {why_not(folder, exc)}") from None
     return folder
 
 
-def why_not(path: Path, exc: OSError) -> str:
-    """Why `path` cannot be created: a file where a folder above it should be ("File exists" says neither), else
-    the system's reason."""
-    in_the_way = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+def why_not(folder: Path, exc: OSError) -> str:
+    """Why `folder` cannot be made or written in: a file where it or a folder above it should be ("File exists"
+    says neither), else the system's reason."""
+    in_the_way = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
     return f"{in_the_way} is a file, not a folder" if in_the_way else exc.strerror or str(exc)
 
 

@@ -37,6 +37,14 @@ def check_export_choice(fmt: str, int8: bool) -> None:
         raise UserError("--int8 needs --format onnx")
 
 
+EVALUATED_SPLITS = ("train", "val", "test", "all")  # `evaluate --split`: a split of the data, or every image
+
+
+def check_evaluated_split(split: str | None) -> None:
+    if split not in (None, *EVALUATED_SPLITS):
+        raise UserError(f"unknown split '{split}': choose one of train, val, test or all")
+
+
 def check_time_budget(minutes: float) -> None:
     if not (minutes > 0 and math.isfinite(minutes)):
         raise UserError(f"--time-budget must be a number of minutes more than 0, not {minutes:g}")

@@ -37,7 +37,7 @@ from transferkit.cli.output import (
 from transferkit.config import resolve_config
 from transferkit.config_keys import parse_settings
 from transferkit.errors import UserError
-from transferkit.options import AUGMENT_PRESETS
+from transferkit.options import AUGMENT_PRESETS, check_evaluated_split
 from transferkit.progress import console
 from transferkit.runs.folder import check_run_folder
 
@@ -218,8 +218,7 @@ def evaluate(
 ) -> None:
     """Metrics (accuracy, top-5, AUC, per class, confusion) on a dataset; writes metrics.json, predictions.csv,
     figures and report.html."""
-    if split not in (None, "train", "val", "test", "all"):
-        raise UserError(f"--split must be train, val, test or all, not '{split}'")
+    check_evaluated_split(split)  # before PyTorch loads
     check_run_folder(run)
     check_paths(data)
     from transferkit.progress import Reporter

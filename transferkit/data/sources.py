@@ -220,6 +220,7 @@ def _read_class_folders(folder: Path, split: str | None, found: _Found) -> None:
 
 
 # Folders that archivers, NAS boxes and Windows add beside a user's own: never a class.
+MIN_CLASS_IMAGES = 2  # a class with fewer cannot have an image in training and one held out
 SYSTEM_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
 
 
@@ -336,9 +337,9 @@ def _check_classes(root: Path, entries: list[_Entry], declared: set[str], skippe
     if len(declared) == 1:
         raise UserError(f"only one class found ('{next(iter(declared))}') in {root}; need at least 2 classes")
     per_class = Counter(label for e in entries for label in labels_of(e.label))
-    few = [f"'{c}' has {per_class[c]}" for c in sorted(declared) if per_class[c] < 2]
+    few = [f"'{c}' has {per_class[c]}" for c in sorted(declared) if per_class[c] < MIN_CLASS_IMAGES]
     if few:
-        raise UserError(f"every class needs at least 2 usable images: {', '.join(few)}")
+        raise UserError(f"every class needs at least {MIN_CLASS_IMAGES} usable images: {', '.join(few)}")
     # Unsplit images always leave at least one per class in train, so they count as train here.
     trainable = {label for e in entries if e.split in (None, "train") for label in labels_of(e.label)}
     missing = sorted(set(per_class) - trainable)

@@ -11,7 +11,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from transferkit.data.images import open_image_file
-from transferkit.data.sources import Sample, Skipped
+from transferkit.data.sources import MIN_CLASS_IMAGES, Sample, Skipped
 
 HELD_OUT = ("val", "test")
 BLOCK_ROWS = 1024  # similarity rows per block: memory stays O(block x N) however many images there are
@@ -106,9 +106,9 @@ def class_balance(samples: Sequence[Sample], classes: Sequence[str], max_ratio: 
     counts = {name: tally[name] for name in classes}
     largest, smallest = max(counts.values()), min(counts.values())
     ratio = largest / smallest if smallest else None
-    few = [f"{name} has {count}" for name, count in counts.items() if count < 2]
+    few = [f"{name} has {count}" for name, count in counts.items() if count < MIN_CLASS_IMAGES]
     problem = ("one class only: train needs at least 2" if len(counts) < 2 else
-               f"train needs at least 2 images per class ({', '.join(few)})" if few else None)
+               f"train needs at least {MIN_CLASS_IMAGES} images per class ({', '.join(few)})" if few else None)
     return {
         "counts": counts,
         "ratio": None if ratio is None else round(ratio, 2),

@@ -213,7 +213,7 @@ class FeatureStore:
         try:
             meta = json.loads(meta_path.read_text())
             if (file_digest(data_path) != meta["sha256"] or len(meta["keys"]) != meta["shape"][0]
-                    or meta.get("keys_sha256", keys_digest(meta["keys"])) != keys_digest(meta["keys"])):
+                    or ("keys_sha256" in meta and meta["keys_sha256"] != keys_digest(meta["keys"]))):
                 # the keys name the rows; a segment from before the keys were checksummed has no digest of them
                 raise ValueError("checksum mismatch")
         except (OSError, ValueError, KeyError, TypeError):

@@ -15,11 +15,11 @@ def require_run_dir(path: Path) -> None:
         raise UserError(f"no such run folder: {path}")
 
 
-def require_model_files(path: Path) -> None:
-    """Both files of a finished run, and a meta.json that reads as a JSON object."""
+def require_model_files(path: Path) -> dict:
+    """Both files of a finished run, and its meta.json, which must read as a JSON object."""
     if not (path / "meta.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"not a complete run folder (no meta.json/model.safetensors): {path}")
-    read_meta(path)
+    return read_meta(path)
 
 
 def read_meta(folder: Path) -> dict:

@@ -24,7 +24,7 @@ from transferkit.models.classifier import Classifier, HeadSpec, empty_classifier
 from transferkit.models.device import resolve_device
 from transferkit.prediction import collect_inputs, ensemble_members, prediction_records
 from transferkit.runs.files import FORMAT_VERSION, read_history, write_json, write_predictions
-from transferkit.runs.folder import RETRAIN, read_meta, require_model_files
+from transferkit.runs.folder import RETRAIN, require_model_files
 from transferkit.runs.scope import check_leaks, choose_scope, is_own_data, leak_record
 from transferkit.task import multilabel
 from transferkit.task.calibration import decide, expected_calibration_error
@@ -41,8 +41,7 @@ class Run:
         meta_path = self.path / "meta.json"
         if ensemble_members(self.path) is not None:  # commands that take an ensemble open it with open_run
             raise UserError(f"{self.path} is an ensemble: this needs one model, e.g. {self.path / 'members'}/NAME")
-        require_model_files(self.path)
-        self.meta = read_meta(self.path)
+        self.meta = require_model_files(self.path)
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"run folder {self.path} has format_version {self.meta.get('format_version')}; "

@@ -13,7 +13,7 @@ import numpy as np
 from transferkit.data.content import file_digest, group_by_content
 from transferkit.data.members import is_shard_member
 from transferkit.data.sources import SPLITS, DatasetIndex, Sample
-from transferkit.errors import UserError
+from transferkit.options import check_evaluated_split
 from transferkit.progress import Reporter
 
 ROLES = {
@@ -47,8 +47,7 @@ def is_own_data(run_folder: Path, index: DatasetIndex) -> bool:
 def choose_scope(index: DatasetIndex, split: str | None, own: bool) -> Scope:
     """The user's split, else test (or val) of the run's own data, else every image: data the run was not trained
     on is scored whole, since its train/val split would be a fresh one of no meaning to this run."""
-    if split not in (None, *SPLITS, "all"):
-        raise UserError(f"unknown split '{split}': choose one of {', '.join(SPLITS)} or all")
+    check_evaluated_split(split)
     total = len(index.samples)
     if split is None and not own:
         return Scope("all", index.samples, f"all {total} images: {index.root} is not the data this run was "
